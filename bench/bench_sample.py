@@ -1,0 +1,223 @@
+"""Benchmark one fused decoding step: espo.sample (with the ESPO stop update) against its peers.
+
+The step = temperature sampling + sampled logprob + entropy + max logprob + regret + stop-state update
++ stop mask, on [B, V] logits. Peers, measured in the same run: the same step written in plain PyTorch
+(eager), that function under torch.compile, and FlashInfer's sampling_from_logits (sampling only) when
+it is importable. Each time is a median of device-event timings (triton.testing.do_bench) over inputs
+rotated through more memory than L2 holds, and is reported against the floor: one read of the logits
+at the copy bandwidth measured on this GPU in this run.
+
+    python bench/bench_sample.py                 # the full table on a GPU -> bench/results/sample.{json,md}
+    python bench/bench_sample.py --smoke         # tiny shapes on the CPU, to check the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL_B = [1, 8, 64, 256, 1024]
+FULL_V = [32000, 151936]
+
+
+def eager_step(logits, temperature, z, scalars, alpha_s=0.9, clip=3.0, delta=1e-6, value_floor=0.2):
+    """The step as one would write it in PyTorch: a peer, not a reference (its random stream differs)."""
+    l = logits.float() / temperature
+    logp = torch.log_softmax(l, dim=-1)
+    p = logp.exp()
+    tokens = torch.argmax(p / torch.empty_like(p).exponential_(), dim=-1)  # exponential race = categorical draw
+    lp = logp.gather(1, tokens[:, None])[:, 0]
+    entropy = -(p * logp).sum(-1)
+    max_lp = logp.max(-1).values
+    regret = max_lp - lp
+    mean, var, beta = scalars[0], scalars[1], scalars[2]
+    g = ((regret - mean) / torch.sqrt(var + delta)).clamp(-clip, clip)
+    z.mul_(alpha_s).add_((1 - alpha_s) * g)
+    stop = z > beta * value_floor
+    return tokens, lp, entropy, max_lp, regret, stop
+
+
+def measure_copy_bandwidth(device) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read and written."""
+    import triton.testing
+
+    n = 1 << 28
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    return 2 * n / (ms * 1e-3)
+
+
+def rotating(make, bytes_each, device, l2_bytes):
+    """Enough input sets that cycling through them overflows L2; returns a function giving the next one."""
+    count = 1 if device == "cpu" else max(2, math.ceil(3 * l2_bytes / bytes_each))
+    count = min(count, max(1, int(8e9 // bytes_each)))
+    sets = [make(i) for i in range(count)]
+    state = {"i": 0}
+
+    def next_set():
+        state["i"] = (state["i"] + 1) % count
+        return sets[state["i"]]
+
+    return next_set
+
+
+def time_us(fn, device, graph=False):
+    if device == "cpu":
+        import time
+
+        fn()
+        t = time.perf_counter()
+        for _ in range(3):
+            fn()
+        return (time.perf_counter() - t) / 3 * 1e6
+    import triton.testing
+
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers):
+    import espo
+
+    bytes_each = B * V * torch.finfo(dtype).bits // 8
+    gen = torch.Generator(device=device)
+
+    def make(i):
+        gen.manual_seed(i)
+        return (torch.randn(B, V, device=device, generator=gen) * 3).to(dtype)
+
+    next_logits = rotating(make, bytes_each, device, l2_bytes)
+    stopper = espo.EarlyStopper(espo.ESPOConfig(), B, device)
+    stopper.scalars[:] = torch.tensor([0.5, 1.0, 7.0, 1.0, 1.0])
+    offset = torch.zeros(B, dtype=torch.int64, device=device)
+    row = {"B": B, "V": V, "dtype": str(dtype).replace("torch.", ""), "floor_us": bytes_each / bandwidth * 1e6}
+
+    for backend in ("triton", "cuda"):
+        if not espo.backends()[backend].available or (device == "cpu" and backend == "cuda"):
+            continue
+        call = lambda: espo.sample(next_logits(), temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend, validate=False)  # noqa: E731
+        row[f"{backend}_us"] = time_us(call, device)
+        if device != "cpu" and B <= 8:
+            fixed = next_logits()
+            row[f"{backend}_graph_us"] = time_us(
+                lambda: espo.sample(fixed, temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend, validate=False),
+                device, graph=True,
+            )
+    z = torch.zeros(B, device=device)
+    scalars = stopper.scalars
+    row["eager_us"] = time_us(lambda: eager_step(next_logits(), 0.8, z, scalars), device)
+    if "compile" in peers:
+        compiled = torch.compile(eager_step, dynamic=False)
+        try:
+            row["compile_us"] = time_us(lambda: compiled(next_logits(), 0.8, z, scalars), device)
+        except Exception as err:  # a peer that fails to build is reported, not fatal
+            row["compile_error"] = f"{type(err).__name__}: {err}"[:200]
+    if "flashinfer" in peers:
+        import flashinfer
+
+        row["flashinfer_us"] = time_us(lambda: flashinfer.sampling.sampling_from_logits(next_logits()), device)
+    ours = min(row.get("cuda_us", math.inf), row.get("triton_us", math.inf))
+    row["best_x_floor"] = ours / row["floor_us"]
+    row["speedup_vs_eager"] = row["eager_us"] / ours
+    return row
+
+
+def environment(device, bandwidth):
+    import triton
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "copy_bandwidth_TBps": bandwidth / 1e12,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+    try:
+        import espo
+
+        env["backends"] = {k: v.available for k, v in espo.backends().items()}
+    except ImportError:
+        pass
+    return env
+
+
+COLUMNS = [
+    ("B", "B", "{}"), ("V", "V", "{}"), ("dtype", "dtype", "{}"), ("floor_us", "floor us", "{:.1f}"),
+    ("eager_us", "eager us", "{:.0f}"), ("compile_us", "compile us", "{:.0f}"), ("flashinfer_us", "flashinfer us", "{:.1f}"),
+    ("triton_us", "triton us", "{:.1f}"), ("triton_graph_us", "triton graph us", "{:.1f}"),
+    ("cuda_us", "cuda us", "{:.1f}"), ("cuda_graph_us", "cuda graph us", "{:.1f}"),
+    ("best_x_floor", "best / floor", "{:.2f}x"), ("speedup_vs_eager", "vs eager", "{:.0f}x"),
+]
+
+
+def markdown(rows, env) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = [
+        f"Fused sample step on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; "
+        f"floor = one read of the logits at the measured copy bandwidth {env['copy_bandwidth_TBps']:.2f} TB/s. "
+        f"Command: `{env['command']}`.",
+        "",
+        "| " + " | ".join(c[1] for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(c[2].format(r[c[0]]) if c[0] in r else "" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreted)")
+    parser.add_argument("--B", type=int, nargs="*", default=FULL_B)
+    parser.add_argument("--V", type=int, nargs="*", default=FULL_V)
+    parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.B, args.V, args.dtypes, args.no_compile = [1, 3], [100], ["bfloat16"], True
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        parser.error("no CUDA GPU: run with --smoke to check the script on the CPU")
+    peers = set() if args.no_compile else {"compile"}
+    try:
+        import flashinfer  # noqa: F401
+
+        peers.add("flashinfer") if device == "cuda" else None
+    except ImportError:
+        pass
+    bandwidth = measure_copy_bandwidth(device) if device == "cuda" else 1e11
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
+    env = environment(device, bandwidth)
+    rows = []
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = lambda x, **_: x  # noqa: E731
+    shapes = [(b, v, d) for d in args.dtypes for v in args.V for b in args.B]
+    for B, V, dt in tqdm(shapes, desc="bench_sample"):
+        rows.append(bench_row(B, V, getattr(torch, dt), device, bandwidth, l2, peers))
+    table = markdown(rows, env)
+    print(table)
+    if not args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sample.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        (args.out / "sample.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Which implementations of the ops can run here, and which one ``backend="auto"`` picks."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """``available`` says whether the backend runs on this machine; ``reason`` says why not."""
+
+    name: str
+    available: bool
+    reason: str = ""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def load_triton_kernels() -> ModuleType:
+    """Import ``espo.kernels.sample``; in a source checkout the kernels live in ../kernels, not espo/kernels."""
+    try:
+        return importlib.import_module("espo.kernels.sample")
+    except ModuleNotFoundError as err:
+        src = Path(__file__).resolve().parent.parent / "kernels"
+        if err.name not in ("espo.kernels", "espo.kernels.sample") or not (src / "__init__.py").is_file():
+            raise
+    spec = importlib.util.spec_from_file_location("espo.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["espo.kernels"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("espo.kernels.sample")
+
+
+@lru_cache(maxsize=None)
+def _triton_reason() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; Linux only)"
+    if not torch.cuda.is_available() and not _interpreting():
+        return "no CUDA GPU; set TRITON_INTERPRET=1 before importing espo to run the Triton kernels on the CPU (slow)"
+    return ""
+
+
+@lru_cache(maxsize=None)
+def _cuda_reason() -> str:
+    if importlib.util.find_spec("espo._C") is None:
+        return "espo._C is not built: run `pip install --no-build-isolation .` with nvcc and a CUDA build of torch"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return ""
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Every backend, whether it is usable on this machine, and if not, why."""
+    reasons = {"torch": "", "triton": _triton_reason(), "cuda": _cuda_reason()}
+    return {name: BackendInfo(name, not reason, reason) for name, reason in reasons.items()}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run for tensors on ``device``: ``backend`` itself, checked, or the fastest for "auto"."""
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    info = backends()
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return next((b for b in ("cuda", "triton") if info[b].available), "torch")
+    if not info[backend].available:
+        raise RuntimeError(f"backend {backend!r} is not available: {info[backend].reason}")
+    if backend != "torch" and device.type != "cuda" and not (backend == "triton" and _interpreting()):
+        raise ValueError(f"backend {backend!r} needs CUDA tensors, got tensors on {device}; use backend='torch'")
+    return backend

@@ -1,0 +1,211 @@
+"""ESPO's early-stopping rule: its configuration and the per-row state that ``espo.sample`` updates.
+
+Per decoding step, per live row (see ``espo.reference.stop_update_reference`` for the exact arithmetic):
+
+    g~ = clip((g - mean) / sqrt(var + delta), -clip, clip)       mean, var frozen for the whole batch
+    z  = alpha_s * z + (1 - alpha_s) * g~
+    stop = armed and ready and t >= min_tokens and z > beta * max(value, value_floor)
+
+At each batch boundary (``end_batch``) the token statistics and the threshold move:
+
+    mean <- alpha_ema * mean + (1 - alpha_ema) * mean(g over the batch's tokens)   (set on the first batch)
+    var  <- alpha_ema * var  + (1 - alpha_ema) * var(g over the batch's tokens)    (population variance)
+    beta <- clip(beta + eta_beta * (stop_rate - target_rate), beta_min, beta_max)  (only while armed)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_ROW_FIELDS = {
+    "z": torch.float32,
+    "sum_g": torch.float32,
+    "sum_g2": torch.float32,
+    "count": torch.int32,
+    "position": torch.int32,
+    "stopped": torch.bool,
+}
+_BATCH_FIELDS = ("tokens", "sum_g", "sum_g2", "sequences", "stopped")
+MEAN, VAR, BETA, ARMED, READY = range(5)
+
+
+@dataclass(frozen=True)
+class ESPOConfig:
+    """Hyper-parameters of the ESPO stop rule (defaults from the paper unless marked ours).
+
+    alpha_ema: EMA factor of the frozen token statistics (mean, var) across batches.
+    alpha_s: smoothing factor of the per-sequence regret signal z.
+    beta: initial stop threshold multiplier.
+    eta_beta: step size of the threshold controller toward ``target_rate``.
+    target_rate: fraction of sequences the controller aims to stop per batch.
+    value_floor: lower bound on the critic value in the threshold (eps in the paper).
+    clip: bound on the normalised regret (ours).
+    delta: added to var before the square root (ours).
+    beta_min, beta_max: bounds of the threshold multiplier (ours).
+    min_tokens: a row may stop only at a token index t >= min_tokens, 0-based (ours).
+    r_fail: terminal reward given to the token that triggered a stop.
+    """
+
+    alpha_ema: float = 0.99
+    alpha_s: float = 0.9
+    beta: float = 7.0
+    eta_beta: float = 0.1
+    target_rate: float = 0.25
+    value_floor: float = 0.2
+    clip: float = 3.0
+    delta: float = 1e-6
+    beta_min: float = 0.5
+    beta_max: float = 50.0
+    min_tokens: int = 0
+    r_fail: float = -1.0
+
+    def __post_init__(self) -> None:
+        for name in ("alpha_ema", "alpha_s", "target_rate"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"ESPOConfig.{name} must lie in [0, 1], got {v}")
+        for name in ("eta_beta", "value_floor", "clip", "delta", "beta_min"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ESPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.beta_min <= self.beta <= self.beta_max:
+            raise ValueError(
+                f"ESPOConfig needs beta_min <= beta <= beta_max, got {self.beta_min} <= {self.beta} <= {self.beta_max}"
+            )
+        if self.min_tokens < 0:
+            raise ValueError(f"ESPOConfig.min_tokens must be >= 0, got {self.min_tokens}")
+
+
+class EarlyStopper:
+    """Per-row ESPO stop state for a batch of ``batch_size`` decoding rows on ``device``.
+
+    Pass it to ``espo.sample(..., stopper=...)``: each call updates every row from the regret the
+    sampler computed and returns ``stop``. A stopped row stays stopped (its later steps count for
+    nothing) until ``reset_rows`` starts a new sequence there. Nothing stops before ``arm()`` is called
+    and before the first ``end_batch()`` has set the token statistics.
+
+    Per-row tensors (length ``batch_size``): ``z``, ``sum_g``, ``sum_g2``, ``count`` (tokens counted),
+    ``position`` (steps taken since the row's reset; the token index t of the rule), ``stopped``.
+    """
+
+    def __init__(self, config: ESPOConfig | None = None, batch_size: int = 1, device: torch.device | str = "cpu"):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"EarlyStopper batch_size must be a positive int, got {batch_size!r}")
+        self.config = config if config is not None else ESPOConfig()
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.rows = {k: torch.zeros(batch_size, dtype=dt, device=self.device) for k, dt in _ROW_FIELDS.items()}
+        # mean, var, beta, armed, ready: one device vector so that kernels read it without a host sync.
+        self.scalars = torch.tensor([0.0, 1.0, self.config.beta, 0.0, 0.0], dtype=torch.float32, device=self.device)
+        self._batch = torch.zeros(len(_BATCH_FIELDS), dtype=torch.float64, device=self.device)
+        self.batches_seen = 0
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        rows = self.__dict__.get("rows")
+        if rows is not None and name in rows:
+            return rows[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    @property
+    def mean(self) -> float:
+        return float(self.scalars[MEAN])
+
+    @property
+    def var(self) -> float:
+        return float(self.scalars[VAR])
+
+    @property
+    def beta(self) -> float:
+        return float(self.scalars[BETA])
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.scalars[ARMED] > 0)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the token statistics exist (after the first ``end_batch``)."""
+        return bool(self.scalars[READY] > 0)
+
+    def arm(self, armed: bool = True) -> None:
+        """Allow (or forbid) stopping, e.g. once the critic has warmed up."""
+        self.scalars[ARMED] = float(armed)
+
+    def _fold(self, mask: torch.Tensor) -> None:
+        """Add the masked rows' sequences to this batch's totals and clear those rows."""
+        r = self.rows
+        seq = mask & ((r["count"] > 0) | r["stopped"])
+        self._batch += torch.stack(
+            [
+                (r["count"] * mask).sum().double(),
+                (r["sum_g"] * mask).sum().double(),
+                (r["sum_g2"] * mask).sum().double(),
+                seq.sum().double(),
+                (seq & r["stopped"]).sum().double(),
+            ]
+        )
+        for t in r.values():
+            t.masked_fill_(mask, 0)
+
+    def reset_rows(self, mask: torch.Tensor) -> None:
+        """Start new sequences in the rows where ``mask`` (bool [batch_size]) is True.
+
+        The finished sequences there are kept in this batch's statistics for ``end_batch``.
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (self.batch_size,):
+            raise ValueError(f"reset_rows expects a bool tensor of shape ({self.batch_size},), got {mask!r}")
+        self._fold(mask.to(self.device))
+
+    def end_batch(self) -> dict[str, float]:
+        """Apply the batch-boundary update from every sequence of the batch, then reset all rows.
+
+        Returns the batch's token mean and variance of g, its stop rate and the new beta.
+        """
+        self._fold(torch.ones(self.batch_size, dtype=torch.bool, device=self.device))
+        tokens, sum_g, sum_g2, sequences, stopped = self._batch.tolist()
+        self._batch.zero_()
+        cfg, s = self.config, self.scalars
+        report = {"tokens": tokens, "sequences": sequences, "stop_rate": stopped / sequences if sequences else 0.0}
+        if tokens > 0:
+            batch_mean = sum_g / tokens
+            batch_var = max(sum_g2 / tokens - batch_mean * batch_mean, 0.0)
+            report.update(batch_mean=batch_mean, batch_var=batch_var)
+            a = cfg.alpha_ema if self.ready else 0.0  # the first batch sets the statistics outright
+            s[MEAN] = a * float(s[MEAN]) + (1 - a) * batch_mean
+            s[VAR] = a * float(s[VAR]) + (1 - a) * batch_var
+            s[READY] = 1.0
+            if self.armed and sequences:
+                beta = float(s[BETA]) + cfg.eta_beta * (report["stop_rate"] - cfg.target_rate)
+                s[BETA] = min(max(beta, cfg.beta_min), cfg.beta_max)
+        self.batches_seen += 1
+        report.update(mean=self.mean, var=self.var, beta=self.beta)
+        return report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "batch_size": self.batch_size,
+            "rows": {k: v.detach().cpu().clone() for k, v in self.rows.items()},
+            "scalars": self.scalars.detach().cpu().clone(),
+            "batch": self._batch.detach().cpu().clone(),
+            "batches_seen": self.batches_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict``; the config and batch size must match this stopper's."""
+        if state.get("config") != dataclasses.asdict(self.config):
+            raise ValueError(
+                "EarlyStopper.load_state_dict: the saved config differs from this stopper's "
+                f"({state.get('config')} != {dataclasses.asdict(self.config)}); build the stopper with the saved config"
+            )
+        if state.get("batch_size") != self.batch_size:
+            raise ValueError(
+                f"EarlyStopper.load_state_dict: saved batch_size {state.get('batch_size')} != {self.batch_size}"
+            )
+        for k, v in state["rows"].items():
+            self.rows[k].copy_(v)
+        self.scalars.copy_(state["scalars"])
+        self._batch.copy_(state["batch"])
+        self.batches_seen = int(state["batches_seen"])

@@ -1,0 +1,320 @@
+"""Fused sample-and-score in Triton: sampled token, its statistics and the ESPO stop update.
+
+Two launches, both over chunks whose size depends on V alone (so a row's result never depends on the
+batch it is in):
+
+1. ``_chunk_stats_kernel``, grid (B, C): one read of each chunk of the logits gives its online-softmax
+   statistics: max m, sum of exp(l - m), sum of exp(l - m) * (l - m) (for the entropy), the first index of
+   the max (greedy), and the same sum at temperature 1 when some row's temperature is not 0 or 1.
+2. ``_finish_kernel``, grid (B,): merges a row's C partials, draws one uniform, picks the chunk where the
+   cumulative mass crosses it and re-reads only that chunk (1/C of the row) to find the token, then
+   writes the statistics and updates the ESPO stop state. Rows with top-k/top-p find their exact
+   threshold by bisection on an order-preserving integer key of the logits (extra passes over that row),
+   then walk the row once to sample. The semantics are those of ``espo.reference``.
+"""
+import triton
+import triton.language as tl
+
+from .philox import philox_uniform  # noqa: F401  (re-exported for tests)
+
+_INT32_MIN = -2147483648
+_BIG = 2147483647
+
+
+def chunk_size(vocab_size: int) -> int:
+    """Elements per chunk: about 48 chunks a row, a power of two in [16, 4096]; a function of V only."""
+    return max(16, min(4096, triton.next_power_of_2(triton.cdiv(vocab_size, 48))))
+
+
+@triton.jit
+def _row_value(ptr, row, scalar, PER_ROW: tl.constexpr, DTYPE: tl.constexpr):
+    if PER_ROW:
+        return tl.load(ptr + row).to(DTYPE)
+    else:
+        return tl.cast(scalar, DTYPE)
+
+
+@triton.jit
+def _inverse_temperature(temp):
+    return 1.0 / tl.where(temp == 0.0, 1.0, temp)
+
+
+@triton.jit
+def _order_key(x):
+    """int32 key with the order of the float32 values x (-0 and +0 share a key)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _chunk_stats_kernel(
+    logits_ptr, stride_row, V, C,
+    temp_ptr, temp_scalar,
+    part_ptr, idx_ptr, part_plane,
+    CHUNK: tl.constexpr, TEMP_PER_ROW: tl.constexpr, NEED_RAW: tl.constexpr,
+):
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    inv_t = _inverse_temperature(_row_value(temp_ptr, row, temp_scalar, TEMP_PER_ROW, tl.float32))
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + offs, mask=offs < V, other=float("-inf"))
+    x = x.to(tl.float32)
+    l = x * inv_t
+    m = tl.max(l, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(l - m_safe)
+    out = part_ptr + row * C + c
+    tl.store(out, m)
+    tl.store(out + part_plane, tl.sum(e, axis=0))
+    tl.store(out + 2 * part_plane, tl.sum(e * tl.where(e > 0.0, l - m_safe, 0.0), axis=0))
+    tl.store(idx_ptr + row * C + c, tl.min(tl.where(l == m, offs, _BIG), axis=0))
+    if NEED_RAW:
+        mr = tl.max(x, axis=0)
+        mr_safe = tl.where(mr == float("-inf"), 0.0, mr)
+        tl.store(out + 3 * part_plane, mr)
+        tl.store(out + 4 * part_plane, tl.sum(tl.exp(x - mr_safe), axis=0))
+
+
+@triton.jit
+def _merge(pm, ps, cmask):
+    """Merge chunk (max, sum) pairs: returns the row max M, per-chunk masses relative to M, and their sum."""
+    M = tl.max(tl.where(cmask, pm, float("-inf")), axis=0)
+    M_safe = tl.where(M == float("-inf"), 0.0, M)
+    w = tl.where(cmask & (ps > 0.0), ps * tl.exp(pm - M_safe), 0.0)
+    w = tl.where(cmask & (ps != ps), ps, w)  # keep NaN so that the row is flagged invalid
+    return M, w, tl.sum(w, axis=0)
+
+
+@triton.jit
+def _threshold_bisect(row_ptr, V, inv_t, M, k_or_need, key_floor, MASS: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Largest integer key t such that, over tokens with key >= max(t, key_floor), the count (MASS False)
+    or the mass exp(l - M) (MASS True) is >= k_or_need. 32 halvings of the int32 key range."""
+    lo = key_floor.to(tl.int64)
+    hi = tl.full((), 2147483648, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        total = tl.zeros((), tl.float32)
+        for start in range(0, V, ROW_BLOCK):
+            offs = start + tl.arange(0, ROW_BLOCK)
+            inb = offs < V
+            x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            sel = inb & (_order_key(x).to(tl.int64) >= mid)
+            if MASS:
+                total += tl.sum(tl.where(sel, tl.exp(x * inv_t - M), 0.0), axis=0)
+            else:
+                total += tl.sum(sel.to(tl.float32), axis=0)
+        ok = total >= k_or_need
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo
+
+
+@triton.jit
+def _sample_filtered(row_ptr, V, inv_t, M, k, p, u, ROW_BLOCK: tl.constexpr):
+    """Exact top-k then top-p, then inverse-CDF sampling by one walk over the row."""
+    key_floor = tl.full((), _INT32_MIN, tl.int64)
+    if (k > 0) & (k < V):
+        key_floor = _threshold_bisect(row_ptr, V, inv_t, M, k.to(tl.float32), key_floor, False, ROW_BLOCK)
+    total = tl.zeros((), tl.float32)
+    for start in range(0, V, ROW_BLOCK):
+        offs = start + tl.arange(0, ROW_BLOCK)
+        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        total += tl.sum(tl.where(_order_key(x).to(tl.int64) >= key_floor, tl.exp(x * inv_t - M), 0.0), axis=0)
+    if p < 1.0:
+        key_floor = _threshold_bisect(row_ptr, V, inv_t, M, p * total, key_floor, True, ROW_BLOCK)
+        total = tl.zeros((), tl.float32)
+        for start in range(0, V, ROW_BLOCK):
+            offs = start + tl.arange(0, ROW_BLOCK)
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            total += tl.sum(tl.where(_order_key(x).to(tl.int64) >= key_floor, tl.exp(x * inv_t - M), 0.0), axis=0)
+    target = u * total
+    acc = tl.zeros((), tl.float32)
+    token = tl.full((), _BIG, tl.int32)
+    last = tl.full((), -1, tl.int32)
+    for start in range(0, V, ROW_BLOCK):
+        if token == _BIG:
+            offs = start + tl.arange(0, ROW_BLOCK)
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            mass = tl.where(_order_key(x).to(tl.int64) >= key_floor, tl.exp(x * inv_t - M), 0.0)
+            cum = tl.cumsum(mass, axis=0) + acc
+            token = tl.min(tl.where(cum > target, offs, _BIG), axis=0)
+            last = tl.maximum(last, tl.max(tl.where(mass > 0.0, offs, -1), axis=0))
+            acc += tl.sum(mass, axis=0)
+    return tl.where(token == _BIG, last, token)
+
+
+@triton.jit
+def _finish_kernel(
+    logits_ptr, stride_row, V, C,
+    part_ptr, idx_ptr, part_plane,
+    temp_ptr, temp_scalar, topk_ptr, topk_scalar, topp_ptr, topp_scalar,
+    seed_ptr, seed_scalar, offset_ptr, offset_scalar,
+    tokens_ptr, logp_ptr, raw_logp_ptr, entropy_ptr, max_logp_ptr, regret_ptr, valid_ptr,
+    z_ptr, sum_g_ptr, sum_g2_ptr, count_ptr, position_ptr, stopped_ptr, scalars_ptr, stopper_rows_ptr,
+    values_ptr, stop_ptr,
+    alpha_s, one_minus_alpha_s, clip, delta, value_floor, min_tokens,
+    CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
+    SEED_PER_ROW: tl.constexpr, OFFSET_PER_ROW: tl.constexpr,
+    NEED_RAW: tl.constexpr, FILTER: tl.constexpr, STOPPER: tl.constexpr, HAS_VALUES: tl.constexpr,
+    HAS_STOPPER_ROWS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    temp = _row_value(temp_ptr, row, temp_scalar, TEMP_PER_ROW, tl.float32)
+    greedy = temp == 0.0
+    inv_t = _inverse_temperature(temp)
+
+    cidx = tl.arange(0, C_BLOCK)
+    cmask = cidx < C
+    base = part_ptr + row * C + cidx
+    pm = tl.load(base, mask=cmask, other=float("-inf"))
+    ps = tl.load(base + part_plane, mask=cmask, other=0.0)
+    pd = tl.load(base + 2 * part_plane, mask=cmask, other=0.0)
+    M, w, S = _merge(pm, ps, cmask)
+    M_safe = tl.where(M == float("-inf"), 0.0, M)
+    # sum over the row of exp(l - M) * (l - M), from each chunk's sums taken relative to its own max
+    D = tl.sum(tl.where(w > 0.0, tl.exp(pm - M_safe) * (pd + (pm - M_safe) * ps), 0.0), axis=0)
+    log_s = tl.log(S)
+    if NEED_RAW:
+        Mr, _, Sr = _merge(tl.load(base + 3 * part_plane, mask=cmask, other=float("-inf")),
+                           tl.load(base + 4 * part_plane, mask=cmask, other=0.0), cmask)
+    else:
+        Mr = M
+        Sr = S
+    valid = (S > 0.0) & (S < float("inf")) & (M < float("inf")) & (Sr > 0.0) & (Sr < float("inf"))
+
+    seed = _row_value(seed_ptr, row, seed_scalar, SEED_PER_ROW, tl.int64)
+    offset = _row_value(offset_ptr, row, offset_scalar, OFFSET_PER_ROW, tl.int64)
+    u = philox_uniform((seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32),
+                       (offset & 0xFFFFFFFF).to(tl.uint32), ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32), 0)
+
+    filtered = False
+    if FILTER:
+        k = _row_value(topk_ptr, row, topk_scalar, TOPK_PER_ROW, tl.int64)
+        p = _row_value(topp_ptr, row, topp_scalar, TOPP_PER_ROW, tl.float32)
+        filtered = valid & (greedy == 0) & (((k > 0) & (k < V)) | (p < 1.0))
+    if filtered:
+        token = _sample_filtered(row_ptr, V, inv_t, M, k, p, u, ROW_BLOCK)
+    else:
+        # inverse CDF: pick the chunk from the chunk masses, then re-read that chunk alone
+        target = u * S
+        cum = tl.cumsum(w, axis=0)
+        chunk = tl.min(tl.where(cum > target, cidx, _BIG), axis=0)
+        chunk = tl.where(chunk == _BIG, tl.max(tl.where(w > 0.0, cidx, -1), axis=0), chunk)
+        chunk = tl.maximum(chunk, 0)
+        local_target = target - tl.sum(tl.where(cidx == chunk, cum - w, 0.0), axis=0)
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        mass = tl.exp(x * inv_t - M_safe)
+        token = tl.min(tl.where(tl.cumsum(mass, axis=0) > local_target, offs, _BIG), axis=0)
+        token = tl.where(token == _BIG, tl.max(tl.where(mass > 0.0, offs, -1), axis=0), token)
+        argmax = tl.min(tl.where(cmask & (pm == M), tl.load(idx_ptr + row * C + cidx, mask=cmask, other=_BIG), _BIG),
+                        axis=0)
+        token = tl.where(greedy, argmax, token)
+
+    token = tl.where(valid, token, 0)
+    x_tok = tl.load(row_ptr + token).to(tl.float32)
+    l_tok = x_tok * inv_t
+    nan = float("nan")
+    sampled = valid & (greedy == 0)
+    regret = tl.where(sampled, M - l_tok, tl.where(valid, 0.0, nan))
+    tl.store(tokens_ptr + row, tl.where(valid, token.to(tl.int64), -1))
+    tl.store(logp_ptr + row, tl.where(sampled, l_tok - M - log_s, tl.where(valid, 0.0, nan)))
+    tl.store(raw_logp_ptr + row, tl.where(valid, x_tok - Mr - tl.log(Sr), nan))
+    tl.store(entropy_ptr + row, tl.where(sampled, log_s - D / S, tl.where(valid, 0.0, nan)))
+    tl.store(max_logp_ptr + row, tl.where(sampled, -log_s, tl.where(valid, 0.0, nan)))
+    tl.store(regret_ptr + row, regret)
+    tl.store(valid_ptr + row, valid)
+
+    if STOPPER:
+        if HAS_STOPPER_ROWS:
+            srow = tl.load(stopper_rows_ptr + row)
+        else:
+            srow = row.to(tl.int64)
+        stopped = tl.load(stopped_ptr + srow) != 0
+        live = stopped == 0
+        counted = live & valid
+        g = tl.where(counted, regret, 0.0)
+        mean = tl.load(scalars_ptr)
+        var = tl.load(scalars_ptr + 1)
+        beta = tl.load(scalars_ptr + 2)
+        armed = tl.load(scalars_ptr + 3)
+        ready = tl.load(scalars_ptr + 4)
+        g_norm = tl.minimum(tl.maximum((g - mean) / tl.sqrt(var + delta), -clip), clip)
+        z_old = tl.load(z_ptr + srow)
+        z = alpha_s * z_old + one_minus_alpha_s * g_norm
+        if HAS_VALUES:
+            value = tl.load(values_ptr + row).to(tl.float32)
+        else:
+            value = value_floor
+        position = tl.load(position_ptr + srow)
+        stop = counted & (armed > 0.0) & (ready > 0.0) & (position >= min_tokens) & (z > beta * tl.maximum(value, value_floor))
+        tl.store(z_ptr + srow, tl.where(counted, z, z_old))
+        tl.store(sum_g_ptr + srow, tl.load(sum_g_ptr + srow) + g)
+        tl.store(sum_g2_ptr + srow, tl.load(sum_g2_ptr + srow) + g * g)
+        tl.store(count_ptr + srow, tl.load(count_ptr + srow) + counted.to(tl.int32))
+        tl.store(position_ptr + srow, position + live.to(tl.int32))
+        tl.store(stopped_ptr + srow, stopped | stop)
+        tl.store(stop_ptr + row, stopped | stop)
+
+
+def _pointer_and_scalar(value, dummy):
+    """A per-row argument is a tensor (pointer, unused scalar) or a Python number (dummy pointer, scalar)."""
+    if hasattr(value, "data_ptr"):
+        return value, 0, True
+    return dummy, value, False
+
+
+def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None, values=None, stopper_rows=None):
+    """Launch the two kernels. Per-row arguments are Python numbers or [B] tensors on the logits' device
+    (float32 temperature/top_p, int64 top_k/seed/offset), already validated by ``espo.sample``."""
+    import torch
+
+    B, V = logits.shape
+    dev = logits.device
+    chunk = chunk_size(V)
+    C = triton.cdiv(V, chunk)
+    need_raw = hasattr(temperature, "data_ptr") or temperature not in (0.0, 1.0)
+    filtered = hasattr(top_k, "data_ptr") or hasattr(top_p, "data_ptr") or 0 < top_k < V or top_p < 1.0
+    parts = torch.empty((5 if need_raw else 3, B, C), dtype=torch.float32, device=dev)
+    argmax = torch.empty((B, C), dtype=torch.int32, device=dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    out = {
+        "tokens": torch.empty(B, dtype=torch.int64, device=dev),
+        "logprobs": torch.empty(B, **f32),
+        "raw_logprobs": torch.empty(B, **f32),
+        "entropy": torch.empty(B, **f32),
+        "max_logprob": torch.empty(B, **f32),
+        "regret": torch.empty(B, **f32),
+        "valid": torch.empty(B, dtype=torch.bool, device=dev),
+    }
+    dummy = out["regret"]
+    temp_arg = _pointer_and_scalar(temperature, dummy)
+    _chunk_stats_kernel[(B, C)](
+        logits, logits.stride(0), V, C, temp_arg[0], temp_arg[1], parts, argmax, B * C,
+        CHUNK=chunk, TEMP_PER_ROW=temp_arg[2], NEED_RAW=need_raw,
+    )
+    args = [_pointer_and_scalar(v, dummy) for v in (top_k, top_p, seed, offset)]
+    if stopper is not None:
+        cfg = stopper.config
+        r = stopper.rows
+        state = [r["z"], r["sum_g"], r["sum_g2"], r["count"], r["position"], r["stopped"], stopper.scalars]
+        state.append(dummy if stopper_rows is None else stopper_rows)
+        stop = torch.empty(B, dtype=torch.bool, device=dev)
+        params = [cfg.alpha_s, 1.0 - cfg.alpha_s, cfg.clip, cfg.delta, cfg.value_floor, cfg.min_tokens]
+    else:
+        state, stop, params = [dummy] * 8, dummy, [0.0, 0.0, 0.0, 0.0, 0.0, 0]
+    _finish_kernel[(B,)](
+        logits, logits.stride(0), V, C, parts, argmax, B * C,
+        temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2], *args[2][:2], *args[3][:2],
+        out["tokens"], out["logprobs"], out["raw_logprobs"], out["entropy"], out["max_logprob"], out["regret"],
+        out["valid"], *state, dummy if values is None else values, stop, *params,
+        CHUNK=chunk, C_BLOCK=triton.next_power_of_2(C), ROW_BLOCK=min(4096, triton.next_power_of_2(V)),
+        TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
+        SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],
+        NEED_RAW=need_raw, FILTER=filtered, STOPPER=stopper is not None, HAS_VALUES=values is not None,
+        HAS_STOPPER_ROWS=stopper_rows is not None,
+    )
+    out["stop"] = stop if stopper is not None else None
+    return out

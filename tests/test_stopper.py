@@ -1,0 +1,178 @@
+"""The ESPO stop state: step by step against a plain transcription of the spec, on every backend."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import backend_device_pairs
+from reference_helpers import SpecStopper
+
+import espo
+
+BACKENDS = backend_device_pairs() + [pytest.param("torch", "cpu", id="torch-cpu")]
+CFG = espo.ESPOConfig(beta=0.6, beta_min=0.1, eta_beta=0.5, min_tokens=2, alpha_s=0.7)
+
+
+def run_batches(backend, device, cfg=CFG, batches=3, B=4, V=60, steps=8, resets=True):
+    """Drive the stopper and the spec side by side; return both and the stop masks seen."""
+    stopper = espo.EarlyStopper(cfg, B, device)
+    spec = SpecStopper(cfg, B)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for batch in range(batches):
+        if batch == 1:
+            stopper.arm()
+            spec.armed = True
+        for step in range(steps):
+            logits = (torch.randn(B, V, generator=g) * 2.5).to(device)
+            values = torch.rand(B, generator=g).to(device)
+            out = espo.sample(logits, temperature=1.3, seed=batch, offset=step, stopper=stopper, values=values, backend=backend)
+            expected = spec.step(out.regret.tolist(), values.tolist())
+            assert out.stop.tolist() == expected, f"batch {batch} step {step}"
+            np.testing.assert_allclose(stopper.z.cpu().numpy(), spec.z, rtol=1e-5, atol=1e-6)
+            seen.append(out.stop.cpu())
+            if resets and step == steps // 2:
+                mask = torch.tensor([True, False] * (B // 2), device=device)
+                stopper.reset_rows(mask)
+                for b in np.flatnonzero(mask.cpu().numpy()):
+                    spec.reset(b)
+        report = stopper.end_batch()
+        spec.end_batch()
+        assert stopper.ready and spec.ready
+        np.testing.assert_allclose([stopper.mean, stopper.var, stopper.beta], [spec.mean, spec.var, spec.beta], rtol=1e-5)
+        assert 0.0 <= report["stop_rate"] <= 1.0
+    return stopper, spec, torch.stack(seen)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_stop_rule_follows_the_spec_step_by_step(backend, device):
+    _, _, seen = run_batches(backend, device)
+    assert seen[:8].sum() == 0, "nothing may stop before the stopper is armed and the statistics exist"
+    assert seen.any(), "the test must exercise stops"
+    assert not seen.all()
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_a_stopped_row_stays_stopped_and_counts_for_nothing(backend, device):
+    stopper = espo.EarlyStopper(espo.ESPOConfig(beta=0.5, beta_min=0.5), 2, device)
+    stopper.scalars[:] = torch.tensor([0.0, 1.0, 0.5, 1.0, 1.0])  # mean 0, var 1, beta 0.5, armed, ready
+    stopper.rows["z"][0] = 10.0  # row 0 is far above its threshold
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(1)).to(device)
+    first = espo.sample(logits, temperature=1.0, stopper=stopper, backend=backend)
+    assert first.stop.tolist()[0] is True
+    frozen = {k: v.clone() for k, v in stopper.rows.items()}
+    for step in range(3):
+        out = espo.sample(logits, temperature=1.0, offset=step + 1, stopper=stopper, backend=backend)
+        assert out.stop[0]
+        for k in frozen:
+            assert torch.equal(stopper.rows[k][0], frozen[k][0]), k
+    stopper.reset_rows(torch.tensor([True, False], device=device))
+    assert not stopper.stopped[0] and stopper.count[0] == 0 and stopper.z[0] == 0
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_nothing_stops_unarmed_or_before_statistics(backend, device):
+    cfg = espo.ESPOConfig(beta=0.5, beta_min=0.5)
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)).to(device) * 4
+    for armed, ready in [(0.0, 1.0), (1.0, 0.0)]:
+        stopper = espo.EarlyStopper(cfg, 3, device)
+        stopper.scalars[:] = torch.tensor([0.0, 1e-4, 0.5, armed, ready])
+        for step in range(5):
+            assert not espo.sample(logits, temperature=2.0, offset=step, stopper=stopper, backend=backend).stop.any()
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_stopper_rows_update_only_the_named_rows(backend, device):
+    cfg = CFG
+    full = espo.EarlyStopper(cfg, 5, device)
+    part = espo.EarlyStopper(cfg, 5, device)
+    for s in (full, part):
+        s.scalars[:] = torch.tensor([0.5, 0.3, 0.6, 1.0, 1.0])
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3)).to(device) * 3
+    rows = torch.tensor([4, 0, 2], device=device)
+    for step in range(4):
+        a = espo.sample(logits, temperature=1.2, offset=step, stopper=full, backend=backend)
+        b = espo.sample(logits[rows], temperature=1.2, offset=step, stopper=part, stopper_rows=rows, backend=backend)
+        assert torch.equal(a.stop[rows], b.stop)
+    for k in full.rows:
+        torch.testing.assert_close(part.rows[k][rows], full.rows[k][rows])
+        assert not part.rows[k][[1, 3]].any(), f"untouched rows changed: {k}"
+
+
+def test_end_batch_statistics_by_hand():
+    s = espo.EarlyStopper(espo.ESPOConfig(alpha_ema=0.5, eta_beta=1.0, target_rate=0.5), 2)
+    s.rows["sum_g"][:] = torch.tensor([3.0, 1.0])
+    s.rows["sum_g2"][:] = torch.tensor([5.0, 1.0])
+    s.rows["count"][:] = torch.tensor([2, 1])
+    s.rows["stopped"][0] = True
+    s.arm()
+    report = s.end_batch()  # first batch: tokens g = {1, 2} and {1} -> mean 4/3, population var 6/3 - 16/9
+    assert report["stop_rate"] == 0.5
+    assert s.mean == pytest.approx(4 / 3) and s.var == pytest.approx(2 - 16 / 9)
+    assert s.beta == pytest.approx(7.0)  # stop rate equals the target: beta stays
+    assert not s.stopped.any() and (s.count == 0).all()
+    s.rows["sum_g"][:] = torch.tensor([2.0, 0.0])
+    s.rows["sum_g2"][:] = torch.tensor([4.0, 0.0])
+    s.rows["count"][:] = torch.tensor([1, 0])
+    s.rows["stopped"][0] = True
+    report = s.end_batch()  # one sequence, stopped: rate 1; row 1 held no sequence
+    assert report["sequences"] == 1 and report["stop_rate"] == 1.0
+    assert s.mean == pytest.approx(0.5 * 4 / 3 + 0.5 * 2.0)
+    assert s.var == pytest.approx(0.5 * (2 - 16 / 9) + 0.5 * 0.0)
+    assert s.beta == pytest.approx(7.5)
+
+
+def test_a_sequence_stopped_is_counted_once_across_resets():
+    s = espo.EarlyStopper(espo.ESPOConfig(), 1)
+    s.rows["count"][0] = 3
+    s.rows["stopped"][0] = True
+    s.reset_rows(torch.tensor([True]))
+    s.reset_rows(torch.tensor([True]))  # an empty row is no sequence
+    s.rows["count"][0] = 2
+    assert s.end_batch()["stop_rate"] == 0.5
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_state_round_trip_continues_identically(backend, device, tmp_path):
+    stopper, _, _ = run_batches(backend, device, batches=2)
+    path = tmp_path / "stopper.pt"
+    torch.save(stopper.state_dict(), path)
+    restored = espo.EarlyStopper(CFG, 4, device)
+    restored.load_state_dict(torch.load(path))
+    logits = torch.randn(4, 60, generator=torch.Generator().manual_seed(9)).to(device) * 3
+    for step in range(4):
+        a = espo.sample(logits, temperature=1.4, offset=step, stopper=stopper, backend=backend)
+        b = espo.sample(logits, temperature=1.4, offset=step, stopper=restored, backend=backend)
+        assert torch.equal(a.stop, b.stop)
+    assert stopper.end_batch() == restored.end_batch()
+    assert torch.equal(stopper.scalars, restored.scalars)
+
+
+def test_load_state_from_another_config_is_refused():
+    state = espo.EarlyStopper(espo.ESPOConfig(beta=3.0), 2).state_dict()
+    target = espo.EarlyStopper(espo.ESPOConfig(), 2)
+    before = {k: v.clone() for k, v in target.rows.items()}
+    with pytest.raises(ValueError, match="config"):
+        target.load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size"):
+        espo.EarlyStopper(espo.ESPOConfig(beta=3.0), 3).load_state_dict(state)
+    assert all(torch.equal(before[k], target.rows[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("alpha_s", 1.5), ("target_rate", -0.1), ("clip", -1.0), ("beta", 100.0), ("min_tokens", -1)]
+)
+def test_bad_config_is_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        espo.ESPOConfig(**{field: value})
+
+
+def test_bad_stopper_arguments_are_refused():
+    with pytest.raises(ValueError, match="batch_size"):
+        espo.EarlyStopper(espo.ESPOConfig(), 0)
+    s = espo.EarlyStopper(espo.ESPOConfig(), 2)
+    with pytest.raises(ValueError, match="bool tensor"):
+        s.reset_rows(torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="distinct"):
+        espo.sample(torch.zeros(2, 4), stopper=s, stopper_rows=torch.tensor([1, 1]))
+    assert dataclasses.asdict(s.config) == dataclasses.asdict(espo.ESPOConfig())
