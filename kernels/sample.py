@@ -51,7 +51,7 @@ def _chunk_stats_kernel(
     logits_ptr, stride_row, V, C,
     temp_ptr, temp_scalar,
     part_ptr, idx_ptr, part_plane,
-    CHUNK: tl.constexpr, TEMP_PER_ROW: tl.constexpr, NEED_RAW: tl.constexpr,
+    CHUNK: tl.constexpr, TEMP_PER_ROW: tl.constexpr, NEED_RAW: tl.constexpr, MAY_BE_GREEDY: tl.constexpr,
 ):
     row = tl.program_id(0)
     c = tl.program_id(1)
@@ -67,7 +67,8 @@ def _chunk_stats_kernel(
     tl.store(out, m)
     tl.store(out + part_plane, tl.sum(e, axis=0))
     tl.store(out + 2 * part_plane, tl.sum(e * tl.where(e > 0.0, l - m_safe, 0.0), axis=0))
-    tl.store(idx_ptr + row * C + c, tl.min(tl.where(l == m, offs, _BIG), axis=0))
+    if MAY_BE_GREEDY:
+        tl.store(idx_ptr + row * C + c, tl.min(tl.where(l == m, offs, _BIG), axis=0))
     if NEED_RAW:
         mr = tl.max(x, axis=0)
         mr_safe = tl.where(mr == float("-inf"), 0.0, mr)
@@ -156,7 +157,7 @@ def _finish_kernel(
     CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr,
     TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
     SEED_PER_ROW: tl.constexpr, OFFSET_PER_ROW: tl.constexpr,
-    NEED_RAW: tl.constexpr, FILTER: tl.constexpr, STOPPER: tl.constexpr, HAS_VALUES: tl.constexpr,
+    NEED_RAW: tl.constexpr, MAY_BE_GREEDY: tl.constexpr, FILTER: tl.constexpr, STOPPER: tl.constexpr, HAS_VALUES: tl.constexpr,
     HAS_STOPPER_ROWS: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -209,9 +210,9 @@ def _finish_kernel(
         mass = tl.exp(x * inv_t - M_safe)
         token = tl.min(tl.where(tl.cumsum(mass, axis=0) > local_target, offs, _BIG), axis=0)
         token = tl.where(token == _BIG, tl.max(tl.where(mass > 0.0, offs, -1), axis=0), token)
-        argmax = tl.min(tl.where(cmask & (pm == M), tl.load(idx_ptr + row * C + cidx, mask=cmask, other=_BIG), _BIG),
-                        axis=0)
-        token = tl.where(greedy, argmax, token)
+        if MAY_BE_GREEDY:
+            first_max = tl.load(idx_ptr + row * C + cidx, mask=cmask & (pm == M), other=_BIG)
+            token = tl.where(greedy, tl.min(first_max, axis=0), token)
 
     token = tl.where(valid, token, 0)
     x_tok = tl.load(row_ptr + token).to(tl.float32)
@@ -275,10 +276,12 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
     dev = logits.device
     chunk = chunk_size(V)
     C = triton.cdiv(V, chunk)
-    need_raw = hasattr(temperature, "data_ptr") or temperature not in (0.0, 1.0)
+    per_row_temperature = hasattr(temperature, "data_ptr")
+    need_raw = per_row_temperature or temperature not in (0.0, 1.0)
+    may_be_greedy = per_row_temperature or temperature == 0.0
     filtered = hasattr(top_k, "data_ptr") or hasattr(top_p, "data_ptr") or 0 < top_k < V or top_p < 1.0
     parts = torch.empty((5 if need_raw else 3, B, C), dtype=torch.float32, device=dev)
-    argmax = torch.empty((B, C), dtype=torch.int32, device=dev)
+    argmax = torch.empty((B, C) if may_be_greedy else (1,), dtype=torch.int32, device=dev)
     f32 = dict(dtype=torch.float32, device=dev)
     out = {
         "tokens": torch.empty(B, dtype=torch.int64, device=dev),
@@ -293,7 +296,7 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
     temp_arg = _pointer_and_scalar(temperature, dummy)
     _chunk_stats_kernel[(B, C)](
         logits, logits.stride(0), V, C, temp_arg[0], temp_arg[1], parts, argmax, B * C,
-        CHUNK=chunk, TEMP_PER_ROW=temp_arg[2], NEED_RAW=need_raw,
+        CHUNK=chunk, TEMP_PER_ROW=temp_arg[2], NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy,
     )
     args = [_pointer_and_scalar(v, dummy) for v in (top_k, top_p, seed, offset)]
     if stopper is not None:
@@ -313,7 +316,7 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
         CHUNK=chunk, C_BLOCK=triton.next_power_of_2(C), ROW_BLOCK=min(4096, triton.next_power_of_2(V)),
         TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
         SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],
-        NEED_RAW=need_raw, FILTER=filtered, STOPPER=stopper is not None, HAS_VALUES=values is not None,
+        NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy, FILTER=filtered, STOPPER=stopper is not None, HAS_VALUES=values is not None,
         HAS_STOPPER_ROWS=stopper_rows is not None,
     )
     out["stop"] = stop if stopper is not None else None
