@@ -78,6 +78,36 @@ class ESPOConfig:
             raise ValueError(f"ESPOConfig.min_tokens must be >= 0, got {self.min_tokens}")
 
 
+@dataclass
+class CriticWarmup:
+    """ESPO's arming rule: stop only once the critic has converged.
+
+    Armed when the critic loss stays below ``loss_threshold`` for ``patience`` consecutive updates, or
+    changes by less than ``min_change`` between two consecutive updates; forced on once
+    ``force_fraction`` of the ``total_steps`` planned training steps have passed. Once armed, it stays
+    armed. Call ``update`` after each critic update and ``stopper.arm()`` when it returns True.
+    """
+
+    total_steps: int
+    loss_threshold: float = 0.5
+    patience: int = 3
+    min_change: float = 0.1
+    force_fraction: float = 0.1
+    armed: bool = False
+    below: int = 0
+    last_loss: float | None = None
+
+    def update(self, critic_loss: float, step: int) -> bool:
+        """Record the critic loss of training step ``step`` (0-based); return whether stopping is on."""
+        if not self.armed:
+            self.below = self.below + 1 if critic_loss < self.loss_threshold else 0
+            settled = self.last_loss is not None and abs(critic_loss - self.last_loss) < self.min_change
+            forced = step + 1 >= self.force_fraction * self.total_steps
+            self.armed = self.below >= self.patience or settled or forced
+            self.last_loss = critic_loss
+        return self.armed
+
+
 class EarlyStopper:
     """Per-row ESPO stop state for a batch of ``batch_size`` decoding rows on ``device``.
 
