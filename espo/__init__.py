@@ -1,9 +1,16 @@
 """espo-rl: fused sampling kernels with ESPO early stopping for cheaper RL post-training of LLMs."""
 from .allocator import CeroAllocator
 from .backends import BackendInfo, backends
+from .decoder import Decoder, Rollout, Rollouts, rollout_seed
 from .sampling import SampleOutput, sample
-from .stopper import EarlyStopper, ESPOConfig
+from .tasks import ChainArithmetic, CharTokenizer, Problem, Task, TaskError, load_builtin, load_model, score
+from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
+from .trainer import TrainConfig, TrainResult, train
+from .value_head import Critic, ValueHead
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "CeroAllocator", "ESPOConfig", "EarlyStopper", "SampleOutput", "backends", "sample"]
+__all__ = [
+    "BackendInfo", "CeroAllocator", "ChainArithmetic", "CharTokenizer", "Critic", "CriticWarmup", "Decoder", "ESPOConfig", "EarlyStopper", "Rollout",
+    "Problem", "Rollouts", "SampleOutput", "Task", "TaskError", "TrainConfig", "TrainResult", "ValueHead", "backends", "load_builtin", "load_model", "rollout_seed", "sample", "score", "train",
+]

@@ -56,6 +56,10 @@ def _triton_reason() -> str:
 def _cuda_reason() -> str:
     if importlib.util.find_spec("espo._C") is None:
         return "espo._C is not built: run `pip install --no-build-isolation .` with nvcc and a CUDA build of torch"
+    try:
+        importlib.import_module("espo._C")
+    except (ImportError, OSError) as err:
+        return f"espo._C does not load ({err}); rebuild it against this torch"
     if not torch.cuda.is_available():
         return "no CUDA GPU"
     return ""

@@ -179,7 +179,9 @@ def sample(
         )
         return SampleOutput(**out)
     if backend == "cuda":
-        raise NotImplementedError("the cuda backend arrives with the compiled extension espo._C")
+        from .cuda_backend import sample_cuda
+
+        return SampleOutput(**sample_cuda(logits, temperature, top_k, top_p, seed, offset, stopper, values, stopper_rows))
     rows = [
         _as_row_tensor(temperature, B, device, torch.float32),
         _as_row_tensor(top_k, B, device, torch.int64),

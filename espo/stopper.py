@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -125,8 +125,8 @@ class EarlyStopper:
             raise ValueError(f"EarlyStopper batch_size must be a positive int, got {batch_size!r}")
         self.config = config if config is not None else ESPOConfig()
         self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.rows = {k: torch.zeros(batch_size, dtype=dt, device=self.device) for k, dt in _ROW_FIELDS.items()}
+        self.rows = {k: torch.zeros(batch_size, dtype=dt, device=device) for k, dt in _ROW_FIELDS.items()}
+        self.device = self.rows["z"].device  # with its index: "cuda" becomes "cuda:0", as tensors report it
         # mean, var, beta, armed, ready: one device vector so that kernels read it without a host sync.
         self.scalars = torch.tensor([0.0, 1.0, self.config.beta, 0.0, 0.0], dtype=torch.float32, device=self.device)
         self._batch = torch.zeros(len(_BATCH_FIELDS), dtype=torch.float64, device=self.device)
@@ -188,12 +188,16 @@ class EarlyStopper:
             raise ValueError(f"reset_rows expects a bool tensor of shape ({self.batch_size},), got {mask!r}")
         self._fold(mask.to(self.device))
 
-    def end_batch(self) -> dict[str, float]:
+    def end_batch(self, all_reduce: Callable[[torch.Tensor], Any] | None = None) -> dict[str, float]:
         """Apply the batch-boundary update from every sequence of the batch, then reset all rows.
 
+        ``all_reduce`` sums the batch totals across processes in place (e.g. ``torch.distributed.all_reduce``)
+        so that data-parallel ranks, each decoding its share of the batch, keep identical statistics.
         Returns the batch's token mean and variance of g, its stop rate and the new beta.
         """
         self._fold(torch.ones(self.batch_size, dtype=torch.bool, device=self.device))
+        if all_reduce is not None:
+            all_reduce(self._batch)
         tokens, sum_g, sum_g2, sequences, stopped = self._batch.tolist()
         self._batch.zero_()
         cfg, s = self.config, self.scalars

@@ -1,0 +1,319 @@
+"""Benchmark espo.Decoder: decode throughput against transformers' generate, and what early stops save.
+
+Models are random-initialised with the shapes of Qwen2.5-0.5B (and 1.5B), in bf16 on the GPU: speed does
+not depend on the weights' values, and nothing is downloaded.
+
+1. Throughput: B prompts of --prompt-len random tokens, --new-tokens sampled tokens each (no EOS), at
+   temperature 1. espo.Decoder (after a warm-up run that captures its CUDA graphs) against
+   ``model.generate(do_sample=True)`` at the same batch and lengths. The decode step time is isolated as
+   (t(new) - t(new/2)) / (new/2) and compared with the weight-read floor (bytes of the weights over the
+   copy bandwidth measured in this run).
+2. Early stopping: --rollouts-per-slot x B rollouts through B slots, without stops, then with a fraction
+   of the rollouts (25%, 50%) stopped at uniformly random points. A batch ends when its last rollout
+   does: once no rollout is pending, the pool drains and a step costs about the same at any batch (the
+   weights are read once per step), so the time saved approaches the tokens saved as more rollouts per
+   slot share the pool (4 and 16 by default: both are reported). The stops are scheduled (the rows to
+   stop and where are drawn in advance) because a random model gives the ESPO rule nothing to act on;
+   both runs pass an EarlyStopper, so the stop update runs in the sampling kernel for every row, and a
+   scheduled stop frees its slot exactly as an ESPO stop does. Reported: the fraction of tokens saved,
+   of wall-clock saved, and their ratio (target >= 0.8).
+
+    python bench/bench_decode.py                      # on a GPU -> bench/results/decode.{json,md}
+    python bench/bench_decode.py --models 0.5b 1.5b   # and the 1.5B shape
+    python bench/bench_decode.py --smoke              # tiny shapes on the CPU, to check the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+import espo  # noqa: E402
+from espo.decoder import _STOP, Decoder  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {
+    # Qwen2.5-0.5B / 1.5B (config.json of the released checkpoints), tied embeddings
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype):
+    import transformers as T
+
+    vocab = 256 if shape == "smoke" else 151936
+    cfg = T.Qwen2Config(
+        vocab_size=vocab, max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        **SHAPES[shape],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = T.Qwen2ForCausalLM(cfg)
+    model = model.to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+class ScheduledStops(Decoder):
+    """A decoder whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there."""
+
+    schedule: np.ndarray | None = None
+
+    def _finished(self, run, slots, code):
+        if self.schedule is not None:
+            rids = run.slot_rid[slots]
+            stop_at = self.schedule[rids]
+            hit = (stop_at > 0) & (run.gen[rids] >= stop_at)
+            code = code | np.where(hit, _STOP, 0).astype(code.dtype)
+        return super()._finished(run, slots, code)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device) -> float:
+    if device != "cuda":
+        return float("nan")
+    n = 1 << 28
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    sync(device)
+    return 2 * n * 20 / (time.perf_counter() - t)
+
+
+def prompts_of(count, length, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (count, length), generator=g).tolist()
+
+
+def time_espo(dec, prompts, new_tokens, device, **kw):
+    sync(device)
+    t = time.perf_counter()
+    ro = dec.generate(prompts, 1, max_new_tokens=new_tokens, temperature=1.0, eos_token_id=[], **kw)
+    sync(device)
+    return time.perf_counter() - t, ro
+
+
+def time_hf(model, prompts, new_tokens, device):
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    sync(device)
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return elapsed
+
+
+def throughput_rows(shape, model, args, device, bandwidth):
+    rows = []
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    vocab = model.config.vocab_size
+    for B in args.batch:
+        dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1)
+        prompts = prompts_of(B, args.prompt_len, vocab, seed=B)
+        time_espo(dec, prompts, args.new_tokens, device)  # warm-up: captures the CUDA graphs
+        t_full, ro = time_espo(dec, prompts, args.new_tokens, device, seed=1)
+        t_half, _ = time_espo(dec, prompts, args.new_tokens // 2, device, seed=2)
+        steps = args.new_tokens - args.new_tokens // 2
+        step_ms = (t_full - t_half) / steps * 1e3
+        row = {
+            "model": shape, "batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "espo_s": t_full, "espo_tok_s": ro.tokens_generated / t_full, "step_ms": step_ms,
+            "attention": dec.attention, "cuda_graphs": dec.cuda_graphs,
+        }
+        if device == "cuda":
+            row["floor_ms"] = weight_bytes / bandwidth * 1e3
+            row["step_x_floor"] = step_ms / row["floor_ms"]
+        if not args.no_hf:
+            t_hf = time_hf(model, prompts, args.new_tokens, device)
+            row.update(hf_s=t_hf, hf_tok_s=B * args.new_tokens / t_hf, speedup=t_hf / t_full)
+        rows.append(row)
+        print(row, flush=True)
+        del dec
+    return rows
+
+
+def stopping_rows(shape, model, args, device):
+    return [row for per_slot in args.rollouts_per_slot for row in stopping_rows_at(shape, model, args, device, per_slot)]
+
+
+def stopping_rows_at(shape, model, args, device, per_slot):
+    rows = []
+    B = args.stop_slots
+    R = B * per_slot
+    T = args.new_tokens
+    dec = ScheduledStops(model, max_batch=B, max_seq_len=args.prompt_len + T + 1)
+    prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
+    stopper = espo.EarlyStopper(espo.ESPOConfig(), B, dec.device)  # never armed: its update still runs
+
+    def run(schedule):
+        dec.schedule = schedule
+        t, ro = time_espo(dec, prompts, T, device, stopper=stopper)
+        stopper.end_batch()
+        return t, ro
+
+    run(None)  # warm-up
+    t0s, base = zip(*[run(None) for _ in range(args.repeats)])
+    t0, tok0 = float(np.median(t0s)), base[0].tokens_generated
+    rng = np.random.default_rng(0)
+    for frac in args.stop_fractions:
+        schedule = np.zeros(R, dtype=np.int64)
+        chosen = rng.choice(R, size=int(round(frac * R)), replace=False)
+        schedule[chosen] = rng.integers(1, T, size=len(chosen))  # stop after 1 .. T-1 tokens
+        ts, ros = zip(*[run(schedule) for _ in range(args.repeats)])
+        t, ro = float(np.median(ts)), ros[0]
+        assert ro.finish_counts["stopped"] == len(chosen)
+        tokens_saved = 1 - ro.tokens_generated / tok0
+        time_saved = 1 - t / t0
+        row = {
+            "model": shape, "slots": B, "rollouts": R, "prompt_len": args.prompt_len, "new_tokens": T,
+            "stop_fraction": frac, "tokens": ro.tokens_generated, "tokens_no_stop": tok0, "s": t, "s_no_stop": t0,
+            "decode_steps": ro.decode_steps, "decode_steps_no_stop": base[0].decode_steps,
+            "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
+        }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def environment(device, bandwidth, args):
+    import transformers
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "dtype": args.dtype,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "backends": {k: v.available for k, v in espo.backends().items()},
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import flash_attn
+
+        env["flash_attn"] = flash_attn.__version__
+    except Exception:
+        env["flash_attn"] = None
+    if device == "cuda":
+        env["copy_bandwidth_TBps"] = bandwidth / 1e12
+    return env
+
+
+def fmt(v, f):
+    return "" if v is None else f.format(v)
+
+
+def markdown(env, tput, stops) -> str:
+    lines = [
+        f"espo.Decoder on {env['device']}, {env['dtype']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"flash-attn {env['flash_attn'] or 'not installed'}, {env['date']}. Random-initialised Qwen2.5 shapes. "
+        f"Command: `{env['command']}`.",
+        "",
+        "Throughput (sampling at temperature 1, no EOS; HF = transformers' generate at the same batch and lengths; "
+        "step = one decode step, floor = weights read once at the measured copy bandwidth):",
+        "",
+        "| model | batch | prompt | new | espo tok/s | HF tok/s | speedup | step ms | floor ms | step / floor | attention | graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in tput:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {r['espo_tok_s']:.0f} | "
+            f"{fmt(r.get('hf_tok_s'), '{:.0f}')} | {fmt(r.get('speedup'), '{:.1f}x')} | {r['step_ms']:.2f} | "
+            f"{fmt(r.get('floor_ms'), '{:.3f}')} | {fmt(r.get('step_x_floor'), '{:.1f}x')} | {r['attention']} | {r['cuda_graphs']} |"
+        )
+    lines += [
+        "",
+        "Early stopping (rollouts through a pool of slots; a fraction of them stopped at uniformly random points; "
+        "ratio = time saved / tokens saved, target >= 0.8):",
+        "",
+        "| model | slots | rollouts | new | stopped | tokens saved | time saved | ratio | steps (no stop -> stop) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in stops:
+        lines.append(
+            f"| {r['model']} | {r['slots']} | {r['rollouts']} | {r['new_tokens']} | {r['stop_fraction']:.0%} | "
+            f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
+            f"{r['decode_steps_no_stop']} -> {r['decode_steps']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
+    parser.add_argument("--models", nargs="*", default=["0.5b"], choices=["0.5b", "1.5b"])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--stop-slots", type=int, default=64)
+    parser.add_argument(
+        "--rollouts-per-slot", type=int, nargs="*", default=[4, 16],
+        help="rollouts per slot in the stopping runs: a batch ends when its last rollout does, so the time saved "
+        "approaches the tokens saved as more rollouts share the pool",
+    )
+    parser.add_argument("--stop-fractions", type=float, nargs="*", default=[0.25, 0.5])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per stopping setting (median)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        args.models, args.batch, args.prompt_len, args.new_tokens = ["smoke"], [1, 4], 8, 8
+        args.stop_slots, args.rollouts_per_slot, args.repeats, args.dtype = 4, [2], 1, "float32"
+        torch.set_num_threads(1)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        parser.error("no CUDA GPU: run with --smoke to check the script on the CPU")
+    bandwidth = copy_bandwidth(device)
+    env = environment(device, bandwidth, args)
+    tput, stops = [], []
+    for shape in args.models:
+        model = build_model(shape, device, getattr(torch, args.dtype))
+        with torch.no_grad():
+            tput += throughput_rows(shape, model, args, device, bandwidth)
+            stops += stopping_rows(shape, model, args, device)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    table = markdown(env, tput, stops)
+    print(table)
+    if not args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "decode.json").write_text(json.dumps({"environment": env, "throughput": tput, "stopping": stops}, indent=2))
+        (args.out / "decode.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The "cuda" backend: the compiled kernels of ``espo._C`` (csrc/), called through ``torch.ops.espo``.
+
+Same contract as ``espo.kernels.sample.sample_triton``: per-row arguments are Python numbers or [B]
+tensors on the logits' device (float32 temperature/top_p, int64 top_k/seed/offset), already validated by
+``espo.sample``; the result is the dict of ``SampleOutput`` fields. The same Philox stream, chunking rule
+and sampling rule as the Triton backend, so both return the same tokens for the same inputs (up to
+floating-point near-ties). Works under torch.compile (the ops have meta implementations and declare the
+stop state they update in place) and under CUDA graph capture (no host sync, no allocation outside
+torch's caching allocator).
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+import torch
+
+_FIELDS = ("tokens", "logprobs", "raw_logprobs", "entropy", "max_logprob", "regret", "valid")
+
+
+@lru_cache(maxsize=None)
+def load_extension():
+    """Import ``espo._C``, which registers ``torch.ops.espo.sample`` and ``torch.ops.espo.sample_stop``."""
+    return importlib.import_module("espo._C")
+
+
+def _split(value, default):
+    """A per-row argument as the op takes it: (tensor or None, the scalar used when the tensor is None)."""
+    if isinstance(value, torch.Tensor):
+        return value, default
+    return None, value
+
+
+def sample_cuda(logits, temperature, top_k, top_p, seed, offset, stopper=None, values=None, stopper_rows=None):
+    """Run the fused op; returns tokens, logprobs, raw_logprobs, entropy, max_logprob, regret, valid, stop."""
+    load_extension()
+    args = (
+        logits.detach(),
+        *_split(temperature, 1.0),
+        *_split(top_k, 0),
+        *_split(top_p, 1.0),
+        *_split(seed, 0),
+        *_split(offset, 0),
+    )
+    if stopper is None:
+        out = dict(zip(_FIELDS, torch.ops.espo.sample(*args)))
+        out["stop"] = None
+        return out
+    cfg, r = stopper.config, stopper.rows
+    res = torch.ops.espo.sample_stop(
+        *args,
+        r["z"], r["sum_g"], r["sum_g2"], r["count"], r["position"], r["stopped"], stopper.scalars,
+        stopper_rows, values,
+        float(cfg.alpha_s), float(cfg.clip), float(cfg.delta), float(cfg.value_floor), int(cfg.min_tokens),
+    )
+    out = dict(zip(_FIELDS, res[:7]))
+    out["stop"] = res[7]
+    return out

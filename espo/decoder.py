@@ -1,0 +1,912 @@
+"""``espo.Decoder``: continuous batching for transformers causal LMs that frees a row's compute the step it ends.
+
+The decoder runs the model's own modules (embedding, norms, projections, MLPs, LM head) with its own
+forward over its own slotted KV cache (``espo.kv_cache``), so that:
+
+* a fixed pool of ``max_batch`` slots holds the live rollouts; a rollout that ends (EOS, its length
+  limit, or an ESPO stop) frees its slot at once, the next pending rollout is prefilled into it, and
+  each decode step computes the live slots only (live rollouts are kept in the leading slots);
+* every token is drawn by ``espo.sample`` with the rollout's own seed and the token's position as the
+  offset, so a rollout's tokens do not depend on which others share its batch: a run with a stopper
+  draws the tokens of the same run without one, up to the stop;
+* the ESPO stop rule runs inside the sampling op, one ``EarlyStopper`` row per slot;
+* one host sync per decode step (the finished mask); on a GPU the decode forward is captured in CUDA
+  graphs, one per bucket of live slots (and of cached length, with SDPA).
+
+Supported model families: Llama, Mistral, Qwen2, Qwen3 (standard attention with RoPE).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .kv_cache import KVCache, decode_attention, decode_mask, prefill_attention, resolve_attention
+from .sampling import sample
+from .stopper import EarlyStopper
+from .value_head import Critic, ValueHead, check_value_source, prompt_values_tensor
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+FINISH_REASONS = ("eos", "length", "stopped", "invalid")
+_EOS, _STOP, _INVALID = 1, 2, 4
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def rollout_seed(run_seed: int, rollout_id: int) -> int:
+    """The sampling seed of rollout ``rollout_id`` in a run seeded ``run_seed`` (a signed 64-bit int).
+
+    ``splitmix64(splitmix64(run_seed mod 2**64) XOR rollout_id)``, read as a signed int64. The rollout id
+    is the rollout's index in ``Rollouts`` (prompt-major: prompt 0's n rollouts first). Each token of the
+    rollout is drawn with this seed and offset = its index among the generated tokens (0 for the first).
+    """
+    s = _splitmix64(_splitmix64(int(run_seed) & _M64) ^ (int(rollout_id) & _M64))
+    return s - (1 << 64) if s >= 1 << 63 else s
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Rollout:
+    """One generated continuation.
+
+    tokens: int64 [length], the generated tokens (an EOS that ended the rollout included; for a stopped
+        rollout, the token that triggered the stop included).
+    logprobs: float32 [length], under the tempered distribution; raw_logprobs: at temperature 1.
+    entropy, regret: float32 [length], of the tempered distribution at each step.
+    values: float32 [length] or None: V of the prefix each token was drawn from (prompt + tokens before it),
+        from the decoder's value source or the prompt's constant; None without one.
+    finish_reason: "eos", "length" (max_new_tokens or max_seq_len reached), "stopped" (ESPO; wins over eos
+        and length at the same token, as the stopper counted it), or "invalid" (the model produced NaN/inf
+        logits; the step is not kept).
+    """
+
+    rollout_id: int
+    prompt_index: int
+    sample_index: int
+    seed: int
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    raw_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    regret: torch.Tensor
+    values: torch.Tensor | None
+    finish_reason: str
+    length: int
+
+
+@dataclass
+class Rollouts:
+    """The rollouts of one ``generate`` call, in rollout-id order (prompt-major), with run totals."""
+
+    rollouts: list[Rollout]
+    prompts: list[list[int]]
+    tokens_generated: int
+    decode_steps: int
+    prefill_tokens: int
+    time_s: float
+    seed: int
+    finish_counts: dict[str, int] = field(default_factory=dict)
+    slot_moves: int = 0  # live rollouts moved down into a freed slot once no rollout was pending
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+    def __iter__(self) -> Iterator[Rollout]:
+        return iter(self.rollouts)
+
+    def __getitem__(self, i: int) -> Rollout:
+        return self.rollouts[i]
+
+    def for_prompt(self, prompt_index: int) -> list[Rollout]:
+        """The rollouts of one prompt, in sample order."""
+        return [r for r in self.rollouts if r.prompt_index == prompt_index]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_generated / self.time_s if self.time_s > 0 else float("nan")
+
+    @property
+    def stop_rate(self) -> float:
+        return self.finish_counts.get("stopped", 0) / len(self.rollouts) if self.rollouts else 0.0
+
+
+# ------------------------------------------------------------------------------------ model forward
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _check_family(model: nn.Module, what: str) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"espo.Decoder supports the {', '.join(SUPPORTED_MODEL_TYPES)} model families; the {what} is "
+            f"{model_type or type(model).__name__!r}"
+        )
+    return model_type
+
+
+@dataclass
+class _LayerSpec:
+    ln1: nn.Module
+    attn: nn.Module
+    ln2: nn.Module
+    mlp: nn.Module
+    window: int | None
+    qk_norm: bool
+
+
+class _Transformer:
+    """The forward of a supported transformers model over the decoder's KV cache (modules shared, not copied)."""
+
+    def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str):
+        config = model.config
+        model_type = _check_family(model, what)
+        base = model if hasattr(model, "layers") else getattr(model, "model", None)
+        if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            raise ValueError(
+                f"the {what} ({type(model).__name__}) does not have the standard layout (model.embed_tokens, "
+                "model.layers, model.norm, model.rotary_emb) of a transformers Llama/Mistral/Qwen2/Qwen3 model"
+            )
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _STATIC_ROPE_TYPES:
+            raise ValueError(
+                f"the {what} uses rope_type {rope_type!r}, whose frequencies change with the sequence length; "
+                f"espo.Decoder supports {_STATIC_ROPE_TYPES}"
+            )
+        self.config = config
+        self.embed = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = getattr(model, "lm_head", None) if base is not model else None
+        self.layers: list[_LayerSpec] = []
+        for i, layer in enumerate(base.layers):
+            attn = layer.self_attn
+            if hasattr(attn, "sliding_window"):
+                window = attn.sliding_window
+            elif model_type == "mistral":
+                window = getattr(config, "sliding_window", None)
+            else:
+                window = None
+            self.layers.append(
+                _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window, hasattr(attn, "q_norm"))
+            )
+        attn0 = self.layers[0].attn
+        self.head_dim = int(attn0.head_dim)
+        self.num_heads = attn0.q_proj.out_features // self.head_dim
+        self.kv_heads = attn0.k_proj.out_features // self.head_dim
+        self.scale = float(attn0.scaling)
+        self.hidden_size = self.embed.embedding_dim
+        self.vocab_size = self.embed.num_embeddings
+        self.windows = sorted({s.window for s in self.layers if s.window is not None})
+        self.has_full = any(s.window is None for s in self.layers)
+        positions = torch.arange(max_seq_len, device=device)[None]
+        with torch.no_grad():
+            cos, sin = base.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_seq_len, head_dim], the model's dtype
+        self.attention = attention
+        self.cache = KVCache(
+            len(self.layers), slots, max_seq_len, self.kv_heads, self.head_dim, dtype=dtype, device=device,
+            layout=attention,
+        )
+
+    def _qkv(self, spec: _LayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        N, d = x.shape[0], self.head_dim
+        attn = spec.attn
+        q = attn.q_proj(x).view(N, -1, d)
+        k = attn.k_proj(x).view(N, -1, d)
+        v = attn.v_proj(x).view(N, -1, d)
+        if spec.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        segments: list[tuple[int, int]],
+        cu_seqlens: torch.Tensor | None,
+        max_len: int,
+        dst_slots: torch.Tensor,
+        dst_pos: torch.Tensor,
+        src_idx: torch.Tensor,
+        last_idx: torch.Tensor,
+    ) -> torch.Tensor:
+        """Packed prompts ids [N] at ``positions``; K/V of token src_idx[j] go to (dst_slots[j], dst_pos[j]).
+
+        Returns the last hidden state (after the final norm) at the tokens ``last_idx``.
+        """
+        h = self.embed(ids)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        use_flash = self.attention == "flash"
+        for i, spec in enumerate(self.layers):
+            q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
+            self.cache.write(i, dst_slots, dst_pos, k[src_idx], v[src_idx])
+            o = prefill_attention(
+                q, k, v, segments=segments, cu_seqlens=cu_seqlens, max_len=max_len, window=spec.window,
+                scale=self.scale, use_flash=use_flash,
+            )
+            h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
+            h = h + spec.mlp(spec.ln2(h))
+        return self.norm(h[last_idx])
+
+    def decode(
+        self, tok: torch.Tensor, seqlens: torch.Tensor, seqlens_i32: torch.Tensor, rows: torch.Tensor, length: int,
+        arange: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row for slots 0..B-1 (B = len(tok)); returns the last hidden state [B, hidden]."""
+        h = self.embed(tok)
+        cos, sin = self.cos[seqlens][:, None], self.sin[seqlens][:, None]
+        masks: dict[int | None, torch.Tensor | None] = {}
+        if self.attention == "sdpa":
+            for w in self.windows + ([None] if self.has_full else []):
+                masks[w] = decode_mask(seqlens, length, w, arange)
+        for i, spec in enumerate(self.layers):
+            q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
+            o = decode_attention(
+                self.cache, i, q, k, v, rows=rows, seqlens=seqlens, seqlens_i32=seqlens_i32, length=length,
+                mask=masks.get(spec.window), window=spec.window, scale=self.scale,
+            )
+            h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
+            h = h + spec.mlp(spec.ln2(h))
+        return self.norm(h)
+
+
+# -------------------------------------------------------------------------------------------- decoder
+
+
+def _device(device) -> torch.device:
+    """``device`` with its index made explicit ("cuda" -> "cuda:0"), as tensors report theirs."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _batch_buckets(max_batch: int) -> list[int]:
+    sizes, p = {1, max_batch}, 1
+    while p < max_batch:
+        sizes.update({p, p + p // 2})
+        p *= 2
+    return sorted(s for s in sizes if s <= max_batch)
+
+
+def _oom_message(where: str, max_batch: int, max_seq_len: int, prefill_tokens: int) -> str:
+    hint = {
+        "cache": f"lower max_batch (now {max_batch}) or max_seq_len (now {max_seq_len})",
+        "prefill": f"lower prefill_tokens (now {prefill_tokens}) or max_batch (now {max_batch}), or max_seq_len (now {max_seq_len})",
+        "decode": f"lower max_batch (now {max_batch}) or max_seq_len (now {max_seq_len}), or pass cuda_graphs=False",
+    }[where]
+    return f"espo.Decoder ran out of GPU memory ({'allocating the KV cache' if where == 'cache' else where}): {hint}"
+
+
+def _as_prompt(p: object, i: int, vocab: int, max_seq_len: int) -> list[int]:
+    if isinstance(p, torch.Tensor):
+        p = p.detach().cpu().numpy()
+    if isinstance(p, (int, np.integer)):
+        raise TypeError(
+            "prompts must be a list of prompts, each a list of token ids; got a list of ints (wrap one prompt as [prompt])"
+        )
+    if isinstance(p, str):
+        raise TypeError(f"prompt {i} is a string: tokenize it first (the decoder takes token ids)")
+    try:
+        arr = np.asarray(p)
+    except Exception as err:
+        raise TypeError(f"prompt {i} is not a sequence of token ids: {type(p).__name__}") from err
+    if arr.size == 0:
+        raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise TypeError(f"prompt {i} must be a flat sequence of int token ids, got dtype {arr.dtype} and shape {arr.shape}")
+    bad = arr[(arr < 0) | (arr >= vocab)]
+    if bad.size:
+        raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
+    if arr.size >= max_seq_len:
+        raise ValueError(
+            f"prompt {i} has {arr.size} tokens, longer than max_seq_len - 1 = {max_seq_len - 1} (room for at least "
+            "one generated token is needed): raise max_seq_len or shorten the prompt"
+        )
+    return arr.astype(np.int64).tolist()
+
+
+class Decoder:
+    """Batched sampling from a transformers causal LM with continuous batching over ``max_batch`` slots.
+
+    Args:
+        model: a Llama, Mistral, Qwen2 or Qwen3 causal LM (``transformers`` model object), or the path of
+            a local checkpoint to load with ``AutoModelForCausalLM.from_pretrained``.
+        max_batch: number of slots (rollouts decoded at once); the KV cache holds max_batch x max_seq_len.
+        max_seq_len: longest prompt + generation a slot holds; a rollout reaching it ends with "length".
+        device, dtype: where and in what the model runs; default: the model's. The model (and a value head
+            or critic) is moved there in place when it is elsewhere.
+        value_source: an ``espo.ValueHead`` on the policy's last hidden state, an ``espo.Critic(model, head)``
+            stepped in lockstep, or None (then ``generate(prompt_values=...)`` can give a constant per prompt).
+        attention: "auto" (flash-attn's KV-cache kernels when importable on a GPU in fp16/bf16, else SDPA),
+            "flash" or "sdpa".
+        cuda_graphs: capture the decode forward in CUDA graphs (on a GPU only), one per bucket of live slots.
+        prefill_tokens: most prompt tokens prefilled in one packed forward (one prompt always fits).
+        progress: default of ``generate(progress=...)``: a tqdm bar over finished rollouts.
+
+    The model's modules are used as they are (not copied): updating its weights in place, as an
+    optimizer does, is seen by the next ``generate``.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, str, os.PathLike],
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        device: Union[torch.device, str, None] = None,
+        dtype: torch.dtype | None = None,
+        value_source: ValueHead | Critic | None = None,
+        attention: str = "auto",
+        cuda_graphs: bool = True,
+        prefill_tokens: int = 8192,
+        progress: bool = False,
+    ):
+        for name, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a generated one), got {max_seq_len}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if isinstance(model, (str, os.PathLike)):
+            model = self._load(model, dtype)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a transformers model or a checkpoint path, got {type(model).__name__}")
+        _check_family(model, "model")
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError("the model has no parameters")
+        self.device = _device(device if device is not None else first.device)
+        self.dtype = dtype if dtype is not None else first.dtype
+        self._to(model)
+        self.model = model
+        self.max_batch, self.max_seq_len, self.prefill_tokens = int(max_batch), int(max_seq_len), int(prefill_tokens)
+        self.progress = progress
+        self.attention = resolve_attention(attention, self.device, self.dtype)
+        if self.device.type == "cuda":
+            self._check_memory(model, value_source)
+        try:
+            self.policy = _Transformer(
+                model, what="model", max_seq_len=self.max_seq_len, slots=self.max_batch, device=self.device,
+                dtype=self.dtype, attention=self.attention,
+            )
+            if self.policy.lm_head is None:
+                raise ValueError(f"the model ({type(model).__name__}) has no lm_head: pass a *ForCausalLM model")
+            self.value_source = check_value_source(value_source, self.policy.hidden_size)
+            self.critic: _Transformer | None = None
+            if isinstance(self.value_source, ValueHead):
+                self._to_device(self.value_source)
+            elif isinstance(self.value_source, Critic):
+                _check_family(self.value_source.model, "critic")
+                self._to(self.value_source.model)
+                self._to_device(self.value_source.head)
+                self.critic = _Transformer(
+                    self.value_source.model, what="critic", max_seq_len=self.max_seq_len, slots=self.max_batch,
+                    device=self.device, dtype=self.dtype, attention=self.attention,
+                )
+                if self.critic.vocab_size < self.policy.vocab_size:
+                    raise ValueError(
+                        f"the critic's vocabulary ({self.critic.vocab_size}) is smaller than the policy's "
+                        f"({self.policy.vocab_size}): it must read the policy's tokens"
+                    )
+                if self.critic.hidden_size != self.value_source.head.hidden_size:
+                    raise ValueError(
+                        f"the critic head maps hidden states of size {self.value_source.head.hidden_size}, "
+                        f"the critic's are {self.critic.hidden_size}"
+                    )
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(_oom_message("cache", self.max_batch, self.max_seq_len, self.prefill_tokens)) from err
+        self.vocab_size = self.policy.vocab_size
+        S, dev = self.max_batch, self.device
+        # Per-slot decode state (slot i holds the i-th live rollout): persistent buffers that CUDA graphs read.
+        self._tok = torch.zeros(S, dtype=torch.int64, device=dev)  # the token to feed next
+        self._seqlen = torch.zeros(S, dtype=torch.int64, device=dev)  # cached tokens = the next token's position
+        self._seqlen32 = torch.zeros(S, dtype=torch.int32, device=dev)
+        self._seed = torch.zeros(S, dtype=torch.int64, device=dev)
+        self._gen = torch.zeros(S, dtype=torch.int64, device=dev)  # tokens generated = the next draw's offset
+        self._rid = torch.zeros(S, dtype=torch.int64, device=dev)
+        self._srow = torch.zeros(S, dtype=torch.int64, device=dev)  # the slot's EarlyStopper row
+        self._pval = torch.zeros(S, dtype=torch.float32, device=dev)  # constant value per prompt
+        self._state = (self._tok, self._seqlen, self._seqlen32, self._seed, self._gen, self._rid, self._srow, self._pval)
+        self._arange = torch.arange(max(self.max_seq_len, S), device=dev)
+        self.cuda_graphs = bool(cuda_graphs) and dev.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._graph_pool = None
+        self._batch_buckets = _batch_buckets(S)
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _load(path, dtype):
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no checkpoint directory at {path!r} (the decoder loads local checkpoints only)")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
+
+    def _to(self, module: nn.Module) -> None:
+        p = next(module.parameters())
+        if p.device != self.device or p.dtype != self.dtype:
+            module.to(device=self.device, dtype=self.dtype)
+
+    def _to_device(self, module: nn.Module) -> None:
+        p = next(module.parameters())
+        if p.device != self.device:
+            module.to(self.device)
+
+    def _check_memory(self, model: nn.Module, value_source) -> None:
+        """Refuse up front a KV cache that cannot fit, naming the settings to lower."""
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        need = KVCache.nbytes_for(cfg.num_hidden_layers, self.max_batch, self.max_seq_len, kv_heads, head_dim, self.dtype)
+        if isinstance(value_source, Critic):
+            c = value_source.model.config
+            c_hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            need += KVCache.nbytes_for(
+                c.num_hidden_layers, self.max_batch, self.max_seq_len, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                c_hd, self.dtype,
+            )
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need > free:
+            raise torch.OutOfMemoryError(
+                f"espo.Decoder: the KV cache needs {need / 2**30:.2f} GiB but {free / 2**30:.2f} GiB are free on "
+                f"{self.device}: lower max_batch (now {self.max_batch}) or max_seq_len (now {self.max_seq_len})"
+            )
+
+    def reset_graphs(self) -> None:
+        """Drop the captured CUDA graphs (e.g. after replacing the model's parameter tensors, not in place)."""
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _decode_forward(self, b: int, length: int):
+        """Logits [b, V] and values [b] (or None) of slots 0..b-1, eager."""
+        args = (self._seqlen[:b], self._seqlen32[:b], self._arange[:b], length, self._arange)
+        hidden = self.policy.decode(self._tok[:b], *args)
+        logits = self.policy.lm_head(hidden)
+        values = None
+        if isinstance(self.value_source, ValueHead):
+            values = self.value_source(hidden)
+        elif self.critic is not None:
+            values = self.value_source.head(self.critic.decode(self._tok[:b], *args))
+        return logits, values
+
+    def _decode_graphed(self, b: int, length: int):
+        key = (b, length if self.attention == "sdpa" else 0)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(b, length)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # a capture failure costs speed, never correctness
+                warnings.warn(f"espo.Decoder: CUDA graph capture failed ({err!r}); decoding eagerly", RuntimeWarning)
+                self.cuda_graphs = False
+                return self._decode_forward(b, length)
+            self._graphs[key] = entry
+        graph, outputs = entry
+        graph.replay()
+        return outputs
+
+    def _capture(self, b: int, length: int):
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up: rewrites this step's K/V with the same values
+            for _ in range(2):
+                self._decode_forward(b, length)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            outputs = self._decode_forward(b, length)
+        return graph, outputs
+
+    def _length_bucket(self, need: int) -> int:
+        """How many cached positions a decode step reads (SDPA): >= need; static buckets for CUDA graphs."""
+        if self.attention == "flash":
+            return self.max_seq_len  # unused: flash-attn reads each row's own length
+        if not self.cuda_graphs:
+            if self.device.type != "cuda":
+                return need
+            return min(-(-need // 64) * 64, self.max_seq_len)  # aligned masks suit the fused SDPA kernels
+        bucket = 128
+        while bucket < need:
+            bucket *= 2
+        return min(bucket, self.max_seq_len)
+
+    # --------------------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: Union[int, Sequence[int]] = 1,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stopper: EarlyStopper | None = None,
+        eos_token_id: Union[int, Sequence[int], None] = None,
+        prompt_values: Sequence[float] | torch.Tensor | None = None,
+        rollout_seeds: Sequence[int] | None = None,
+        progress: bool | None = None,
+    ) -> Rollouts:
+        """Sample ``n`` rollouts of each prompt (token-id lists); ``n`` is an int or one int per prompt.
+
+        temperature 0 is greedy. ``eos_token_id`` (an int or a list) defaults to the model's
+        generation_config; pass [] to generate to the length limit. Each rollout generates at most
+        ``max_new_tokens``, and at most up to ``max_seq_len`` tokens with its prompt. With a ``stopper``
+        (an ``espo.EarlyStopper`` of batch_size == max_batch), rows whose stop mask fires end "stopped";
+        the decoder resets a stopper row when it gives it a new rollout, and leaves ``end_batch`` to the
+        caller. ``prompt_values`` (one float per prompt) is the constant critic value of each prompt's
+        rollouts, when the decoder has no value source. ``rollout_seeds`` (one int per rollout, prompt-major)
+        replaces ``rollout_seed(seed, rollout_id)``: passing a rollout's ``Rollout.seed`` redraws it exactly,
+        e.g. to continue a stopped rollout past its stop.
+        """
+        t0 = time.perf_counter()
+        run = self._plan(
+            prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values, rollout_seeds
+        )
+        show = self.progress if progress is None else progress
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=run.R, desc="rollouts", unit="rollout")
+        try:
+            self._run(run, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self._collect(run, time.perf_counter() - t0)
+
+    def _plan(
+        self, prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values, rollout_seeds
+    ):
+        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+            prompts = list(prompts)
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+            raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+        plist = [_as_prompt(p, i, self.vocab_size, self.max_seq_len) for i, p in enumerate(prompts)]
+        P = len(plist)
+        if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+            counts = [int(n)] * P
+        elif isinstance(n, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(n, str):
+            counts = [c for c in (n.tolist() if hasattr(n, "tolist") else list(n))]
+            if len(counts) != P:
+                raise ValueError(f"n must be an int or one int per prompt ({P}), got {len(counts)} entries")
+        else:
+            raise TypeError(f"n must be an int or a list of ints, got {type(n).__name__}")
+        for i, c in enumerate(counts):
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+                raise ValueError(f"n must be >= 1 for every prompt; got n={c!r} for prompt {i}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (temperature >= 0 and np.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite float >= 0 (0 is greedy), got {temperature!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {top_p!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if stopper is not None:
+            if not isinstance(stopper, EarlyStopper):
+                raise TypeError(f"stopper must be an espo.EarlyStopper, got {type(stopper).__name__}")
+            if stopper.batch_size != self.max_batch:
+                raise ValueError(
+                    f"stopper.batch_size ({stopper.batch_size}) must equal the decoder's max_batch ({self.max_batch}): "
+                    "the decoder gives each slot one stopper row; build it as espo.EarlyStopper(config, max_batch, device)"
+                )
+            if stopper.device != self.device:  # espo.sample compares them as they are ("cuda" != "cuda:0")
+                raise ValueError(
+                    f"the stopper lives on {stopper.device}, the decoder on {self.device}: build it with "
+                    "espo.EarlyStopper(config, max_batch, decoder.device)"
+                )
+        if eos_token_id is None:
+            gc = getattr(self.model, "generation_config", None)
+            eos_token_id = getattr(gc, "eos_token_id", None)
+            if eos_token_id is None:
+                eos_token_id = getattr(self.model.config, "eos_token_id", None)
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
+        for e in eos:
+            if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0:
+                raise ValueError(f"eos_token_id must be token ids >= 0, got {eos_token_id!r}")
+        pvals = None
+        if prompt_values is not None:
+            if self.value_source is not None:
+                raise ValueError("prompt_values and the decoder's value_source are two value sources: give one")
+            pvals = prompt_values_tensor(prompt_values, P)
+        run = _Run()
+        run.prompts, run.counts = plist, counts
+        run.R = R = sum(counts)
+        run.prompt_of = np.repeat(np.arange(P, dtype=np.int64), counts)
+        run.sample_of = np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if P else np.zeros(0, np.int64)
+        plen = np.array([len(p) for p in plist], dtype=np.int64)
+        run.plen = plen
+        run.limit = np.minimum(max_new_tokens, self.max_seq_len - plen[run.prompt_of]) if R else np.zeros(0, np.int64)
+        if rollout_seeds is None:
+            run.seeds = [rollout_seed(seed, r) for r in range(R)]
+        else:
+            run.seeds = [int(s) for s in rollout_seeds]
+            if len(run.seeds) != R or not all(-(2**63) <= s < 2**63 for s in run.seeds):
+                raise ValueError(f"rollout_seeds must hold one int64 per rollout ({R}), got {len(run.seeds)} values")
+        run.seed = int(seed)
+        run.gen = np.zeros(R, dtype=np.int64)
+        run.length = np.zeros(R, dtype=np.int64)
+        run.reason = [""] * R
+        run.pending = deque(range(R))
+        run.temperature, run.top_k, run.top_p = float(temperature), int(top_k), float(top_p)
+        run.stopper = stopper
+        run.eos = torch.tensor(eos, dtype=torch.int64, device=self.device) if eos else None
+        run.pvals = pvals
+        run.has_values = self.value_source is not None or pvals is not None
+        S = self.max_batch
+        run.live = np.zeros(S, dtype=bool)
+        run.slot_rid = np.full(S, -1, dtype=np.int64)
+        run.slot_seqlen = np.zeros(S, dtype=np.int64)
+        run.slot_srow = np.full(S, -1, dtype=np.int64)
+        run.free_srows = list(range(S - 1, -1, -1))
+        return run
+
+    def _run(self, run: "_Run", bar) -> None:
+        where = "prefill"
+        try:
+            while True:
+                while run.pending and not run.live.all():
+                    where = "prefill"
+                    done = self._admit(run)
+                    self._finish(run, done, bar)
+                if not run.live.any():
+                    break
+                self._compact(run)
+                where = "decode"
+                done = self._step(run)
+                self._finish(run, done, bar)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(_oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)) from err
+
+    def _sample(self, run: "_Run", logits, values, idx):
+        """Draw for the slots ``idx`` (a slice or an index tensor); record; return the host finish codes."""
+        seed, offset, srow, rid = self._seed[idx], self._gen[idx], self._srow[idx], self._rid[idx]
+        if values is None and run.pvals is not None:
+            values = self._pval[idx]
+        stopper = run.stopper
+        out = sample(
+            logits, temperature=run.temperature, top_k=run.top_k, top_p=run.top_p, seed=seed, offset=offset,
+            stopper=stopper, values=values if stopper is not None else None,
+            stopper_rows=srow if stopper is not None else None, validate=False,
+        )
+        vals = values if values is not None else torch.zeros_like(out.logprobs)
+        run.records.append(
+            torch.stack(
+                [rid.double(), out.tokens.double(), out.logprobs.double(), out.raw_logprobs.double(),
+                 out.entropy.double(), out.regret.double(), vals.double()],
+                dim=1,
+            )
+        )
+        code = (~out.valid).to(torch.uint8) * _INVALID
+        if run.eos is not None:
+            code |= torch.isin(out.tokens, run.eos).to(torch.uint8) * _EOS
+        if out.stop is not None:
+            code |= out.stop.to(torch.uint8) * _STOP
+        return out.tokens, code
+
+    def _admit(self, run: "_Run") -> np.ndarray:
+        """Prefill pending rollouts into the lowest free slots; draw their first tokens."""
+        holes = np.flatnonzero(~run.live)
+        rids, uniq, budget = [], {}, 0
+        for _ in holes:
+            if not run.pending:
+                break
+            r = run.pending[0]
+            p = int(run.prompt_of[r])
+            if p not in uniq:
+                if uniq and budget + run.plen[p] > self.prefill_tokens:
+                    break
+                uniq[p] = len(uniq)
+                budget += int(run.plen[p])
+            rids.append(run.pending.popleft())
+        k = len(rids)
+        slots = holes[:k]
+        uprompts = list(uniq)
+        lens = run.plen[uprompts]
+        offs = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        ids = np.concatenate([np.asarray(run.prompts[p], dtype=np.int64) for p in uprompts])
+        positions = np.concatenate([np.arange(L, dtype=np.int64) for L in lens])
+        ui = np.array([uniq[int(run.prompt_of[r])] for r in rids], dtype=np.int64)
+        dst_slots = np.repeat(slots, lens[ui])
+        dst_pos = np.concatenate([np.arange(lens[u], dtype=np.int64) for u in ui])
+        src_idx = np.concatenate([offs[u] + np.arange(lens[u], dtype=np.int64) for u in ui])
+        last_idx = offs + lens - 1
+        srows = np.array([run.free_srows.pop() for _ in range(k)], dtype=np.int64)
+        seeds = np.array([run.seeds[r] for r in rids], dtype=np.int64)
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, srows, seeds,
+                 np.asarray(rids, dtype=np.int64), lens[ui], cu]
+        sizes = [len(a) for a in parts]
+        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, srow_t, seed_t, rid_t, len_t, cu_t) = torch.split(flat, sizes)
+        cu32 = cu_t.to(torch.int32)
+
+        self._seqlen[slots_t] = len_t
+        self._seqlen32[slots_t] = len_t.to(torch.int32)
+        self._gen[slots_t] = 0
+        self._seed[slots_t] = seed_t
+        self._rid[slots_t] = rid_t
+        self._srow[slots_t] = srow_t
+        if run.pvals is not None:
+            self._pval[slots_t] = run.pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
+        if run.stopper is not None:
+            mask = torch.zeros(self.max_batch, dtype=torch.bool)
+            mask[torch.from_numpy(srows)] = True
+            run.stopper.reset_rows(mask.to(self.device))
+
+        segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
+        max_len = int(lens.max())
+        pre = (ids_t, pos_t, segments, cu32, max_len, dsl_t, dpo_t, src_t, last_t)
+        hidden = self.policy.prefill(*pre)
+        logits = self.policy.lm_head(hidden)[ui_t]
+        values = None
+        if isinstance(self.value_source, ValueHead):
+            values = self.value_source(hidden)[ui_t]
+        elif self.critic is not None:
+            values = self.value_source.head(self.critic.prefill(*pre))[ui_t]
+        tokens, code = self._sample(run, logits, values, slots_t)
+        self._tok[slots_t] = tokens.clamp_min(0)
+        self._gen[slots_t] = 1
+        code = code.cpu().numpy()  # the one host sync of this prefill
+
+        run.prefill_tokens += int(lens.sum())
+        run.live[slots] = True
+        run.slot_rid[slots] = rids
+        run.slot_seqlen[slots] = lens[ui]
+        run.slot_srow[slots] = srows
+        run.gen[rids] += 1
+        return self._finished(run, slots, code)
+
+    def _step(self, run: "_Run") -> np.ndarray:
+        """One decode step over the live slots 0..b-1."""
+        b = int(run.live.sum())
+        need = int(run.slot_seqlen[:b].max()) + 1
+        length = self._length_bucket(need)
+        if self.cuda_graphs:
+            bb = next(s for s in self._batch_buckets if s >= b)
+            logits, values = self._decode_graphed(bb, length)
+            logits = logits[:b]
+            values = None if values is None else values[:b]
+        else:
+            logits, values = self._decode_forward(b, length)
+        tokens, code = self._sample(run, logits, values, slice(0, b))
+        self._tok[:b] = tokens.clamp_min(0)
+        self._seqlen[:b] += 1
+        self._seqlen32[:b] += 1
+        self._gen[:b] += 1
+        code = code.cpu().numpy()  # the one host sync of this step
+        run.decode_steps += 1
+        slots = np.arange(b)
+        run.slot_seqlen[:b] += 1
+        run.gen[run.slot_rid[:b]] += 1
+        return self._finished(run, slots, code)
+
+    @staticmethod
+    def _finished(run: "_Run", slots: np.ndarray, code: np.ndarray) -> np.ndarray:
+        """Record the reasons of the slots that ended; return those slots."""
+        rids = run.slot_rid[slots]
+        at_limit = run.gen[rids] >= run.limit[rids]
+        ended = (code != 0) | at_limit
+        for s, r, c, lim in zip(slots[ended], rids[ended], code[ended], at_limit[ended]):
+            if c & _STOP:
+                reason, length = "stopped", run.gen[r]
+            elif c & _INVALID:
+                reason, length = "invalid", run.gen[r] - 1
+            elif c & _EOS:
+                reason, length = "eos", run.gen[r]
+            else:
+                reason, length = "length", run.gen[r]
+            run.reason[r], run.length[r] = reason, length
+        return slots[ended]
+
+    def _finish(self, run: "_Run", slots: np.ndarray, bar) -> None:
+        if len(slots) == 0:
+            return
+        run.live[slots] = False
+        run.slot_rid[slots] = -1
+        run.slot_seqlen[slots] = 0
+        run.free_srows.extend(int(x) for x in run.slot_srow[slots])
+        run.slot_srow[slots] = -1
+        idx = torch.from_numpy(slots).to(self.device)
+        self._seqlen[idx] = 0  # padded rows of a graphed step then touch position 0 of a free slot only
+        self._seqlen32[idx] = 0
+        if bar is not None:
+            bar.update(len(slots))
+
+    def _compact(self, run: "_Run") -> None:
+        """Move the live rollouts above the first hole down, so that the live slots are 0..n_live-1."""
+        n = int(run.live.sum())
+        src = np.flatnonzero(run.live[n:]) + n
+        if len(src) == 0:
+            return
+        dst = np.flatnonzero(~run.live[:n])
+        length = int(run.slot_seqlen[src].max())
+        pair = torch.from_numpy(np.concatenate([src, dst])).to(self.device)
+        src_t, dst_t = pair[: len(src)], pair[len(src) :]
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.cache.move(src_t, dst_t, length)
+        for buf in self._state:
+            buf[dst_t] = buf[src_t]
+        self._seqlen[src_t] = 0
+        self._seqlen32[src_t] = 0
+        for arr in (run.live, run.slot_rid, run.slot_seqlen, run.slot_srow):
+            arr[dst] = arr[src]
+        run.live[src] = False
+        run.slot_rid[src], run.slot_seqlen[src], run.slot_srow[src] = -1, 0, -1
+        run.moves += len(src)
+
+    def _collect(self, run: "_Run", elapsed: float) -> Rollouts:
+        if run.records:
+            rec = torch.cat(run.records).cpu().numpy()
+        else:
+            rec = np.zeros((0, 7))
+        order = np.argsort(rec[:, 0], kind="stable")
+        rec = rec[order]
+        starts = np.searchsorted(rec[:, 0], np.arange(run.R))
+        out, counts = [], {k: 0 for k in FINISH_REASONS}
+        for r in range(run.R):
+            L = int(run.length[r])
+            block = rec[starts[r] : starts[r] + L]
+            f32 = lambda j: torch.from_numpy(block[:, j].astype(np.float32))  # noqa: E731
+            counts[run.reason[r]] += 1
+            out.append(
+                Rollout(
+                    rollout_id=r, prompt_index=int(run.prompt_of[r]), sample_index=int(run.sample_of[r]),
+                    seed=run.seeds[r], tokens=torch.from_numpy(block[:, 1].astype(np.int64)), logprobs=f32(2),
+                    raw_logprobs=f32(3), entropy=f32(4), regret=f32(5), values=f32(6) if run.has_values else None,
+                    finish_reason=run.reason[r], length=L,
+                )
+            )
+        return Rollouts(
+            rollouts=out, prompts=run.prompts, tokens_generated=int(run.length.sum()), decode_steps=run.decode_steps,
+            prefill_tokens=run.prefill_tokens, time_s=elapsed, seed=run.seed, finish_counts=counts,
+            slot_moves=run.moves,
+        )
+
+
+class _Run:
+    """The host-side state of one generate call."""
+
+    def __init__(self) -> None:
+        self.records: list[torch.Tensor] = []
+        self.decode_steps = 0
+        self.prefill_tokens = 0
+        self.moves = 0

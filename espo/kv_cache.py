@@ -1,0 +1,209 @@
+"""The decoder's own slotted KV cache and the attention calls that read it.
+
+One K and one V tensor hold every layer's cache for a fixed pool of slots:
+
+    layout "flash": [layers, slots, max_seq_len, kv_heads, head_dim]   (what flash_attn_with_kvcache reads)
+    layout "sdpa":  [layers, slots, kv_heads, max_seq_len, head_dim]   (a slice is SDPA's [B, H, L, D] as is)
+
+A slot holds one sequence, positions 0 .. length-1. The decoder keeps its live sequences in slots
+0 .. n_live-1 (moving a sequence down when a lower slot frees up), so a decode step reads the leading
+slots of the cache as a view, with no gather. Attention is flash-attn's kernels when flash-attn is
+importable and the cache is fp16/bf16 on a GPU, PyTorch SDPA otherwise (any device and dtype).
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+@lru_cache(maxsize=None)
+def flash_attn_available() -> bool:
+    """Whether flash-attn (``flash_attn_with_kvcache``, ``flash_attn_varlen_func``) can be imported."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: F401
+    except Exception:  # a broken build (ABI mismatch with torch) must not take the decoder down
+        return False
+    return True
+
+
+def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"flash" or "sdpa" for ``attention`` in ("auto", "flash", "sdpa") on this device and dtype."""
+    if attention not in ("auto", "flash", "sdpa"):
+        raise ValueError(f"attention must be 'auto', 'flash' or 'sdpa', got {attention!r}")
+    flash_ok = flash_attn_available() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if attention == "flash" and not flash_ok:
+        raise ValueError(
+            "attention='flash' needs flash-attn installed (pip install flash-attn), a CUDA device and a "
+            f"float16/bfloat16 model; here: flash-attn {'importable' if flash_attn_available() else 'missing'}, "
+            f"device {device}, dtype {dtype}. Use attention='sdpa' or 'auto'"
+        )
+    if attention == "auto":
+        return "flash" if flash_ok else "sdpa"
+    return attention
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+class KVCache:
+    """K and V for ``slots`` sequences of up to ``max_seq_len`` tokens, for every layer."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        max_seq_len: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        layout: str,
+    ):
+        if layout not in ("flash", "sdpa"):
+            raise ValueError(f"layout must be 'flash' or 'sdpa', got {layout!r}")
+        self.layout = layout
+        self.num_layers, self.slots, self.max_seq_len = num_layers, slots, max_seq_len
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        if layout == "flash":
+            shape = (num_layers, slots, max_seq_len, kv_heads, head_dim)
+        else:
+            shape = (num_layers, slots, kv_heads, max_seq_len, head_dim)
+        self.k = _alloc(shape, dtype, device)
+        self.v = _alloc(shape, dtype, device)
+
+    @staticmethod
+    def nbytes_for(num_layers: int, slots: int, max_seq_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of K plus V for these sizes."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * slots * max_seq_len * kv_heads * head_dim * itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [N, kv_heads, head_dim] at (slots[i], positions[i]) of ``layer``."""
+        if self.layout == "flash":
+            self.k[layer][slots, positions] = k
+            self.v[layer][slots, positions] = v
+        else:
+            self.k[layer][slots, :, positions] = k
+            self.v[layer][slots, :, positions] = v
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy the first ``length`` positions of slots ``src`` into slots ``dst`` (every layer)."""
+        if self.layout == "flash":
+            self.k[:, dst, :length] = self.k[:, src, :length]
+            self.v[:, dst, :length] = self.v[:, src, :length]
+        else:
+            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def decode_mask(seqlens: torch.Tensor, length: int, window: int | None, arange: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, 1, length]: the keys that the query at position ``seqlens[b]`` sees (itself included).
+
+    Causal, and with a sliding ``window`` only keys at positions p with q - p < window (transformers'
+    sliding-window rule). ``arange`` is a preallocated ``torch.arange(>= length)`` on the device.
+    """
+    pos = arange[:length][None, :]
+    q = seqlens[:, None]
+    mask = pos <= q
+    if window is not None:
+        mask = mask & (pos > q - window)
+    return mask[:, None, None, :]
+
+
+def decode_attention(
+    cache: KVCache,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rows: torch.Tensor,
+    seqlens: torch.Tensor,
+    seqlens_i32: torch.Tensor,
+    length: int,
+    mask: torch.Tensor | None,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per row for rows 0..B-1 (= slots 0..B-1): store its k, v and attend over the cache.
+
+    q [B, heads, D], k and v [B, kv_heads, D]; ``rows`` is arange(B) on the device; ``seqlens`` [B] (int64)
+    is each row's position, i.e. its cached length before this token (``seqlens_i32`` the same as int32). ``length`` bounds the positions read (SDPA; > max(seqlens)), and
+    ``mask`` is ``decode_mask(seqlens, length, window)``. Returns [B, heads, D].
+    """
+    B, H, D = q.shape
+    if cache.layout == "flash":
+        from flash_attn import flash_attn_with_kvcache
+
+        out = flash_attn_with_kvcache(
+            q[:, None],
+            cache.k[layer][:B],
+            cache.v[layer][:B],
+            k=k[:, None],
+            v=v[:, None],
+            cache_seqlens=seqlens_i32,
+            softmax_scale=scale,
+            causal=True,
+            window_size=(-1, -1) if window is None else (window - 1, 0),
+        )
+        return out[:, 0]
+    cache.write(layer, rows, seqlens, k, v)
+    kv_heads = cache.kv_heads
+    # Grouped-query attention without repeating K/V: the heads sharing a KV head become query rows of it.
+    qg = q.view(B, kv_heads, H // kv_heads, D)
+    out = F.scaled_dot_product_attention(
+        qg, cache.k[layer, :B, :, :length], cache.v[layer, :B, :, :length], attn_mask=mask, scale=scale
+    )
+    return out.reshape(B, H, D)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    segments: list[tuple[int, int]],
+    cu_seqlens: torch.Tensor | None,
+    max_len: int,
+    window: int | None,
+    scale: float,
+    use_flash: bool,
+) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [N, heads, D], k and v [N, kv_heads, D].
+
+    ``segments`` lists (start, length) of each sequence in the packed tokens (positions 0 .. length-1);
+    ``cu_seqlens`` is the int32 [S+1] prefix sum that flash-attn's varlen kernel takes.
+    """
+    if use_flash:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+            softmax_scale=scale, causal=True, window_size=(-1, -1) if window is None else (window - 1, 0),
+        )
+    N, H, D = q.shape
+    rep = H // k.shape[1]
+    out = torch.empty_like(q)
+    for start, length in segments:
+        qs = q[start : start + length].transpose(0, 1)[None]
+        ks = k[start : start + length].transpose(0, 1)[None]
+        vs = v[start : start + length].transpose(0, 1)[None]
+        if rep > 1:
+            ks = ks.repeat_interleave(rep, dim=1)
+            vs = vs.repeat_interleave(rep, dim=1)
+        if window is not None and length > window:
+            pos = torch.arange(length, device=q.device)
+            diff = pos[:, None] - pos[None, :]
+            mask = (diff >= 0) & (diff < window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        out[start : start + length] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,513 @@
+"""Verifiable tasks, a character-level tokenizer, and the tiny model the package ships.
+
+The trainer needs two things from a task: problems to roll out and a reward for each completion.
+Any object with these two methods is a task (see :class:`Task`)::
+
+    problems(n: int, seed: int) -> list[Problem]       # deterministic given (n, seed)
+    reward(problem: Problem, completion: str) -> float  # 1.0 correct, 0.0 wrong by convention
+
+Optional attributes the trainer uses when present: ``name`` (for messages) and ``max_new_tokens``
+(a generation budget). Always call a task through :func:`score`, which turns a crash or a
+non-number into a :class:`TaskError` naming the task and the problem.
+
+Built in: :class:`ChainArithmetic`, chained modular arithmetic written step by step::
+
+    prompt      Q:3+4*7-5=
+    completion  3+4=7;7*7=9;9-5=4;A=4
+
+Every operation is a bijection of the running value (``+``/``-`` by any operand, ``*`` only by operands
+coprime to the modulus), so one wrong intermediate result, carried on correctly, always gives a wrong
+final answer: the situation ESPO targets, where a rollout is doomed long before it ends.
+
+The shipped model (``espo/assets/tiny-arith``, made by ``scripts/make_tiny_model.py``) is a tiny
+LlamaForCausalLM over a :class:`CharTokenizer`, trained on demonstrations with injected mistakes so that
+it solves the built-in task only part of the time when sampled at temperature 1. Load it with
+:func:`load_builtin`, or any local checkpoint with :func:`load_model` (the same code path).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+
+__all__ = [
+    "CharTokenizer",
+    "ChainArithmetic",
+    "Problem",
+    "Task",
+    "TaskError",
+    "builtin_model_path",
+    "builtin_task",
+    "check_task",
+    "load_builtin",
+    "load_model",
+    "score",
+    "success_rate",
+]
+
+TOKENIZER_FILE = "char_tokenizer.json"
+CARD_FILE = "card.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+class CharTokenizer:
+    """One token per character of a fixed alphabet, plus ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``.
+
+    Ids 0-3 are the special tokens (in that order), then the alphabet in the given order.
+    ``encode`` raises ``ValueError`` on a character outside the alphabet unless ``strict=False``,
+    in which case it becomes ``<unk>``. It mimics the few parts of a transformers tokenizer a
+    trainer touches (``pad_token_id``, ``eos_token_id``, ``bos_token_id``, ``__call__``,
+    ``batch_decode``, ``len``) but does not depend on the tokenizers library.
+    """
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+    pad_token_id, bos_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
+
+    def __init__(self, chars: Iterable[str]):
+        chars = list(chars)
+        if not chars:
+            raise ValueError("CharTokenizer needs a non-empty alphabet")
+        for c in chars:
+            if not isinstance(c, str) or len(c) != 1:
+                raise ValueError(f"alphabet entries must be single characters, got {c!r}")
+        if len(set(chars)) != len(chars):
+            raise ValueError("alphabet has repeated characters")
+        self.chars: tuple[str, ...] = tuple(chars)
+        self._id = {c: i + len(self.SPECIALS) for i, c in enumerate(self.chars)}
+
+    # sizes and ids -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.SPECIALS) + len(self.chars)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(range(len(self.SPECIALS)))
+
+    # encode / decode ---------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, strict: bool = True) -> list[int]:
+        ids = [self.bos_token_id] if add_bos else []
+        for c in text:
+            i = self._id.get(c)
+            if i is None:
+                if strict:
+                    raise ValueError(f"character {c!r} is not in the tokenizer's alphabet {''.join(self.chars)!r}")
+                i = self.unk_token_id
+            ids.append(i)
+        if add_eos:
+            ids.append(self.eos_token_id)
+        return ids
+
+    def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = True,
+               stop_at_eos: bool = False) -> str:
+        """Text of ``ids``. ``stop_at_eos`` drops the first ``<eos>`` and everything after it."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out = []
+        n_special = len(self.SPECIALS)
+        for i in ids:
+            i = int(i)
+            if stop_at_eos and i == self.eos_token_id:
+                break
+            if i < n_special:
+                if not skip_special_tokens:
+                    out.append(self.SPECIALS[i])
+            elif i < self.vocab_size:
+                out.append(self.chars[i - n_special])
+            else:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+        return "".join(out)
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]] | torch.Tensor, skip_special_tokens: bool = True,
+                     stop_at_eos: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens=skip_special_tokens, stop_at_eos=stop_at_eos) for s in sequences]
+
+    def batch_encode(self, texts: Sequence[str], add_bos: bool = True, add_eos: bool = False,
+                     padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` as long tensors, padded with ``<pad>`` (left by default, for generation)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+        width = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            if not r:
+                continue
+            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            ids[k, sl] = torch.tensor(r, dtype=torch.long)
+            mask[k, sl] = 1
+        return ids, mask
+
+    def __call__(self, texts: str | Sequence[str], add_bos: bool = True, padding_side: str = "left",
+                 return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        if return_tensors != "pt":
+            raise ValueError("CharTokenizer only returns torch tensors (return_tensors='pt')")
+        if isinstance(texts, str):
+            texts = [texts]
+        ids, mask = self.batch_encode(texts, add_bos=add_bos, padding_side=padding_side)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # persistence -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "espo.CharTokenizer", "version": 1, "specials": list(self.SPECIALS), "chars": "".join(self.chars)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tokenizer as JSON; ``path`` is a file, or a folder that gets ``char_tokenizer.json``."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CharTokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("type") != "espo.CharTokenizer" or list(data.get("specials", [])) != list(cls.SPECIALS):
+            raise ValueError(f"{path} is not an espo CharTokenizer file")
+        return cls(data["chars"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CharTokenizer) and other.chars == self.chars
+
+    def __hash__(self) -> int:
+        return hash(self.chars)
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(chars={''.join(self.chars)!r}, vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Task interface
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One problem: the prompt the model continues, the reference answer, and task-specific data."""
+
+    prompt: str
+    answer: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the trainer needs from a task. Bring your own: any object with these two methods works.
+
+    ``problems(n, seed)`` must be deterministic given its arguments. ``reward(problem, completion)``
+    gets the completion text only (the prompt excluded, special tokens removed, cut at EOS) and returns a
+    finite number, 1.0 for correct and 0.0 for wrong by convention.
+    """
+
+    def problems(self, n: int, seed: int) -> list[Problem]: ...
+
+    def reward(self, problem: Problem, completion: str) -> float: ...
+
+
+class TaskError(RuntimeError):
+    """A task broke its contract: its reward raised, or returned something other than a finite number."""
+
+
+def _task_name(task: Any) -> str:
+    name = getattr(task, "name", None)
+    return name if isinstance(name, str) and name else type(task).__name__
+
+
+def _short(obj: Any, limit: int = 200) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_task(task: Any) -> Any:
+    """Return ``task`` if it has callable ``problems`` and ``reward`` methods, else raise TaskError."""
+    missing = [m for m in ("problems", "reward") if not callable(getattr(task, m, None))]
+    if missing:
+        raise TaskError(
+            f"task {_task_name(task)!r} lacks the method(s) {', '.join(missing)}; a task needs "
+            "problems(n, seed) -> list[Problem] and reward(problem, completion) -> float"
+        )
+    return task
+
+
+def score(task: Any, problem: Any, completion: str) -> float:
+    """``task.reward(problem, completion)`` as a float, or a TaskError that names the task and the problem.
+
+    Accepted: any real number (int, float, bool, numpy scalar) or a one-element tensor, if finite.
+    """
+    try:
+        value = task.reward(problem, completion)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise TaskError(
+            f"task {_task_name(task)!r} raised {type(exc).__name__}: {exc} while scoring problem "
+            f"{_short(problem)} with completion {_short(completion, 120)}"
+        ) from exc
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TaskError(
+            f"task {_task_name(task)!r} returned {_short(value, 80)} (type {type(value).__name__}) for problem "
+            f"{_short(problem)}; reward must return a finite number"
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise TaskError(
+            f"task {_task_name(task)!r} returned {value} for problem {_short(problem)}; reward must be finite"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in task: chained modular arithmetic, written step by step
+# --------------------------------------------------------------------------------------------------
+_APPLY = {
+    "+": lambda x, d, m: (x + d) % m,
+    "-": lambda x, d, m: (x - d) % m,
+    "*": lambda x, d, m: (x * d) % m,
+}
+
+
+@dataclass(frozen=True)
+class ChainArithmetic:
+    """Chained arithmetic modulo ``modulus``, ``steps`` operations, solved one step per clause.
+
+    ``Q:3+4*7-5=`` is answered ``3+4=7;7*7=9;9-5=4;A=4``: left to right (no precedence), every result
+    reduced modulo ``modulus``. The start value is in ``[0, modulus)``; operands are single digits 1-9
+    (``*`` only by digits 2-9 coprime to the modulus, so every step is a bijection and a wrong step can
+    never be undone by later correct ones).
+
+    Reward rule (exact): the answer is the run of digits right after the first ``A=`` in the completion;
+    the reward is 1.0 iff that run is exactly the decimal answer (no sign, no leading zeros, no spaces),
+    else 0.0. The run ends at the first non-digit; text after it is ignored (a well-formed completion
+    ends with EOS there), but a later ``A=`` never counts. Intermediate steps are not checked.
+    """
+
+    steps: int = 6
+    modulus: int = 10
+    ops: str = "+-*"
+    name: str = "chain-arithmetic"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if not isinstance(self.modulus, int) or self.modulus < 2:
+            raise ValueError(f"modulus must be an int >= 2, got {self.modulus!r}")
+        if not self.ops or any(o not in _APPLY for o in self.ops) or len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"ops must be distinct characters from '+-*', got {self.ops!r}")
+        if "*" in self.ops and not self._operands("*"):
+            raise ValueError(f"no digit 2-9 is coprime to modulus {self.modulus}; drop '*' from ops")
+
+    #: the characters a tokenizer for this task needs
+    alphabet: ClassVar[str] = "0123456789+-*=;:AQ"
+
+    def _operands(self, op: str) -> list[int]:
+        if op == "*":
+            return [d for d in range(2, 10) if math.gcd(d, self.modulus) == 1]
+        return list(range(1, 10))
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens a correct completion takes, EOS included, plus a small margin."""
+        w = len(str(self.modulus - 1))
+        return self.steps * (2 * w + 4) + 2 + w + 1 + 4
+
+    def config(self) -> dict[str, Any]:
+        return {"steps": self.steps, "modulus": self.modulus, "ops": self.ops}
+
+    def make_problem(self, start: int, chain: Sequence[tuple[str, int]]) -> Problem:
+        chain = tuple((str(o), int(d)) for o, d in chain)
+        x = start % self.modulus
+        for o, d in chain:
+            x = _APPLY[o](x, d, self.modulus)
+        prompt = "Q:" + str(start) + "".join(f"{o}{d}" for o, d in chain) + "="
+        return Problem(prompt=prompt, answer=str(x), info={"start": start, "chain": chain})
+
+    def problems(self, n: int, seed: int) -> list[Problem]:
+        """``n`` problems from ``seed``; the first k of ``problems(n, s)`` are ``problems(k, s)``."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        rng = random.Random(int(seed))
+        operands = {o: self._operands(o) for o in self.ops}
+        out = []
+        for _ in range(n):
+            start = rng.randrange(self.modulus)
+            chain = []
+            for _ in range(self.steps):
+                o = rng.choice(self.ops)
+                chain.append((o, rng.choice(operands[o])))
+            out.append(self.make_problem(start, chain))
+        return out
+
+    def demonstration(self, problem: Problem, mistake_rate: float = 0.0, rng: random.Random | None = None) -> str:
+        """A worked completion; each step's result is replaced, with probability ``mistake_rate``, by a
+        uniformly drawn wrong value that the later steps (and the answer) then carry on from."""
+        if mistake_rate > 0 and rng is None:
+            raise ValueError("a random.Random is needed when mistake_rate > 0")
+        x = int(problem.info["start"])
+        parts = []
+        for o, d in problem.info["chain"]:
+            y = _APPLY[o](x, d, self.modulus)
+            if mistake_rate > 0 and rng.random() < mistake_rate:
+                y = (y + rng.randrange(1, self.modulus)) % self.modulus
+            parts.append(f"{x}{o}{d}={y};")
+            x = y
+        return "".join(parts) + f"A={x}"
+
+    def solution(self, problem: Problem) -> str:
+        return self.demonstration(problem)
+
+    _ANSWER: ClassVar[re.Pattern] = re.compile(r"A=(\d*)")
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The digits right after the first ``A=`` ('' if none follow), or None if there is no ``A=``."""
+        m = self._ANSWER.search(completion)
+        return None if m is None else m.group(1)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return 1.0 if self.extract_answer(completion) == problem.answer else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: the shipped one and the user's own, through one loader
+# --------------------------------------------------------------------------------------------------
+def builtin_model_path() -> Path:
+    """Folder of the shipped tiny model (``espo/assets/tiny-arith``)."""
+    return Path(__file__).resolve().parent / "assets" / "tiny-arith"
+
+
+def builtin_card() -> dict[str, Any]:
+    """The shipped model's card: how it was made and its measured success rates."""
+    return json.loads((builtin_model_path() / CARD_FILE).read_text(encoding="utf-8"))
+
+
+def builtin_task() -> ChainArithmetic:
+    """The task the shipped model was trained for (configuration read from its card)."""
+    return ChainArithmetic(**builtin_card()["task"])
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers 5 draws a progress bar for every weights load: hide it (the trainer loads often)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a local checkpoint folder (or a model already in the local HF cache).
+
+    Nothing is downloaded: ``local_files_only=True``. The tokenizer is a :class:`CharTokenizer` when the
+    folder has ``char_tokenizer.json``, else ``transformers.AutoTokenizer`` from the same folder.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path_or_name).expanduser()
+    where = str(path) if path.exists() else str(path_or_name)
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the checkpoint folder (with config.json)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; is it a transformers checkpoint?")
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, **{_dtype_kwarg(): dtype})
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"no local model at {str(path_or_name)!r}: it is not an existing folder nor a model in the local "
+            "Hugging Face cache. espo loads local checkpoints only and does not attempt hub downloads; "
+            "download the model first (e.g. `hf download NAME --local-dir DIR`) and pass that folder."
+        ) from exc
+    model.to(device).eval()
+    if path.is_dir() and (path / TOKENIZER_FILE).is_file():
+        tokenizer = CharTokenizer.load(path / TOKENIZER_FILE)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(
+                f"found a model at {str(path_or_name)!r} but no tokenizer ({TOKENIZER_FILE} or a transformers "
+                "tokenizer); hub downloads are not attempted"
+            ) from exc
+    return model, tokenizer
+
+
+def load_builtin(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of the shipped tiny model, through :func:`load_model`."""
+    path = builtin_model_path()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the built-in model is missing from {path}; rebuild it with `python scripts/make_tiny_model.py`"
+        )
+    return load_model(path, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def success_rate(model, tokenizer, task: Any, n: int = 200, seed: int = 0, temperature: float = 1.0,
+                 batch_size: int = 250, max_new_tokens: int | None = None, problems: Sequence[Problem] | None = None,
+                 return_completions: bool = False):
+    """Fraction of ``task.problems(n, seed)`` that ``model.generate`` solves (``temperature=0``: greedy).
+
+    Sampling is seeded from ``seed`` (torch.manual_seed), so a run is repeatable on one machine. Works
+    with a :class:`CharTokenizer` or a transformers tokenizer (left padding).
+    """
+    check_task(task)
+    probs = list(problems) if problems is not None else task.problems(n, seed)
+    if max_new_tokens is None:
+        max_new_tokens = int(getattr(task, "max_new_tokens", 64))
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    if temperature > 0:
+        gen.update(do_sample=True, temperature=float(temperature), top_k=None, top_p=None)
+    else:
+        gen.update(do_sample=False)
+    if seed is not None:
+        torch.manual_seed(seed)
+    rewards: list[float] = []
+    texts: list[str] = []
+    for i in range(0, len(probs), batch_size):
+        chunk = probs[i:i + batch_size]
+        prompts = [p.prompt for p in chunk]
+        if isinstance(tokenizer, CharTokenizer):
+            ids, mask = tokenizer.batch_encode(prompts, add_bos=True, padding_side="left")
+        else:
+            tokenizer.padding_side = "left"
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen)
+        for p, row in zip(chunk, out[:, ids.shape[1]:].tolist()):
+            if eos in row:
+                row = row[: row.index(eos)]
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            texts.append(text)
+            rewards.append(score(task, p, text))
+    rate = sum(rewards) / max(len(rewards), 1)
+    return (rate, texts) if return_completions else rate

@@ -1,0 +1,464 @@
+"""A lean PPO/GRPO trainer with ESPO early stopping and CERO rollout allocation, in one loop.
+
+    algo        advantages                      values for the stop rule     rollouts per prompt
+    ppo         GAE on a value head              -                            group_size
+    espo        GAE on a value head              the value head               group_size
+    grpo        group-normalised rewards         -                            group_size
+    grpo-cero   group-normalised rewards         -                            CeroAllocator
+    espo-cero   group-normalised rewards         allocator posterior mean     CeroAllocator
+
+A stopped rollout ends at the token that triggered the stop; that token gets ``espo.r_fail`` and the
+state after it is terminal (GAE does not bootstrap past it). Every other rollout gets the task's reward
+on its last token. The stopper is armed by ESPO's critic warm-up rule (``CriticWarmup``) in the critic
+modes and from the start in the critic-free ones; ``end_batch`` runs after every rollout batch.
+
+Runs under ``torchrun --nproc_per_node N`` too: each rank decodes its share of the step's prompts,
+gradients are averaged across ranks, and the stopper's batch statistics and the allocator's updates are
+summed across ranks, so their state stays identical everywhere. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .advantages import gae, group_advantages
+from .allocator import CeroAllocator
+from .checkpoint import load_checkpoint, save_atomic
+from .decoder import Decoder, Rollouts
+from .losses import kl_penalty, masked_mean, policy_loss, value_loss
+from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
+from .tasks import CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score
+from .value_head import ValueHead
+
+ALGOS = {  # name: (critic, stopper, allocator)
+    "ppo": (True, False, False),
+    "espo": (True, True, False),
+    "grpo": (False, False, False),
+    "grpo-cero": (False, False, True),
+    "espo-cero": (False, True, True),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a run. ``model=None`` is the built-in tiny model and its task."""
+
+    algo: str = "espo"
+    model: str | None = None  # a local transformers checkpoint folder
+    steps: int = 30
+    prompts_per_step: int = 16
+    group_size: int = 8  # rollouts per prompt (CERO: the average; it gives 0 or 2..2*group_size)
+    cero_budget: int = 0  # CERO's rollouts for the whole run; 0: steps * prompts_per_step * group_size
+    num_problems: int = 256  # the training prompt set
+    max_new_tokens: int = 0  # 0: the task's own limit (or 128)
+    temperature: float = 1.0
+    lr: float = 2e-4
+    ppo_epochs: int = 2
+    minibatches: int = 2
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    kl_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    success_threshold: float = 1.0  # a reward >= this counts as a success (accuracy, CERO's posteriors)
+    espo: ESPOConfig = field(default_factory=ESPOConfig)
+    eval_problems: int = 64
+    eval_every: int = 5
+    check_false_stops: bool = True  # continue each stopped rollout without the stopper and verify it
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch: int = 128  # decoder slots per rank
+    out_dir: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.espo, dict):
+            self.espo = ESPOConfig(**self.espo)
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        for name in ("steps", "prompts_per_step", "group_size", "num_problems", "ppo_epochs", "minibatches", "max_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.group_size < 2 and self.algo.startswith(("grpo", "espo-cero")):
+            raise ValueError(f"{self.algo} needs group_size >= 2 (a group advantage needs two rollouts)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.encode(text, add_bos=True)
+    return list(tokenizer.encode(text))
+
+
+def _step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + salt) % (2**62)
+
+
+# ------------------------------------------------------------------------------------- batch tensors
+
+
+@dataclass
+class Batch:
+    """One step's rollouts as right-padded tensors (N rollouts, S sequence positions, T generated tokens)."""
+
+    input_ids: torch.Tensor  # [N, S] prompt + generated tokens
+    attention_mask: torch.Tensor  # [N, S]
+    positions: torch.Tensor  # [N, T] index in input_ids of the input predicting generated token t
+    tokens: torch.Tensor  # [N, T] generated tokens
+    mask: torch.Tensor  # [N, T] 1 on real generated tokens
+    rewards: torch.Tensor  # [N] terminal reward (task outcome, or r_fail when stopped)
+    group: torch.Tensor  # [N] prompt id of each rollout
+
+
+def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], pad_id: int, device) -> Batch:
+    kept = [i for i, r in enumerate(rollouts) if r.length > 0]
+    seqs = [prompts[rollouts[i].prompt_index] + rollouts[i].tokens.tolist() for i in kept]
+    N, S = len(kept), max(len(s) for s in seqs)
+    T = max(rollouts[i].length for i in kept)
+    input_ids = torch.full((N, S), pad_id, dtype=torch.int64)
+    attention = torch.zeros(N, S, dtype=torch.int64)
+    positions = torch.zeros(N, T, dtype=torch.int64)
+    tokens = torch.zeros(N, T, dtype=torch.int64)
+    mask = torch.zeros(N, T, dtype=torch.bool)
+    for row, (i, seq) in enumerate(zip(kept, seqs)):
+        r, P = rollouts[i], len(prompts[rollouts[i].prompt_index])
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+        positions[row, : r.length] = torch.arange(P - 1, P - 1 + r.length)
+        tokens[row, : r.length] = r.tokens
+        mask[row, : r.length] = True
+    return Batch(
+        input_ids.to(device), attention.to(device), positions.to(device), tokens.to(device), mask.to(device),
+        torch.tensor([rewards[i] for i in kept], dtype=torch.float32, device=device),
+        torch.tensor([prompt_ids[rollouts[i].prompt_index] for i in kept], dtype=torch.int64, device=device),
+    )
+
+
+def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperature: float, rows=slice(None)):
+    """Tempered log-probabilities of the generated tokens [n, T] and, with a value head, V(s_t) [n, T]."""
+    out = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                output_hidden_states=value_head is not None)
+    pos = batch.positions[rows]
+    logits = out.logits.gather(1, pos[..., None].expand(-1, -1, out.logits.shape[-1])).float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(2, batch.tokens[rows][..., None])[..., 0]
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1]
+        values = value_head(hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])))
+    return logprobs, values
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: its metrics (one dict per step, as in ``metrics.jsonl``) and its trained state."""
+
+    history: list[dict]
+    model: torch.nn.Module
+    value_head: ValueHead | None
+    stopper: EarlyStopper | None
+    allocator: CeroAllocator | None
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    task: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Run ``cfg``; metrics go to ``out_dir/metrics.jsonl`` and an atomic checkpoint after every step."""
+    rank, world = _distributed(cfg.device)
+    critic_mode, stop_mode, cero_mode = ALGOS[cfg.algo]
+    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+
+    # --- policy, task, prompts
+    model, tokenizer = load_model(cfg.model or builtin_model_path(), device=device, dtype=dtype)
+    if task is None:
+        if cfg.model is not None:
+            raise ValueError("a run on your own checkpoint needs your own task: train(cfg, task=...)")
+        task = builtin_task()
+    check_task(task)
+    if cfg.num_problems < cfg.prompts_per_step:
+        raise ValueError(f"num_problems ({cfg.num_problems}) must be >= prompts_per_step ({cfg.prompts_per_step})")
+    problems = task.problems(cfg.num_problems, seed=cfg.seed)
+    eval_set = task.problems(cfg.eval_problems, seed=cfg.seed + 1_000_003) if cfg.eval_problems else []
+    if not problems:
+        raise ValueError("the task gave no problems: problems(n, seed) returned an empty list")
+    prompts = [_encode(tokenizer, p.prompt) for p in problems]
+    eval_prompts = [_encode(tokenizer, p.prompt) for p in eval_set]
+    eos = tokenizer.eos_token_id
+    max_new = cfg.max_new_tokens or int(getattr(task, "max_new_tokens", 128))
+    max_len = max(len(p) for p in prompts + eval_prompts) + max_new
+
+    # --- learner state: value head, optimizer, stopper, arming rule, allocator
+    hidden = model.config.hidden_size
+    value_head = ValueHead(hidden, device=device) if critic_mode else None
+    if value_head is not None:
+        torch.nn.init.zeros_(value_head.proj.weight)
+        torch.nn.init.constant_(value_head.proj.bias, 0.5)
+    params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    reference = copy.deepcopy(model).requires_grad_(False) if cfg.kl_coef > 0 else None  # the initial policy
+    decoder = Decoder(model, max_batch=cfg.max_batch, max_seq_len=max_len, device=device, dtype=dtype,
+                      value_source=value_head if stop_mode else None)
+    stopper = EarlyStopper(cfg.espo, cfg.max_batch, device) if stop_mode else None
+    warmup = CriticWarmup(total_steps=cfg.steps)
+    if stopper is not None and not critic_mode:
+        stopper.arm()  # the posterior mean needs no warm-up
+    budget = cfg.cero_budget or cfg.steps * cfg.prompts_per_step * cfg.group_size
+    if cero_mode and budget < 2:
+        raise ValueError(f"cero_budget ({budget}) is smaller than one group (2 rollouts): raise it or use algo=grpo")
+    allocator = (
+        CeroAllocator(cfg.num_problems, budget, cfg.steps * cfg.prompts_per_step / cfg.num_problems,
+                      n_min=2, n_max=2 * cfg.group_size)
+        if cero_mode else None
+    )
+
+    history: list[dict] = []
+    start = 0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume:
+        state = load_checkpoint(ckpt_path, expected_config=cfg.to_dict())
+        model.load_state_dict(state["model"])
+        if value_head is not None:
+            value_head.load_state_dict(state["value_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        if stopper is not None:
+            stopper.load_state_dict(state["stopper"])
+        if allocator is not None:
+            allocator.load_state_dict(state["allocator"])
+        warmup = CriticWarmup(**state["warmup"])
+        history, start = state["history"], state["step"] + 1
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.algo, unit="step")
+    order = np.random.default_rng(cfg.seed).permutation(cfg.num_problems)
+    cum_tokens = history[-1]["cum_tokens"] if history else 0
+    initial_eval = history[0]["initial_eval_accuracy"] if history else (
+        _evaluate(decoder, task, tokenizer, eval_set, eval_prompts, cfg, max_new, eos, rank, world) if eval_set else None
+    )
+    for step in range(start, cfg.steps):
+        t_step = time.perf_counter()
+
+        # 1. this step's prompts (a deterministic walk over a shuffled prompt set) and their group sizes
+        first = step * cfg.prompts_per_step
+        ids = order[np.arange(first, first + cfg.prompts_per_step) % cfg.num_problems]  # [P]
+        counts = allocator.allocate(ids).numpy() if allocator is not None else np.full(len(ids), cfg.group_size)
+        mine = [j for j in range(len(ids)) if j % world == rank and counts[j] > 0]  # this rank's share
+
+        # 2. rollouts: the stopper (if any) stops rows inside the sampling kernel
+        prompt_values = None
+        if stop_mode and not critic_mode and mine:
+            prompt_values = allocator.posterior_mean(ids[mine]).tolist()
+        rollouts = decoder.generate(
+            [prompts[ids[j]] for j in mine], [int(counts[j]) for j in mine], max_new_tokens=max_new,
+            temperature=cfg.temperature, seed=_step_seed(cfg.seed, step, rank), stopper=stopper,
+            eos_token_id=eos, prompt_values=prompt_values, progress=False,
+        ) if mine else None
+        t_rollout = time.perf_counter() - t_step
+
+        # 3. rewards: the task's outcome, or r_fail for a stopped rollout (an absorbing failure)
+        rewards, successes = [], np.zeros(len(ids))
+        for r in rollouts or []:
+            j = mine[r.prompt_index]
+            if r.finish_reason == "stopped":
+                reward = cfg.espo.r_fail
+            else:
+                reward = score(task, problems[ids[j]], tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True))
+                successes[j] += reward >= cfg.success_threshold
+            rewards.append(reward)
+        stopped = [r for r in rollouts or [] if r.finish_reason == "stopped"]
+        false_stops = _count_false_stops(decoder, task, tokenizer, problems, prompts, ids, mine, stopped, cfg, max_new, eos) \
+            if stopped and cfg.check_false_stops else 0
+        stop_report = stopper.end_batch(all_reduce=_all_reduce) if stopper is not None else {}
+        successes = _all_reduce(torch.tensor(successes, dtype=torch.float64)).numpy()
+        if allocator is not None:
+            allocator.update(ids, successes.astype(np.int64), counts)
+
+        # 4. advantages
+        batch = build_batch([prompts[ids[j]] for j in mine], rollouts, rewards, [int(ids[j]) for j in mine],
+                            eos if eos is not None else 0, device) if rollouts else None
+        stats: dict[str, float] = {}
+        t_train = time.perf_counter()
+        if batch is not None:
+            with torch.no_grad():
+                old_logprobs, old_values = policy_forward(model, value_head, batch, cfg.temperature)
+                ref_logprobs = policy_forward(reference, None, batch, cfg.temperature)[0] if reference is not None else None
+            N, T = batch.mask.shape
+            last = batch.mask.sum(1) - 1  # the index of each rollout's final token
+            if critic_mode:
+                token_rewards = torch.zeros(N, T, device=device).scatter(1, last[:, None], batch.rewards[:, None])
+                advantages, returns = gae(token_rewards, old_values, batch.mask, gamma=cfg.gamma, lam=cfg.lam)
+                live = advantages[batch.mask]
+                advantages = (advantages - live.mean()) / (live.std() + 1e-6) * batch.mask if live.numel() > 1 else advantages
+            else:
+                advantages = group_advantages(batch.rewards, batch.group)[:, None].expand(N, T) * batch.mask
+                returns = None
+
+            # 5. PPO epochs over minibatches; gradients averaged across ranks
+            perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank, salt=1))
+            sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl": 0.0}
+            updates = 0
+            for _ in range(cfg.ppo_epochs):
+                for rows in torch.randperm(N, generator=perm_gen).to(device).chunk(cfg.minibatches):
+                    logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, rows)
+                    m = batch.mask[rows]
+                    loss, info = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, clip=cfg.clip)
+                    sums["policy_loss"] += float(loss.detach())
+                    if critic_mode:
+                        v_loss = value_loss(values, returns[rows], m, old_values=old_values[rows], clip=cfg.value_clip)
+                        loss = loss + cfg.vf_coef * v_loss
+                        sums["value_loss"] += float(v_loss.detach())
+                    if ref_logprobs is not None:
+                        kl = kl_penalty(logprobs, ref_logprobs[rows], m)
+                        loss = loss + cfg.kl_coef * kl
+                        sums["kl"] += float(kl.detach())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for p in params:
+                        if p.grad is not None and world > 1:
+                            _all_reduce(p.grad).div_(world)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    sums["clip_fraction"] += info["clip_fraction"]
+                    sums["approx_kl"] += info["approx_kl"]
+                    updates += 1
+            stats = {k: v / max(updates, 1) for k, v in sums.items()}
+        if world > 1:  # logged losses are means over ranks
+            keys = ["policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl"]
+            means = _all_reduce(torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)) / world
+            stats = dict(zip(keys, means.tolist()))
+        if critic_mode:
+            critic_loss = stats.get("value_loss", 0.0)
+            if stopper is not None and warmup.update(critic_loss, step) and not stopper.armed:
+                stopper.arm()
+        t_train = time.perf_counter() - t_train
+
+        # 6. evaluation: sampled accuracy on held-out problems, without stopping
+        eval_acc = None
+        if eval_set and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            eval_acc = _evaluate(decoder, task, tokenizer, eval_set, eval_prompts, cfg, max_new, eos, rank, world)
+
+        # 7. metrics and an atomic checkpoint
+        totals = _all_reduce(torch.tensor([
+            len(rollouts or []), rollouts.tokens_generated if rollouts else 0, len(stopped), false_stops,
+            _informative_rollouts(batch), sum(successes), len(ids), float(sum(counts)),
+        ], dtype=torch.float64)).tolist()
+        n_roll, n_tok, n_stop, n_false, n_inform, _, _, _ = totals
+        cum_tokens += int(n_tok)
+        record = {
+            "step": step, "algo": cfg.algo, "rollouts": int(n_roll), "tokens": int(n_tok), "cum_tokens": cum_tokens,
+            "success_rate": float(successes.sum() / max(n_roll, 1)), "stop_rate": n_stop / max(n_roll, 1),
+            "stopped": int(n_stop), "false_stops": int(n_false),
+            "informative_fraction": n_inform / max(n_roll, 1), "eval_accuracy": eval_acc,
+            "armed": bool(stopper.armed) if stopper is not None else False,
+            "beta": stop_report.get("beta"), "time_s": time.perf_counter() - t_step,
+            "rollout_time_s": t_rollout, "train_time_s": t_train, **stats,
+        }
+        if step == 0:
+            record["initial_eval_accuracy"] = initial_eval
+        history.append(record)
+        if rank == 0:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_atomic({
+                "config": cfg.to_dict(), "step": step, "history": history, "model": model.state_dict(),
+                "value_head": value_head.state_dict() if value_head is not None else None,
+                "optimizer": optimizer.state_dict(), "stopper": stopper.state_dict() if stopper is not None else None,
+                "allocator": allocator.state_dict() if allocator is not None else None,
+                "warmup": dataclasses.asdict(warmup),
+            }, ckpt_path)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{record['success_rate']:.2f}", stop=f"{record['stop_rate']:.2f}", tokens=cum_tokens)
+        if on_step is not None:
+            on_step(record)
+    if bar is not None:
+        bar.close()
+    return TrainResult(history, model, value_head, stopper, allocator)
+
+
+def _informative_rollouts(batch: Batch | None) -> float:
+    """Rollouts in groups whose rewards are not all equal (the groups with a non-zero GRPO advantage)."""
+    if batch is None:
+        return 0.0
+    _, inverse = torch.unique(batch.group, return_inverse=True)
+    lo = torch.full((int(inverse.max()) + 1,), math.inf, device=batch.rewards.device).scatter_reduce(0, inverse, batch.rewards, "amin")
+    hi = torch.full_like(lo, -math.inf).scatter_reduce(0, inverse, batch.rewards, "amax")
+    return float((hi > lo)[inverse].sum())
+
+
+@torch.no_grad()
+def _count_false_stops(decoder, task, tokenizer, problems, prompts, ids, mine, stopped, cfg, max_new, eos) -> int:
+    """Continue each stopped rollout from scratch with its own seed and no stopper: the same tokens up to
+    the stop, then on to the end. A stop was false when that finished rollout is correct."""
+    redo = decoder.generate(
+        [prompts[ids[mine[r.prompt_index]]] for r in stopped], 1, max_new_tokens=max_new, temperature=cfg.temperature,
+        rollout_seeds=[r.seed for r in stopped], eos_token_id=eos, progress=False,
+    )
+    false = 0
+    for r, full in zip(stopped, redo):
+        text = tokenizer.decode(full.tokens.tolist(), skip_special_tokens=True)
+        false += score(task, problems[ids[mine[r.prompt_index]]], text) >= cfg.success_threshold
+    return false
+
+
+@torch.no_grad()
+def _evaluate(decoder, task, tokenizer, eval_set, eval_prompts, cfg, max_new, eos, rank, world) -> float:
+    """Sampled (temperature cfg.temperature) accuracy on the held-out problems, the same seeds every time."""
+    share = list(range(rank, len(eval_set), world))
+    correct = 0.0
+    if share:
+        out = decoder.generate([eval_prompts[i] for i in share], 1, max_new_tokens=max_new, temperature=cfg.temperature,
+                               seed=cfg.seed + 77, eos_token_id=eos, progress=False)
+        for i, r in zip(share, out):
+            text = tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True)
+            correct += score(task, eval_set[i], text) >= cfg.success_threshold
+    return float(_all_reduce(torch.tensor([correct], dtype=torch.float64))[0]) / len(eval_set)

@@ -1,0 +1,490 @@
+"""espo.Decoder against transformers, on tiny random-initialised Llama, Qwen2, Qwen3 and Mistral models.
+
+CPU, float32. The decoder's own forward over its own KV cache must reproduce transformers' greedy
+generate token for token and its logits; sampling must not depend on batch composition, so a run with
+an ESPO stopper is a prefix of the same run without one.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from conftest import requires_gpu
+
+import espo
+from espo.decoder import Decoder, Rollouts, rollout_seed
+from espo.stopper import EarlyStopper, ESPOConfig
+from espo.value_head import Critic, ValueHead
+
+V = 160
+SMALL = dict(
+    vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
+    pad_token_id=0,
+)
+FAMILIES = {
+    "llama": lambda **kw: T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "attention_bias": True, **kw})),
+    "qwen2": lambda **kw: T.Qwen2ForCausalLM(T.Qwen2Config(**{**SMALL, "tie_word_embeddings": True, **kw})),
+    "qwen3": lambda **kw: T.Qwen3ForCausalLM(T.Qwen3Config(**{**SMALL, "head_dim": 24, **kw})),
+    "mistral": lambda **kw: T.MistralForCausalLM(T.MistralConfig(**{**SMALL, "num_key_value_heads": 1, **kw})),
+}
+EOS = [3, 7, 11]  # a few EOS ids, so that some rollouts end early and slots refill
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls on several threads only contend (and run far slower on a busy 2-core machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(family="qwen3", seed=0, **kw):
+    torch.manual_seed(seed)
+    return FAMILIES[family](**kw).eval()
+
+
+def prompts_for(count, seed=0, lo=1, hi=9):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() for _ in range(count)]
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos):
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+        eos_token_id=eos, pad_token_id=0,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+def full_forward_stats(model, prompt, tokens, temperature):
+    """transformers' logits over prompt + tokens, scored at the generated positions."""
+    seq = torch.tensor([prompt + tokens])
+    logits = model(seq).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(tokens)].float()
+    idx = torch.tensor(tokens)[:, None]
+    raw = torch.log_softmax(logits, -1).gather(1, idx)[:, 0]
+    logp_t = torch.log_softmax(logits / temperature, -1)
+    lp = logp_t.gather(1, idx)[:, 0]
+    ent = -(logp_t.exp() * logp_t).sum(-1)
+    return raw, lp, ent, logits
+
+
+# ----------------------------------------------------------------------------------- matches transformers
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_equals_transformers_generate(family):
+    model = tiny(family)
+    prompts = prompts_for(5, seed=1)
+    dec = Decoder(model, max_batch=3, max_seq_len=48)
+    ro = dec.generate(prompts, max_new_tokens=16, temperature=0.0, eos_token_id=EOS)
+    for r, p in zip(ro, prompts):
+        assert r.tokens.tolist() == hf_greedy(model, p, 16, EOS), f"prompt {r.prompt_index}"
+        assert r.finish_reason == ("eos" if r.tokens[-1].item() in EOS else "length")
+        assert torch.all(r.regret == 0) and torch.all(r.logprobs == 0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sampled_logprobs_match_a_full_forward(family):
+    """The decoder's logits at every position (prefill and decode, cache included) equal transformers'."""
+    model = tiny(family, seed=1)
+    prompts = prompts_for(3, seed=2)
+    ro = Decoder(model, max_batch=2, max_seq_len=40).generate(prompts, 2, max_new_tokens=12, temperature=0.8, seed=5, eos_token_id=[])
+    for r in ro:
+        raw, lp, ent, logits = full_forward_stats(model, prompts[r.prompt_index], r.tokens.tolist(), 0.8)
+        torch.testing.assert_close(r.raw_logprobs, raw, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(r.logprobs, lp, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(r.entropy, ent, atol=2e-5, rtol=1e-5)
+        # the documented draw: seed = rollout_seed(run seed, rollout id), offset = index of the generated token
+        assert r.seed == rollout_seed(5, r.rollout_id)
+        redraw = espo.sample(logits, temperature=0.8, seed=r.seed, offset=torch.arange(r.length)).tokens
+        assert redraw.tolist() == r.tokens.tolist()
+
+
+def test_sliding_window_and_scaled_rope_follow_transformers():
+    mistral = tiny("mistral", seed=3, sliding_window=6)
+    llama = tiny("llama", seed=3, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
+    prompts = prompts_for(3, seed=3, lo=8, hi=14)  # prompts longer than the window: the prefill masks too
+    for model in (mistral, llama):
+        ro = Decoder(model, max_batch=2, max_seq_len=40).generate(prompts, max_new_tokens=14, temperature=0.0, eos_token_id=[])
+        for r, p in zip(ro, prompts):
+            assert r.tokens.tolist() == hf_greedy(model, p, 14, None)
+        ro = Decoder(model, max_batch=3, max_seq_len=40).generate(prompts, max_new_tokens=10, seed=1, eos_token_id=[])
+        for r in ro:
+            raw, _, _, _ = full_forward_stats(model, prompts[r.prompt_index], r.tokens.tolist(), 1.0)
+            torch.testing.assert_close(r.raw_logprobs, raw, atol=2e-5, rtol=1e-5)
+
+
+def test_loads_a_local_checkpoint(tmp_path):
+    model = tiny("qwen2", seed=4)
+    model.save_pretrained(tmp_path)
+    prompts = prompts_for(2, seed=4)
+    ro = Decoder(str(tmp_path), max_batch=2, max_seq_len=32).generate(prompts, max_new_tokens=8, temperature=0.0, eos_token_id=[])
+    assert [r.tokens.tolist() for r in ro] == [hf_greedy(model, p, 8, None) for p in prompts]
+
+
+# ----------------------------------------------------------------------------------- sampling and stopping
+
+
+def test_tokens_do_not_depend_on_batch_composition():
+    model = tiny("llama", seed=5)
+    prompts = prompts_for(4, seed=5)
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.95, seed=11, eos_token_id=EOS)
+    a = Decoder(model, max_batch=1, max_seq_len=32).generate(prompts, 2, **kw)
+    b = Decoder(model, max_batch=5, max_seq_len=32).generate(prompts, 2, **kw)
+    assert [r.tokens.tolist() for r in a] == [r.tokens.tolist() for r in b]
+    assert [r.seed for r in a] == [rollout_seed(11, i) for i in range(8)]
+    c = Decoder(model, max_batch=5, max_seq_len=32).generate(prompts, 2, **{**kw, "seed": 12})
+    assert [r.tokens.tolist() for r in a] != [r.tokens.tolist() for r in c]
+
+
+def test_a_stopper_that_never_fires_changes_nothing():
+    model = tiny("qwen3", seed=6)
+    prompts = prompts_for(4, seed=6)
+    dec = Decoder(model, max_batch=3, max_seq_len=40)
+    kw = dict(max_new_tokens=15, temperature=1.2, seed=3, eos_token_id=EOS)
+    base = dec.generate(prompts, 2, **kw)
+    stopper = EarlyStopper(ESPOConfig(), 3)  # not armed: it tracks the rows but never stops one
+    with_stopper = dec.generate(prompts, 2, stopper=stopper, **kw)
+    for a, b in zip(base, with_stopper):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.finish_reason == b.finish_reason
+        assert torch.equal(a.logprobs, b.logprobs) and torch.equal(a.regret, b.regret)
+    report = stopper.end_batch()
+    assert report["tokens"] == with_stopper.tokens_generated and report["sequences"] == len(with_stopper)
+    assert report["stop_rate"] == 0.0
+
+
+def stopping_stopper(dec, prompts, kw, max_batch):
+    """A stopper whose statistics come from one batch of these prompts, armed with a low threshold."""
+    stopper = EarlyStopper(ESPOConfig(beta=2.0, beta_min=0.5, alpha_s=0.7, min_tokens=2), max_batch, dec.device)
+    dec.generate(prompts, 3, stopper=stopper, **{**kw, "seed": 99})
+    stopper.end_batch()
+    stopper.arm()
+    return stopper
+
+
+def test_stopped_rollouts_are_prefixes_of_the_unstopped_run():
+    model = tiny("mistral", seed=7)
+    prompts = prompts_for(5, seed=7)
+    dec = Decoder(model, max_batch=4, max_seq_len=48)
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=21, eos_token_id=EOS)
+    base = dec.generate(prompts, 3, **kw)
+    stopper = stopping_stopper(dec, prompts, kw, 4)
+    # prompts 1 and 3 get a value too high to stop: their rollouts run on beside rows that stop and refill
+    ro = dec.generate(prompts, 3, stopper=stopper, prompt_values=[0.2, 100.0, 0.2, 100.0, 0.2], **kw)
+    stopped = [r for r in ro if r.finish_reason == "stopped"]
+    assert 3 <= len(stopped) <= 12, ro.finish_counts
+    for r, b in zip(ro, base):
+        L = r.length
+        assert L == len(r.tokens) and L <= b.length
+        assert r.tokens.tolist() == b.tokens[:L].tolist(), f"rollout {r.rollout_id}"
+        torch.testing.assert_close(r.logprobs, b.logprobs[:L], atol=1e-5, rtol=1e-5)
+        if r.finish_reason != "stopped":
+            assert L == b.length and r.finish_reason == b.finish_reason
+        else:
+            assert L >= 3  # min_tokens=2: the first stop can come at token index 2
+    assert ro.tokens_generated < base.tokens_generated
+    assert ro.stop_rate == len(stopped) / len(ro)
+    # continuing each stopped rollout alone, with its own seed and no stopper, redraws the unstopped rollout
+    redo = dec.generate([prompts[r.prompt_index] for r in stopped], 1, rollout_seeds=[r.seed for r in stopped],
+                        **{k: v for k, v in kw.items() if k != "seed"})
+    for r, again in zip(stopped, redo):
+        assert again.tokens.tolist() == base[r.rollout_id].tokens.tolist()
+    with pytest.raises(ValueError, match="rollout_seeds"):
+        dec.generate(prompts, 2, rollout_seeds=[1, 2, 3], **kw)
+
+
+def test_slots_refill_and_the_pool_drains(monkeypatch):
+    model = tiny("qwen2", seed=8)
+    prompts = prompts_for(6, seed=8)
+    dec = Decoder(model, max_batch=4, max_seq_len=40)
+    live_rows = []
+    step = Decoder._step
+
+    def spy(self, run):
+        live_rows.append(int(run.live.sum()))
+        assert run.live[: live_rows[-1]].all(), "live rollouts occupy the leading slots"
+        return step(self, run)
+
+    monkeypatch.setattr(Decoder, "_step", spy)
+    ro = dec.generate(prompts, 2, max_new_tokens=20, seed=2, eos_token_id=EOS)
+    assert isinstance(ro, Rollouts) and len(ro) == 12
+    assert all(r.finish_reason in ("eos", "length") for r in ro)
+    assert any(r.finish_reason == "eos" for r in ro) and any(r.finish_reason == "length" for r in ro)
+    for r in ro:
+        if r.finish_reason == "eos":
+            assert r.tokens[-1].item() in EOS and not set(r.tokens[:-1].tolist()) & set(EOS)
+        else:
+            assert r.length == 20
+    # every decode step computes only live rows: one row per token beyond each rollout's first (prefill) token
+    assert sum(live_rows) == ro.tokens_generated - len(ro)
+    assert max(live_rows) == 4 and live_rows[-1] >= 1
+    assert ro.decode_steps == len(live_rows) < ro.tokens_generated
+    assert ro.prefill_tokens <= sum(len(p) for p in prompts) * 2
+    assert ro.slot_moves > 0, "the test must exercise moving live rollouts down as the pool drains"
+    # the pool drained: a second call starts from an empty pool and gives the same rollouts,
+    # as does decoding one rollout at a time (no refills, no moves)
+    again = dec.generate(prompts, 2, max_new_tokens=20, seed=2, eos_token_id=EOS)
+    alone = Decoder(model, max_batch=1, max_seq_len=40).generate(prompts, 2, max_new_tokens=20, seed=2, eos_token_id=EOS)
+    assert alone.slot_moves == 0
+    for a, b, c in zip(ro, again, alone):
+        assert a.tokens.tolist() == b.tokens.tolist() == c.tokens.tolist()
+        torch.testing.assert_close(a.logprobs, c.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_graph_buckets_change_nothing(monkeypatch):
+    """The GPU path pads live slots to a bucket and the cache length to a power of two: check that on the CPU."""
+    model = tiny("mistral", seed=18, sliding_window=5)
+    prompts = prompts_for(5, seed=18)
+    kw = dict(max_new_tokens=20, temperature=1.0, seed=8, eos_token_id=EOS)
+    eager = Decoder(model, max_batch=6, max_seq_len=140).generate(prompts, 2, **kw)
+    dec = Decoder(model, max_batch=6, max_seq_len=140)
+    shapes = []
+
+    def padded(self, b, length):
+        shapes.append((b, length))
+        return self._decode_forward(b, length)
+
+    monkeypatch.setattr(Decoder, "_decode_graphed", padded)
+    dec.cuda_graphs = True
+    bucketed = dec.generate(prompts, 2, **kw)
+    assert {b for b, _ in shapes} <= {1, 2, 3, 4, 6} and {L for _, L in shapes} == {128}
+    for a, b in zip(eager, bucketed):
+        assert a.tokens.tolist() == b.tokens.tolist()
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def _fake_flash_attn():
+    """flash-attn's two entry points, written in torch from their documented semantics (for the CPU)."""
+    import types
+
+    def attend(q, k, v, scale, q_pos, window):  # q [Lq, H, D], k/v [Lk, Hk, D]; q_pos: each query's position
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        s = torch.einsum("qhd,khd->hqk", q, k) * scale
+        diff = q_pos[:, None] - torch.arange(k.shape[0])[None, :]
+        ok = (diff >= 0) & ((diff <= window[0]) if window[0] >= 0 else True)
+        return torch.einsum("hqk,khd->qhd", torch.softmax(s.masked_fill(~ok, float("-inf")), -1), v)
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None,
+                                causal=False, window_size=(-1, -1)):
+        assert causal and q.shape[1] == k.shape[1] == 1 and cache_seqlens.dtype == torch.int32
+        out = []
+        for b, n in enumerate(cache_seqlens.tolist()):
+            k_cache[b, n], v_cache[b, n] = k[b, 0], v[b, 0]
+            out.append(attend(q[b], k_cache[b, : n + 1], v_cache[b, : n + 1], softmax_scale, torch.tensor([n]), window_size))
+        return torch.stack(out)
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, window_size=(-1, -1)):
+        assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+        out = torch.empty_like(q)
+        cu = cu_q.tolist()
+        for a, b in zip(cu[:-1], cu[1:]):
+            out[a:b] = attend(q[a:b], k[a:b], v[a:b], softmax_scale, torch.arange(b - a), window_size)
+        return out
+
+    return types.SimpleNamespace(flash_attn_with_kvcache=flash_attn_with_kvcache, flash_attn_varlen_func=flash_attn_varlen_func)
+
+
+def test_flash_attn_path_against_transformers(monkeypatch):
+    """The flash-attn layout and calls, with flash-attn's functions written in torch, still match transformers."""
+    import sys
+
+    import espo.decoder
+
+    model = tiny("mistral", seed=19, sliding_window=5)
+    prompts = prompts_for(4, seed=19, lo=3, hi=9)
+    expected = [hf_greedy(model, p, 12, EOS) for p in prompts]
+    with monkeypatch.context() as m:  # transformers itself probes for flash_attn: patch around the decoder only
+        m.setitem(sys.modules, "flash_attn", _fake_flash_attn())
+        m.setattr(espo.decoder, "resolve_attention", lambda *args: "flash")
+        dec = Decoder(model, max_batch=3, max_seq_len=32)
+        assert dec.policy.cache.layout == "flash"
+        greedy = dec.generate(prompts, max_new_tokens=12, temperature=0.0, eos_token_id=EOS)
+        sampled = dec.generate(prompts, 2, max_new_tokens=12, seed=3, eos_token_id=EOS)
+    assert [r.tokens.tolist() for r in greedy] == expected
+    for r in sampled:
+        raw, _, _, _ = full_forward_stats(model, prompts[r.prompt_index], r.tokens.tolist(), 1.0)
+        torch.testing.assert_close(r.raw_logprobs, raw, atol=2e-5, rtol=1e-5)
+
+
+def test_max_seq_len_bounds_each_rollout():
+    model = tiny("llama", seed=9)
+    prompts = [[5] * 10, [6] * 3]
+    ro = Decoder(model, max_batch=2, max_seq_len=16).generate(prompts, max_new_tokens=50, eos_token_id=[])
+    assert [r.length for r in ro] == [6, 13] and all(r.finish_reason == "length" for r in ro)
+
+
+def test_per_prompt_n_is_honoured():
+    model = tiny("qwen3", seed=10)
+    prompts = prompts_for(3, seed=10)
+    ro = Decoder(model, max_batch=4, max_seq_len=32).generate(prompts, [1, 3, 2], max_new_tokens=5, eos_token_id=[])
+    assert [(r.prompt_index, r.sample_index) for r in ro] == [(0, 0), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert [r.rollout_id for r in ro] == list(range(6))
+    assert [len(ro.for_prompt(i)) for i in range(3)] == [1, 3, 2]
+    assert len({tuple(r.tokens.tolist()) for r in ro.for_prompt(1)}) > 1, "samples of one prompt differ"
+    assert ro.tokens_generated == 30 and ro.time_s > 0 and ro.finish_counts["length"] == 6
+
+
+def test_progress_bar_runs(capsys):
+    model = tiny("qwen3", seed=10)
+    Decoder(model, max_batch=2, max_seq_len=16).generate([[1, 2]], 3, max_new_tokens=3, progress=True)
+    assert "rollouts" in capsys.readouterr().err
+
+
+def test_invalid_logits_end_a_rollout_without_a_token():
+    model = tiny("llama", seed=11)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    ro = Decoder(model, max_batch=2, max_seq_len=16).generate([[1, 2]], 2, max_new_tokens=3)
+    assert [(r.finish_reason, r.length) for r in ro] == [("invalid", 0), ("invalid", 0)]
+
+
+# ----------------------------------------------------------------------------------------------- values
+
+
+def test_values_from_the_value_head_equal_a_full_forward():
+    model = tiny("qwen2", seed=12)
+    torch.manual_seed(0)
+    head = ValueHead(64)
+    prompts = prompts_for(3, seed=12)
+    dec = Decoder(model, max_batch=2, max_seq_len=32, value_source=head)
+    ro = dec.generate(prompts, 2, max_new_tokens=10, seed=1, eos_token_id=EOS)
+    for r in ro:
+        p = prompts[r.prompt_index]
+        hidden = model.model(torch.tensor([p + r.tokens.tolist()])).last_hidden_state[0]
+        expected = head(hidden)[len(p) - 1 : len(p) - 1 + r.length]
+        torch.testing.assert_close(r.values, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_values_from_a_separate_critic_equal_its_full_forward():
+    model = tiny("qwen3", seed=13)
+    critic_model = tiny("llama", seed=14, hidden_size=32, intermediate_size=64).model  # a base model is enough
+    torch.manual_seed(1)
+    head = ValueHead(32)
+    prompts = prompts_for(3, seed=13)
+    dec = Decoder(model, max_batch=2, max_seq_len=32, value_source=Critic(critic_model, head))
+    ro = dec.generate(prompts, 2, max_new_tokens=10, seed=2, eos_token_id=EOS)
+    for r in ro:
+        p = prompts[r.prompt_index]
+        hidden = critic_model(torch.tensor([p + r.tokens.tolist()])).last_hidden_state[0]
+        torch.testing.assert_close(r.values, head(hidden)[len(p) - 1 : len(p) - 1 + r.length], atol=2e-5, rtol=1e-5)
+
+
+def test_constant_values_per_prompt_reach_the_stop_rule():
+    model = tiny("qwen3", seed=15)
+    prompts = prompts_for(2, seed=15)
+    dec = Decoder(model, max_batch=3, max_seq_len=40)
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=4, eos_token_id=[])
+    stopper = stopping_stopper(dec, prompts, kw, 3)
+    # a value far above the regret signal's reach (z <= clip = 3 < beta * 100) never stops
+    ro = dec.generate(prompts, 4, stopper=stopper, prompt_values=[0.2, 100.0], **kw)
+    assert all(torch.equal(r.values, torch.full((r.length,), [0.2, 100.0][r.prompt_index])) for r in ro)
+    assert all(r.finish_reason == "length" for r in ro.for_prompt(1))
+    assert Decoder(model, max_batch=3, max_seq_len=40).generate(prompts, max_new_tokens=2)[0].values is None
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return Decoder(tiny("llama", seed=16), max_batch=2, max_seq_len=12)
+
+
+@pytest.mark.parametrize(
+    "prompts, n, match",
+    [
+        ([[1] * 12], 1, "longer than max_seq_len"),
+        ([[1, 2], []], 1, "prompt 1 is empty"),
+        ([[1, V]], 1, r"outside the vocabulary \[0, 160\)"),
+        ([[1, -1]], 1, "outside the vocabulary"),
+        ([[1, 2]], 0, "n must be >= 1"),
+        ([[1, 2], [3]], [2, 0], "n must be >= 1 .* prompt 1"),
+        ([[1, 2], [3]], [2], "one int per prompt"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(decoder, prompts, n, match):
+    with pytest.raises(ValueError, match=match):
+        decoder.generate(prompts, n, max_new_tokens=4)
+
+
+def test_bad_arguments_get_clear_errors(decoder):
+    with pytest.raises(TypeError, match="list of ints"):
+        decoder.generate([1, 2, 3], max_new_tokens=4)
+    with pytest.raises(TypeError, match="float"):
+        decoder.generate([[1.5, 2.0]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.generate([[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"stopper.batch_size \(3\) must equal the decoder's max_batch \(2\)"):
+        decoder.generate([[1]], max_new_tokens=2, stopper=EarlyStopper(ESPOConfig(), 3))
+    with pytest.raises(ValueError, match="prompt_values must hold one value per prompt"):
+        decoder.generate([[1], [2]], max_new_tokens=2, prompt_values=[0.5])
+    with pytest.raises(ValueError, match="temperature"):
+        decoder.generate([[1]], max_new_tokens=2, temperature=-1.0)
+
+
+def test_unsupported_architecture_is_named():
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="supports the llama, mistral, qwen2, qwen3 model families.*gpt2"):
+        Decoder(gpt2, max_batch=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        Decoder(tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), max_batch=1, max_seq_len=8)
+
+
+def test_out_of_memory_names_the_settings_to_lower(monkeypatch):
+    import espo.kv_cache
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(espo.kv_cache, "_alloc", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"lower max_batch \(now 512\) or max_seq_len \(now 4096\)"):
+        Decoder(tiny("qwen3"), max_batch=512, max_seq_len=4096)
+
+
+def test_out_of_memory_during_prefill_names_the_settings_to_lower(decoder, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(decoder.policy, "prefill", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"prefill.*lower prefill_tokens \(now 8192\) or max_batch \(now 2\)"):
+        decoder.generate([[1, 2]], max_new_tokens=2)
+
+
+def test_public_names():
+    assert Decoder.__module__ == "espo.decoder"
+    fields = {f.name for f in dataclasses.fields(espo.decoder.Rollout)}
+    assert {"prompt_index", "tokens", "logprobs", "raw_logprobs", "entropy", "regret", "values", "finish_reason", "length"} <= fields
+    assert rollout_seed(0, 1) != rollout_seed(0, 2) != rollout_seed(1, 1)
+    assert -(2**63) <= rollout_seed(2**64 - 1, 10**12) < 2**63
+
+
+# -------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_gpu_graphs_match_eager_and_report_prefix_rate(family):
+    model = tiny(family, seed=17).cuda()
+    prompts = prompts_for(12, seed=17)
+    kw = dict(max_new_tokens=32, temperature=1.0, seed=5, eos_token_id=EOS)
+    eager = Decoder(model, max_batch=8, max_seq_len=64, cuda_graphs=False).generate(prompts, 2, **kw)
+    graphed_dec = Decoder(model, max_batch=8, max_seq_len=64, cuda_graphs=True)
+    graphed = graphed_dec.generate(prompts, 2, **kw)
+    assert graphed_dec.cuda_graphs, "graph capture failed"
+    same = np.mean([a.tokens.tolist() == b.tokens.tolist() for a, b in zip(eager, graphed)])
+    assert same >= 0.9, same  # float32 on the GPU: batch composition may move a logit by rounding
+    greedy = graphed_dec.generate(prompts[:4], max_new_tokens=16, temperature=0.0, eos_token_id=EOS)
+    model_cpu = tiny(family, seed=17)
+    agree = np.mean([r.tokens.tolist() == hf_greedy(model_cpu, p, 16, EOS) for r, p in zip(greedy, prompts[:4])])
+    assert agree >= 0.75, agree
+    stopper = stopping_stopper(graphed_dec, prompts, kw, 8)
+    ro = graphed_dec.generate(prompts, 2, stopper=stopper, **kw)
+    prefix = [r.tokens.tolist() == b.tokens[: r.length].tolist() for r, b in zip(ro, graphed) if r.finish_reason == "stopped"]
+    print(f"{family}: stopped {len(prefix)}/{len(ro)}, exact prefixes {np.mean(prefix) if prefix else 1.0:.3f}")
+    assert not prefix or np.mean(prefix) >= 0.9

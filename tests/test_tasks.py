@@ -1,0 +1,252 @@
+"""The built-in task, the character tokenizer, score()'s contract checks, and the shipped tiny model."""
+import json
+import random
+
+import pytest
+import torch
+
+from espo.tasks import (
+    ChainArithmetic,
+    CharTokenizer,
+    Problem,
+    Task,
+    TaskError,
+    builtin_model_path,
+    builtin_task,
+    check_task,
+    load_builtin,
+    load_model,
+    score,
+    success_rate,
+)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trip(tmp_path):
+    tok = CharTokenizer(ChainArithmetic.alphabet)
+    text = "Q:3+4*7-5=3+4=7;7*7=9;9-5=4;A=4"
+    ids = tok.encode(text)
+    assert len(ids) == len(text) and min(ids) >= 4 and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == text
+    full = tok.encode(text, add_bos=True, add_eos=True)
+    assert full[0] == tok.bos_token_id and full[-1] == tok.eos_token_id
+    assert tok.decode(full) == text
+    assert tok.decode(full, skip_special_tokens=False) == "<bos>" + text + "<eos>"
+    assert tok.decode(tok.encode("A=4", add_eos=True) + tok.encode("99"), stop_at_eos=True) == "A=4"
+    assert tok.decode(torch.tensor(ids)) == text
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}) == 4
+
+    with pytest.raises(ValueError, match="not in the tokenizer's alphabet"):
+        tok.encode("x")
+    assert tok.encode("x", strict=False) == [tok.unk_token_id]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([tok.vocab_size])
+
+    saved = tok.save(tmp_path)
+    assert saved.name == "char_tokenizer.json"
+    again = CharTokenizer.load(tmp_path)
+    assert again == tok and again.encode(text) == ids
+    with pytest.raises(ValueError):
+        CharTokenizer("aa")
+
+
+def test_tokenizer_batch_padding():
+    tok = CharTokenizer("0123456789")
+    ids, mask = tok.batch_encode(["12", "3"])  # left padded, with BOS
+    assert ids.tolist() == [[1, 5, 6], [0, 1, 7]]
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    ids, mask = tok.batch_encode(["12", "3"], add_bos=False, padding_side="right")
+    assert ids.tolist() == [[5, 6], [7, 0]] and mask.tolist() == [[1, 1], [1, 0]]
+    assert tok(["1"])["input_ids"].tolist() == [[1, 5]]
+
+
+# ---------------------------------------------------------------------------------------------- task
+def test_generation_is_deterministic_and_prefix_stable():
+    task = ChainArithmetic(steps=5, modulus=10)
+    a, b = task.problems(50, seed=7), task.problems(50, seed=7)
+    assert a == b
+    assert task.problems(10, seed=7) == a[:10]
+    assert task.problems(50, seed=8) != a
+    assert len({p.prompt for p in a}) > 45
+    for p in a:
+        assert p.prompt.startswith("Q:") and p.prompt.endswith("=")
+        assert p.prompt.count("+") + p.prompt.count("-") + p.prompt.count("*") == 5
+    assert isinstance(task, Task)
+
+
+def test_example_and_solution_format():
+    task = ChainArithmetic(steps=3, modulus=10)
+    p = task.make_problem(3, [("+", 4), ("*", 7), ("-", 5)])
+    assert p.prompt == "Q:3+4*7-5=" and p.answer == "4"
+    assert task.solution(p) == "3+4=7;7*7=9;9-5=4;A=4"
+    assert task.reward(p, task.solution(p)) == 1.0
+    wide = ChainArithmetic(steps=2, modulus=100)
+    q = wide.make_problem(37, [("*", 3), ("-", 9)])
+    assert q.prompt == "Q:37*3-9=" and q.answer == "2" and wide.solution(q) == "37*3=11;11-9=2;A=2"
+
+
+def test_solutions_are_correct_and_within_budget():
+    for task in (ChainArithmetic(), ChainArithmetic(steps=4, modulus=100), ChainArithmetic(steps=8, ops="+-")):
+        tok = CharTokenizer(task.alphabet)
+        for p in task.problems(200, seed=1):
+            sol = task.solution(p)
+            assert task.reward(p, sol) == 1.0
+            assert len(tok.encode(sol, add_eos=True)) <= task.max_new_tokens
+
+
+def test_one_wrong_step_dooms_the_answer():
+    """Every operation is a bijection, so a single wrong intermediate, carried on, gives a wrong answer."""
+    task = ChainArithmetic(steps=6, modulus=10)
+    assert task._operands("*") == [3, 7, 9]
+    rng = random.Random(0)
+    for p in task.problems(100, seed=3):
+        start, chain = p.info["start"], p.info["chain"]
+        k = rng.randrange(len(chain))
+        x = start
+        steps = []
+        for i, (o, d) in enumerate(chain):
+            y = eval(f"({x}{o}{d}) % 10")
+            if i == k:
+                y = (y + rng.randrange(1, 10)) % 10
+            steps.append(f"{x}{o}{d}={y};")
+            x = y
+        assert task.reward(p, "".join(steps) + f"A={x}") == 0.0
+
+
+def test_demonstrations_inject_mistakes_at_the_rate():
+    task = ChainArithmetic(steps=6)
+    rng = random.Random(0)
+    probs = task.problems(2000, seed=5)
+    assert all(task.demonstration(p, 0.0) == task.solution(p) for p in probs[:50])
+    ok = sum(task.reward(p, task.demonstration(p, 0.125, rng)) for p in probs) / len(probs)
+    assert abs(ok - 0.875 ** 6) < 0.05  # ~0.45 (two mistakes can rarely cancel)
+    with pytest.raises(ValueError):
+        task.demonstration(probs[0], 0.1)  # needs an rng
+
+
+def test_reward_rule():
+    task = ChainArithmetic(steps=3)
+    p = task.make_problem(3, [("+", 4), ("*", 7), ("-", 5)])  # answer 4
+    good = "3+4=7;7*7=9;9-5=4;"
+    assert task.reward(p, good + "A=4") == 1.0
+    assert task.reward(p, "A=4") == 1.0  # only the final answer is checked
+    assert task.reward(p, good + "A=5") == 0.0
+    # malformed
+    for bad in ["", good, good + "A=", good + "A= 4", good + "A=04", good + "A=-4", good + "a=4", good + "4"]:
+        assert task.reward(p, bad) == 0.0, bad
+    # text after the answer: the digit run ends the answer; what follows is ignored ...
+    assert task.reward(p, good + "A=4;") == 1.0
+    assert task.reward(p, good + "A=4Q:1+1=") == 1.0
+    # ... but more digits are part of the answer, and only the first A= counts
+    assert task.reward(p, good + "A=41") == 0.0
+    assert task.reward(p, good + "A=5;A=4") == 0.0
+    assert task.reward(p, good + "A=4;A=5") == 1.0
+    assert task.extract_answer(good + "A=4;") == "4" and task.extract_answer(good) is None
+
+
+def test_task_validation():
+    with pytest.raises(ValueError):
+        ChainArithmetic(steps=0)
+    with pytest.raises(ValueError):
+        ChainArithmetic(ops="+/")
+    with pytest.raises(ValueError):
+        ChainArithmetic(modulus=2 * 3 * 5 * 7)  # no digit 2-9 coprime to it
+    ChainArithmetic(modulus=210, ops="+-")
+
+
+# ---------------------------------------------------------------------------------------------- score()
+class _Raises:
+    name = "exploding"
+
+    def problems(self, n, seed):
+        return [Problem("Q:1=", "1")] * n
+
+    def reward(self, problem, completion):
+        raise KeyError("boom")
+
+
+class _Returns:
+    def __init__(self, value):
+        self.value = value
+
+    def problems(self, n, seed):
+        return [Problem("Q:1=", "1")] * n
+
+    def reward(self, problem, completion):
+        return self.value
+
+
+def test_score_wraps_a_raising_task():
+    prob = Problem("Q:1+2=", "3")
+    with pytest.raises(TaskError, match=r"'exploding' raised KeyError.*boom.*Q:1\+2=") as info:
+        score(_Raises(), prob, "A=3")
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize("value", [None, "1.0", [1.0], float("nan"), float("inf"), torch.ones(2)])
+def test_score_rejects_non_numbers(value):
+    with pytest.raises(TaskError, match=r"_Returns.*Q:1="):
+        score(_Returns(value), Problem("Q:1=", "1"), "A=1")
+
+
+@pytest.mark.parametrize("value,expected", [(1, 1.0), (0.5, 0.5), (True, 1.0), (torch.tensor(0.25), 0.25)])
+def test_score_accepts_numbers(value, expected):
+    got = score(_Returns(value), Problem("Q:1=", "1"), "A=1")
+    assert isinstance(got, float) and got == expected
+
+
+def test_score_builtin_and_check_task():
+    task = ChainArithmetic(steps=2)
+    p = task.problems(1, 0)[0]
+    assert score(task, p, task.solution(p)) == 1.0
+    assert check_task(task) is task
+    with pytest.raises(TaskError, match="lacks the method"):
+        check_task(object())
+
+
+# ---------------------------------------------------------------------------------------------- the shipped model
+@pytest.fixture(scope="module")
+def builtin():
+    torch.manual_seed(0)
+    return load_builtin()
+
+
+def test_shipped_assets_are_small_and_described():
+    path = builtin_model_path()
+    files = {f.name for f in path.iterdir()}
+    assert {"config.json", "model.safetensors", "char_tokenizer.json", "card.json"} <= files
+    assert sum(f.stat().st_size for f in path.iterdir()) < 5_000_000
+    card = json.loads((path / "card.json").read_text())
+    assert 0.3 <= card["success"]["sampled_t1"] <= 0.6
+    assert builtin_task() == ChainArithmetic(**card["task"])
+
+
+def test_shipped_model_generates(builtin):
+    model, tok = builtin
+    assert isinstance(tok, CharTokenizer) and model.config.vocab_size == tok.vocab_size
+    task = builtin_task()
+    p = task.problems(1, seed=99)[0]
+    ids, mask = tok.batch_encode([p.prompt])
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=task.max_new_tokens,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, ids.shape[1]:], stop_at_eos=True)
+    assert text.startswith(p.prompt[2:4]) and "A=" in text  # well-formed: first step opens with the start value
+
+
+def test_shipped_model_success_rate(builtin):
+    model, tok = builtin
+    task = builtin_task()
+    rate, texts = success_rate(model, tok, task, n=200, seed=2024, temperature=1.0, return_completions=True)
+    assert 0.2 <= rate <= 0.7, rate
+    assert sum("A=" in t for t in texts) >= 190  # failures are wrong answers, not broken formats
+    greedy = success_rate(model, tok, task, n=100, seed=2024, temperature=0.0)
+    assert greedy >= rate
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not attempt hub downloads"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not attempt hub downloads"):
+        load_model("someone/some-model-that-is-not-cached")

@@ -1,0 +1,140 @@
+"""The trainer: every algorithm runs and logs, a resumed run matches an uninterrupted one, two DDP
+processes keep identical state, and bad input fails clearly without corrupting a checkpoint."""
+import dataclasses
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from espo.tasks import ChainArithmetic, TaskError
+from espo.trainer import ALGOS, TrainConfig, train
+
+TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=6, eval_every=2, max_batch=16,
+            ppo_epochs=1, minibatches=2, lr=1e-3)
+# stops that fire on this task within a few steps (see espo/demo.py for why the paper's defaults do not)
+QUICK_STOPS = dict(alpha_s=0.5, beta=1.0, beta_min=0.1, eta_beta=0.5)
+
+
+def config(tmp_path, **kw):
+    espo = kw.pop("espo", {})
+    return TrainConfig(**{**TINY, **kw}, espo=espo, out_dir=str(tmp_path / kw.get("algo", "espo")))
+
+
+def comparable(history):
+    drop = {"time_s", "rollout_time_s", "train_time_s"}
+    return [{k: v for k, v in h.items() if k not in drop} for h in history]
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_every_algorithm_runs_and_logs(algo, tmp_path):
+    cfg = config(tmp_path, algo=algo, espo=QUICK_STOPS)
+    history = train(cfg, progress=False).history
+    assert [h["step"] for h in history] == [0, 1]
+    lines = [json.loads(x) for x in (tmp_path / algo / "metrics.jsonl").read_text().splitlines()]
+    assert comparable(lines) == comparable(history)
+    assert (tmp_path / algo / "checkpoint.pt").is_file()
+    assert history[1]["cum_tokens"] == history[0]["tokens"] + history[1]["tokens"] > 0
+    assert history[-1]["eval_accuracy"] is not None and 0 <= history[-1]["eval_accuracy"] <= 1
+    if "cero" not in algo:
+        assert all(h["rollouts"] == 4 * 3 for h in history)
+    if not ALGOS[algo][1]:
+        assert all(h["stopped"] == 0 for h in history)
+    for h in history:
+        assert 0 <= h["false_stops"] <= h["stopped"] <= h["rollouts"]
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    kw = dict(algo="espo-cero", steps=4, espo=QUICK_STOPS)
+    whole = train(config(tmp_path / "a", **kw), progress=False).history
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_1(record):
+        if record["step"] == 1:
+            raise Killed
+
+    cut = config(tmp_path / "b", **kw)
+    with pytest.raises(Killed):
+        train(cut, progress=False, on_step=kill_after_step_1)
+    resumed = train(cut, resume=True, progress=False).history
+    assert comparable(resumed) == comparable(whole)
+    a = torch.load(tmp_path / "a" / "espo-cero" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "espo-cero" / "checkpoint.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["allocator"] is not None and json.dumps(a["allocator"], default=str) == json.dumps(b["allocator"], default=str)
+    assert torch.equal(a["stopper"]["scalars"], b["stopper"]["scalars"])
+
+
+def _ddp_worker(rank, world, port, out, cfg_dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(TrainConfig(**cfg_dict), progress=False)
+    torch.save({
+        "history": result.history, "model": result.model.state_dict(), "stopper": result.stopper.state_dict(),
+        "allocator": result.allocator.state_dict(),
+    }, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_keep_identical_state(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(tmp_path, algo="espo-cero", steps=2, prompts_per_step=4, espo=QUICK_STOPS)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), dataclasses.asdict(cfg)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert comparable(r0["history"]) == comparable(r1["history"])
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), f"ranks diverged on {k}"
+    assert torch.equal(r0["stopper"]["scalars"], r1["stopper"]["scalars"])
+    assert json.dumps(r0["allocator"], default=str) == json.dumps(r1["allocator"], default=str)
+    assert r0["history"][0]["rollouts"] > 0
+
+
+class RaisingTask(ChainArithmetic):
+    def reward(self, problem, completion):
+        raise KeyError("no such answer")
+
+
+class StringTask(ChainArithmetic):
+    def reward(self, problem, completion):
+        return "correct"
+
+
+class EmptyTask(ChainArithmetic):
+    def problems(self, n, seed):
+        return []
+
+
+@pytest.mark.parametrize("task, error, words", [
+    (RaisingTask(), TaskError, "raised KeyError"),
+    (StringTask(), TaskError, "must return a finite number"),
+    (EmptyTask(), ValueError, "no problems"),
+])
+def test_bad_tasks_fail_clearly(task, error, words, tmp_path):
+    with pytest.raises(error, match=words):
+        train(config(tmp_path, algo="grpo", steps=1), task=task, progress=False)
+
+
+def test_bad_settings_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="algo"):
+        config(tmp_path, algo="dpo")
+    with pytest.raises(ValueError, match="num_problems"):
+        train(config(tmp_path, algo="grpo", num_problems=2), progress=False)
+    with pytest.raises(ValueError, match="smaller than one group"):
+        train(config(tmp_path, algo="grpo-cero", cero_budget=1), progress=False)
+
+
+def test_resume_from_another_config_is_refused_and_keeps_the_checkpoint(tmp_path):
+    cfg = config(tmp_path, algo="grpo", steps=1)
+    train(cfg, progress=False)
+    path = tmp_path / "grpo" / "checkpoint.pt"
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="lr: saved 0.001 vs now 0.002"):
+        train(dataclasses.replace(cfg, lr=2e-3), resume=True, progress=False)
+    assert path.read_bytes() == before
