@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report")
     demo.add_argument("--out", type=Path, default=Path("espo-demo"), help="report folder (default espo-demo)")
-    demo.add_argument("--quick", action="store_true", help="a one-minute run (CI): fewer steps and prompts")
+    demo.add_argument("--quick", action="store_true", help="a run of seconds (CI): fewer steps and prompts")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("backends", help="list the backends and why any is unavailable")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import print_summary, run_demo
+        from .demo import QUICK, print_summary, run_demo
 
-        settings = dict(steps=6, prompts_per_step=8, group_size=4, eval_problems=32, eval_every=3) if args.quick else {}
+        settings = dict(QUICK) if args.quick else {}
         if args.steps is not None:
             settings["steps"] = args.steps
         summaries = run_demo(args.out, device=args.device, seed=args.seed, **settings)

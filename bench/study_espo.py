@@ -1,0 +1,143 @@
+"""The token-savings study: PPO vs ESPO and GRPO vs GRPO+CERO over several seeds.
+
+Each seed trains all four algorithms from the same model on the same prompts (``espo.demo.run_demo``);
+false stops are measured exactly, by continuing every stopped rollout from its stop with the same seeds
+and no stopper. Writes bench/results/study.{json,md,png}: mean and std over seeds of rollout tokens,
+final held-out accuracy, stop and false-stop rates and informative-rollout fractions, with the targets
+(ESPO >= 20% fewer tokens than PPO at accuracy no worse beyond seed noise; false stops < 5%; CERO more
+informative rollouts than GRPO at equal budget, accuracy at least as high).
+
+    python bench/study_espo.py                              # the demo's settings, 3 seeds, on the CPU
+    python bench/study_espo.py --device cuda --steps 200 --prompts-per-step 64 --model DIR   # a GPU run
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from espo.demo import DEMO, run_demo
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("rollout_tokens", "final_accuracy", "stop_rate", "false_stop_rate", "informative_fraction", "time_per_step_s")
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    algos = per_seed[0].keys()
+    return {a: {m: mean_std([s[a][m] for s in per_seed]) for m in METRICS} for a in algos}
+
+
+def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
+    saved = [1 - s["espo"]["rollout_tokens"] / s["ppo"]["rollout_tokens"] for s in per_seed]
+    acc_gap = [s["espo"]["final_accuracy"] - s["ppo"]["final_accuracy"] for s in per_seed]
+    noise = max(agg["ppo"]["final_accuracy"][1] or 0.0, agg["espo"]["final_accuracy"][1] or 0.0)
+    fs = agg["espo"]["false_stop_rate"][0]
+    inf_gain = agg["grpo-cero"]["informative_fraction"][0] - agg["grpo"]["informative_fraction"][0]
+    cero_gap = agg["grpo-cero"]["final_accuracy"][0] - agg["grpo"]["final_accuracy"][0]
+    ok = lambda c: "met" if c else "MISSED"  # noqa: E731
+    return [
+        f"ESPO rollout tokens vs PPO: {statistics.fmean(saved):.1%} fewer (per seed {', '.join(f'{x:.1%}' for x in saved)}); "
+        f"target >= 20%: {ok(statistics.fmean(saved) >= 0.2)}",
+        f"ESPO final accuracy minus PPO's: {statistics.fmean(acc_gap):+.1%} (seed noise, std {noise:.1%}); "
+        f"target no worse beyond noise: {ok(statistics.fmean(acc_gap) >= -noise)}",
+        f"ESPO false-stop rate: {fs:.1%}; target < 5%: {ok(fs is not None and fs < 0.05)}",
+        f"GRPO+CERO informative rollouts minus GRPO's: {inf_gain:+.1%}; final accuracy {cero_gap:+.1%}; "
+        f"target more informative and at least as accurate: {ok(inf_gain > 0 and cero_gap >= -noise)}",
+    ]
+
+
+def markdown(agg: dict, lines: list[str], env: dict) -> str:
+    out = [
+        f"ESPO study: {env['seeds']} seeds, {env['settings']}; {env['device_name']}, torch {env['torch']}, {env['date']}, "
+        f"{env['minutes']:.1f} min. Command: `{env['command']}`.",
+        "",
+        "| algo | rollout tokens | final accuracy | stop rate | false-stop rate | informative rollouts | s / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fmt = {"rollout_tokens": "{:.0f} ± {:.0f}", "time_per_step_s": "{:.2f} ± {:.2f}"}
+    for algo, row in agg.items():
+        cells = []
+        for m in METRICS:
+            mu, sd = row[m]
+            cells.append("-" if mu is None else fmt.get(m, "{:.1%} ± {:.1%}").format(mu, sd))
+        out.append(f"| {algo} | " + " | ".join(cells) + " |")
+    return "\n".join(out + [""] + [f"- {x}" for x in lines] + ["", "![study](study.png)", ""])
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = {"ppo": "tab:blue", "espo": "tab:orange", "grpo": "tab:green", "grpo-cero": "tab:red"}
+    for i, rep in enumerate(reports):
+        for algo, hist in rep.items():
+            pts = [(0, hist[0].get("initial_eval_accuracy"))] + [(h["cum_tokens"], h["eval_accuracy"]) for h in hist]
+            pts = [(x, y) for x, y in pts if y is not None]
+            ax = axes[0] if algo in ("ppo", "espo") else axes[1]
+            ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], color=colors[algo], alpha=0.8,
+                    label=algo if i == 0 else None, marker="o", ms=2)
+    for ax, title in zip(axes, ("PPO vs ESPO", "GRPO vs GRPO + CERO (equal budget)")):
+        ax.set_xlabel("cumulative rollout tokens (thousands)")
+        ax.set_ylabel("held-out accuracy (sampled)")
+        ax.set_title(title + " (one line per seed)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="a local checkpoint trained for the built-in task")
+    parser.add_argument("--steps", type=int, default=DEMO["steps"])
+    parser.add_argument("--prompts-per-step", type=int, default=DEMO["prompts_per_step"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=Path("runs/study"), help="where the runs' checkpoints go")
+    args = parser.parse_args(argv)
+    t0 = datetime.datetime.now()
+    reports, per_seed = [], []
+    for seed in range(args.seeds):
+        summaries = run_demo(args.work / f"seed{seed}", seed=seed, device=args.device, model=args.model,
+                             steps=args.steps, prompts_per_step=args.prompts_per_step)
+        per_seed.append(summaries)
+        reports.append(json.loads((args.work / f"seed{seed}" / "report.json").read_text())["histories"])
+    agg = aggregate(per_seed)
+    lines = verdicts(per_seed, agg)
+    env = {
+        "seeds": args.seeds, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "python": platform.python_version(), "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (2 cores)",
+        "settings": f"{args.steps} steps x {args.prompts_per_step} prompts x {DEMO['group_size']} rollouts, "
+                    f"{DEMO['num_problems']} training prompts, {DEMO['eval_problems']} held-out, model {args.model or 'built-in tiny-arith'}",
+        "minutes": (datetime.datetime.now() - t0).total_seconds() / 60,
+        "command": " ".join(["python bench/study_espo.py"] + sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "study.json").write_text(json.dumps({"environment": env, "per_seed": per_seed, "aggregate": agg,
+                                                     "verdicts": lines}, indent=2))
+    (args.out / "study.md").write_text(markdown(agg, lines, env))
+    plot(reports, args.out / "study.png")
+    print(markdown(agg, lines, env))
+
+
+if __name__ == "__main__":
+    main()

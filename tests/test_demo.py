@@ -1,0 +1,19 @@
+"""The main job, shortened: `espo demo --quick` trains all four algorithms and writes its report."""
+import json
+
+from espo.cli import main
+
+
+def test_quick_demo_writes_its_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "espo vs ppo" in printed and "grpo-cero vs grpo" in printed and "false-stop rate" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["summaries"]) == {"ppo", "espo", "grpo", "grpo-cero"}
+    espo, ppo = report["summaries"]["espo"], report["summaries"]["ppo"]
+    assert espo["stop_rate"] > 0, "the demo's stop settings must make ESPO stop"
+    assert espo["rollout_tokens"] < ppo["rollout_tokens"]
+    for name in ("report.md", "accuracy_vs_tokens.png", "stop_rate.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    for algo in report["summaries"]:
+        assert (tmp_path / algo / "metrics.jsonl").is_file() and (tmp_path / algo / "checkpoint.pt").is_file()
