@@ -25,15 +25,15 @@ not depend on the weights' values, and nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
@@ -200,36 +200,6 @@ def stopping_rows_at(shape, model, args, device, per_slot):
     return rows
 
 
-def environment(device, bandwidth, args):
-    import transformers
-
-    env = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "dtype": args.dtype,
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "backends": {k: v.available for k, v in espo.backends().items()},
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        import flash_attn
-
-        env["flash_attn"] = flash_attn.__version__
-    except Exception:
-        env["flash_attn"] = None
-    if device == "cuda":
-        env["copy_bandwidth_TBps"] = bandwidth / 1e12
-    return env
-
-
 def fmt(v, f):
     return "" if v is None else f.format(v)
 
@@ -297,7 +267,7 @@ def main(argv=None):
     if device == "cpu" and not args.smoke:
         parser.error("no CUDA GPU: run with --smoke to check the script on the CPU")
     bandwidth = copy_bandwidth(device)
-    env = environment(device, bandwidth, args)
+    env = environment(device, bandwidth, dtype=args.dtype)
     tput, stops = [], []
     for shape in args.models:
         model = build_model(shape, device, getattr(torch, args.dtype))

@@ -13,15 +13,14 @@ at the copy bandwidth measured on this GPU in this run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
+
+from common import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_B = [1, 8, 64, 256, 1024]
@@ -130,27 +129,6 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers):
     row["best_x_floor"] = ours / row["floor_us"]
     row["speedup_vs_eager"] = row["eager_us"] / ours
     return row
-
-
-def environment(device, bandwidth):
-    import triton
-
-    env = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "copy_bandwidth_TBps": bandwidth / 1e12,
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-    }
-    try:
-        import espo
-
-        env["backends"] = {k: v.available for k, v in espo.backends().items()}
-    except ImportError:
-        pass
-    return env
 
 
 COLUMNS = [

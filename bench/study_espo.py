@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from espo.demo import DEMO, run_demo
+from espo.demo import DEMO, accuracy_points, finish_axes, run_demo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("rollout_tokens", "final_accuracy", "stop_rate", "false_stop_rate", "informative_fraction", "time_per_step_s")
@@ -87,17 +87,10 @@ def plot(reports: list[dict], path: Path) -> None:
     colors = {"ppo": "tab:blue", "espo": "tab:orange", "grpo": "tab:green", "grpo-cero": "tab:red"}
     for i, rep in enumerate(reports):
         for algo, hist in rep.items():
-            pts = [(0, hist[0].get("initial_eval_accuracy"))] + [(h["cum_tokens"], h["eval_accuracy"]) for h in hist]
-            pts = [(x, y) for x, y in pts if y is not None]
             ax = axes[0] if algo in ("ppo", "espo") else axes[1]
-            ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], color=colors[algo], alpha=0.8,
-                    label=algo if i == 0 else None, marker="o", ms=2)
+            ax.plot(*accuracy_points(hist), color=colors[algo], alpha=0.8, label=algo if i == 0 else None, marker="o", ms=2)
     for ax, title in zip(axes, ("PPO vs ESPO", "GRPO vs GRPO + CERO (equal budget)")):
-        ax.set_xlabel("cumulative rollout tokens (thousands)")
-        ax.set_ylabel("held-out accuracy (sampled)")
-        ax.set_title(title + " (one line per seed)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        finish_axes(ax, title + " (one line per seed)", "cumulative rollout tokens (thousands)", "held-out accuracy (sampled)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

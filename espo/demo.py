@@ -87,12 +87,25 @@ def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> st
         "stopped rollout that, continued from its stop with the same seeds and no stopper, ends correct. "
         "Informative rollouts: those in groups whose rewards are not all equal (a non-zero GRPO advantage).",
         "",
-        "![accuracy against rollout tokens](accuracy_vs_tokens.png)",
-        "",
-        "![stop rate over training](stop_rate.png)",
+        "![accuracy against rollout tokens, and the stop rate over training](demo.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def accuracy_points(history: list[dict]) -> tuple[list[float], list[float]]:
+    """(thousands of cumulative rollout tokens, held-out accuracy) at every evaluation, from 0 tokens."""
+    pts = [(0, history[0].get("initial_eval_accuracy"))] + [(h["cum_tokens"], h["eval_accuracy"]) for h in history]
+    pts = [(x / 1e3, y) for x, y in pts if y is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def finish_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
@@ -101,34 +114,18 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (acc, stops) = plt.subplots(1, 2, figsize=(12, 4.2))
     for algo, hist in histories.items():
-        pts = [(0, hist[0].get("initial_eval_accuracy"))] + [(h["cum_tokens"], h["eval_accuracy"]) for h in hist]
-        pts = [(x, y) for x, y in pts if y is not None]
-        ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], marker="o", ms=3, label=algo,
-                linewidth=2.2 if algo in ("espo", "grpo-cero") else 1.4)
-    ax.set_xlabel("cumulative rollout tokens (thousands)")
-    ax.set_ylabel("held-out accuracy (sampled)")
-    ax.set_title("Accuracy against rollout tokens")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_tokens.png", dpi=130)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for algo, hist in histories.items():
+        acc.plot(*accuracy_points(hist), marker="o", ms=3, label=algo, linewidth=2.2 if algo in ("espo", "grpo-cero") else 1.4)
         if any(h["stopped"] for h in hist) or algo in ("espo", "espo-cero"):
-            ax.plot([h["step"] for h in hist], [h["stop_rate"] for h in hist], marker="o", ms=3, label=f"{algo} stop rate")
-            fs = [h["false_stops"] / h["rollouts"] if h["rollouts"] else 0 for h in hist]
-            ax.plot([h["step"] for h in hist], fs, linestyle="--", label=f"{algo} false stops / rollouts")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("fraction of rollouts")
-    ax.set_title("ESPO stops over training")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            steps = [h["step"] for h in hist]
+            stops.plot(steps, [h["stop_rate"] for h in hist], marker="o", ms=3, label=f"{algo} stop rate")
+            stops.plot(steps, [h["false_stops"] / max(h["rollouts"], 1) for h in hist], linestyle="--",
+                       label=f"{algo} false stops / rollouts")
+    finish_axes(acc, "Accuracy against rollout tokens", "cumulative rollout tokens (thousands)", "held-out accuracy (sampled)")
+    finish_axes(stops, "ESPO stops over training", "training step", "fraction of rollouts")
     fig.tight_layout()
-    fig.savefig(out_dir / "stop_rate.png", dpi=130)
+    fig.savefig(out_dir / "demo.png", dpi=130)
     plt.close(fig)
 
 

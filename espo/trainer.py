@@ -36,7 +36,7 @@ from .advantages import gae, group_advantages
 from .allocator import CeroAllocator
 from .checkpoint import load_checkpoint, save_atomic
 from .decoder import Decoder, Rollouts
-from .losses import kl_penalty, masked_mean, policy_loss, value_loss
+from .losses import kl_penalty, policy_loss, value_loss
 from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
 from .tasks import CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score
 from .value_head import ValueHead

@@ -1,0 +1,35 @@
+"""What every benchmark records beside its numbers: the machine, the versions, the date and the command."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def environment(device: str, bandwidth: float | None = None, **extra) -> dict:
+    """The run's environment: device name, torch/triton/transformers/flash-attn versions, espo's backends."""
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+    for name in ("triton", "transformers", "flash_attn"):
+        try:
+            env[name] = importlib.import_module(name).__version__
+        except Exception:  # an optional peer that is missing or broken is recorded as absent
+            env[name] = None
+    try:
+        import espo
+
+        env["backends"] = {k: v.available for k, v in espo.backends().items()}
+    except ImportError:
+        pass
+    if bandwidth:
+        env["copy_bandwidth_TBps"] = bandwidth / 1e12
+    return env | extra
