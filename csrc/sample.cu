@@ -1,20 +1,24 @@
 // Fused sample-and-score with the ESPO stop update: the CUDA kernels (no torch headers; see sample.cuh).
 //
 // Bit-level contract with the Triton backend (kernels/sample.py): the same Philox draw per row, the same
-// chunk partition of the vocabulary (chunk_size), and the same sampling rule: inverse CDF with one uniform
-// u per row, target = u * S where S is the row's total mass merged from per-chunk sums; the chunk is the
-// first whose inclusive cumulative chunk mass exceeds the target, and inside it the token is the first
-// whose cumulative mass exceeds what is left of the target (falling back to the last token of positive
-// mass). Rows with top-k/top-p find their exact thresholds by the same 32-step bisection on the same
-// order-preserving int32 key, then walk the row. Only the floating-point rounding of the sums differs
-// (different reduction trees), so tokens differ only where u falls within a few ulps of a boundary.
+// chunk partition of the vocabulary (chunk_size), and the same exact integer sampling rule, defined in
+// espo/reference.py: per element y = fl(x * a) with a = fl(fl(1 / T) * LOG2E_F32), per chunk the integer
+// reference r_c = ceil(max y), per element the integer mass q = trunc(fl(ex2(fl(y - r_c)) * 2**S)) with
+// ex2.approx.ftz.f32 (what Triton's kernel issues by inline PTX), chunk sums shifted to the row reference
+// R = max r_c, target = trunc(double(u) * double(Z)), then the first chunk and the first token whose
+// integer cumulative mass exceeds it. Every rounding step is explicit (__fmul_rn, __fsub_rn, __fdiv_rn: no
+// FMA contraction) and the sums are integers, so the order of the reductions does not matter and both
+// backends draw the same token bit for bit. Rows with top-k/top-p find their exact thresholds by the same
+// 32-step bisection on the same order-preserving int32 key (integer masses for top-p), then walk the row.
+// The float statistics reuse the per-element ex2 (sums of f = 2**(y - r_c) and f * (y - r_c) per chunk,
+// rescaled by powers of two at the merge), so they cost no second exponential.
 //
 // Performance notes: one block per (row, chunk) streams the logits with 16-byte vector loads (8 bf16 or
 // 4 fp32 per load, 2 to 4 loads in flight per thread, all issued before any use), reduces with warp
-// shuffles and a few shared-memory words, and exponentiates with ex2.approx on pre-scaled arguments
-// (one FMA + one MUFU op per element). The per-row finish runs in the same launch, in the last block of
-// the row to finish (per-row arrival counter), so no second launch and no tail of a second kernel: the
-// chosen chunk is re-read while it is still in L2.
+// shuffles and a few shared-memory words, and per element spends one multiply, one subtract, one MUFU
+// ex2, one multiply and float->int64 conversion, a 64-bit add and the float sums. The per-row finish runs
+// in the same launch, in the last block of the row to finish (per-row arrival counter), so no second
+// launch and no tail of a second kernel: the chosen chunk is re-read while it is still in L2.
 #include "philox.cuh"
 #include "sample.cuh"
 
@@ -27,7 +31,7 @@
 namespace espo {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLog2e = 1.44269502162933349609375f;  // float32(log2(e)) exactly: espo.reference.LOG2E_F32
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kBig = INT_MAX;
@@ -196,7 +200,9 @@ template <int W>
 struct Shared {
   float f[4 * W];
   int i[W];
-  float excl[2];
+  long long ll[W];
+  long long pick_excl;  // sample_chunked: the chosen chunk's exclusive prefix of W
+  float stats[4];       // finish_row: the merged statistics, parked here while the token is drawn
   int is_last;
 };
 
@@ -259,32 +265,52 @@ __device__ __forceinline__ int block_int(int v, Shared<W>& sh) {
   return v;
 }
 
-// Exclusive prefix sum of one value per thread, in thread order; `total` gets the block's sum.
+__device__ __forceinline__ long long warp_sum_ll(long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// Integer sums are exact: any reduction order gives the same bits.
 template <int W>
-__device__ __forceinline__ float block_exclusive_scan(float v, Shared<W>& sh, float& total) {
+__device__ __forceinline__ long long block_sum_ll(long long v, Shared<W>& sh) {
+  v = warp_sum_ll(v);
+  if constexpr (W > 1) {
+    if ((threadIdx.x & 31) == 0) sh.ll[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = sh.ll[0];
+#pragma unroll
+    for (int w = 1; w < W; ++w) v += sh.ll[w];
+    __syncthreads();
+  }
+  return v;
+}
+
+// Exclusive prefix sum of one int64 per thread, in thread order; `total` gets the block's sum.
+template <int W>
+__device__ __forceinline__ long long block_exclusive_scan_ll(long long v, Shared<W>& sh, long long& total) {
   const int lane = threadIdx.x & 31;
-  float inc = v;
+  long long inc = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const float n = __shfl_up_sync(kFull, inc, o);
+    const long long n = __shfl_up_sync(kFull, inc, o);
     if (lane >= o) inc += n;
   }
-  float ex = __shfl_up_sync(kFull, inc, 1);
-  if (lane == 0) ex = 0.0f;
+  long long ex = inc - v;
   if constexpr (W == 1) {
     total = __shfl_sync(kFull, inc, 31);
   } else {
     const int warp = threadIdx.x >> 5;
-    if (lane == 31) sh.f[warp] = inc;
+    if (lane == 31) sh.ll[warp] = inc;
     __syncthreads();
-    float before = 0.0f, all = 0.0f;
+    long long before = 0, all = 0;
 #pragma unroll
     for (int w = 0; w < W; ++w) {
-      if (w < warp) before += sh.f[w];
-      all += sh.f[w];
+      if (w < warp) before += sh.ll[w];
+      all += sh.ll[w];
     }
     __syncthreads();
-    ex = before + ex;
+    ex += before;
     total = all;
   }
   return ex;
@@ -296,12 +322,14 @@ struct Params {
   const void* logits;
   int64_t B, V, stride;
   int C;
+  float two_s;  // 2**S, S = mass_shift(V): integer masses q < 2**S
   RowArg<float> temperature;
   RowArg<int64_t> top_k;
   RowArg<float> top_p;
   RowArg<int64_t> seed;
   RowArg<int64_t> offset;
-  float* part;        // [5, B, C]: max, sum, entropy sum, raw max, raw sum
+  float* part;        // [5, B, C]: max x, sum f, sum f * d, max y, raw sum (f = 2**d, d = y - r_c)
+  long long* part_q;  // [B, C]: sum of the integer masses q
   int* part_idx;      // [B, C]: first argmax (greedy rows)
   unsigned* arrived;  // [B]: blocks of the row done (zeroed before the launch)
   SampleOutputs out;
@@ -314,16 +342,37 @@ __device__ __forceinline__ T row_value(const RowArg<T>& a, int64_t row) {
   return a.ptr != nullptr ? a.ptr[row] : a.value;
 }
 
+// ---------------------------------------------------------------- the integer masses (espo/reference.py)
+
+// a = fl(fl(1 / T) * LOG2E_F32), the per-row factor of y = fl(x * a).
+__device__ __forceinline__ float base2_factor(float inv_t) { return __fmul_rn(inv_t, kLog2e); }
+
+// The chunk (or row) reference ceil(max y) as a float; 0 stands in for -inf (no mass: every q is 0).
+__device__ __forceinline__ float safe_reference(float r) { return r == neg_inf() ? 0.0f : r; }
+
+// d = fl(fl(x * a) - ref), f = ex2(d), q = trunc(fl(f * 2**S)): the same bits as kernels/sample.py _masses.
+__device__ __forceinline__ long long integer_mass(float x, float a, float ref, float two_s, float& d, float& f) {
+  d = __fsub_rn(__fmul_rn(x, a), ref);
+  f = ex2(d);
+  return __float2ll_rz(__fmul_rn(f, two_s));
+}
+__device__ __forceinline__ long long integer_mass(float x, float a, float ref, float two_s) {
+  float d, f;
+  return integer_mass(x, a, ref, two_s, d, f);
+}
+
 // ---------------------------------------------------------------- pass 1: one chunk's statistics
 
 struct Partial {
-  float m, s, d, mr, sr;
+  float mx, s, d, ymax, sr;
+  long long q;
   int idx;
 };
 
 template <typename Tag, int CHUNK>
 __device__ __forceinline__ Partial chunk_stats(const typename Tag::storage* row, int64_t V, int64_t start, float inv_t,
-                                               bool need_raw, bool greedy, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
+                                               float two_s, bool need_raw, bool greedy, bool aligned,
+                                               Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
   using C = Cfg<Tag, CHUNK>;
   float x[C::kLoads][C::kLvec];
   load_chunk<Tag, CHUNK, false>(row, V, start, aligned, x);
@@ -334,25 +383,27 @@ __device__ __forceinline__ Partial chunk_stats(const typename Tag::storage* row,
 #pragma unroll
     for (int k = 0; k < C::kLvec; ++k) mx = fmaxf(mx, x[j][k]);
   mx = block_max<C::kWarps>(mx, sh);
-  // max over the chunk of l = x * inv_t: rounding is monotone, so it is the max of x times inv_t.
-  const float m = mx * inv_t;
-  const float m_safe = m == neg_inf() ? 0.0f : m;
+  // max over the chunk of y = fl(x * a): rounding is monotone and a > 0, so it is fl(max x * a).
+  const float a = base2_factor(inv_t);
+  const float ymax = __fmul_rn(mx, a);
+  const float ref = safe_reference(ceilf(ymax));
   const float mr_safe = mx == neg_inf() ? 0.0f : mx;
-  const float a = inv_t * kLog2e, b = m_safe * kLog2e, br = mr_safe * kLog2e;
+  const float br = mr_safe * kLog2e;
 
-  float acc[3] = {0.0f, 0.0f, 0.0f};  // sum exp(l - m), sum exp(l - m) * (l - m) / ln2, sum exp(x - mr)
+  float acc[3] = {0.0f, 0.0f, 0.0f};  // sum f, sum f * d (log2 units), sum exp(x - mx)
+  long long qsum = 0;
   int idx = kBig;
 #pragma unroll
   for (int j = 0; j < C::kLoads; ++j) {
 #pragma unroll
     for (int k = 0; k < C::kLvec; ++k) {
       const float xv = x[j][k];
-      const float t = fmaf(xv, a, -b);  // (l - m) * log2(e)
-      const float e = ex2(t);
-      acc[0] += e;
-      // e * (l - m), and 0 where e == 0 (t may be -inf there): ex2 flushes below 2**-126, so e > 0
-      // implies t > -127 and the clamp changes nothing else.
-      acc[1] = fmaf(e, fmaxf(t, -256.0f), acc[1]);
+      float d, f;
+      qsum += integer_mass(xv, a, ref, two_s, d, f);
+      acc[0] += f;
+      // f * d, and 0 where f == 0 (d may be -inf there): ex2 flushes below 2**-126, so f > 0 implies
+      // d > -127 and the clamp changes nothing else.
+      acc[1] = fmaf(f, fmaxf(d, -256.0f), acc[1]);
       if (need_raw) acc[2] += ex2(fmaf(xv, kLog2e, -br));
       if (greedy) {
         const int le = local_index<Tag, CHUNK, false>(j) + k;
@@ -361,108 +412,113 @@ __device__ __forceinline__ Partial chunk_stats(const typename Tag::storage* row,
     }
   }
   block_sum_n<C::kWarps, 3>(acc, sh);
+  qsum = block_sum_ll<C::kWarps>(qsum, sh);
   if (greedy) idx = block_int<IntOp::kMin, C::kWarps>(idx, sh);
   Partial p;
-  p.m = m;
+  p.mx = mx;
   p.s = acc[0];
-  p.d = acc[1] * kLn2;
-  p.mr = mx;
-  p.sr = need_raw ? acc[2] : acc[0];
+  p.d = acc[1];
+  p.ymax = ymax;
+  p.sr = acc[2];
+  p.q = qsum;
   p.idx = idx == kBig ? kBig : static_cast<int>(start) + idx;
   return p;
 }
 
 // ---------------------------------------------------------------- pass 2 helpers: the merged row
 
-// A chunk's mass relative to the row max, exp(pm - M) * ps; NaN sums stay NaN so the row is flagged.
-__device__ __forceinline__ float chunk_weight(float pm, float ps, float M_safe, float& f) {
-  f = ex2((pm - M_safe) * kLog2e);
-  float w = ps > 0.0f ? ps * f : 0.0f;
+// A chunk's raw mass relative to the row's raw max, exp(pm - M) * ps; NaN sums stay NaN so the row is flagged.
+__device__ __forceinline__ float chunk_weight(float pm, float ps, float M_safe) {
+  const float f = ex2((pm - M_safe) * kLog2e);
+  const float w = ps > 0.0f ? ps * f : 0.0f;
   return ps != ps ? ps : w;
 }
 
-// Inverse CDF over the unfiltered row: choose the chunk from the chunk masses, then re-read that chunk.
+// R - r_c as a right shift of the chunk's integer sum (63 for a chunk without mass: its sum is 0 anyway).
+__device__ __forceinline__ int chunk_shift(float rc, float R) {
+  const float s = R - rc;
+  return rc > neg_inf() && s < 63.0f ? static_cast<int>(s) : 63;
+}
+
+// Integer inverse CDF over the unfiltered row (espo/reference.py steps 2-4): choose the chunk from the
+// shifted chunk sums, then re-read that chunk and find the first token whose shifted running sum exceeds
+// what is left of the target.
 template <typename Tag, int CHUNK>
-__device__ int64_t sample_chunked(const Params& p, int64_t row, const typename Tag::storage* rowp, float inv_t,
-                                  float M_safe, float S, float u, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
+__device__ int64_t sample_chunked(const Params& p, int64_t row, const typename Tag::storage* rowp, float a, float R,
+                                  float u, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
   using C = Cfg<Tag, CHUNK>;
   const int nc = p.C;
   const int64_t plane = p.B * static_cast<int64_t>(nc);
-  const float* pm_row = p.part + row * nc;
-  const float* ps_row = pm_row + plane;
-  const float target = u * S;
+  const float* py_row = p.part + row * nc + 3 * plane;
+  const long long* pq_row = p.part_q + row * nc;
 
-  float carry = 0.0f;
-  int found = kBig, last = -1;
+  long long z = 0;
+  for (int c = threadIdx.x; c < nc; c += C::kThreads) z += __ldcg(pq_row + c) >> chunk_shift(ceilf(__ldcg(py_row + c)), R);
+  const long long Z = block_sum_ll<C::kWarps>(z, sh);
+  const long long target = static_cast<long long>(__dmul_rn(static_cast<double>(u), __ll2double_rn(Z)));
+
+  long long carry = 0;
+  int found = kBig;
   for (int base = 0; base < nc; base += C::kThreads) {
     const int c = base + static_cast<int>(threadIdx.x);
-    float f, w = 0.0f;
-    if (c < nc) w = chunk_weight(__ldcg(pm_row + c), __ldcg(ps_row + c), M_safe, f);
-    float tile_total;
-    const float ex = block_exclusive_scan<C::kWarps>(w, sh, tile_total);
-    const float cum = carry + (ex + w);
-    // Only a chunk of positive mass can hold the token (a zero-mass chunk can cross only by rounding).
-    const int first = block_int<IntOp::kMin, C::kWarps>(c < nc && w > 0.0f && cum > target ? c : kBig, sh);
-    const int lastp = block_int<IntOp::kMax, C::kWarps>(c < nc && w > 0.0f ? c : -1, sh);
-    if (lastp >= 0 && c == lastp) sh.excl[1] = cum - w;
-    if (first != kBig && c == first) sh.excl[0] = cum - w;
+    const long long w = c < nc ? __ldcg(pq_row + c) >> chunk_shift(ceilf(__ldcg(py_row + c)), R) : 0;
+    long long tile_total;
+    const long long ex = block_exclusive_scan_ll<C::kWarps>(w, sh, tile_total);
+    const long long cum = carry + ex + w;
+    const bool hit = c < nc && cum > target;
+    const int first = block_int<IntOp::kMin, C::kWarps>(hit ? c : kBig, sh);
+    if (first != kBig && c == first) sh.pick_excl = cum - w;
     __syncthreads();
-    if (lastp >= 0) last = lastp;
     if (first != kBig) {
       found = first;
       break;
     }
-    carry = carry + tile_total;
+    carry += tile_total;
   }
-  const int chunk = found != kBig ? found : max(last, 0);
-  const float excl = found != kBig ? sh.excl[0] : (last >= 0 ? sh.excl[1] : 0.0f);
-  const float local_target = target - excl;
+  const int chunk = found != kBig ? found : 0;  // Z == 0 only for an invalid row
+  const long long t = found != kBig ? target - sh.pick_excl : 0;
+  const float rc = ceilf(__ldcg(py_row + chunk));
+  const int shift = chunk_shift(rc, R);
+  const float ref = safe_reference(rc);
   __syncthreads();
 
   // Re-read the chosen chunk (blocked layout: each thread's elements are consecutive) and scan it.
   const int64_t start = static_cast<int64_t>(chunk) * CHUNK;
   float x[C::kLoads][C::kLvec];
   load_chunk<Tag, CHUNK, true>(rowp, p.V, start, aligned, x);
-  const float a = inv_t * kLog2e, b = M_safe * kLog2e;
-  float mass[C::kEpt];
-  float tt = 0.0f;
+  // Two passes over the thread's elements (the masses are recomputed, bit for bit, rather than kept in
+  // registers): the thread's total for the block scan, then its running sums.
+  long long tt = 0;
+#pragma unroll
+  for (int j = 0; j < C::kLoads; ++j)
+#pragma unroll
+    for (int k = 0; k < C::kLvec; ++k) tt += integer_mass(x[j][k], a, ref, p.two_s);
+  long long total;
+  long long run = block_exclusive_scan_ll<C::kWarps>(tt, sh, total);
+  int my_first = kBig;
+  const int base_e = static_cast<int>(threadIdx.x) * C::kEpt;
 #pragma unroll
   for (int j = 0; j < C::kLoads; ++j)
 #pragma unroll
     for (int k = 0; k < C::kLvec; ++k) {
-      mass[j * C::kLvec + k] = ex2(fmaf(x[j][k], a, -b));
-      tt += mass[j * C::kLvec + k];
+      run += integer_mass(x[j][k], a, ref, p.two_s);
+      if (my_first == kBig && (run >> shift) > t) my_first = base_e + j * C::kLvec + k;
     }
-  float total;
-  const float ex = block_exclusive_scan<C::kWarps>(tt, sh, total);
-  int my_first = kBig, my_last = -1;
-  float run = 0.0f;
-  const int base_e = static_cast<int>(threadIdx.x) * C::kEpt;
-#pragma unroll
-  for (int i = 0; i < C::kEpt; ++i) {
-    run += mass[i];
-    const int le = base_e + i;
-    if (my_first == kBig && mass[i] > 0.0f && ex + run > local_target) my_first = le;
-    if (mass[i] > 0.0f) my_last = le;
-  }
   const int first = block_int<IntOp::kMin, C::kWarps>(my_first, sh);
-  const int lastm = block_int<IntOp::kMax, C::kWarps>(my_last, sh);
-  const int le = first != kBig ? first : (lastm >= 0 ? lastm : 0);
-  return start + le;
+  return start + (first != kBig ? first : 0);  // always found for a valid row
 }
 
-// Largest key t >= key_floor such that the tokens with key >= t number at least k (MASS false) or carry a
-// mass exp(l - M) of at least `need` (MASS true): 32 halvings of the int32 key range, one pass each.
+// Largest key t >= key_floor such that the tokens with key >= t number at least `need` (MASS false) or
+// carry an integer mass qg of at least `need` (MASS true): 32 halvings of the int32 key range, one pass each.
 template <typename Tag, int CHUNK, bool MASS>
-__device__ int64_t threshold_bisect(const typename Tag::storage* rowp, int64_t V, int nc, float a, float b,
-                                    int64_t k, float need, int64_t key_floor, bool aligned,
+__device__ int64_t threshold_bisect(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref,
+                                    float two_s, long long need, int64_t key_floor, bool aligned,
                                     Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
   using C = Cfg<Tag, CHUNK>;
   int64_t lo = key_floor, hi = 2147483648LL;
   for (int it = 0; it < 32; ++it) {
     const int64_t mid = lo + (hi - lo) / 2;
-    float msum = 0.0f;
-    int cnt = 0;
+    long long sum = 0;
     for (int c = 0; c < nc; ++c) {
       const int64_t start = static_cast<int64_t>(c) * CHUNK;
       float x[C::kLoads][C::kLvec];
@@ -474,18 +530,13 @@ __device__ int64_t threshold_bisect(const typename Tag::storage* rowp, int64_t V
           const int le = local_index<Tag, CHUNK, false>(j) + kk;
           const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= mid;
           if (MASS) {
-            msum += sel ? ex2(fmaf(x[j][kk], a, -b)) : 0.0f;
+            sum += sel ? integer_mass(x[j][kk], a, ref, two_s) : 0;
           } else {
-            cnt += sel ? 1 : 0;
+            sum += sel ? 1 : 0;
           }
         }
     }
-    bool ok;
-    if (MASS) {
-      ok = block_sum<C::kWarps>(msum, sh) >= need;
-    } else {
-      ok = static_cast<int64_t>(block_int<IntOp::kSum, C::kWarps>(cnt, sh)) >= k;
-    }
+    const bool ok = block_sum_ll<C::kWarps>(sum, sh) >= need;
     lo = ok ? mid : lo;
     hi = ok ? hi : mid;
   }
@@ -493,10 +544,10 @@ __device__ int64_t threshold_bisect(const typename Tag::storage* rowp, int64_t V
 }
 
 template <typename Tag, int CHUNK>
-__device__ float kept_mass(const typename Tag::storage* rowp, int64_t V, int nc, float a, float b, int64_t key_floor,
-                           bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
+__device__ long long kept_mass(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref, float two_s,
+                               int64_t key_floor, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
   using C = Cfg<Tag, CHUNK>;
-  float msum = 0.0f;
+  long long sum = 0;
   for (int c = 0; c < nc; ++c) {
     const int64_t start = static_cast<int64_t>(c) * CHUNK;
     float x[C::kLoads][C::kLvec];
@@ -507,62 +558,59 @@ __device__ float kept_mass(const typename Tag::storage* rowp, int64_t V, int nc,
       for (int kk = 0; kk < C::kLvec; ++kk) {
         const int le = local_index<Tag, CHUNK, false>(j) + kk;
         const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
-        msum += sel ? ex2(fmaf(x[j][kk], a, -b)) : 0.0f;
+        sum += sel ? integer_mass(x[j][kk], a, ref, two_s) : 0;
       }
   }
-  return block_sum<C::kWarps>(msum, sh);
+  return block_sum_ll<C::kWarps>(sum, sh);
 }
 
-// Exact top-k then top-p (ties at a threshold kept), then inverse-CDF sampling by one walk over the row.
+// Exact top-k then top-p (ties at a threshold kept) on the global integer masses qg (reference step 5),
+// then integer inverse-CDF sampling by one walk over the row.
 template <typename Tag, int CHUNK>
-__device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V, int nc, float inv_t, float M,
+__device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V, int nc, float a, float R, float two_s,
                                    int64_t k, float top_p, float u, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
   using C = Cfg<Tag, CHUNK>;
-  const float a = inv_t * kLog2e, b = M * kLog2e;
   int64_t key_floor = INT32_MIN;
-  if (k > 0 && k < V) key_floor = threshold_bisect<Tag, CHUNK, false>(rowp, V, nc, a, b, k, 0.0f, key_floor, aligned, sh);
-  float total = kept_mass<Tag, CHUNK>(rowp, V, nc, a, b, key_floor, aligned, sh);
+  if (k > 0 && k < V) key_floor = threshold_bisect<Tag, CHUNK, false>(rowp, V, nc, a, R, two_s, k, key_floor, aligned, sh);
+  long long total = kept_mass<Tag, CHUNK>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
   if (top_p < 1.0f) {
-    key_floor = threshold_bisect<Tag, CHUNK, true>(rowp, V, nc, a, b, 0, top_p * total, key_floor, aligned, sh);
-    total = kept_mass<Tag, CHUNK>(rowp, V, nc, a, b, key_floor, aligned, sh);
+    const long long need = static_cast<long long>(ceil(__dmul_rn(static_cast<double>(top_p), __ll2double_rn(total))));
+    key_floor = threshold_bisect<Tag, CHUNK, true>(rowp, V, nc, a, R, two_s, need, key_floor, aligned, sh);
+    total = kept_mass<Tag, CHUNK>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
   }
-  const float target = u * total;
-  float acc = 0.0f;
-  int64_t last = -1;
+  const long long target = static_cast<long long>(__dmul_rn(static_cast<double>(u), __ll2double_rn(total)));
+  long long acc = 0;
   for (int c = 0; c < nc; ++c) {
     const int64_t start = static_cast<int64_t>(c) * CHUNK;
     float x[C::kLoads][C::kLvec];
     load_chunk<Tag, CHUNK, true>(rowp, V, start, aligned, x);
-    float mass[C::kEpt];
-    float tt = 0.0f;
     const int base_e = static_cast<int>(threadIdx.x) * C::kEpt;
+    long long tt = 0;  // the thread's kept mass, then (second pass, masses recomputed) its running sums
 #pragma unroll
     for (int j = 0; j < C::kLoads; ++j)
 #pragma unroll
       for (int kk = 0; kk < C::kLvec; ++kk) {
-        const int i = j * C::kLvec + kk;
-        const int le = base_e + i;
+        const int le = base_e + j * C::kLvec + kk;
         const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
-        mass[i] = sel ? ex2(fmaf(x[j][kk], a, -b)) : 0.0f;
-        tt += mass[i];
+        tt += sel ? integer_mass(x[j][kk], a, R, two_s) : 0;
       }
-    float tile_total;
-    const float ex = block_exclusive_scan<C::kWarps>(tt, sh, tile_total);
-    int my_first = kBig, my_last = -1;
-    float run = 0.0f;
+    long long tile_total;
+    long long run = acc + block_exclusive_scan_ll<C::kWarps>(tt, sh, tile_total);
+    int my_first = kBig;
 #pragma unroll
-    for (int i = 0; i < C::kEpt; ++i) {
-      run += mass[i];
-      if (my_first == kBig && mass[i] > 0.0f && acc + (ex + run) > target) my_first = base_e + i;
-      if (mass[i] > 0.0f) my_last = base_e + i;
-    }
+    for (int j = 0; j < C::kLoads; ++j)
+#pragma unroll
+      for (int kk = 0; kk < C::kLvec; ++kk) {
+        const int le = base_e + j * C::kLvec + kk;
+        const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
+        run += sel ? integer_mass(x[j][kk], a, R, two_s) : 0;
+        if (my_first == kBig && run > target) my_first = le;
+      }
     const int first = block_int<IntOp::kMin, C::kWarps>(my_first, sh);
-    const int lastm = block_int<IntOp::kMax, C::kWarps>(my_last, sh);
-    if (lastm >= 0) last = start + lastm;
     if (first != kBig) return start + first;
-    acc = acc + tile_total;
+    acc += tile_total;
   }
-  return last;
+  return 0;  // never reached for a valid row (target < total)
 }
 
 // ---------------------------------------------------------------- pass 2: the row's finish
@@ -573,59 +621,71 @@ __device__ void finish_row(const Params& p, int64_t row, const typename Tag::sto
   using C = Cfg<Tag, CHUNK>;
   const int nc = p.C;
   const int64_t plane = p.B * static_cast<int64_t>(nc);
-  const float* pm_row = p.part + row * nc;
-  const float* ps_row = pm_row + plane;
+  const float* pmx_row = p.part + row * nc;
+  const float* ps_row = pmx_row + plane;
   const float* pd_row = ps_row + plane;
-  const float* pmr_row = pd_row + plane;
-  const float* psr_row = pmr_row + plane;
+  const float* py_row = pd_row + plane;
+  const float* psr_row = py_row + plane;
   const bool greedy = temp == 0.0f;
 
-  // Merge the chunk partials in chunk order: the row max, then the masses relative to it.
-  float M = neg_inf(), Mr = neg_inf();
+  // Merge the chunk partials: the row's max logit and max y, then the float sums rescaled to R.
+  float Mx = neg_inf(), Y = neg_inf();
   for (int c = threadIdx.x; c < nc; c += C::kThreads) {
-    M = fmaxf(M, __ldcg(pm_row + c));
-    if (need_raw) Mr = fmaxf(Mr, __ldcg(pmr_row + c));
+    Mx = fmaxf(Mx, __ldcg(pmx_row + c));
+    Y = fmaxf(Y, __ldcg(py_row + c));
   }
-  M = block_max<C::kWarps>(M, sh);
-  Mr = need_raw ? block_max<C::kWarps>(Mr, sh) : M;
-  const float M_safe = M == neg_inf() ? 0.0f : M;
-  const float Mr_safe = Mr == neg_inf() ? 0.0f : Mr;
-  float sums[3] = {0.0f, 0.0f, 0.0f};  // S, D (sum of exp(l - M) * (l - M)), Sr
+  Mx = block_max<C::kWarps>(Mx, sh);
+  Y = block_max<C::kWarps>(Y, sh);
+  const float R = safe_reference(ceilf(Y));  // = max_c r_c
+  const float Y_safe = Y == neg_inf() ? 0.0f : Y;
+  const float Mx_safe = Mx == neg_inf() ? 0.0f : Mx;
+  float sums[3] = {0.0f, 0.0f, 0.0f};  // S = sum 2**(y - R), D = sum 2**(y - R) * (y - R), Sr
   for (int c = threadIdx.x; c < nc; c += C::kThreads) {
-    const float pm = __ldcg(pm_row + c), ps = __ldcg(ps_row + c), pd = __ldcg(pd_row + c);
-    float f;
-    const float w = chunk_weight(pm, ps, M_safe, f);
+    const float ps = __ldcg(ps_row + c), pd = __ldcg(pd_row + c), rc = ceilf(__ldcg(py_row + c));
+    const float e = rc - R;  // an integer <= 0, or -inf
+    const float scale = e > -200.0f ? ldexpf(1.0f, static_cast<int>(e)) : 0.0f;
+    float w = ps > 0.0f ? ps * scale : 0.0f;
+    w = ps != ps ? ps : w;
     sums[0] += w;
-    sums[1] += w > 0.0f ? f * (pd + (pm - M_safe) * ps) : 0.0f;
-    if (need_raw) {
-      float fr;
-      sums[2] += chunk_weight(__ldcg(pmr_row + c), __ldcg(psr_row + c), Mr_safe, fr);
-    }
+    sums[1] += w > 0.0f ? scale * (pd + e * ps) : 0.0f;
+    if (need_raw) sums[2] += chunk_weight(__ldcg(pmx_row + c), __ldcg(psr_row + c), Mx_safe);
   }
   block_sum_n<C::kWarps, 3>(sums, sh);
-  const float S = sums[0], D = sums[1], Sr = need_raw ? sums[2] : S;
-  const bool valid = S > 0.0f && S < pos_inf() && M < pos_inf() && Sr > 0.0f && Sr < pos_inf();
+  const float S = sums[0];
+  const float log_S = logf(S);
+  const float log_s = log_S + (R - Y_safe) * kLn2;  // log of the sum of exp(l - M)
+  const float raw_log_s = need_raw ? logf(sums[2]) : log_s;
+  const bool valid = S > 0.0f && S < pos_inf() && Mx < pos_inf() && raw_log_s == raw_log_s && raw_log_s < pos_inf();
+  if (threadIdx.x == 0) {  // only thread 0 writes the outputs; parked in shared memory, not in registers
+    sh.stats[0] = Mx;
+    sh.stats[1] = log_s;
+    sh.stats[2] = raw_log_s;
+    sh.stats[3] = log_S - kLn2 * (sums[1] / S);  // the entropy
+  }
 
   int64_t token = 0;
   if (valid) {
     if (greedy) {
       int first = kBig;
       for (int c = threadIdx.x; c < nc; c += C::kThreads)
-        if (__ldcg(pm_row + c) == M) first = min(first, __ldcg(p.part_idx + row * nc + c));
+        if (__ldcg(pmx_row + c) == Mx) first = min(first, __ldcg(p.part_idx + row * nc + c));
       token = block_int<IntOp::kMin, C::kWarps>(first, sh);
     } else {
       const float u = philox_uniform(row_value(p.seed, row), row_value(p.offset, row));
       const int64_t k = row_value(p.top_k, row);
       const float top_p = row_value(p.top_p, row);
+      const float a = base2_factor(inv_t);
       if ((k > 0 && k < p.V) || top_p < 1.0f) {
-        token = sample_filtered<Tag, CHUNK>(rowp, p.V, nc, inv_t, M, k, top_p, u, aligned, sh);
+        token = sample_filtered<Tag, CHUNK>(rowp, p.V, nc, a, R, p.two_s, k, top_p, u, aligned, sh);
       } else {
-        token = sample_chunked<Tag, CHUNK>(p, row, rowp, inv_t, M_safe, S, u, aligned, sh);
+        token = sample_chunked<Tag, CHUNK>(p, row, rowp, a, R, u, aligned, sh);
       }
     }
     token = token < 0 ? 0 : (token >= p.V ? p.V - 1 : token);  // never reached for a valid row; memory safety
   }
   if (threadIdx.x != 0) return;
+  const float Mx0 = sh.stats[0], log_s0 = sh.stats[1], raw_log_s0 = sh.stats[2], entropy = sh.stats[3];
+  const float M0 = __fmul_rn(Mx0, inv_t);
 
   const float nan = nan_f();
   float regret = nan;
@@ -638,14 +698,13 @@ __device__ void finish_row(const Params& p, int64_t row, const typename Tag::sto
     p.out.regret[row] = nan;
   } else {
     const float x_tok = Tag::load1(rowp + token);
-    const float l_tok = x_tok * inv_t;
-    const float log_s = logf(S);
-    regret = greedy ? 0.0f : M - l_tok;
+    const float l_tok = __fmul_rn(x_tok, inv_t);
+    regret = greedy ? 0.0f : M0 - l_tok;
     p.out.tokens[row] = token;
-    p.out.logprobs[row] = greedy ? 0.0f : l_tok - M - log_s;
-    p.out.raw_logprobs[row] = x_tok - Mr - logf(Sr);
-    p.out.entropy[row] = greedy ? 0.0f : log_s - D / S;
-    p.out.max_logprob[row] = greedy ? 0.0f : -log_s;
+    p.out.logprobs[row] = greedy ? 0.0f : l_tok - M0 - log_s0;
+    p.out.raw_logprobs[row] = x_tok - Mx0 - raw_log_s0;
+    p.out.entropy[row] = greedy ? 0.0f : entropy;
+    p.out.max_logprob[row] = greedy ? 0.0f : -log_s0;
     p.out.regret[row] = regret;
   }
   p.out.valid[row] = valid;
@@ -693,21 +752,20 @@ __global__ void __launch_bounds__(Cfg<Tag, CHUNK>::kThreads, Cfg<Tag, CHUNK>::kM
 
   const float temp = row_value(p.temperature, row);
   const bool greedy = temp == 0.0f;
-  const float inv_t = 1.0f / (greedy ? 1.0f : temp);
+  const float inv_t = __fdiv_rn(1.0f, greedy ? 1.0f : temp);
   const bool need_raw = inv_t != 1.0f;  // at temperature 0 or 1 the temperature-1 sums are the same sums
 
-  const Partial part = chunk_stats<Tag, CHUNK>(rowp, p.V, static_cast<int64_t>(c) * CHUNK, inv_t, need_raw, greedy,
-                                               aligned, sh);
+  const Partial part = chunk_stats<Tag, CHUNK>(rowp, p.V, static_cast<int64_t>(c) * CHUNK, inv_t, p.two_s, need_raw,
+                                               greedy, aligned, sh);
   if (threadIdx.x == 0) {
     const int64_t plane = p.B * static_cast<int64_t>(p.C);
     float* out = p.part + row * p.C + c;
-    out[0] = part.m;
+    out[0] = part.mx;
     out[plane] = part.s;
     out[2 * plane] = part.d;
-    if (need_raw) {
-      out[3 * plane] = part.mr;
-      out[4 * plane] = part.sr;
-    }
+    out[3 * plane] = part.ymax;
+    if (need_raw) out[4 * plane] = part.sr;
+    p.part_q[row * p.C + c] = part.q;
     if (greedy) p.part_idx[row * p.C + c] = part.idx;
     __threadfence();  // publish the partials before counting this block as arrived
     const unsigned before = atomicAdd(p.arrived + row, 1u);
@@ -749,7 +807,8 @@ size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 size_t sample_workspace_bytes(int64_t batch, int64_t vocab) {
   const size_t bc = static_cast<size_t>(batch) * static_cast<size_t>(num_chunks(vocab));
-  return align_up(5 * bc * sizeof(float)) + align_up(bc * sizeof(int)) + align_up(static_cast<size_t>(batch) * sizeof(unsigned));
+  return align_up(5 * bc * sizeof(float)) + align_up(bc * sizeof(long long)) + align_up(bc * sizeof(int)) +
+         align_up(static_cast<size_t>(batch) * sizeof(unsigned));
 }
 
 int sample_launch(const SampleArgs& args, const SampleOutputs& out, const StopState* stop_state, void* workspace,
@@ -767,6 +826,7 @@ int sample_launch(const SampleArgs& args, const SampleOutputs& out, const StopSt
   p.V = args.vocab;
   p.stride = args.row_stride;
   p.C = static_cast<int>(nc);
+  p.two_s = static_cast<float>(1ULL << mass_shift(args.vocab));
   p.temperature = args.temperature;
   p.top_k = args.top_k;
   p.top_p = args.top_p;
@@ -774,9 +834,13 @@ int sample_launch(const SampleArgs& args, const SampleOutputs& out, const StopSt
   p.offset = args.offset;
   const size_t bc = static_cast<size_t>(args.batch) * static_cast<size_t>(nc);
   char* ws = static_cast<char*>(workspace);
+  const size_t q_at = align_up(5 * bc * sizeof(float));
+  const size_t idx_at = q_at + align_up(bc * sizeof(long long));
+  const size_t arrived_at = idx_at + align_up(bc * sizeof(int));
   p.part = reinterpret_cast<float*>(ws);
-  p.part_idx = reinterpret_cast<int*>(ws + align_up(5 * bc * sizeof(float)));
-  p.arrived = reinterpret_cast<unsigned*>(ws + align_up(5 * bc * sizeof(float)) + align_up(bc * sizeof(int)));
+  p.part_q = reinterpret_cast<long long*>(ws + q_at);
+  p.part_idx = reinterpret_cast<int*>(ws + idx_at);
+  p.arrived = reinterpret_cast<unsigned*>(ws + arrived_at);
   p.out = out;
   p.has_stop = stop_state != nullptr;
   if (stop_state != nullptr) {

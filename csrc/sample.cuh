@@ -6,16 +6,18 @@
 // backend (kernels/sample.py), so that both backends draw the same tokens for the same inputs.
 //
 // One launch (after a memset of B counters) over a 1-D grid of B * C blocks, block (row, chunk):
-//   1. the block reads its chunk of the row once and writes the chunk's online-softmax statistics
-//      (max, sum of exp, the entropy sum, the first argmax for greedy rows, and the temperature-1 sums for
-//      rows whose temperature is not 0 or 1) to a workspace;
-//   2. the last block of each row to finish (a per-row counter) merges the row's C partials in chunk
-//      order, draws the row's uniform, picks the chunk where the cumulative mass crosses it and re-reads
-//      that chunk alone to find the token (or, for a row with top-k/top-p, finds the exact thresholds by
-//      bisection on an order-preserving integer key and walks the row), writes the statistics and updates
-//      the ESPO stop state.
-// Which block finishes a row varies from run to run, but what it computes does not: it reads the partials
-// in chunk order with a fixed reduction tree, so results are deterministic and do not depend on B.
+//   1. the block reads its chunk of the row once and writes the chunk's statistics to a workspace: its
+//      max logit, max y = fl(x * a), the exact int64 sum of the integer masses q (espo/reference.py), the
+//      float sums of f = 2**(y - r_c) and f * (y - r_c) from the same exponentials, the first argmax for
+//      greedy rows, and the temperature-1 sum for rows whose temperature is not 0 or 1;
+//   2. the last block of each row to finish (a per-row counter) merges the row's C partials, draws the
+//      row's uniform, picks the chunk where the integer cumulative mass crosses the integer target and
+//      re-reads that chunk alone to find the token (or, for a row with top-k/top-p, finds the exact
+//      thresholds by bisection on an order-preserving integer key and walks the row), writes the
+//      statistics and updates the ESPO stop state.
+// Which block finishes a row varies from run to run, but what it computes does not: tokens come from
+// integer sums (exact in any order) and the float statistics from partials read in chunk order with a
+// fixed reduction tree, so results are deterministic and do not depend on B.
 #pragma once
 
 #include <stddef.h>
@@ -36,6 +38,14 @@ inline int64_t chunk_size(int64_t vocab_size) {
   int64_t p = 1;
   while (p < n) p <<= 1;  // next power of two >= n
   return p < 16 ? 16 : (p > 4096 ? 4096 : p);
+}
+
+// S of the integer masses q < 2**S: min(40, 62 - bit_length(V)), so that V * 2**S < 2**62.
+// Must equal espo/reference.py: mass_shift (tests/test_cuda_host.py checks it).
+inline int mass_shift(int64_t vocab_size) {
+  int bits = 0;
+  for (uint64_t v = static_cast<uint64_t>(vocab_size); v != 0; v >>= 1) ++bits;
+  return 62 - bits < 40 ? 62 - bits : 40;
 }
 
 inline int64_t num_chunks(int64_t vocab_size) {

@@ -3,8 +3,8 @@
 Same contract as ``espo.kernels.sample.sample_triton``: per-row arguments are Python numbers or [B]
 tensors on the logits' device (float32 temperature/top_p, int64 top_k/seed/offset), already validated by
 ``espo.sample``; the result is the dict of ``SampleOutput`` fields. The same Philox stream, chunking rule
-and sampling rule as the Triton backend, so both return the same tokens for the same inputs (up to
-floating-point near-ties). Works under torch.compile (the ops have meta implementations and declare the
+and exact integer sampling rule (``espo.reference``) as the Triton backend, with the same ex2.approx
+instruction, so both return the same tokens for the same inputs, bit for bit. Works under torch.compile (the ops have meta implementations and declare the
 stop state they update in place) and under CUDA graph capture (no host sync, no allocation outside
 torch's caching allocator).
 """

@@ -1,20 +1,62 @@
 """PyTorch reference of the fused sample-and-score op and of the ESPO stop update.
 
-This module defines what every backend computes (float32 math, any device). It is also the "torch"
-backend. Semantics, row by row (x = the row's logits, T its temperature):
+This module defines what every backend computes (any device). It is also the "torch" backend.
+Semantics, row by row (x = the row's logits in float32, T its temperature, V the vocabulary size):
 
 * ``T == 0`` is greedy: the token is the first maximal logit; the tempered policy is then a point mass,
   so ``logprobs``, ``entropy``, ``max_logprob`` and ``regret`` are exactly 0.
-* Otherwise ``l = x * (1 / T)`` (the reciprocal in float32, as the kernels do); ``logprobs``, ``entropy``
-  and ``max_logprob`` are of the tempered distribution softmax(l) *before* top-k/top-p filtering (the
-  distribution whose regret ESPO watches); ``raw_logprobs`` are of softmax(x).
-* Filtering: top-k keeps the tokens whose logit is >= the k-th largest (ties kept); then top-p keeps, of
-  those, the smallest set of most likely tokens whose renormalised mass reaches ``top_p`` (again with
-  ties at the threshold kept). ``top_k == 0`` or ``>= V`` and ``top_p == 1`` disable them.
-* Sampling is inverse-CDF with one uniform ``u`` per row from ``espo.rng.uniform(seed, offset)``: the
-  token is the first index, in vocabulary order, whose cumulative kept mass exceeds ``u`` times the total.
+* Otherwise ``inv_t = fl(1 / T)`` (IEEE float32 division, as every backend does) and ``l = fl(x * inv_t)``.
+  ``logprobs``, ``entropy`` and ``max_logprob`` are of the tempered distribution softmax(l) *before*
+  top-k/top-p filtering (the distribution whose regret ESPO watches); ``raw_logprobs`` are of softmax(x).
+  These statistics are float32 results (tolerances, not bits, between backends).
 * A row is invalid when it holds a NaN or +inf logit or no finite logit at all: its token is -1, its
   statistics NaN, ``valid`` False, and the stop state ignores it.
+
+Sampling is exact integer inverse-CDF, so that every backend draws *the same token* whatever the order
+of its sums (float cumulative sums would put an order-dependent error band of width ~eps * Z at each of
+the V token boundaries and make backends disagree on ~V * eps of the draws). ``fl`` is one IEEE float32
+operation rounded to nearest (never contracted into an FMA), ``trunc`` converts toward zero:
+
+1. Integer masses. ``a = fl(inv_t * LOG2E_F32)`` with ``LOG2E_F32 = float32(log2 e)``; per token
+   ``y_i = fl(x_i * a)`` (the tempered logit in base-2 units). The vocabulary is cut into chunks of
+   ``chunk_size(V)`` tokens (the Triton and CUDA kernels' partition); chunk c has the integer reference
+   ``r_c = ceil(max_{i in c} y_i)`` (-inf for a chunk of -inf logits, which then has no mass) and each of
+   its tokens the integer mass
+
+       q_i = trunc(fl(exp2(fl(y_i - r_c)) * 2**S)),      S = mass_shift(V) = min(40, 62 - bit_length(V)),
+
+   where ``exp2`` is float32 2**d: correctly rounded here (computed in float64, then rounded; so is
+   the Triton kernel under the interpreter), the ``ex2.approx.ftz.f32`` instruction in both GPU kernels
+   (so those two agree bit for bit). The GPU exp2 has a relative error of ~2**-22, which moves the token
+   boundaries by ~sqrt(V) * 2**-22 of the mass: ~1e-4 of the draws at V = 151936 differ from this
+   reference on a GPU, far fewer at small V.
+2. Chunk masses in global units: ``R = max_c r_c``, ``W_c = (sum_{i in c} q_i) >> min(R - r_c, 63)``.
+   Integer sums are exact in any order, and ``Z = sum_c W_c < 2**62``.
+3. Target: ``target = trunc(double(u) * double(Z))`` (one IEEE float64 multiply; the int64 -> float64
+   conversion rounds to nearest), with ``u`` the row's float32 uniform from ``espo.rng.uniform(seed,
+   offset)``, so ``0 <= target < Z``.
+4. Token: the chunk is the first c whose inclusive cumulative sum of W exceeds the target; with ``t =
+   target - (sum of W before c)``, the token is the first i of that chunk with ``(inclusive cumulative sum
+   of q within the chunk) >> (R - r_c) > t``. That sum is monotone and ends at ``W_c > t``, so a token
+   always exists, and at the first crossing the sum grew, so ``q_i > 0``: a token of zero integer mass
+   is never drawn.
+
+   Resolution: with ``n_i = q_i / 2**(R - r_c)`` (token i's mass in global units, within 1 of
+   ``2**(y_i - R + S)``), token i is drawn with probability within 1/Z of ``n_i / Z``, so within 2/Z of
+   its exact share, and ``Z >~ 2**(S - 1)`` (the top token alone): the probability moved by the
+   quantisation is below ``2 V / Z <= V * 2**(2 - S)`` (~5.5e-7 at V = 151936, S = 40). A token with
+   ``q_i == 0`` -- mass below ``2**-S`` of its chunk's reference ``2**r_c`` -- is never drawn; in the
+   chunk holding the row's top token (``r_c == R``) that is every token below ``2**-S`` of the top
+   token's mass. In other chunks such a token can still receive at most 1/Z by rounding the running sum.
+5. Filtered rows (``0 < top_k < V`` or ``top_p < 1``, not greedy) use global masses over the whole row,
+   ``qg_i = trunc(fl(exp2(fl(y_i - R)) * 2**S))`` (so a token below ``2**-S`` of the top token is never
+   drawn). Top-k keeps the tokens whose logit is >= the k-th largest (ties kept). Top-p then keeps, of
+   those (integer mass ``Z_k``), the tokens whose logit is >= the largest threshold x* for which the kept
+   tokens with logit >= x* have integer mass >= ``need = ceil(double(top_p) * double(Z_k))`` (ties at the
+   threshold kept): the smallest most-likely set reaching ``top_p`` of the mass. Both thresholds are exact
+   (the kernels bisect an int32 order key of x). The token is then the first i in vocabulary order whose
+   inclusive cumulative kept ``qg`` exceeds ``trunc(double(u) * double(Z_kept))``. ``top_k == 0`` or
+   ``>= V`` and ``top_p == 1`` disable the filters.
 """
 from __future__ import annotations
 
@@ -22,9 +64,79 @@ import torch
 
 from .rng import uniform
 
+LOG2E_F32 = 1.44269502162933349609375  # float32(log2(e)), exactly
+_NEG_INF = float("-inf")
 
-def _filter_mask(x: torch.Tensor, l: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, V]: which tokens survive top-k then top-p (thresholds on x, ties kept)."""
+
+def chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk: about 48 chunks a row, a power of two in [16, 4096]; a function of V only.
+    The same function as ``kernels/sample.py: chunk_size`` and ``csrc/sample.cuh: chunk_size``."""
+    n = -(-vocab_size // 48)
+    return max(16, min(4096, 1 << max(0, (n - 1).bit_length())))
+
+
+def mass_shift(vocab_size: int) -> int:
+    """S: a token's integer mass is below 2**S, and V * 2**S < 2**62 (the int64 row sums cannot overflow)."""
+    return min(40, 62 - int(vocab_size).bit_length())
+
+
+def base2_logits(x: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+    """y = fl(x * fl(inv_t * LOG2E_F32)), float32 [B, V] (x float32 [B, V], inv_t float32 [B])."""
+    a = inv_t.float() * torch.tensor(LOG2E_F32, dtype=torch.float32, device=inv_t.device)
+    return x * a[:, None]
+
+
+def integer_masses(y: torch.Tensor, ref: torch.Tensor, shift: int) -> torch.Tensor:
+    """q = trunc(fl(exp2(fl(y - ref)) * 2**shift)) as int64, with exp2 correctly rounded to float32.
+
+    ``ref`` broadcasts against ``y``; a reference of -inf (a chunk or row without mass) counts as 0."""
+    ref = torch.where(ref == _NEG_INF, torch.zeros_like(ref), ref)
+    f = torch.exp2((y - ref).double()).float()
+    return (f * float(2**shift)).to(torch.int64)
+
+
+def _chunked(y: torch.Tensor, V: int) -> tuple[torch.Tensor, int]:
+    """y [B, V] as [B, C, chunk], padded with -inf."""
+    chunk = chunk_size(V)
+    C = -(-V // chunk)
+    pad = C * chunk - V
+    if pad:
+        y = torch.cat([y, y.new_full((y.shape[0], pad), _NEG_INF)], dim=1)
+    return y.view(y.shape[0], C, chunk), chunk
+
+
+def _row_reference(y: torch.Tensor) -> torch.Tensor:
+    """R = max_c r_c = ceil(max_i y_i), float32 [B] (integer valued; -inf for a row without mass)."""
+    return torch.ceil(y.max(dim=1).values)
+
+
+def _draw_chunked(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Steps 1-4 of the module docstring: the unfiltered integer inverse-CDF token of each row."""
+    B, V = y.shape
+    S = mass_shift(V)
+    yc, chunk = _chunked(y, V)
+    r = torch.ceil(yc.max(dim=2).values)  # [B, C]
+    q = integer_masses(yc, r[:, :, None], S)  # [B, C, chunk]
+    R = r.max(dim=1, keepdim=True).values
+    shift = torch.where(r == _NEG_INF, torch.full_like(r, 63.0), (R - r).clamp(0.0, 63.0))
+    shift = torch.nan_to_num(shift, nan=63.0).to(torch.int64)
+    W = q.sum(dim=2) >> shift  # [B, C]
+    Z = W.sum(dim=1)
+    target = (u.double() * Z.double()).to(torch.int64)
+    cum = torch.cumsum(W, dim=1)
+    c = (cum <= target[:, None]).sum(dim=1).clamp(max=W.shape[1] - 1)  # first chunk with cum > target
+    t = target - (cum - W).gather(1, c[:, None])[:, 0]
+    rows = torch.arange(B, device=y.device)
+    inside = torch.cumsum(q[rows, c], dim=1) >> shift[rows, c][:, None]  # [B, chunk]
+    i = (inside <= t[:, None]).sum(dim=1).clamp(max=chunk - 1)
+    return (c * chunk + i).clamp(max=V - 1)
+
+
+def _filter_mask(x: torch.Tensor, qg: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, V]: which tokens survive top-k then top-p (thresholds on x, ties kept).
+
+    ``qg`` are the int64 global masses of step 5 of the module docstring; top-p compares their integer
+    sums with ``need = ceil(double(top_p) * double(Z_k))``."""
     B, V = x.shape
     sorted_x, order = torch.sort(x, dim=1, descending=True, stable=True)
     keep = torch.ones_like(x, dtype=torch.bool)
@@ -33,13 +145,24 @@ def _filter_mask(x: torch.Tensor, l: torch.Tensor, top_k: torch.Tensor, top_p: t
     keep &= ~k_on[:, None] | (x >= kth)
     p_on = top_p < 1.0
     if bool(p_on.any()):
-        # Masses in descending-logit order; the threshold is the logit at which the kept mass reaches top_p.
-        mass = torch.exp(l.gather(1, order) - l.max(dim=1, keepdim=True).values) * keep.gather(1, order)
-        cum = torch.cumsum(mass.double(), dim=1)
-        need = top_p.double()[:, None] * cum[:, -1:]
-        n = (cum < need).sum(dim=1, keepdim=True).clamp(max=V - 1)  # first index where cum >= need
+        # Integer masses in descending-logit order; the threshold is the logit at which the kept mass
+        # reaches need (then every token with that logit is kept too).
+        mass = qg.gather(1, order) * keep.gather(1, order)
+        cum = torch.cumsum(mass, dim=1)
+        need = torch.ceil(top_p.double() * cum[:, -1].double()).to(torch.int64)
+        n = (cum < need[:, None]).sum(dim=1, keepdim=True).clamp(max=V - 1)  # first index where cum >= need
         keep &= ~p_on[:, None] | (x >= sorted_x.gather(1, n))
     return keep
+
+
+def _draw_filtered(x, y, top_k, top_p, u) -> torch.Tensor:
+    """Step 5: global integer masses, exact thresholds, one inverse-CDF walk over the kept tokens."""
+    V = x.shape[1]
+    qg = integer_masses(y, _row_reference(y)[:, None], mass_shift(V))
+    kept = qg * _filter_mask(x, qg, top_k, top_p)
+    cum = torch.cumsum(kept, dim=1)
+    target = (u.double() * cum[:, -1].double()).to(torch.int64)
+    return (cum <= target[:, None]).sum(dim=1).clamp(max=V - 1)
 
 
 def sample_reference(
@@ -56,7 +179,7 @@ def sample_reference(
     valid = ~(torch.isnan(x) | (x == torch.inf)).any(dim=1) & (x > -torch.inf).any(dim=1)
     x = torch.where(valid[:, None], x, torch.zeros_like(x))
     greedy = temperature == 0
-    inv_t = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature).float()
+    inv_t = (1.0 / torch.where(greedy, torch.ones_like(temperature), temperature).float()).float()
     l = x * inv_t[:, None]
 
     l_max = l.max(dim=1).values
@@ -67,13 +190,12 @@ def sample_reference(
     max_logprob = l_max - lse
     raw_lse = torch.logsumexp(x, dim=1)
 
-    keep = _filter_mask(x, l, top_k, top_p)
-    mass = torch.exp(l - l_max[:, None]) * keep
-    cum = torch.cumsum(mass.double(), dim=1)
-    target = uniform(seed, offset).double() * cum[:, -1]
-    drawn = (cum <= target[:, None]).sum(dim=1)  # first index whose cumulative mass exceeds the target
-    last_positive = (V - 1) - torch.argmax((mass.flip(1) > 0).int(), dim=1)
-    drawn = torch.minimum(drawn, last_positive)
+    u = uniform(seed, offset)
+    y = base2_logits(x, inv_t)
+    drawn = _draw_chunked(y, u)
+    filtered = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    if bool(filtered.any()):
+        drawn = torch.where(filtered, _draw_filtered(x, y, top_k, top_p, u), drawn)
     argmax = torch.argmax((x == x.max(dim=1, keepdim=True).values).int(), dim=1)
     tokens = torch.where(greedy, argmax, drawn)
 

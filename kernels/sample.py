@@ -1,29 +1,48 @@
 """Fused sample-and-score in Triton: sampled token, its statistics and the ESPO stop update.
 
 Two launches, both over chunks whose size depends on V alone (so a row's result never depends on the
-batch it is in):
+batch it is in). Sampling follows the exact integer rule of ``espo.reference`` (read its docstring):
 
-1. ``_chunk_stats_kernel``, grid (B, C): one read of each chunk of the logits gives its online-softmax
-   statistics: max m, sum of exp(l - m), sum of exp(l - m) * (l - m) (for the entropy), the first index of
-   the max (greedy), and the same sum at temperature 1 when some row's temperature is not 0 or 1.
-2. ``_finish_kernel``, grid (B,): merges a row's C partials, draws one uniform, picks the chunk where the
-   cumulative mass crosses it and re-reads only that chunk (1/C of the row) to find the token, then
-   writes the statistics and updates the ESPO stop state. Rows with top-k/top-p find their exact
-   threshold by bisection on an order-preserving integer key of the logits (extra passes over that row),
-   then walk the row once to sample. The semantics are those of ``espo.reference``.
+1. ``_chunk_stats_kernel``, grid (B, C): one read of each chunk of the logits. Per element it computes
+   ``y = fl(x * a)``, ``d = fl(y - r_c)`` (``r_c = ceil(max y)``, the chunk's integer reference),
+   ``f = exp2(d)`` and the integer mass ``q = trunc(f * 2**S)``; the float statistics come from the
+   same ``f`` (one exp2 per element): sum f, sum f * d (for the entropy), the raw max of x and its first
+   index (greedy), the chunk's max y, the exact int64 sum of q, and the temperature-1 sum when some row's
+   temperature is not 0 or 1.
+2. ``_finish_kernel``, grid (B,): merges a row's C partials (floats scaled by 2**(r_c - R); integers
+   shifted right by R - r_c), draws one uniform, picks the chunk where the integer cumulative mass crosses
+   the integer target and re-reads only that chunk (1/C of the row) to find the token, then writes the
+   statistics and updates the ESPO stop state. Rows with top-k/top-p find their exact thresholds by
+   bisection on an order-preserving integer key of the logits (integer masses for top-p), then walk the
+   row once to sample.
+
+Bit-exactness: both kernels are launched with ``enable_fp_fusion=False`` (no FMA contraction), divide
+with ``div_rn`` and exponentiate with ``ex2.approx.ftz.f32`` (inline PTX, the instruction the CUDA backend
+uses), so the chunk re-read reproduces the stats pass's q bit for bit and tokens equal the CUDA backend's.
+Under the interpreter (no inline PTX there) exp2 is computed in float64 and rounded, as the reference does.
 """
+import os
+
 import triton
 import triton.language as tl
 
 from .philox import philox_uniform  # noqa: F401  (re-exported for tests)
 
-_INT32_MIN = -2147483648
-_BIG = 2147483647
+_INT32_MIN = tl.constexpr(-2147483648)  # constexpr: Triton 3.9 refuses plain globals inside @jit code
+_BIG = tl.constexpr(2147483647)
+LOG2E_F32 = 1.44269502162933349609375  # float32(log2(e)), exactly (espo.reference.LOG2E_F32)
+_LOG2E = tl.constexpr(LOG2E_F32)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def chunk_size(vocab_size: int) -> int:
     """Elements per chunk: about 48 chunks a row, a power of two in [16, 4096]; a function of V only."""
     return max(16, min(4096, triton.next_power_of_2(triton.cdiv(vocab_size, 48))))
+
+
+def mass_shift(vocab_size: int) -> int:
+    """S of the integer masses q < 2**S: min(40, 62 - bit_length(V)) (espo.reference.mass_shift)."""
+    return min(40, 62 - int(vocab_size).bit_length())
 
 
 @triton.jit
@@ -36,7 +55,26 @@ def _row_value(ptr, row, scalar, PER_ROW: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _inverse_temperature(temp):
-    return 1.0 / tl.where(temp == 0.0, 1.0, temp)
+    """fl(1 / T) by IEEE division (1 for greedy rows)."""
+    t = tl.where(temp == 0.0, 1.0, temp)
+    return tl.math.div_rn(tl.full(t.shape, 1.0, tl.float32), t)
+
+
+@triton.jit
+def _exp2(d, INTERPRET: tl.constexpr):
+    """float32 2**d: ex2.approx.ftz.f32 on the GPU (as the CUDA backend); rounded from float64 when interpreted."""
+    if INTERPRET:
+        return tl.math.exp2(d.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _masses(x, a, ref, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
+    """d = fl(fl(x * a) - ref), f = exp2(d), q = trunc(fl(f * 2**S)) (int64): espo.reference, step 1."""
+    d = x * a - ref
+    f = _exp2(d, INTERPRET)
+    return d, f, (f * TWO_S).to(tl.int64)
 
 
 @triton.jit
@@ -50,60 +88,54 @@ def _order_key(x):
 def _chunk_stats_kernel(
     logits_ptr, stride_row, V, C,
     temp_ptr, temp_scalar,
-    part_ptr, idx_ptr, part_plane,
+    part_ptr, q_ptr, idx_ptr, part_plane,
     CHUNK: tl.constexpr, TEMP_PER_ROW: tl.constexpr, NEED_RAW: tl.constexpr, MAY_BE_GREEDY: tl.constexpr,
+    TWO_S: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     row = tl.program_id(0)
     c = tl.program_id(1)
     inv_t = _inverse_temperature(_row_value(temp_ptr, row, temp_scalar, TEMP_PER_ROW, tl.float32))
+    a = inv_t * _LOG2E
     offs = c * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + offs, mask=offs < V, other=float("-inf"))
     x = x.to(tl.float32)
-    l = x * inv_t
-    m = tl.max(l, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(l - m_safe)
+    mx = tl.max(x, axis=0)
+    y_max = mx * a  # = max of fl(x * a): rounding is monotone and a > 0
+    r = tl.math.ceil(y_max)
+    d, f, q = _masses(x, a, tl.where(r == float("-inf"), 0.0, r), TWO_S, INTERPRET)
     out = part_ptr + row * C + c
-    tl.store(out, m)
-    tl.store(out + part_plane, tl.sum(e, axis=0))
-    tl.store(out + 2 * part_plane, tl.sum(e * tl.where(e > 0.0, l - m_safe, 0.0), axis=0))
+    tl.store(out, mx)
+    tl.store(out + part_plane, tl.sum(f, axis=0))
+    tl.store(out + 2 * part_plane, tl.sum(tl.where(f > 0.0, f * d, 0.0), axis=0))
+    tl.store(out + 3 * part_plane, y_max)
+    tl.store(q_ptr + row * C + c, tl.sum(q, axis=0))
     if MAY_BE_GREEDY:
-        tl.store(idx_ptr + row * C + c, tl.min(tl.where(l == m, offs, _BIG), axis=0))
+        tl.store(idx_ptr + row * C + c, tl.min(tl.where(x == mx, offs, _BIG), axis=0))
     if NEED_RAW:
-        mr = tl.max(x, axis=0)
-        mr_safe = tl.where(mr == float("-inf"), 0.0, mr)
-        tl.store(out + 3 * part_plane, mr)
+        mr_safe = tl.where(mx == float("-inf"), 0.0, mx)
         tl.store(out + 4 * part_plane, tl.sum(tl.exp(x - mr_safe), axis=0))
 
 
 @triton.jit
-def _merge(pm, ps, cmask):
-    """Merge chunk (max, sum) pairs: returns the row max M, per-chunk masses relative to M, and their sum."""
-    M = tl.max(tl.where(cmask, pm, float("-inf")), axis=0)
-    M_safe = tl.where(M == float("-inf"), 0.0, M)
-    w = tl.where(cmask & (ps > 0.0), ps * tl.exp(pm - M_safe), 0.0)
-    w = tl.where(cmask & (ps != ps), ps, w)  # keep NaN so that the row is flagged invalid
-    return M, w, tl.sum(w, axis=0)
-
-
-@triton.jit
-def _threshold_bisect(row_ptr, V, inv_t, M, k_or_need, key_floor, MASS: tl.constexpr, ROW_BLOCK: tl.constexpr):
+def _threshold_bisect(row_ptr, V, a, ref, k_or_need, key_floor, MASS: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                      TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
     """Largest integer key t such that, over tokens with key >= max(t, key_floor), the count (MASS False)
-    or the mass exp(l - M) (MASS True) is >= k_or_need. 32 halvings of the int32 key range."""
+    or the integer mass qg (MASS True) is >= k_or_need (int64). 32 halvings of the int32 key range."""
     lo = key_floor.to(tl.int64)
     hi = tl.full((), 2147483648, tl.int64)
-    for _ in range(32):
+    for _it in range(32):
         mid = lo + (hi - lo) // 2
-        total = tl.zeros((), tl.float32)
+        total = tl.zeros((), tl.int64)
         for start in range(0, V, ROW_BLOCK):
             offs = start + tl.arange(0, ROW_BLOCK)
             inb = offs < V
             x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
             sel = inb & (_order_key(x).to(tl.int64) >= mid)
             if MASS:
-                total += tl.sum(tl.where(sel, tl.exp(x * inv_t - M), 0.0), axis=0)
+                _d, _f, q = _masses(x, a, ref, TWO_S, INTERPRET)
+                total += tl.sum(tl.where(sel, q, 0), axis=0)
             else:
-                total += tl.sum(sel.to(tl.float32), axis=0)
+                total += tl.sum(sel.to(tl.int64), axis=0)
         ok = total >= k_or_need
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid)
@@ -111,43 +143,46 @@ def _threshold_bisect(row_ptr, V, inv_t, M, k_or_need, key_floor, MASS: tl.const
 
 
 @triton.jit
-def _sample_filtered(row_ptr, V, inv_t, M, k, p, u, ROW_BLOCK: tl.constexpr):
-    """Exact top-k then top-p, then inverse-CDF sampling by one walk over the row."""
-    key_floor = tl.full((), _INT32_MIN, tl.int64)
-    if (k > 0) & (k < V):
-        key_floor = _threshold_bisect(row_ptr, V, inv_t, M, k.to(tl.float32), key_floor, False, ROW_BLOCK)
-    total = tl.zeros((), tl.float32)
+def _kept_mass(row_ptr, V, a, ref, key_floor, ROW_BLOCK: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
+    total = tl.zeros((), tl.int64)
     for start in range(0, V, ROW_BLOCK):
         offs = start + tl.arange(0, ROW_BLOCK)
         x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        total += tl.sum(tl.where(_order_key(x).to(tl.int64) >= key_floor, tl.exp(x * inv_t - M), 0.0), axis=0)
+        _d, _f, q = _masses(x, a, ref, TWO_S, INTERPRET)
+        total += tl.sum(tl.where(_order_key(x).to(tl.int64) >= key_floor, q, 0), axis=0)
+    return total
+
+
+@triton.jit
+def _sample_filtered(row_ptr, V, a, R, k, p, u, ROW_BLOCK: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
+    """Exact top-k then top-p on the global integer masses qg (reference step 5), then one inverse-CDF walk."""
+    key_floor = tl.full((), _INT32_MIN, tl.int64)
+    if (k > 0) & (k < V):
+        key_floor = _threshold_bisect(row_ptr, V, a, R, k, key_floor, False, ROW_BLOCK, TWO_S, INTERPRET)
+    total = _kept_mass(row_ptr, V, a, R, key_floor, ROW_BLOCK, TWO_S, INTERPRET)
     if p < 1.0:
-        key_floor = _threshold_bisect(row_ptr, V, inv_t, M, p * total, key_floor, True, ROW_BLOCK)
-        total = tl.zeros((), tl.float32)
-        for start in range(0, V, ROW_BLOCK):
-            offs = start + tl.arange(0, ROW_BLOCK)
-            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            total += tl.sum(tl.where(_order_key(x).to(tl.int64) >= key_floor, tl.exp(x * inv_t - M), 0.0), axis=0)
-    target = u * total
-    acc = tl.zeros((), tl.float32)
+        need = tl.math.ceil(p.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
+        key_floor = _threshold_bisect(row_ptr, V, a, R, need, key_floor, True, ROW_BLOCK, TWO_S, INTERPRET)
+        total = _kept_mass(row_ptr, V, a, R, key_floor, ROW_BLOCK, TWO_S, INTERPRET)
+    target = (u.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
+    acc = tl.zeros((), tl.int64)
     token = tl.full((), _BIG, tl.int32)
-    last = tl.full((), -1, tl.int32)
     for start in range(0, V, ROW_BLOCK):
         if token == _BIG:
             offs = start + tl.arange(0, ROW_BLOCK)
             x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            mass = tl.where(_order_key(x).to(tl.int64) >= key_floor, tl.exp(x * inv_t - M), 0.0)
+            _d, _f, q = _masses(x, a, R, TWO_S, INTERPRET)
+            mass = tl.where(_order_key(x).to(tl.int64) >= key_floor, q, 0)
             cum = tl.cumsum(mass, axis=0) + acc
             token = tl.min(tl.where(cum > target, offs, _BIG), axis=0)
-            last = tl.maximum(last, tl.max(tl.where(mass > 0.0, offs, -1), axis=0))
             acc += tl.sum(mass, axis=0)
-    return tl.where(token == _BIG, last, token)
+    return tl.where(token == _BIG, 0, token)  # never for a valid row: 0 <= target < total
 
 
 @triton.jit
 def _finish_kernel(
     logits_ptr, stride_row, V, C,
-    part_ptr, idx_ptr, part_plane,
+    part_ptr, q_ptr, idx_ptr, part_plane,
     temp_ptr, temp_scalar, topk_ptr, topk_scalar, topp_ptr, topp_scalar,
     seed_ptr, seed_scalar, offset_ptr, offset_scalar,
     tokens_ptr, logp_ptr, raw_logp_ptr, entropy_ptr, max_logp_ptr, regret_ptr, valid_ptr,
@@ -158,32 +193,49 @@ def _finish_kernel(
     TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
     SEED_PER_ROW: tl.constexpr, OFFSET_PER_ROW: tl.constexpr,
     NEED_RAW: tl.constexpr, MAY_BE_GREEDY: tl.constexpr, FILTER: tl.constexpr, STOPPER: tl.constexpr, HAS_VALUES: tl.constexpr,
-    HAS_STOPPER_ROWS: tl.constexpr,
+    HAS_STOPPER_ROWS: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temp = _row_value(temp_ptr, row, temp_scalar, TEMP_PER_ROW, tl.float32)
     greedy = temp == 0.0
     inv_t = _inverse_temperature(temp)
+    a = inv_t * _LOG2E
 
     cidx = tl.arange(0, C_BLOCK)
     cmask = cidx < C
     base = part_ptr + row * C + cidx
-    pm = tl.load(base, mask=cmask, other=float("-inf"))
+    pmx = tl.load(base, mask=cmask, other=float("-inf"))
     ps = tl.load(base + part_plane, mask=cmask, other=0.0)
     pd = tl.load(base + 2 * part_plane, mask=cmask, other=0.0)
-    M, w, S = _merge(pm, ps, cmask)
-    M_safe = tl.where(M == float("-inf"), 0.0, M)
-    # sum over the row of exp(l - M) * (l - M), from each chunk's sums taken relative to its own max
-    D = tl.sum(tl.where(w > 0.0, tl.exp(pm - M_safe) * (pd + (pm - M_safe) * ps), 0.0), axis=0)
-    log_s = tl.log(S)
+    py = tl.load(base + 3 * part_plane, mask=cmask, other=float("-inf"))
+    pq = tl.load(q_ptr + row * C + cidx, mask=cmask, other=0)
+    Mx = tl.max(pmx, axis=0)  # the row's max logit
+    M = Mx * inv_t  # the max tempered logit (rounding is monotone)
+    Y = tl.max(py, axis=0)
+    R = tl.math.ceil(Y)  # = max_c r_c
+    Y_safe = tl.where(Y == float("-inf"), 0.0, Y)
+    R_safe = tl.where(R == float("-inf"), 0.0, R)
+    rc = tl.math.ceil(py)
+    # Float statistics: chunk sums of f = 2**(y - r_c) rescaled to the row reference R (a power of two).
+    scale = tl.math.exp2(tl.where(rc == float("-inf"), float("-inf"), rc - R_safe))
+    w = tl.where(cmask & (ps > 0.0), ps * scale, 0.0)
+    w = tl.where(cmask & (ps != ps), ps, w)  # keep NaN so that the row is flagged invalid
+    S = tl.sum(w, axis=0)  # sum over the row of 2**(y - R)
+    D = tl.sum(tl.where(w > 0.0, scale * (pd + (rc - R_safe) * ps), 0.0), axis=0)  # ... times (y - R)
+    log_S = tl.log(S)
+    log_s = log_S + (R_safe - Y_safe) * _LN2  # log of the sum of exp(l - M)
+    entropy = log_S - _LN2 * (D / S)
     if NEED_RAW:
-        Mr, _, Sr = _merge(tl.load(base + 3 * part_plane, mask=cmask, other=float("-inf")),
-                           tl.load(base + 4 * part_plane, mask=cmask, other=0.0), cmask)
+        Mr_safe = tl.where(Mx == float("-inf"), 0.0, Mx)
+        psr = tl.load(base + 4 * part_plane, mask=cmask, other=0.0)
+        wr = tl.where(cmask & (psr > 0.0), psr * tl.exp(pmx - Mr_safe), 0.0)
+        wr = tl.where(cmask & (psr != psr), psr, wr)
+        # at temperature 0 or 1 the raw sums are the tempered ones: use those, as a launch without NEED_RAW does
+        raw_log_s = tl.where(inv_t == 1.0, log_s, tl.log(tl.sum(wr, axis=0)))
     else:
-        Mr = M
-        Sr = S
-    valid = (S > 0.0) & (S < float("inf")) & (M < float("inf")) & (Sr > 0.0) & (Sr < float("inf"))
+        raw_log_s = log_s  # every row has temperature 0 or 1: the tempered sums are the raw sums
+    valid = (S > 0.0) & (S < float("inf")) & (Mx < float("inf")) & (raw_log_s == raw_log_s) & (raw_log_s < float("inf"))
 
     seed = _row_value(seed_ptr, row, seed_scalar, SEED_PER_ROW, tl.int64)
     offset = _row_value(offset_ptr, row, offset_scalar, OFFSET_PER_ROW, tl.int64)
@@ -196,22 +248,29 @@ def _finish_kernel(
         p = _row_value(topp_ptr, row, topp_scalar, TOPP_PER_ROW, tl.float32)
         filtered = valid & (greedy == 0) & (((k > 0) & (k < V)) | (p < 1.0))
     if filtered:
-        token = _sample_filtered(row_ptr, V, inv_t, M, k, p, u, ROW_BLOCK)
+        token = _sample_filtered(row_ptr, V, a, R_safe, k, p, u, ROW_BLOCK, TWO_S, INTERPRET)
     else:
-        # inverse CDF: pick the chunk from the chunk masses, then re-read that chunk alone
-        target = u * S
-        cum = tl.cumsum(w, axis=0)
+        # Integer inverse CDF (reference steps 2-4): the chunk from the shifted chunk sums, then that chunk.
+        shift_f = tl.where(cmask & (rc > float("-inf")) & (R - rc < 63.0), R - rc, 63.0)
+        shift = shift_f.to(tl.int64)
+        W = pq >> shift
+        Z = tl.sum(W, axis=0)
+        target = (u.to(tl.float64) * Z.to(tl.float64)).to(tl.int64)
+        cum = tl.cumsum(W, axis=0)
         chunk = tl.min(tl.where(cum > target, cidx, _BIG), axis=0)
-        chunk = tl.where(chunk == _BIG, tl.max(tl.where(w > 0.0, cidx, -1), axis=0), chunk)
-        chunk = tl.maximum(chunk, 0)
-        local_target = target - tl.sum(tl.where(cidx == chunk, cum - w, 0.0), axis=0)
+        chunk = tl.where(chunk == _BIG, 0, chunk)  # Z == 0: an invalid row
+        sel = cidx == chunk
+        t = target - tl.sum(tl.where(sel, cum - W, 0), axis=0)
+        shift_c = tl.sum(tl.where(sel, shift, 0), axis=0)
+        r_c = tl.sum(tl.where(sel & (rc > float("-inf")), rc, 0.0), axis=0)
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
         x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        mass = tl.exp(x * inv_t - M_safe)
-        token = tl.min(tl.where(tl.cumsum(mass, axis=0) > local_target, offs, _BIG), axis=0)
-        token = tl.where(token == _BIG, tl.max(tl.where(mass > 0.0, offs, -1), axis=0), token)
+        _d, _f, q = _masses(x, a, r_c, TWO_S, INTERPRET)
+        inside = tl.cumsum(q, axis=0) >> shift_c
+        token = tl.min(tl.where(inside > t, offs, _BIG), axis=0)
+        token = tl.where(token == _BIG, chunk * CHUNK, token)  # never for a valid row
         if MAY_BE_GREEDY:
-            first_max = tl.load(idx_ptr + row * C + cidx, mask=cmask & (pm == M), other=_BIG)
+            first_max = tl.load(idx_ptr + row * C + cidx, mask=cmask & (pmx == Mx), other=_BIG)
             token = tl.where(greedy, tl.min(first_max, axis=0), token)
 
     token = tl.where(valid, token, 0)
@@ -222,8 +281,8 @@ def _finish_kernel(
     regret = tl.where(sampled, M - l_tok, tl.where(valid, 0.0, nan))
     tl.store(tokens_ptr + row, tl.where(valid, token.to(tl.int64), -1))
     tl.store(logp_ptr + row, tl.where(sampled, l_tok - M - log_s, tl.where(valid, 0.0, nan)))
-    tl.store(raw_logp_ptr + row, tl.where(valid, x_tok - Mr - tl.log(Sr), nan))
-    tl.store(entropy_ptr + row, tl.where(sampled, log_s - D / S, tl.where(valid, 0.0, nan)))
+    tl.store(raw_logp_ptr + row, tl.where(valid, x_tok - Mx - raw_log_s, nan))
+    tl.store(entropy_ptr + row, tl.where(sampled, entropy, tl.where(valid, 0.0, nan)))
     tl.store(max_logp_ptr + row, tl.where(sampled, -log_s, tl.where(valid, 0.0, nan)))
     tl.store(regret_ptr + row, regret)
     tl.store(valid_ptr + row, valid)
@@ -280,7 +339,10 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
     need_raw = per_row_temperature or temperature not in (0.0, 1.0)
     may_be_greedy = per_row_temperature or temperature == 0.0
     filtered = hasattr(top_k, "data_ptr") or hasattr(top_p, "data_ptr") or 0 < top_k < V or top_p < 1.0
-    parts = torch.empty((5 if need_raw else 3, B, C), dtype=torch.float32, device=dev)
+    parts = torch.empty((5 if need_raw else 4, B, C), dtype=torch.float32, device=dev)
+    qsum = torch.empty((B, C), dtype=torch.int64, device=dev)
+    two_s = float(2 ** mass_shift(V))
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or dev.type != "cuda"
     argmax = torch.empty((B, C) if may_be_greedy else (1,), dtype=torch.int32, device=dev)
     f32 = dict(dtype=torch.float32, device=dev)
     out = {
@@ -295,8 +357,9 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
     dummy = out["regret"]
     temp_arg = _pointer_and_scalar(temperature, dummy)
     _chunk_stats_kernel[(B, C)](
-        logits, logits.stride(0), V, C, temp_arg[0], temp_arg[1], parts, argmax, B * C,
+        logits, logits.stride(0), V, C, temp_arg[0], temp_arg[1], parts, qsum, argmax, B * C,
         CHUNK=chunk, TEMP_PER_ROW=temp_arg[2], NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy,
+        TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
     )
     args = [_pointer_and_scalar(v, dummy) for v in (top_k, top_p, seed, offset)]
     if stopper is not None:
@@ -309,7 +372,7 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
     else:
         state, stop, params = [dummy] * 8, dummy, [0.0, 0.0, 0.0, 0.0, 0.0, 0]
     _finish_kernel[(B,)](
-        logits, logits.stride(0), V, C, parts, argmax, B * C,
+        logits, logits.stride(0), V, C, parts, qsum, argmax, B * C,
         temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2], *args[2][:2], *args[3][:2],
         out["tokens"], out["logprobs"], out["raw_logprobs"], out["entropy"], out["max_logprob"], out["regret"],
         out["valid"], *state, dummy if values is None else values, stop, *params,
@@ -317,7 +380,7 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
         TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
         SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],
         NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy, FILTER=filtered, STOPPER=stopper is not None, HAS_VALUES=values is not None,
-        HAS_STOPPER_ROWS=stopper_rows is not None,
+        HAS_STOPPER_ROWS=stopper_rows is not None, TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
     )
     out["stop"] = stop if stopper is not None else None
     return out

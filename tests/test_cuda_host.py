@@ -1,5 +1,5 @@
 """The CUDA sources on the host, no GPU needed: csrc/philox.cuh against espo.rng bit for bit, and the
-chunking rule of csrc/sample.cuh against the Triton backend's.
+chunking rule and integer-mass shift of csrc/sample.cuh against the reference's and the Triton backend's.
 
 A tiny C++ program includes the headers (which must need neither CUDA nor torch headers), is compiled with
 whatever C++ compiler is here (c++, g++, clang++ or nvcc), and prints what the tests compare.
@@ -22,7 +22,7 @@ PROGRAM = r"""
 #include "philox.cuh"
 #include "sample.cuh"
 
-// stdin: lines "u SEED OFFSET", "p K0 K1 C0 C1 C2 C3" or "c V"; stdout: one answer line each.
+// stdin: lines "u SEED OFFSET", "p K0 K1 C0 C1 C2 C3", "c V" or "s V"; stdout: one answer line each.
 int main() {
   char kind[4];
   while (std::scanf("%3s", kind) == 1) {
@@ -43,6 +43,10 @@ int main() {
       long long v;
       if (std::scanf("%lld", &v) != 1) return 2;
       std::printf("%lld %lld\n", static_cast<long long>(espo::chunk_size(v)), static_cast<long long>(espo::num_chunks(v)));
+    } else if (std::strcmp(kind, "s") == 0) {
+      long long v;
+      if (std::scanf("%lld", &v) != 1) return 2;
+      std::printf("%d\n", espo::mass_shift(v));
     } else {
       return 3;
     }
@@ -138,3 +142,14 @@ def test_cuda_chunk_size_equals_triton(host_program):
         assert count == -(-v // chunk)
         if triton_chunk is not None:
             assert chunk == triton_chunk(v), f"V={v}: CUDA chunk {chunk} != Triton chunk {triton_chunk(v)}"
+
+
+def test_cuda_mass_shift_equals_reference(host_program):
+    from espo.reference import chunk_size, mass_shift
+
+    vocab = list(range(1, 3000)) + [4099, 32000, 151936, 2**21, 2**22 - 1, 2**22, 2**22 + 1, 10**7, 2**31 - 4097]
+    shifts = _ask(host_program, [f"s {v}" for v in vocab])
+    chunks = _ask(host_program, [f"c {v}" for v in vocab])
+    for v, s, c in zip(vocab, shifts, chunks):
+        assert int(s) == mass_shift(v), f"V={v}: CUDA shift {s} != reference {mass_shift(v)}"
+        assert int(c.split()[0]) == chunk_size(v), f"V={v}: CUDA chunk {c} != reference {chunk_size(v)}"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from reference_helpers import chi_square, chi_square_bound, kept_set
 
 import espo
-from espo.reference import sample_reference
+from espo.reference import base2_logits, integer_masses, mass_shift, sample_reference
 
 PAIRS = backend_device_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -22,9 +22,12 @@ def random_logits(B, V, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
 
 
 def assert_matches(out, ref, rtol=2e-5, atol=2e-5):
-    """Same tokens (floating-point near-ties may differ in at most 0.1% of rows) and statistics."""
+    """The same tokens and statistics (float tolerances). Sampling is exact integer arithmetic, so tokens
+    are equal bit for bit on the CPU (the interpreter rounds exp2 as the reference does); on a GPU the
+    kernels' ex2.approx may move a draw that falls within ~2**-22 of a token boundary (at most 0.1%)."""
     mismatched = (out.tokens != ref.tokens).sum().item()
-    assert mismatched <= len(ref.tokens) // 1000, f"{mismatched} of {len(ref.tokens)} tokens differ"
+    allowed = 0 if out.tokens.device.type == "cpu" else len(ref.tokens) // 1000
+    assert mismatched <= allowed, f"{mismatched} of {len(ref.tokens)} tokens differ"
     same = out.tokens == ref.tokens
     torch.testing.assert_close(out.valid, ref.valid)
     for field in FLOAT_FIELDS:
@@ -114,7 +117,9 @@ def test_reference_filters_match_brute_force():
         from espo.reference import _filter_mask
 
         xt = torch.from_numpy(x)[None]
-        got = _filter_mask(xt, xt * (1.0 / torch.tensor(t)), torch.tensor([k]), torch.tensor([p]))[0].numpy()
+        y = base2_logits(xt, 1.0 / torch.tensor([t], dtype=torch.float32))
+        qg = integer_masses(y, torch.ceil(y.max()), mass_shift(V))  # the global integer masses
+        got = _filter_mask(xt, qg, torch.tensor([k]), torch.tensor([p]))[0].numpy()
         np.testing.assert_array_equal(got, kept_set(x, t, k, p), err_msg=f"trial {trial}: V={V} k={k} p={p}")
 
 
@@ -168,7 +173,9 @@ def test_backend_draws_follow_the_distribution(backend, device):
     probs = torch.softmax(x.double() / 0.8, 0).numpy()
     tokens = draw_many(x[None], n, backend, device, temperature=0.8)
     frequency_check(tokens, probs)
-    assert torch.equal(tokens, draw_many(x[None], n, "torch", "cpu", temperature=0.8))
+    mismatched = int((tokens != draw_many(x[None], n, "torch", "cpu", temperature=0.8)).sum())
+    # exact on the CPU; on a GPU only ex2.approx's rounding can move a draw (~1e-6 of them at V = 16)
+    assert mismatched == 0 if device == "cpu" else mismatched <= n * 1e-4
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
