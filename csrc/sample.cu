@@ -508,44 +508,10 @@ __device__ int64_t sample_chunked(const Params& p, int64_t row, const typename T
   return start + (first != kBig ? first : 0);  // always found for a valid row
 }
 
-// Largest key t >= key_floor such that the tokens with key >= t number at least `need` (MASS false) or
-// carry an integer mass qg of at least `need` (MASS true): 32 halvings of the int32 key range, one pass each.
+// Over the tokens whose order key is >= floor: their count (MASS false) or their integer mass qg.
 template <typename Tag, int CHUNK, bool MASS>
-__device__ int64_t threshold_bisect(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref,
-                                    float two_s, long long need, int64_t key_floor, bool aligned,
-                                    Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
-  using C = Cfg<Tag, CHUNK>;
-  int64_t lo = key_floor, hi = 2147483648LL;
-  for (int it = 0; it < 32; ++it) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    long long sum = 0;
-    for (int c = 0; c < nc; ++c) {
-      const int64_t start = static_cast<int64_t>(c) * CHUNK;
-      float x[C::kLoads][C::kLvec];
-      load_chunk<Tag, CHUNK, false>(rowp, V, start, aligned, x);
-#pragma unroll
-      for (int j = 0; j < C::kLoads; ++j)
-#pragma unroll
-        for (int kk = 0; kk < C::kLvec; ++kk) {
-          const int le = local_index<Tag, CHUNK, false>(j) + kk;
-          const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= mid;
-          if (MASS) {
-            sum += sel ? integer_mass(x[j][kk], a, ref, two_s) : 0;
-          } else {
-            sum += sel ? 1 : 0;
-          }
-        }
-    }
-    const bool ok = block_sum_ll<C::kWarps>(sum, sh) >= need;
-    lo = ok ? mid : lo;
-    hi = ok ? hi : mid;
-  }
-  return lo;
-}
-
-template <typename Tag, int CHUNK>
-__device__ long long kept_mass(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref, float two_s,
-                               int64_t key_floor, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
+__device__ long long sum_above(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref, float two_s,
+                               int64_t floor, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
   using C = Cfg<Tag, CHUNK>;
   long long sum = 0;
   for (int c = 0; c < nc; ++c) {
@@ -557,11 +523,30 @@ __device__ long long kept_mass(const typename Tag::storage* rowp, int64_t V, int
 #pragma unroll
       for (int kk = 0; kk < C::kLvec; ++kk) {
         const int le = local_index<Tag, CHUNK, false>(j) + kk;
-        const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
-        sum += sel ? integer_mass(x[j][kk], a, ref, two_s) : 0;
+        const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= floor;
+        if (MASS) {
+          sum += sel ? integer_mass(x[j][kk], a, ref, two_s) : 0;
+        } else {
+          sum += sel ? 1 : 0;
+        }
       }
   }
   return block_sum_ll<C::kWarps>(sum, sh);
+}
+
+// Largest key t >= key_floor whose sum_above is at least `need`: 32 halvings of the int32 key range.
+template <typename Tag, int CHUNK, bool MASS>
+__device__ int64_t threshold_bisect(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref,
+                                    float two_s, long long need, int64_t key_floor, bool aligned,
+                                    Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
+  int64_t lo = key_floor, hi = 2147483648LL;
+  for (int it = 0; it < 32; ++it) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const bool ok = sum_above<Tag, CHUNK, MASS>(rowp, V, nc, a, ref, two_s, mid, aligned, sh) >= need;
+    lo = ok ? mid : lo;
+    hi = ok ? hi : mid;
+  }
+  return lo;
 }
 
 // Exact top-k then top-p (ties at a threshold kept) on the global integer masses qg (reference step 5),
@@ -572,11 +557,11 @@ __device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V,
   using C = Cfg<Tag, CHUNK>;
   int64_t key_floor = INT32_MIN;
   if (k > 0 && k < V) key_floor = threshold_bisect<Tag, CHUNK, false>(rowp, V, nc, a, R, two_s, k, key_floor, aligned, sh);
-  long long total = kept_mass<Tag, CHUNK>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
+  long long total = sum_above<Tag, CHUNK, true>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
   if (top_p < 1.0f) {
     const long long need = static_cast<long long>(ceil(__dmul_rn(static_cast<double>(top_p), __ll2double_rn(total))));
     key_floor = threshold_bisect<Tag, CHUNK, true>(rowp, V, nc, a, R, two_s, need, key_floor, aligned, sh);
-    total = kept_mass<Tag, CHUNK>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
+    total = sum_above<Tag, CHUNK, true>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
   }
   const long long target = static_cast<long long>(__dmul_rn(static_cast<double>(u), __ll2double_rn(total)));
   long long acc = 0;

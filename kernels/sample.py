@@ -117,40 +117,35 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
+def _sum_above(row_ptr, V, a, ref, floor, MASS: tl.constexpr, ROW_BLOCK: tl.constexpr, TWO_S: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """Over the tokens whose order key is >= floor: their count (MASS False) or integer mass qg (int64)."""
+    total = tl.zeros((), tl.int64)
+    for start in range(0, V, ROW_BLOCK):
+        offs = start + tl.arange(0, ROW_BLOCK)
+        inb = offs < V
+        x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        sel = inb & (_order_key(x).to(tl.int64) >= floor)
+        if MASS:
+            _d, _f, q = _masses(x, a, ref, TWO_S, INTERPRET)
+            total += tl.sum(tl.where(sel, q, 0), axis=0)
+        else:
+            total += tl.sum(sel.to(tl.int64), axis=0)
+    return total
+
+
+@triton.jit
 def _threshold_bisect(row_ptr, V, a, ref, k_or_need, key_floor, MASS: tl.constexpr, ROW_BLOCK: tl.constexpr,
                       TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
-    """Largest integer key t such that, over tokens with key >= max(t, key_floor), the count (MASS False)
-    or the integer mass qg (MASS True) is >= k_or_need (int64). 32 halvings of the int32 key range."""
+    """Largest integer key t >= key_floor whose ``_sum_above`` is >= k_or_need: 32 halvings of the int32 keys."""
     lo = key_floor.to(tl.int64)
     hi = tl.full((), 2147483648, tl.int64)
     for _it in range(32):
         mid = lo + (hi - lo) // 2
-        total = tl.zeros((), tl.int64)
-        for start in range(0, V, ROW_BLOCK):
-            offs = start + tl.arange(0, ROW_BLOCK)
-            inb = offs < V
-            x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
-            sel = inb & (_order_key(x).to(tl.int64) >= mid)
-            if MASS:
-                _d, _f, q = _masses(x, a, ref, TWO_S, INTERPRET)
-                total += tl.sum(tl.where(sel, q, 0), axis=0)
-            else:
-                total += tl.sum(sel.to(tl.int64), axis=0)
-        ok = total >= k_or_need
+        ok = _sum_above(row_ptr, V, a, ref, mid, MASS, ROW_BLOCK, TWO_S, INTERPRET) >= k_or_need
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid)
     return lo
-
-
-@triton.jit
-def _kept_mass(row_ptr, V, a, ref, key_floor, ROW_BLOCK: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
-    total = tl.zeros((), tl.int64)
-    for start in range(0, V, ROW_BLOCK):
-        offs = start + tl.arange(0, ROW_BLOCK)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        _d, _f, q = _masses(x, a, ref, TWO_S, INTERPRET)
-        total += tl.sum(tl.where(_order_key(x).to(tl.int64) >= key_floor, q, 0), axis=0)
-    return total
 
 
 @triton.jit
@@ -159,11 +154,11 @@ def _sample_filtered(row_ptr, V, a, R, k, p, u, ROW_BLOCK: tl.constexpr, TWO_S: 
     key_floor = tl.full((), _INT32_MIN, tl.int64)
     if (k > 0) & (k < V):
         key_floor = _threshold_bisect(row_ptr, V, a, R, k, key_floor, False, ROW_BLOCK, TWO_S, INTERPRET)
-    total = _kept_mass(row_ptr, V, a, R, key_floor, ROW_BLOCK, TWO_S, INTERPRET)
+    total = _sum_above(row_ptr, V, a, R, key_floor, True, ROW_BLOCK, TWO_S, INTERPRET)
     if p < 1.0:
         need = tl.math.ceil(p.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
         key_floor = _threshold_bisect(row_ptr, V, a, R, need, key_floor, True, ROW_BLOCK, TWO_S, INTERPRET)
-        total = _kept_mass(row_ptr, V, a, R, key_floor, ROW_BLOCK, TWO_S, INTERPRET)
+        total = _sum_above(row_ptr, V, a, R, key_floor, True, ROW_BLOCK, TWO_S, INTERPRET)
     target = (u.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
     acc = tl.zeros((), tl.int64)
     token = tl.full((), _BIG, tl.int32)
@@ -242,36 +237,33 @@ def _finish_kernel(
     u = philox_uniform((seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32),
                        (offset & 0xFFFFFFFF).to(tl.uint32), ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32), 0)
 
-    filtered = False
-    if FILTER:
+    # Integer inverse CDF (reference steps 2-4): the chunk from the shifted chunk sums, then that chunk.
+    shift_f = tl.where(cmask & (rc > float("-inf")) & (R - rc < 63.0), R - rc, 63.0)
+    shift = shift_f.to(tl.int64)
+    W = pq >> shift
+    Z = tl.sum(W, axis=0)
+    target = (u.to(tl.float64) * Z.to(tl.float64)).to(tl.int64)
+    cum = tl.cumsum(W, axis=0)
+    chunk = tl.min(tl.where(cum > target, cidx, _BIG), axis=0)
+    chunk = tl.where(chunk == _BIG, 0, chunk)  # Z == 0: an invalid row
+    sel = cidx == chunk
+    t = target - tl.sum(tl.where(sel, cum - W, 0), axis=0)
+    shift_c = tl.sum(tl.where(sel, shift, 0), axis=0)
+    r_c = tl.sum(tl.where(sel & (rc > float("-inf")), rc, 0.0), axis=0)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    _d, _f, q = _masses(x, a, r_c, TWO_S, INTERPRET)
+    inside = tl.cumsum(q, axis=0) >> shift_c
+    token = tl.min(tl.where(inside > t, offs, _BIG), axis=0)
+    token = tl.where(token == _BIG, chunk * CHUNK, token)  # never for a valid row
+    if MAY_BE_GREEDY:
+        first_max = tl.load(idx_ptr + row * C + cidx, mask=cmask & (pmx == Mx), other=_BIG)
+        token = tl.where(greedy, tl.min(first_max, axis=0), token)
+    if FILTER:  # rows with top-k/top-p (never greedy or invalid ones) replace the token by an exact walk
         k = _row_value(topk_ptr, row, topk_scalar, TOPK_PER_ROW, tl.int64)
         p = _row_value(topp_ptr, row, topp_scalar, TOPP_PER_ROW, tl.float32)
-        filtered = valid & (greedy == 0) & (((k > 0) & (k < V)) | (p < 1.0))
-    if filtered:
-        token = _sample_filtered(row_ptr, V, a, R_safe, k, p, u, ROW_BLOCK, TWO_S, INTERPRET)
-    else:
-        # Integer inverse CDF (reference steps 2-4): the chunk from the shifted chunk sums, then that chunk.
-        shift_f = tl.where(cmask & (rc > float("-inf")) & (R - rc < 63.0), R - rc, 63.0)
-        shift = shift_f.to(tl.int64)
-        W = pq >> shift
-        Z = tl.sum(W, axis=0)
-        target = (u.to(tl.float64) * Z.to(tl.float64)).to(tl.int64)
-        cum = tl.cumsum(W, axis=0)
-        chunk = tl.min(tl.where(cum > target, cidx, _BIG), axis=0)
-        chunk = tl.where(chunk == _BIG, 0, chunk)  # Z == 0: an invalid row
-        sel = cidx == chunk
-        t = target - tl.sum(tl.where(sel, cum - W, 0), axis=0)
-        shift_c = tl.sum(tl.where(sel, shift, 0), axis=0)
-        r_c = tl.sum(tl.where(sel & (rc > float("-inf")), rc, 0.0), axis=0)
-        offs = chunk * CHUNK + tl.arange(0, CHUNK)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        _d, _f, q = _masses(x, a, r_c, TWO_S, INTERPRET)
-        inside = tl.cumsum(q, axis=0) >> shift_c
-        token = tl.min(tl.where(inside > t, offs, _BIG), axis=0)
-        token = tl.where(token == _BIG, chunk * CHUNK, token)  # never for a valid row
-        if MAY_BE_GREEDY:
-            first_max = tl.load(idx_ptr + row * C + cidx, mask=cmask & (pmx == Mx), other=_BIG)
-            token = tl.where(greedy, tl.min(first_max, axis=0), token)
+        if valid & (greedy == 0) & (((k > 0) & (k < V)) | (p < 1.0)):
+            token = _sample_filtered(row_ptr, V, a, R_safe, k, p, u, ROW_BLOCK, TWO_S, INTERPRET)
 
     token = tl.where(valid, token, 0)
     x_tok = tl.load(row_ptr + token).to(tl.float32)

@@ -1,0 +1,70 @@
+"""Compile the Triton kernels for a Hopper GPU (sm_90) on a machine without one, and check the PTX.
+
+The interpreter that runs the kernels on the CPU accepts code that the GPU compiler refuses (module
+globals inside @jit code, for one), so CI compiles every kernel variant for real as well. The PTX must
+exponentiate with ex2.approx.ftz (the instruction the CUDA backend uses, for identical tokens) and hold
+no fused multiply-add (the integer sampling rule fixes every rounding).
+
+    python scripts/check_triton_compile.py        # exits non-zero on a compile error or a PTX check
+"""
+import os
+import re
+import sys
+from itertools import product
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("check_triton_compile: unset TRITON_INTERPRET; it needs the real compiler")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from espo.backends import load_triton_kernels  # noqa: E402
+
+K = load_triton_kernels()
+TARGET = GPUTarget("cuda", 90, 32)
+TWO_S = float(2**40)
+
+
+def compile_ptx(fn, types: dict, constexprs: dict) -> str:
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=dict(enable_fp_fusion=False))
+    return kernel.asm["ptx"]
+
+
+def check(name: str, ptx: str) -> None:
+    fma = len(re.findall(r"\bfma\.rn\.f32", ptx))
+    ex2 = ptx.count("ex2.approx.ftz.f32")
+    print(f"check_triton_compile: {name}: {ex2} ex2.approx.ftz, {fma} fma")
+    if fma or not ex2:
+        sys.exit(f"check_triton_compile: {name}: expected ex2.approx.ftz and no fma.rn.f32")
+
+
+def main() -> None:
+    for dtype, need_raw in product(("bf16", "fp32"), (False, True)):
+        types = dict(logits_ptr=f"*{dtype}", temp_ptr="*fp32", temp_scalar="fp32", part_ptr="*fp32", q_ptr="*i64",
+                     idx_ptr="*i32")
+        flags = dict(CHUNK=4096, TEMP_PER_ROW=need_raw, NEED_RAW=need_raw, MAY_BE_GREEDY=need_raw, TWO_S=TWO_S,
+                     INTERPRET=False)
+        check(f"stats {dtype} raw={need_raw}", compile_ptx(K._chunk_stats_kernel, types, flags))
+    types = dict(
+        logits_ptr="*bf16", part_ptr="*fp32", q_ptr="*i64", idx_ptr="*i32", temp_ptr="*fp32", temp_scalar="fp32",
+        topk_ptr="*i64", topk_scalar="i64", topp_ptr="*fp32", topp_scalar="fp32", seed_ptr="*i64", seed_scalar="i64",
+        offset_ptr="*i64", offset_scalar="i64", tokens_ptr="*i64", logp_ptr="*fp32", raw_logp_ptr="*fp32",
+        entropy_ptr="*fp32", max_logp_ptr="*fp32", regret_ptr="*fp32", valid_ptr="*i1", z_ptr="*fp32",
+        sum_g_ptr="*fp32", sum_g2_ptr="*fp32", count_ptr="*i32", position_ptr="*i32", stopped_ptr="*i1",
+        scalars_ptr="*fp32", stopper_rows_ptr="*i64", values_ptr="*fp32", stop_ptr="*i1", alpha_s="fp32",
+        one_minus_alpha_s="fp32", clip="fp32", delta="fp32", value_floor="fp32",
+    )
+    for everything in (False, True):
+        flags = dict(CHUNK=4096, C_BLOCK=64, ROW_BLOCK=4096, TWO_S=TWO_S, INTERPRET=False, **{
+            k: everything for k in ("TEMP_PER_ROW", "TOPK_PER_ROW", "TOPP_PER_ROW", "SEED_PER_ROW", "OFFSET_PER_ROW",
+                                    "NEED_RAW", "MAY_BE_GREEDY", "FILTER", "STOPPER", "HAS_VALUES", "HAS_STOPPER_ROWS")})
+        check(f"finish all-flags={everything}", compile_ptx(K._finish_kernel, types, flags))
+    print("check_triton_compile: ok")
+
+
+if __name__ == "__main__":
+    main()
