@@ -170,29 +170,21 @@ __device__ __forceinline__ void load_chunk(const typename Tag::storage* row, int
 // Warp butterflies leave the same bits in every lane (IEEE addition is commutative), and the per-warp
 // values are combined in warp order by every thread, so every thread returns the same value.
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct MinOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return min(a, b); }
+};
+
+template <typename Op, typename T>
+__device__ __forceinline__ T warp_reduce(T v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-__device__ __forceinline__ int warp_min_i(int v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-__device__ __forceinline__ int warp_max_i(int v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-__device__ __forceinline__ int warp_sum_i(int v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = Op{}(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
 
@@ -206,10 +198,33 @@ struct Shared {
   int is_last;
 };
 
+// The per-warp scratch slots of each value type.
+template <int W> __device__ __forceinline__ float* scratch(Shared<W>& sh, float) { return sh.f; }
+template <int W> __device__ __forceinline__ int* scratch(Shared<W>& sh, int) { return sh.i; }
+template <int W> __device__ __forceinline__ long long* scratch(Shared<W>& sh, long long) { return sh.ll; }
+
+// One value per thread reduced over the block; every thread returns the result. Integer sums are exact,
+// so any order gives the same bits; float results depend only on the (fixed) warp order.
+template <typename Op, int W, typename T>
+__device__ __forceinline__ T block_reduce(T v, Shared<W>& sh) {
+  v = warp_reduce<Op>(v);
+  if constexpr (W > 1) {
+    T* slot = scratch(sh, v);
+    if ((threadIdx.x & 31) == 0) slot[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = slot[0];
+#pragma unroll
+    for (int w = 1; w < W; ++w) v = Op{}(v, slot[w]);
+    __syncthreads();
+  }
+  return v;
+}
+
+// N float sums at once (one pair of barriers for all of them).
 template <int W, int N>
 __device__ __forceinline__ void block_sum_n(float (&v)[N], Shared<W>& sh) {
 #pragma unroll
-  for (int n = 0; n < N; ++n) v[n] = warp_sum(v[n]);
+  for (int n = 0; n < N; ++n) v[n] = warp_reduce<SumOp>(v[n]);
   if constexpr (W > 1) {
     const int warp = threadIdx.x >> 5;
     if ((threadIdx.x & 31) == 0) {
@@ -226,64 +241,6 @@ __device__ __forceinline__ void block_sum_n(float (&v)[N], Shared<W>& sh) {
     }
     __syncthreads();
   }
-}
-
-template <int W>
-__device__ __forceinline__ float block_sum(float v, Shared<W>& sh) {
-  float a[1] = {v};
-  block_sum_n<W, 1>(a, sh);
-  return a[0];
-}
-
-template <int W>
-__device__ __forceinline__ float block_max(float v, Shared<W>& sh) {
-  v = warp_max(v);
-  if constexpr (W > 1) {
-    if ((threadIdx.x & 31) == 0) sh.f[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = sh.f[0];
-#pragma unroll
-    for (int w = 1; w < W; ++w) v = fmaxf(v, sh.f[w]);
-    __syncthreads();
-  }
-  return v;
-}
-
-enum class IntOp { kMin, kMax, kSum };
-
-template <IntOp OP, int W>
-__device__ __forceinline__ int block_int(int v, Shared<W>& sh) {
-  v = OP == IntOp::kMin ? warp_min_i(v) : (OP == IntOp::kMax ? warp_max_i(v) : warp_sum_i(v));
-  if constexpr (W > 1) {
-    if ((threadIdx.x & 31) == 0) sh.i[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = sh.i[0];
-#pragma unroll
-    for (int w = 1; w < W; ++w) v = OP == IntOp::kMin ? min(v, sh.i[w]) : (OP == IntOp::kMax ? max(v, sh.i[w]) : v + sh.i[w]);
-    __syncthreads();
-  }
-  return v;
-}
-
-__device__ __forceinline__ long long warp_sum_ll(long long v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-
-// Integer sums are exact: any reduction order gives the same bits.
-template <int W>
-__device__ __forceinline__ long long block_sum_ll(long long v, Shared<W>& sh) {
-  v = warp_sum_ll(v);
-  if constexpr (W > 1) {
-    if ((threadIdx.x & 31) == 0) sh.ll[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = sh.ll[0];
-#pragma unroll
-    for (int w = 1; w < W; ++w) v += sh.ll[w];
-    __syncthreads();
-  }
-  return v;
 }
 
 // Exclusive prefix sum of one int64 per thread, in thread order; `total` gets the block's sum.
@@ -382,7 +339,7 @@ __device__ __forceinline__ Partial chunk_stats(const typename Tag::storage* row,
   for (int j = 0; j < C::kLoads; ++j)
 #pragma unroll
     for (int k = 0; k < C::kLvec; ++k) mx = fmaxf(mx, x[j][k]);
-  mx = block_max<C::kWarps>(mx, sh);
+  mx = block_reduce<MaxOp, C::kWarps>(mx, sh);
   // max over the chunk of y = fl(x * a): rounding is monotone and a > 0, so it is fl(max x * a).
   const float a = base2_factor(inv_t);
   const float ymax = __fmul_rn(mx, a);
@@ -412,8 +369,8 @@ __device__ __forceinline__ Partial chunk_stats(const typename Tag::storage* row,
     }
   }
   block_sum_n<C::kWarps, 3>(acc, sh);
-  qsum = block_sum_ll<C::kWarps>(qsum, sh);
-  if (greedy) idx = block_int<IntOp::kMin, C::kWarps>(idx, sh);
+  qsum = block_reduce<SumOp, C::kWarps>(qsum, sh);
+  if (greedy) idx = block_reduce<MinOp, C::kWarps>(idx, sh);
   Partial p;
   p.mx = mx;
   p.s = acc[0];
@@ -454,7 +411,7 @@ __device__ int64_t sample_chunked(const Params& p, int64_t row, const typename T
 
   long long z = 0;
   for (int c = threadIdx.x; c < nc; c += C::kThreads) z += __ldcg(pq_row + c) >> chunk_shift(ceilf(__ldcg(py_row + c)), R);
-  const long long Z = block_sum_ll<C::kWarps>(z, sh);
+  const long long Z = block_reduce<SumOp, C::kWarps>(z, sh);
   const long long target = static_cast<long long>(__dmul_rn(static_cast<double>(u), __ll2double_rn(Z)));
 
   long long carry = 0;
@@ -466,7 +423,7 @@ __device__ int64_t sample_chunked(const Params& p, int64_t row, const typename T
     const long long ex = block_exclusive_scan_ll<C::kWarps>(w, sh, tile_total);
     const long long cum = carry + ex + w;
     const bool hit = c < nc && cum > target;
-    const int first = block_int<IntOp::kMin, C::kWarps>(hit ? c : kBig, sh);
+    const int first = block_reduce<MinOp, C::kWarps>(hit ? c : kBig, sh);
     if (first != kBig && c == first) sh.pick_excl = cum - w;
     __syncthreads();
     if (first != kBig) {
@@ -504,7 +461,7 @@ __device__ int64_t sample_chunked(const Params& p, int64_t row, const typename T
       run += integer_mass(x[j][k], a, ref, p.two_s);
       if (my_first == kBig && (run >> shift) > t) my_first = base_e + j * C::kLvec + k;
     }
-  const int first = block_int<IntOp::kMin, C::kWarps>(my_first, sh);
+  const int first = block_reduce<MinOp, C::kWarps>(my_first, sh);
   return start + (first != kBig ? first : 0);  // always found for a valid row
 }
 
@@ -531,7 +488,7 @@ __device__ long long sum_above(const typename Tag::storage* rowp, int64_t V, int
         }
       }
   }
-  return block_sum_ll<C::kWarps>(sum, sh);
+  return block_reduce<SumOp, C::kWarps>(sum, sh);
 }
 
 // Largest key t >= key_floor whose sum_above is at least `need`: 32 halvings of the int32 key range.
@@ -591,7 +548,7 @@ __device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V,
         run += sel ? integer_mass(x[j][kk], a, R, two_s) : 0;
         if (my_first == kBig && run > target) my_first = le;
       }
-    const int first = block_int<IntOp::kMin, C::kWarps>(my_first, sh);
+    const int first = block_reduce<MinOp, C::kWarps>(my_first, sh);
     if (first != kBig) return start + first;
     acc += tile_total;
   }
@@ -619,8 +576,8 @@ __device__ void finish_row(const Params& p, int64_t row, const typename Tag::sto
     Mx = fmaxf(Mx, __ldcg(pmx_row + c));
     Y = fmaxf(Y, __ldcg(py_row + c));
   }
-  Mx = block_max<C::kWarps>(Mx, sh);
-  Y = block_max<C::kWarps>(Y, sh);
+  Mx = block_reduce<MaxOp, C::kWarps>(Mx, sh);
+  Y = block_reduce<MaxOp, C::kWarps>(Y, sh);
   const float R = safe_reference(ceilf(Y));  // = max_c r_c
   const float Y_safe = Y == neg_inf() ? 0.0f : Y;
   const float Mx_safe = Mx == neg_inf() ? 0.0f : Mx;
@@ -654,7 +611,7 @@ __device__ void finish_row(const Params& p, int64_t row, const typename Tag::sto
       int first = kBig;
       for (int c = threadIdx.x; c < nc; c += C::kThreads)
         if (__ldcg(pmx_row + c) == Mx) first = min(first, __ldcg(p.part_idx + row * nc + c));
-      token = block_int<IntOp::kMin, C::kWarps>(first, sh);
+      token = block_reduce<MinOp, C::kWarps>(first, sh);
     } else {
       const float u = philox_uniform(row_value(p.seed, row), row_value(p.offset, row));
       const int64_t k = row_value(p.top_k, row);
