@@ -48,7 +48,23 @@ def summarise(algo: str, history: list[dict]) -> dict[str, Any]:
         "false_stop_rate": sum(h["false_stops"] for h in history) / stopped if stopped else None,
         "informative_fraction": sum(h["informative_fraction"] * h["rollouts"] for h in history) / max(rollouts, 1),
         "time_per_step_s": sum(h["time_s"] for h in history) / max(len(history), 1),
+        # tokens after the first mistake of wrong rollouts that ran on: in a run without stopping, the share
+        # of its tokens that a perfect stopper would have cut (None when the task cannot say where it went wrong)
+        "doomed_fraction": (sum(h["doomed_tokens"] for h in history) / max(history[-1]["cum_tokens"], 1)
+                            if history and all(h.get("doomed_tokens") is not None for h in history) else None),
     }
+
+
+def ceiling_line(summaries: dict[str, dict]) -> str | None:
+    """ESPO's saving beside the oracle ceiling measured on the PPO run, or None if either is missing."""
+    ppo, espo = summaries.get("ppo"), summaries.get("espo")
+    if not ppo or not espo or ppo.get("doomed_fraction") is None:
+        return None
+    saved = 1 - espo["rollout_tokens"] / max(ppo["rollout_tokens"], 1)
+    ceiling = ppo["doomed_fraction"]
+    share = f", {saved / ceiling:.0%} of that ceiling" if ceiling > 0 else ""
+    return (f"A perfect stopper (every wrong PPO rollout stopped at the token of its first mistake) would have cut "
+            f"{ceiling:.1%} of PPO's rollout tokens; ESPO used {saved:.1%} fewer than PPO{share}.")
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -84,6 +100,8 @@ def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> st
                 f"{_fmt(s['final_accuracy'], True)} | {_fmt(s['stop_rate'], True)} | {_fmt(s['false_stop_rate'], True)} | "
                 f"{_fmt(s['informative_fraction'], True)} | {s['time_per_step_s']:.2f} |"
             )
+    ceiling = ceiling_line(summaries)
+    lines += ["", ceiling] if ceiling else []
     lines += [
         "",
         "Accuracy: sampled at the training temperature on held-out problems, without stopping. A false stop is a "
@@ -163,6 +181,9 @@ def print_summary(summaries: dict[str, dict], out_dir: Path) -> None:
             print(f"  {other} vs {base}: {tokens}; accuracy {_fmt(b['final_accuracy'], True)} "
                   f"-> {_fmt(o['final_accuracy'], True)}; informative rollouts {_fmt(b['informative_fraction'], True)} "
                   f"-> {_fmt(o['informative_fraction'], True)}")
+    ceiling = ceiling_line(summaries)
+    if ceiling:
+        print("  " + ceiling)
     for s in summaries.values():
         print(f"  {s['algo']:>9}: stop rate {_fmt(s['stop_rate'], True)}, false-stop rate {_fmt(s['false_stop_rate'], True)}, "
               f"{s['time_per_step_s']:.2f} s/step")

@@ -6,8 +6,9 @@ Any object with these two methods is a task (see :class:`Task`)::
     problems(n: int, seed: int) -> list[Problem]       # deterministic given (n, seed)
     reward(problem: Problem, completion: str) -> float  # 1.0 correct, 0.0 wrong by convention
 
-Optional attributes the trainer uses when present: ``name`` (for messages) and ``max_new_tokens``
-(a generation budget). Always call a task through :func:`score`, which turns a crash or a
+Optional attributes the trainer uses when present: ``name`` (for messages), ``max_new_tokens``
+(a generation budget) and ``first_mistake(problem, completion) -> int | None`` (where a wrong completion
+went wrong; it gives the oracle ceiling on what early stopping can save). Always call a task through :func:`score`, which turns a crash or a
 non-number into a :class:`TaskError` naming the task and the problem.
 
 Built in: :class:`ChainArithmetic`, chained modular arithmetic written step by step::
@@ -51,6 +52,7 @@ __all__ = [
     "load_model",
     "score",
     "success_rate",
+    "tokens_after_mistake",
 ]
 
 TOKENIZER_FILE = "char_tokenizer.json"
@@ -271,6 +273,41 @@ def score(task: Any, problem: Any, completion: str) -> float:
     return value
 
 
+def tokens_after_mistake(task: Any, tokenizer: Any, problem: Any, tokens: Sequence[int]) -> int | None:
+    """Tokens of a wrong completion that come after the token holding its first mistake: what a perfect
+    early stopper (one that stops at the mistake, keeping that token, as ESPO keeps its trigger) would cut.
+
+    None when the task has no ``first_mistake`` method. Raises TaskError when that method raises or
+    returns something other than None or a non-negative int.
+    """
+    hook = getattr(task, "first_mistake", None)
+    if not callable(hook):
+        return None
+    tokens = list(tokens)
+    decode = lambda n: tokenizer.decode(tokens[:n], skip_special_tokens=True)  # noqa: E731
+    text = decode(len(tokens))
+    try:
+        at = hook(problem, text)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise TaskError(f"task {_task_name(task)!r} raised {type(exc).__name__}: {exc} in first_mistake for problem "
+                        f"{_short(problem)}") from exc
+    if at is None:
+        return 0
+    if isinstance(at, bool) or not isinstance(at, numbers.Integral) or at < 0:
+        raise TaskError(f"task {_task_name(task)!r} returned {_short(at, 80)} from first_mistake for problem "
+                        f"{_short(problem)}; it must return None or a character offset >= 0")
+    if at >= len(text):
+        return 0  # the ending itself was the mistake: nothing after it to cut
+    lo, hi = 0, len(tokens) - 1  # the first token whose decoded prefix reaches past character `at`
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(decode(mid + 1)) > at:
+            hi = mid
+        else:
+            lo = mid + 1
+    return len(tokens) - (lo + 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Built-in task: chained modular arithmetic, written step by step
 # --------------------------------------------------------------------------------------------------
@@ -379,6 +416,18 @@ class ChainArithmetic:
 
     def reward(self, problem: Problem, completion: str) -> float:
         return 1.0 if self.extract_answer(completion) == problem.answer else 0.0
+
+    def first_mistake(self, problem: Problem, completion: str) -> int | None:
+        """Character offset of the first place where ``completion`` leaves the worked solution, or None if
+        it is the solution. ``len(completion)`` when it stops short of the solution (the ending was the
+        mistake). Every operation being a bijection, a wrong intermediate result dooms the answer from the
+        character where it is written: a perfect early stopper would stop a wrong completion right there.
+        """
+        solution = self.solution(problem)
+        if completion == solution:
+            return None
+        common = min(len(completion), len(solution))
+        return next((i for i in range(common) if completion[i] != solution[i]), common)
 
 
 # --------------------------------------------------------------------------------------------------

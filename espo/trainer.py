@@ -38,7 +38,7 @@ from .checkpoint import load_checkpoint, save_atomic
 from .decoder import Decoder, Rollouts
 from .losses import kl_penalty, policy_loss, value_loss
 from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
-from .tasks import CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score
+from .tasks import CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score, tokens_after_mistake
 from .value_head import ValueHead
 
 ALGOS = {  # name: (critic, stopper, allocator)
@@ -218,6 +218,7 @@ def train(
             raise ValueError("a run on your own checkpoint needs your own task: train(cfg, task=...)")
         task = builtin_task()
     check_task(task)
+    has_oracle = callable(getattr(task, "first_mistake", None))
     if cfg.num_problems < cfg.prompts_per_step:
         raise ValueError(f"num_problems ({cfg.num_problems}) must be >= prompts_per_step ({cfg.prompts_per_step})")
     problems = task.problems(cfg.num_problems, seed=cfg.seed)
@@ -305,7 +306,8 @@ def train(
         t_rollout = time.perf_counter() - t_step
 
         # 3. rewards: the task's outcome, or r_fail for a stopped rollout (an absorbing failure)
-        rewards, successes = [], np.zeros(len(ids))
+        # doomed: tokens after the first mistake of wrong rollouts that ran on (what a perfect stopper would cut)
+        rewards, successes, doomed = [], np.zeros(len(ids)), 0
         for r in rollouts or []:
             j = mine[r.prompt_index]
             if r.finish_reason == "stopped":
@@ -313,6 +315,8 @@ def train(
             else:
                 reward = score(task, problems[ids[j]], tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True))
                 successes[j] += reward >= cfg.success_threshold
+                if has_oracle and reward < cfg.success_threshold:
+                    doomed += tokens_after_mistake(task, tokenizer, problems[ids[j]], r.tokens.tolist())
             rewards.append(reward)
         stopped = [r for r in rollouts or [] if r.finish_reason == "stopped"]
         false_stops = _count_false_stops(decoder, task, tokenizer, problems, prompts, ids, mine, stopped, cfg, max_new, eos) \
@@ -389,15 +393,16 @@ def train(
         # 7. metrics and an atomic checkpoint
         totals = _all_reduce(torch.tensor([
             len(rollouts or []), rollouts.tokens_generated if rollouts else 0, len(stopped), false_stops,
-            _informative_rollouts(batch), sum(successes), len(ids), float(sum(counts)),
+            _informative_rollouts(batch), doomed,
         ], dtype=torch.float64)).tolist()
-        n_roll, n_tok, n_stop, n_false, n_inform, _, _, _ = totals
+        n_roll, n_tok, n_stop, n_false, n_inform, n_doomed = totals
         cum_tokens += int(n_tok)
         record = {
             "step": step, "algo": cfg.algo, "rollouts": int(n_roll), "tokens": int(n_tok), "cum_tokens": cum_tokens,
             "success_rate": float(successes.sum() / max(n_roll, 1)), "stop_rate": n_stop / max(n_roll, 1),
             "stopped": int(n_stop), "false_stops": int(n_false),
             "informative_fraction": n_inform / max(n_roll, 1), "eval_accuracy": eval_acc,
+            "doomed_tokens": int(n_doomed) if has_oracle else None,
             "armed": bool(stopper.armed) if stopper is not None else False,
             "beta": stop_report.get("beta"), "time_s": time.perf_counter() - t_step,
             "rollout_time_s": t_rollout, "train_time_s": t_train, **stats,

@@ -18,6 +18,7 @@ from espo.tasks import (
     load_model,
     score,
     success_rate,
+    tokens_after_mistake,
 )
 
 
@@ -111,6 +112,54 @@ def test_one_wrong_step_dooms_the_answer():
             steps.append(f"{x}{o}{d}={y};")
             x = y
         assert task.reward(p, "".join(steps) + f"A={x}") == 0.0
+
+
+def test_first_mistake_points_at_the_first_wrong_character():
+    task = ChainArithmetic(steps=3, modulus=10)
+    p = task.make_problem(3, [("+", 4), ("*", 7), ("-", 5)])
+    solution = task.solution(p)
+    assert solution == "3+4=7;7*7=9;9-5=4;A=4"
+    assert task.first_mistake(p, solution) is None
+    assert task.first_mistake(p, "3+4=8;8*7=6;6-5=1;A=1") == 4  # the wrong result digit
+    assert task.first_mistake(p, "3+4=7;7*7=9;9-5=4;A=5") == len(solution) - 1
+    assert task.first_mistake(p, "3+4=7;7*7") == 9  # stopped short: the ending is the mistake
+    assert task.first_mistake(p, solution + "7") == len(solution)
+
+
+def test_tokens_after_mistake_maps_characters_to_tokens():
+    task = ChainArithmetic(steps=3, modulus=10)
+    tok = CharTokenizer(ChainArithmetic.alphabet)
+    p = task.make_problem(3, [("+", 4), ("*", 7), ("-", 5)])
+    wrong = "3+4=8;8*7=6;6-5=1;A=1"
+    ids = tok.encode(wrong) + [tok.eos_token_id]
+    assert tokens_after_mistake(task, tok, p, ids) == len(ids) - 5  # keeps "3+4=8", cuts the rest and EOS
+    ids_with_special = ids[:2] + [tok.bos_token_id] + ids[2:]  # a special token decodes to nothing
+    assert tokens_after_mistake(task, tok, p, ids_with_special) == len(ids) - 5
+    assert tokens_after_mistake(task, tok, p, tok.encode(task.solution(p)) + [tok.eos_token_id]) == 0
+    assert tokens_after_mistake(task, tok, p, tok.encode("3+4=7;7*7")) == 0  # ran out of length: nothing to cut
+    assert tokens_after_mistake(task, tok, p, []) == 0
+
+    class NoHook:
+        def problems(self, n, seed):
+            return []
+
+        def reward(self, problem, completion):
+            return 0.0
+
+    assert tokens_after_mistake(NoHook(), tok, p, ids) is None
+
+    class BadHook(ChainArithmetic):
+        def first_mistake(self, problem, completion):
+            return "here"
+
+    class RaisingHook(ChainArithmetic):
+        def first_mistake(self, problem, completion):
+            raise IndexError("boom")
+
+    with pytest.raises(TaskError, match="None or a character offset"):
+        tokens_after_mistake(BadHook(), tok, p, ids)
+    with pytest.raises(TaskError, match="raised IndexError: boom in first_mistake"):
+        tokens_after_mistake(RaisingHook(), tok, p, ids)
 
 
 def test_demonstrations_inject_mistakes_at_the_rate():

@@ -44,6 +44,34 @@ def test_every_algorithm_runs_and_logs(algo, tmp_path):
         assert all(h["stopped"] == 0 for h in history)
     for h in history:
         assert 0 <= h["false_stops"] <= h["stopped"] <= h["rollouts"]
+        assert 0 <= h["doomed_tokens"] <= h["tokens"]  # the built-in task says where a wrong rollout went wrong
+
+
+def test_doomed_tokens_count_what_a_perfect_stopper_would_cut(tmp_path):
+    """Recount the oracle from the rollouts themselves, and get None from a task that cannot say."""
+    seen = []
+
+    class Recording(ChainArithmetic):
+        def first_mistake(self, problem, completion):
+            at = super().first_mistake(problem, completion)
+            seen.append(0 if at is None or at >= len(completion) else len(completion) + 1 - (at + 1))
+            return at
+
+    history = train(config(tmp_path, algo="ppo", steps=1, eval_problems=0), task=Recording(), progress=False).history
+    assert seen and history[0]["doomed_tokens"] == sum(seen) > 0  # +1: every wrong rollout here ends with EOS
+
+    class Opaque:
+        name = "opaque"
+        max_new_tokens = 8
+
+        def problems(self, n, seed):
+            return ChainArithmetic(steps=1).problems(n, seed)
+
+        def reward(self, problem, completion):
+            return 0.0
+
+    history = train(config(tmp_path / "o", algo="ppo", steps=1, eval_problems=0), task=Opaque(), progress=False).history
+    assert history[0]["doomed_tokens"] is None
 
 
 def test_a_resumed_run_matches_an_uninterrupted_one(tmp_path):
