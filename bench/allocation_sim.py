@@ -33,17 +33,12 @@ spent, including groups that a method drops):
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-try:
-    from espo.allocator import CeroAllocator
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from espo.allocator import CeroAllocator
+import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
+from espo.allocator import CeroAllocator  # noqa: E402
 
 METHODS = ("uniform", "dapo", "knapsack", "mopps", "cero")
 

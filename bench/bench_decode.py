@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import environment
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+from common import environment  # first: puts this checkout's espo ahead of an installed one
 
 import espo  # noqa: E402
 from espo.decoder import _STOP, Decoder  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import environment
+from common import environment  # first: puts this checkout's espo ahead of an installed one
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_B = [1, 8, 64, 256, 1024]

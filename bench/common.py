@@ -9,6 +9,12 @@ from pathlib import Path
 
 import torch
 
+# A benchmark run from a checkout measures that checkout's code, not an older espo installed in site-packages
+# (python puts bench/, not the repository root, on sys.path). Every bench script imports this module first.
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 
 def environment(device: str, bandwidth: float | None = None, **extra) -> dict:
     """The run's environment: device name, torch/triton/transformers/flash-attn versions, espo's backends."""

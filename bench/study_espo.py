@@ -8,7 +8,10 @@ final held-out accuracy, stop and false-stop rates and informative-rollout fract
 informative rollouts than GRPO at equal budget, accuracy at least as high).
 
     python bench/study_espo.py                              # the demo's settings, 3 seeds, on the CPU
-    python bench/study_espo.py --device cuda --steps 200 --prompts-per-step 64 --model DIR   # a GPU run
+    # a GPU run: a larger model of a longer task (scripts/make_tiny_model.py's docstring), then
+    python bench/study_espo.py --device cuda --model /tmp/arith-big --steps 200 --prompts-per-step 64 --num-problems 4096
+
+A model made by scripts/make_tiny_model.py carries its task in card.json, so --model needs nothing else.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from espo.demo import DEMO, accuracy_points, finish_axes, run_demo
+import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
+from espo.demo import DEMO, accuracy_points, finish_axes, run_demo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("rollout_tokens", "final_accuracy", "stop_rate", "false_stop_rate", "informative_fraction", "doomed_fraction",
@@ -112,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="a local checkpoint trained for the built-in task")
     parser.add_argument("--steps", type=int, default=DEMO["steps"])
     parser.add_argument("--prompts-per-step", type=int, default=DEMO["prompts_per_step"])
+    parser.add_argument("--num-problems", type=int, default=DEMO["num_problems"], help="training prompts")
+    parser.add_argument("--eval-problems", type=int, default=DEMO["eval_problems"], help="held-out prompts")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=Path("runs/study"), help="where the runs' checkpoints go")
     args = parser.parse_args(argv)
@@ -119,7 +125,8 @@ def main(argv=None):
     reports, per_seed = [], []
     for seed in range(args.seeds):
         summaries = run_demo(args.work / f"seed{seed}", seed=seed, device=args.device, model=args.model,
-                             steps=args.steps, prompts_per_step=args.prompts_per_step)
+                             steps=args.steps, prompts_per_step=args.prompts_per_step,
+                             num_problems=args.num_problems, eval_problems=args.eval_problems)
         per_seed.append(summaries)
         reports.append(json.loads((args.work / f"seed{seed}" / "report.json").read_text())["histories"])
     agg = aggregate(per_seed)
@@ -129,7 +136,7 @@ def main(argv=None):
         "python": platform.python_version(), "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (2 cores)",
         "settings": f"{args.steps} steps x {args.prompts_per_step} prompts x {DEMO['group_size']} rollouts, "
-                    f"{DEMO['num_problems']} training prompts, {DEMO['eval_problems']} held-out, model {args.model or 'built-in tiny-arith'}",
+                    f"{args.num_problems} training prompts, {args.eval_problems} held-out, model {args.model or 'built-in tiny-arith'}",
         "minutes": (datetime.datetime.now() - t0).total_seconds() / 60,
         "command": " ".join(["python bench/study_espo.py"] + sys.argv[1:]),
     }

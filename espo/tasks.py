@@ -52,6 +52,7 @@ __all__ = [
     "load_model",
     "score",
     "success_rate",
+    "task_from_checkpoint",
     "tokens_after_mistake",
 ]
 
@@ -446,6 +447,16 @@ def builtin_card() -> dict[str, Any]:
 def builtin_task() -> ChainArithmetic:
     """The task the shipped model was trained for (configuration read from its card)."""
     return ChainArithmetic(**builtin_card()["task"])
+
+
+def task_from_checkpoint(path: str | Path) -> ChainArithmetic | None:
+    """The built-in task a checkpoint made by ``scripts/make_tiny_model.py`` was trained for (its card.json
+    records it), or None for any other checkpoint."""
+    card = Path(path).expanduser() / CARD_FILE
+    if not card.is_file():
+        return None
+    config = json.loads(card.read_text(encoding="utf-8")).get("task")
+    return ChainArithmetic(**config) if isinstance(config, dict) else None
 
 
 def _dtype_kwarg() -> str:

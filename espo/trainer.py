@@ -38,7 +38,8 @@ from .checkpoint import load_checkpoint, save_atomic
 from .decoder import Decoder, Rollouts
 from .losses import kl_penalty, policy_loss, value_loss
 from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
-from .tasks import CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score, tokens_after_mistake
+from .tasks import (CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score,
+                    task_from_checkpoint, tokens_after_mistake)
 from .value_head import ValueHead
 
 ALGOS = {  # name: (critic, stopper, allocator)
@@ -214,9 +215,10 @@ def train(
     # --- policy, task, prompts
     model, tokenizer = load_model(cfg.model or builtin_model_path(), device=device, dtype=dtype)
     if task is None:
-        if cfg.model is not None:
-            raise ValueError("a run on your own checkpoint needs your own task: train(cfg, task=...)")
-        task = builtin_task()
+        task = builtin_task() if cfg.model is None else task_from_checkpoint(cfg.model)
+        if task is None:
+            raise ValueError(f"{cfg.model} has no card.json naming its task (as scripts/make_tiny_model.py writes): "
+                             "a run on your own checkpoint needs your own task, train(cfg, task=...)")
     check_task(task)
     has_oracle = callable(getattr(task, "first_mistake", None))
     if cfg.num_problems < cfg.prompts_per_step:

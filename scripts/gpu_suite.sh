@@ -21,7 +21,9 @@ env -u TRITON_INTERPRET python3 scripts/check_triton_compile.py | tail -1 | tee 
 python3 -m espo backends | tee -a "$OUT/env.txt"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -30
+  # no -x: a first run on a GPU should show every failure; a per-test limit keeps a hang from eating the call
+  limit=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=240")
+  python3 -m pytest -q -rfE -p no:cacheprovider $limit --junitxml="$OUT/tests.xml" tests 2>&1 | tee "$OUT/tests.log" | tail -40
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then

@@ -13,6 +13,8 @@ times). It saves the model (safetensors), the tokenizer (char_tokenizer.json) an
 Deterministic given --seed (on one machine, torch version and thread count).
 
     PYTHONPATH=. python scripts/make_tiny_model.py            # about a few minutes on 2 CPU cores
+    python scripts/make_tiny_model.py --out /tmp/arith-big --name arith-big --device cuda \
+        --hidden 384 --layers 6 --heads 6 --intermediate 1152 --task-steps 8 --train-steps 3000   # GPU study
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--eval-seed", type=int, default=12345, help="problems seed for the measurement (fresh)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="where to train (cuda for the larger models of the GPU study)")
+    p.add_argument("--name", default="tiny-arith", help="the model's name in its card")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--dry-run", action="store_true", help="train and measure, do not write the assets")
     return p.parse_args(argv)
@@ -72,7 +76,7 @@ def build_model(tok: CharTokenizer, args):
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
-        max_position_embeddings=128,
+        max_position_embeddings=max(128, args.max_positions),
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
@@ -80,7 +84,7 @@ def build_model(tok: CharTokenizer, args):
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(args.device)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
@@ -125,7 +129,8 @@ def train(task, tok, args, mistake_rate: float):
     t0, running = time.time(), None
     for step in range(args.train_steps):
         ids, mask, labels = make_batch(task, tok, base + step, args.batch_size, mistake_rate, rng)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        dev = args.device
+        loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -151,6 +156,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     task = ChainArithmetic(steps=args.task_steps, modulus=args.modulus, ops=args.ops)
     tok = CharTokenizer(task.alphabet)
+    longest_prompt = len(task.problems(1, 0)[0].prompt) + len(str(args.modulus))  # + BOS, widest start value
+    args.max_positions = longest_prompt + task.max_new_tokens
     mistake_rate = args.mistake_rate if args.mistake_rate is not None else 1 - args.target ** (1 / task.steps)
     start = time.time()
     history = []
@@ -176,7 +183,7 @@ def main(argv=None) -> int:
 
     n_params = sum(p.numel() for p in model.parameters())
     card = {
-        "name": "tiny-arith",
+        "name": args.name,
         "description": "Tiny LlamaForCausalLM for espo's built-in ChainArithmetic task, trained on worked "
                        "solutions with injected mistakes so that temperature-1 sampling succeeds only part of the time.",
         "task": task.config(),
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", "model.safetensors", TOKENIZER_FILE, CARD_FILE):
         (out / name).unlink(missing_ok=True)  # only what this script writes; anything else is left alone
-    model.save_pretrained(out)
+    model.cpu().save_pretrained(out)
     tok.save(out / TOKENIZER_FILE)
     for f in out.iterdir():
         f.chmod(0o644)  # safetensors is written 0600; the assets are meant to be read by anyone

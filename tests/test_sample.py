@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from reference_helpers import chi_square, chi_square_bound, kept_set
 
 import espo
-from espo.reference import base2_logits, integer_masses, mass_shift, sample_reference
+from espo.reference import base2_logits, integer_masses, mass_shift
 
 PAIRS = backend_device_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -3,13 +3,14 @@ processes keep identical state, and bad input fails clearly without corrupting a
 import dataclasses
 import json
 import os
+import shutil
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from espo.tasks import ChainArithmetic, TaskError
+from espo.tasks import ChainArithmetic, TaskError, builtin_model_path
 from espo.trainer import ALGOS, TrainConfig, train
 
 TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=6, eval_every=2, max_batch=16,
@@ -147,6 +148,16 @@ class EmptyTask(ChainArithmetic):
 def test_bad_tasks_fail_clearly(task, error, words, tmp_path):
     with pytest.raises(error, match=words):
         train(config(tmp_path, algo="grpo", steps=1), task=task, progress=False)
+
+
+def test_a_checkpoint_made_for_the_builtin_task_brings_its_task(tmp_path):
+    model_dir = tmp_path / "arith"
+    shutil.copytree(builtin_model_path(), model_dir)
+    history = train(config(tmp_path, algo="grpo", steps=1, eval_problems=0, model=str(model_dir)), progress=False).history
+    assert history[0]["rollouts"] == 4 * 3
+    (model_dir / "card.json").unlink()
+    with pytest.raises(ValueError, match="no card.json naming its task"):
+        train(config(tmp_path / "again", algo="grpo", steps=1, model=str(model_dir)), progress=False)
 
 
 def test_bad_settings_fail_clearly(tmp_path):
