@@ -2,7 +2,7 @@
 
 Each seed trains all four algorithms from the same model on the same prompts (``espo.demo.run_demo``);
 false stops are measured exactly, by continuing every stopped rollout from its stop with the same seeds
-and no stopper. Writes bench/results/study.{json,md,png}: mean and std over seeds of rollout tokens,
+and no stopper. Writes bench/results/study.{json,md,png} (--name changes the stem): mean and std over seeds of rollout tokens,
 final held-out accuracy, stop and false-stop rates and informative-rollout fractions, with the targets
 (ESPO >= 20% fewer tokens than PPO at accuracy no worse beyond seed noise; false stops < 5%; CERO more
 informative rollouts than GRPO at equal budget, accuracy at least as high).
@@ -63,7 +63,8 @@ def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
         f"target >= 20%: {ok(statistics.fmean(saved) >= 0.2)}{ceiling_text}",
         f"ESPO final accuracy minus PPO's: {statistics.fmean(acc_gap):+.1%} (seed noise, std {noise:.1%}); "
         f"target no worse beyond noise: {ok(statistics.fmean(acc_gap) >= -noise)}",
-        f"ESPO false-stop rate: {fs:.1%}; target < 5%: {ok(fs is not None and fs < 0.05)}",
+        f"ESPO false-stop rate: {'-' if fs is None else f'{fs:.1%}'} ({'no stops' if fs is None else 'of stopped rollouts'}); "
+        f"target < 5%: {ok(fs is not None and fs < 0.05)}",
         f"GRPO+CERO informative rollouts minus GRPO's: {inf_gain:+.1%}; final accuracy {cero_gap:+.1%}; "
         f"target more informative and at least as accurate: {ok(inf_gain > 0 and cero_gap >= -noise)}",
     ]
@@ -87,7 +88,7 @@ def markdown(agg: dict, lines: list[str], env: dict) -> str:
     notes = ["", "Doomed tokens: the share of a run's rollout tokens that came after the first mistake of a wrong "
              "rollout that ran to its end (in PPO's run, what a perfect stopper would have cut; in ESPO's, what it "
              "left uncut)."]
-    return "\n".join(out + notes + [""] + [f"- {x}" for x in lines] + ["", "![study](study.png)", ""])
+    return "\n".join(out + notes + [""] + [f"- {x}" for x in lines] + ["", f"![study]({env['name']}.png)", ""])
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -119,6 +120,7 @@ def main(argv=None):
     parser.add_argument("--num-problems", type=int, default=DEMO["num_problems"], help="training prompts")
     parser.add_argument("--eval-problems", type=int, default=DEMO["eval_problems"], help="held-out prompts")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="study", help="the results' file stem: OUT/NAME.{json,md,png}")
     parser.add_argument("--work", type=Path, default=Path("runs/study"), help="where the runs' checkpoints go")
     args = parser.parse_args(argv)
     t0 = datetime.datetime.now()
@@ -132,7 +134,7 @@ def main(argv=None):
     agg = aggregate(per_seed)
     lines = verdicts(per_seed, agg)
     env = {
-        "seeds": args.seeds, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "name": args.name, "seeds": args.seeds, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "python": platform.python_version(), "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (2 cores)",
         "settings": f"{args.steps} steps x {args.prompts_per_step} prompts x {DEMO['group_size']} rollouts, "
@@ -141,10 +143,10 @@ def main(argv=None):
         "command": " ".join(["python bench/study_espo.py"] + sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps({"environment": env, "per_seed": per_seed, "aggregate": agg,
+    (args.out / f"{args.name}.json").write_text(json.dumps({"environment": env, "per_seed": per_seed, "aggregate": agg,
                                                      "verdicts": lines}, indent=2))
-    (args.out / "study.md").write_text(markdown(agg, lines, env))
-    plot(reports, args.out / "study.png")
+    (args.out / f"{args.name}.md").write_text(markdown(agg, lines, env))
+    plot(reports, args.out / f"{args.name}.png")
     print(markdown(agg, lines, env))
 
 

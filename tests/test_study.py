@@ -1,0 +1,44 @@
+"""bench/study_espo.py's verdicts and table on made-up per-seed summaries, including a run without stops."""
+import importlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+study = importlib.import_module("study_espo")
+
+
+def summary(tokens, accuracy, stopped=0.0, false_stops=None, informative=0.5, doomed=None):
+    return {"rollout_tokens": tokens, "final_accuracy": accuracy, "stop_rate": stopped, "false_stop_rate": false_stops,
+            "informative_fraction": informative, "doomed_fraction": doomed, "time_per_step_s": 1.0}
+
+
+def seed(ppo_tokens, espo_tokens, espo_false=0.02, ceiling=0.25):
+    return {"ppo": summary(ppo_tokens, 0.80, doomed=ceiling), "espo": summary(espo_tokens, 0.81, 0.2, espo_false, doomed=0.05),
+            "grpo": summary(1000, 0.70, informative=0.6), "grpo-cero": summary(1000, 0.72, informative=0.7)}
+
+
+def test_verdicts_compare_the_saving_with_the_target_and_the_ceiling():
+    per_seed = [seed(1000, 780), seed(1000, 820)]
+    lines = study.verdicts(per_seed, study.aggregate(per_seed))
+    assert lines[0].startswith("ESPO rollout tokens vs PPO: 20.0% fewer (per seed 22.0%, 18.0%); target >= 20%: met")
+    assert "perfect stopper would have cut 25.0%" in lines[0] and "80% of that ceiling" in lines[0]
+    assert lines[2] == "ESPO false-stop rate: 2.0% (of stopped rollouts); target < 5%: met"
+    assert lines[3].endswith("met")
+
+
+def test_a_run_without_stops_or_oracle_still_reports():
+    per_seed = [seed(1000, 1000, espo_false=None, ceiling=None)]
+    agg = study.aggregate(per_seed)
+    lines = study.verdicts(per_seed, agg)
+    assert "ceiling" not in lines[0] and lines[0].endswith("MISSED")
+    assert lines[2] == "ESPO false-stop rate: - (no stops); target < 5%: MISSED"
+    env = {"name": "x", "seeds": 1, "settings": "s", "device_name": "cpu", "torch": "t", "date": "d", "minutes": 1.0,
+           "command": "c"}
+    table = study.markdown(agg, lines, env)
+    assert "| espo | 1000 ± 0 | 81.0% ± 0.0% | 20.0% ± 0.0% | - |" in table and "![study](x.png)" in table
+
+
+def test_the_committed_results_have_every_metric():
+    data = json.loads((study.RESULTS / "study.json").read_text())
+    assert set(data["aggregate"]["ppo"]) == set(study.METRICS)
