@@ -70,10 +70,19 @@ def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
     ]
 
 
+def model_recipe(model: str | None) -> str | None:
+    """The command that made a --model checkpoint, from the card.json that scripts/make_tiny_model.py writes."""
+    card = Path(model).expanduser() / "card.json" if model else None
+    if card is None or not card.is_file():
+        return None
+    return json.loads(card.read_text()).get("command")
+
+
 def markdown(agg: dict, lines: list[str], env: dict) -> str:
     out = [
         f"ESPO study: {env['seeds']} seeds, {env['settings']}; {env['device_name']}, torch {env['torch']}, {env['date']}, "
-        f"{env['minutes']:.1f} min. Command: `{env['command']}`.",
+        f"{env['minutes']:.1f} min. Command: `{env['command']}`."
+        + (f" The model was made by `{env['model_recipe']}`." if env.get("model_recipe") else ""),
         "",
         "| algo | rollout tokens | final accuracy | stop rate | false-stop rate | informative rollouts | doomed tokens | s / step |",
         "|---|---|---|---|---|---|---|---|",
@@ -141,6 +150,7 @@ def main(argv=None):
                     f"{args.num_problems} training prompts, {args.eval_problems} held-out, model {args.model or 'built-in tiny-arith'}",
         "minutes": (datetime.datetime.now() - t0).total_seconds() / 60,
         "command": " ".join(["python bench/study_espo.py"] + sys.argv[1:]),
+        "model_recipe": model_recipe(args.model),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps({"environment": env, "per_seed": per_seed, "aggregate": agg,
