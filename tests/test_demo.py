@@ -13,6 +13,8 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     espo, ppo = report["summaries"]["espo"], report["summaries"]["ppo"]
     assert espo["stop_rate"] > 0, "the demo's stop settings must make ESPO stop"
     assert espo["rollout_tokens"] < ppo["rollout_tokens"]
+    assert 0 < ppo["doomed_fraction"] < 1 and "A perfect stopper" in printed  # the oracle ceiling is reported
+    assert "A perfect stopper" in (tmp_path / "report.md").read_text()
     for name in ("report.md", "demo.png"):
         assert (tmp_path / name).stat().st_size > 0
     for algo in report["summaries"]:
