@@ -12,6 +12,7 @@ informative rollouts than GRPO at equal budget, accuracy at least as high).
     python bench/study_espo.py --device cuda --model /tmp/arith-big --steps 200 --prompts-per-step 64 --num-problems 4096
 
 A model made by scripts/make_tiny_model.py carries its task in card.json, so --model needs nothing else.
+After a kill (a device call's time limit, say), the same command with --resume reuses the finished seeds.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 from espo.demo import DEMO, accuracy_points, finish_axes, run_demo  # noqa: E402
+from espo.trainer import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("rollout_tokens", "final_accuracy", "stop_rate", "false_stop_rate", "informative_fraction", "doomed_fraction",
@@ -68,6 +70,16 @@ def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
         f"GRPO+CERO informative rollouts minus GRPO's: {inf_gain:+.1%}; final accuracy {cero_gap:+.1%}; "
         f"target more informative and at least as accurate: {ok(inf_gain > 0 and cero_gap >= -noise)}",
     ]
+
+
+def finished_seed(work: Path, settings: dict) -> dict | None:
+    """The report of a seed already run under ``work`` with exactly these settings, else None."""
+    path = work / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    expected = json.loads(json.dumps(TrainConfig(**{**DEMO, **settings}).to_dict()))
+    return report if report.get("config") == expected else None
 
 
 def model_recipe(model: str | None) -> str | None:
@@ -131,15 +143,23 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="study", help="the results' file stem: OUT/NAME.{json,md,png}")
     parser.add_argument("--work", type=Path, default=Path("runs/study"), help="where the runs' checkpoints go")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the seeds already finished under --work with the same settings (after a kill)")
     args = parser.parse_args(argv)
     t0 = datetime.datetime.now()
     reports, per_seed = [], []
     for seed in range(args.seeds):
-        summaries = run_demo(args.work / f"seed{seed}", seed=seed, device=args.device, model=args.model,
-                             steps=args.steps, prompts_per_step=args.prompts_per_step,
-                             num_problems=args.num_problems, eval_problems=args.eval_problems)
-        per_seed.append(summaries)
-        reports.append(json.loads((args.work / f"seed{seed}" / "report.json").read_text())["histories"])
+        settings = dict(seed=seed, device=args.device, model=args.model, steps=args.steps,
+                        prompts_per_step=args.prompts_per_step, num_problems=args.num_problems,
+                        eval_problems=args.eval_problems)
+        report = finished_seed(args.work / f"seed{seed}", settings) if args.resume else None
+        if report is None:
+            run_demo(args.work / f"seed{seed}", **settings)
+            report = json.loads((args.work / f"seed{seed}" / "report.json").read_text())
+        else:
+            print(f"seed {seed}: reusing the finished runs in {args.work / f'seed{seed}'}")
+        per_seed.append(report["summaries"])
+        reports.append(report["histories"])
     agg = aggregate(per_seed)
     lines = verdicts(per_seed, agg)
     env = {

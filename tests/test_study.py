@@ -43,3 +43,12 @@ def test_the_committed_results_have_every_metric():
     for name in ("study", "study-chain9"):
         data = json.loads((study.RESULTS / f"{name}.json").read_text())
         assert set(data["aggregate"]["ppo"]) == set(study.METRICS)
+
+
+def test_resume_reuses_only_a_seed_finished_with_the_same_settings(tmp_path):
+    settings = dict(seed=1, device="cpu", model=None, steps=3, prompts_per_step=2, num_problems=4, eval_problems=4)
+    assert study.finished_seed(tmp_path, settings) is None
+    config = study.TrainConfig(**{**study.DEMO, **settings}).to_dict()
+    (tmp_path / "report.json").write_text(json.dumps({"config": config, "summaries": {}, "histories": {}}))
+    assert study.finished_seed(tmp_path, settings) is not None
+    assert study.finished_seed(tmp_path, {**settings, "steps": 4}) is None
