@@ -116,6 +116,7 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers):
     scalars = stopper.scalars
     row["eager_us"] = time_us(lambda: eager_step(next_logits(), 0.8, z, scalars), device)
     if "compile" in peers:
+        torch._dynamo.reset()  # a fresh compile per shape: past dynamo's recompile limit it would run eager, silently
         compiled = torch.compile(eager_step, dynamic=False)
         try:
             row["compile_us"] = time_us(lambda: compiled(next_logits(), 0.8, z, scalars), device)
