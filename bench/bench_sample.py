@@ -1,6 +1,6 @@
 """Benchmark one fused decoding step: espo.sample (with the ESPO stop update) against its peers.
 
-The step = temperature sampling + sampled logprob + entropy + max logprob + regret + stop-state update
+The step = temperature sampling (plus a few rows with exact top-k / top-p) + sampled logprob + entropy + max logprob + regret + stop-state update
 + stop mask, on [B, V] logits. Peers, measured in the same run: the same step written in plain PyTorch
 (eager), that function under torch.compile, and FlashInfer's sampling_from_logits (sampling only) when
 it is importable. Each time is a median of device-event timings (triton.testing.do_bench) over inputs
@@ -25,13 +25,30 @@ from common import environment  # first: puts this checkout's espo ahead of an i
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_B = [1, 8, 64, 256, 1024]
 FULL_V = [32000, 151936]
+# the exact top-k / top-p path (threshold searches, extra passes over the row): a few rows beside plain sampling
+FILTERED = [(B, 151936, "bfloat16", top_k, top_p) for B in (8, 256) for top_k, top_p in ((50, 1.0), (0, 0.95))]
 
 
-def eager_step(logits, temperature, z, scalars, alpha_s=0.9, clip=3.0, delta=1e-6, value_floor=0.2):
+def filter_logits(l, top_k=0, top_p=1.0):
+    """Top-k then top-p in plain PyTorch (sort-based, as most trainers do): masked logits are -inf."""
+    if top_k > 0:
+        kth = torch.topk(l, top_k, dim=-1).values[:, -1:]
+        l = l.masked_fill(l < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_l, order = torch.sort(l, dim=-1, descending=True)
+        mass_before = torch.softmax(sorted_l, dim=-1).cumsum(-1) - torch.softmax(sorted_l, dim=-1)
+        drop = torch.zeros_like(l, dtype=torch.bool).scatter(1, order, mass_before >= top_p)
+        l = l.masked_fill(drop, float("-inf"))
+    return l
+
+
+def eager_step(logits, temperature, z, scalars, alpha_s=0.9, clip=3.0, delta=1e-6, value_floor=0.2, top_k=0, top_p=1.0):
     """The step as one would write it in PyTorch: a peer, not a reference (its random stream differs)."""
     l = logits.float() / temperature
     logp = torch.log_softmax(l, dim=-1)
     p = logp.exp()
+    if top_k > 0 or top_p < 1.0:
+        p = torch.softmax(filter_logits(l, top_k, top_p), dim=-1)  # sample from the filtered distribution
     tokens = torch.argmax(p / torch.empty_like(p).exponential_(), dim=-1)  # exponential race = categorical draw
     lp = logp.gather(1, tokens[:, None])[:, 0]
     entropy = -(p * logp).sum(-1)
@@ -85,7 +102,7 @@ def time_us(fn, device, graph=False):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
-def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers):
+def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers, top_k=0, top_p=1.0):
     import espo
 
     bytes_each = B * V * torch.finfo(dtype).bits // 8
@@ -100,29 +117,34 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers):
     stopper.scalars[:] = torch.tensor([0.5, 1.0, 7.0, 1.0, 1.0])
     offset = torch.zeros(B, dtype=torch.int64, device=device)
     row = {"B": B, "V": V, "dtype": str(dtype).replace("torch.", ""), "floor_us": bytes_each / bandwidth * 1e6}
+    filters = dict(top_k=top_k, top_p=top_p)
+    if top_k or top_p < 1.0:
+        row["filter"] = f"top-k {top_k}" if top_k else f"top-p {top_p}"
 
     for backend in ("triton", "cuda"):
         if not espo.backends()[backend].available or (device == "cpu" and backend == "cuda"):
             continue
-        call = lambda: espo.sample(next_logits(), temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend, validate=False)  # noqa: E731
+        call = lambda: espo.sample(next_logits(), temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend,  # noqa: E731
+                                   validate=False, **filters)
         row[f"{backend}_us"] = time_us(call, device)
         if device != "cpu" and B <= 8:
             fixed = next_logits()
             row[f"{backend}_graph_us"] = time_us(
-                lambda: espo.sample(fixed, temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend, validate=False),
+                lambda: espo.sample(fixed, temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend,
+                                    validate=False, **filters),
                 device, graph=True,
             )
     z = torch.zeros(B, device=device)
     scalars = stopper.scalars
-    row["eager_us"] = time_us(lambda: eager_step(next_logits(), 0.8, z, scalars), device)
+    row["eager_us"] = time_us(lambda: eager_step(next_logits(), 0.8, z, scalars, **filters), device)
     if "compile" in peers:
         torch._dynamo.reset()  # a fresh compile per shape: past dynamo's recompile limit it would run eager, silently
         compiled = torch.compile(eager_step, dynamic=False)
         try:
-            row["compile_us"] = time_us(lambda: compiled(next_logits(), 0.8, z, scalars), device)
+            row["compile_us"] = time_us(lambda: compiled(next_logits(), 0.8, z, scalars, **filters), device)
         except Exception as err:  # a peer that fails to build is reported, not fatal
             row["compile_error"] = f"{type(err).__name__}: {err}"[:200]
-    if "flashinfer" in peers:
+    if "flashinfer" in peers and "filter" not in row:
         import flashinfer
 
         row["flashinfer_us"] = time_us(lambda: flashinfer.sampling.sampling_from_logits(next_logits()), device)
@@ -133,7 +155,7 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers):
 
 
 COLUMNS = [
-    ("B", "B", "{}"), ("V", "V", "{}"), ("dtype", "dtype", "{}"), ("floor_us", "floor us", "{:.1f}"),
+    ("B", "B", "{}"), ("V", "V", "{}"), ("dtype", "dtype", "{}"), ("filter", "filter", "{}"), ("floor_us", "floor us", "{:.1f}"),
     ("eager_us", "eager us", "{:.0f}"), ("compile_us", "compile us", "{:.0f}"), ("flashinfer_us", "flashinfer us", "{:.1f}"),
     ("triton_us", "triton us", "{:.1f}"), ("triton_graph_us", "triton graph us", "{:.1f}"),
     ("cuda_us", "cuda us", "{:.1f}"), ("cuda_graph_us", "cuda graph us", "{:.1f}"),
@@ -163,12 +185,16 @@ def main(argv=None):
     parser.add_argument("--V", type=int, nargs="*", default=FULL_V)
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--no-filtered", action="store_true", help="skip the top-k / top-p rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.B, args.V, args.dtypes, args.no_compile = [1, 3], [100], ["bfloat16"], True
+        filtered = [(3, 100, "bfloat16", 5, 1.0), (3, 100, "bfloat16", 0, 0.9)]
+    else:
+        filtered = [] if args.no_filtered else FILTERED
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu" and not args.smoke:
         parser.error("no CUDA GPU: run with --smoke to check the script on the CPU")
@@ -187,9 +213,9 @@ def main(argv=None):
         from tqdm import tqdm
     except ImportError:
         tqdm = lambda x, **_: x  # noqa: E731
-    shapes = [(b, v, d) for d in args.dtypes for v in args.V for b in args.B]
-    for B, V, dt in tqdm(shapes, desc="bench_sample"):
-        rows.append(bench_row(B, V, getattr(torch, dt), device, bandwidth, l2, peers))
+    shapes = [(b, v, d, 0, 1.0) for d in args.dtypes for v in args.V for b in args.B] + filtered
+    for B, V, dt, top_k, top_p in tqdm(shapes, desc="bench_sample"):
+        rows.append(bench_row(B, V, getattr(torch, dt), device, bandwidth, l2, peers, top_k=top_k, top_p=top_p))
     table = markdown(rows, env)
     print(table)
     if not args.smoke:
