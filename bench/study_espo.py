@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
-from espo.demo import DEMO, accuracy_points, finish_axes, run_demo  # noqa: E402
+from espo.demo import DEMO, DEMO_ESPO, accuracy_points, finish_axes, run_demo  # noqa: E402
+from espo.stopper import ESPOConfig  # noqa: E402
 from espo.trainer import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,6 +73,17 @@ def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
     ]
 
 
+def stop_settings(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
+    """The demo's ESPO settings with KEY=VALUE overrides (numbers)."""
+    settings = dict(DEMO_ESPO)
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in ESPOConfig.__dataclass_fields__ or not value:
+            parser.error(f"--espo {pair!r}: expected KEY=VALUE with KEY one of {', '.join(ESPOConfig.__dataclass_fields__)}")
+        settings[key] = int(value) if key == "min_tokens" else float(value)
+    return settings
+
+
 def finished_seed(work: Path, settings: dict) -> dict | None:
     """The report of a seed already run under ``work`` with exactly these settings, else None."""
     path = work / "report.json"
@@ -94,7 +106,8 @@ def markdown(agg: dict, lines: list[str], env: dict) -> str:
     out = [
         f"ESPO study: {env['seeds']} seeds, {env['settings']}; {env['device_name']}, torch {env['torch']}, {env['date']}, "
         f"{env['minutes']:.1f} min. Command: `{env['command']}`."
-        + (f" The model was made by `{env['model_recipe']}`." if env.get("model_recipe") else ""),
+        + (f" The model was made by `{env['model_recipe']}`." if env.get("model_recipe") else "")
+        + (f" Stop settings: {env['espo']}." if env.get("espo") else ""),
         "",
         "| algo | rollout tokens | final accuracy | stop rate | false-stop rate | informative rollouts | doomed tokens | s / step |",
         "|---|---|---|---|---|---|---|---|",
@@ -143,6 +156,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="study", help="the results' file stem: OUT/NAME.{json,md,png}")
     parser.add_argument("--work", type=Path, default=Path("runs/study"), help="where the runs' checkpoints go")
+    parser.add_argument("--espo", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="stop settings over the demo's (espo.demo.DEMO_ESPO), e.g. --espo eta_beta=1.0")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the seeds already finished under --work with the same settings (after a kill)")
     args = parser.parse_args(argv)
@@ -151,7 +166,7 @@ def main(argv=None):
     for seed in range(args.seeds):
         settings = dict(seed=seed, device=args.device, model=args.model, steps=args.steps,
                         prompts_per_step=args.prompts_per_step, num_problems=args.num_problems,
-                        eval_problems=args.eval_problems)
+                        eval_problems=args.eval_problems, espo=stop_settings(args.espo, parser))
         report = finished_seed(args.work / f"seed{seed}", settings) if args.resume else None
         if report is None:
             run_demo(args.work / f"seed{seed}", **settings)
@@ -166,6 +181,7 @@ def main(argv=None):
         "name": args.name, "seeds": args.seeds, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "python": platform.python_version(), "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (2 cores)",
+        "espo": stop_settings(args.espo, parser),
         "settings": f"{args.steps} steps x {args.prompts_per_step} prompts x {DEMO['group_size']} rollouts, "
                     f"{args.num_problems} training prompts, {args.eval_problems} held-out, model {args.model or 'built-in tiny-arith'}",
         "minutes": (datetime.datetime.now() - t0).total_seconds() / 60,
