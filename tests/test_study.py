@@ -1,8 +1,12 @@
-"""bench/study_espo.py's verdicts and table on made-up per-seed summaries, including a run without stops."""
+"""bench/study_espo.py (verdicts, table, resume, stop overrides) and bench/regret_at_mistake.py, without a full study."""
 import importlib
 import json
 import sys
 from pathlib import Path
+
+import pytest
+
+from espo.tasks import builtin_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 study = importlib.import_module("study_espo")
@@ -52,3 +56,19 @@ def test_resume_reuses_only_a_seed_finished_with_the_same_settings(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"config": config, "summaries": {}, "histories": {}}))
     assert study.finished_seed(tmp_path, settings) is not None
     assert study.finished_seed(tmp_path, {**settings, "steps": 4}) is None
+
+
+def test_stop_settings_override_the_demo_and_reject_unknown_keys():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert study.stop_settings(["eta_beta=1.5", "min_tokens=3"], parser) == {**study.DEMO_ESPO, "eta_beta": 1.5, "min_tokens": 3}
+    with pytest.raises(SystemExit):
+        study.stop_settings(["eta=1"], parser)
+
+
+def test_regret_at_mistakes_on_the_shipped_model():
+    regret = importlib.import_module("regret_at_mistake")
+    rate, r = regret.regrets_at_mistakes(builtin_model_path(), n=40, seed=3)
+    assert 0 < rate < 1 and 0 < len(r) <= 40 * (1 - rate) + 1e-9
+    assert bool((r >= 0).all()) and float(r.median()) > 1  # the shipped model's mistakes are unlikely tokens
