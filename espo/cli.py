@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
 
 import torch
+
+from .tasks import TaskError
 
 
 def example_logits(batch: int = 6, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
@@ -93,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
     sub.add_parser("backends", help="list the backends and why any is unavailable")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, TaskError) as err:  # the user's input: say what, not where
+        if os.environ.get("ESPO_DEBUG"):
+            raise
+        print(f"espo {args.command}: error: {err}\n(set ESPO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import QUICK, print_summary, run_demo
 

@@ -19,3 +19,12 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
     for algo in report["summaries"]:
         assert (tmp_path / algo / "metrics.jsonl").is_file() and (tmp_path / algo / "checkpoint.pt").is_file()
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    """A checkpoint that names no task: exit code 2 and the reason, no traceback."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert main(["train", "--model", str(bare), "--steps", "1", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("espo train: error: model folder") and "config.json" in err and "Traceback" not in err
