@@ -527,15 +527,18 @@ __device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V,
     float x[C::kLoads][C::kLvec];
     load_chunk<Tag, CHUNK, true>(rowp, V, start, aligned, x);
     const int base_e = static_cast<int>(threadIdx.x) * C::kEpt;
-    long long tt = 0;  // the thread's kept mass, then (second pass, masses recomputed) its running sums
+    // An element's kept mass, computed in both loops below: holding the int64 masses in registers between
+    // them instead adds spills to a finish kernel that already spills (ptxas -v, sm_90), and ex2 is cheap.
+    auto kept_mass = [&](int j, int kk) -> long long {
+      const int le = base_e + j * C::kLvec + kk;
+      const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
+      return sel ? integer_mass(x[j][kk], a, R, two_s) : 0;
+    };
+    long long tt = 0;  // the thread's kept mass
 #pragma unroll
     for (int j = 0; j < C::kLoads; ++j)
 #pragma unroll
-      for (int kk = 0; kk < C::kLvec; ++kk) {
-        const int le = base_e + j * C::kLvec + kk;
-        const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
-        tt += sel ? integer_mass(x[j][kk], a, R, two_s) : 0;
-      }
+      for (int kk = 0; kk < C::kLvec; ++kk) tt += kept_mass(j, kk);
     long long tile_total;
     long long run = acc + block_exclusive_scan_ll<C::kWarps>(tt, sh, tile_total);
     int my_first = kBig;
@@ -543,10 +546,8 @@ __device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V,
     for (int j = 0; j < C::kLoads; ++j)
 #pragma unroll
       for (int kk = 0; kk < C::kLvec; ++kk) {
-        const int le = base_e + j * C::kLvec + kk;
-        const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
-        run += sel ? integer_mass(x[j][kk], a, R, two_s) : 0;
-        if (my_first == kBig && run > target) my_first = le;
+        run += kept_mass(j, kk);
+        if (my_first == kBig && run > target) my_first = base_e + j * C::kLvec + kk;
       }
     const int first = block_reduce<MinOp, C::kWarps>(my_first, sh);
     if (first != kBig) return start + first;
