@@ -124,16 +124,14 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers, top_k=0, top_p=1.
     for backend in ("triton", "cuda"):
         if not espo.backends()[backend].available or (device == "cpu" and backend == "cuda"):
             continue
-        call = lambda: espo.sample(next_logits(), temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend,  # noqa: E731
-                                   validate=False, **filters)
-        row[f"{backend}_us"] = time_us(call, device)
+        def step(logits, backend=backend):
+            return espo.sample(logits, temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend,
+                               validate=False, **filters)
+
+        row[f"{backend}_us"] = time_us(lambda: step(next_logits()), device)
         if device != "cpu" and B <= 8:
             fixed = next_logits()
-            row[f"{backend}_graph_us"] = time_us(
-                lambda: espo.sample(fixed, temperature=0.8, seed=1, offset=offset, stopper=stopper, backend=backend,
-                                    validate=False, **filters),
-                device, graph=True,
-            )
+            row[f"{backend}_graph_us"] = time_us(lambda: step(fixed), device, graph=True)
     z = torch.zeros(B, device=device)
     scalars = stopper.scalars
     row["eager_us"] = time_us(lambda: eager_step(next_logits(), 0.8, z, scalars, **filters), device)

@@ -29,6 +29,7 @@ import torch
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 from espo.demo import DEMO, DEMO_ESPO, accuracy_points, finish_axes, run_demo  # noqa: E402
 from espo.stopper import ESPOConfig  # noqa: E402
+from espo.tasks import checkpoint_card  # noqa: E402
 from espo.trainer import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,14 +95,6 @@ def finished_seed(work: Path, settings: dict) -> dict | None:
     return report if report.get("config") == expected else None
 
 
-def model_recipe(model: str | None) -> str | None:
-    """The command that made a --model checkpoint, from the card.json that scripts/make_tiny_model.py writes."""
-    card = Path(model).expanduser() / "card.json" if model else None
-    if card is None or not card.is_file():
-        return None
-    return json.loads(card.read_text()).get("command")
-
-
 def markdown(agg: dict, lines: list[str], env: dict) -> str:
     out = [
         f"ESPO study: {env['seeds']} seeds, {env['settings']}; {env['device_name']}, torch {env['torch']}, {env['date']}, "
@@ -161,12 +154,13 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="reuse the seeds already finished under --work with the same settings (after a kill)")
     args = parser.parse_args(argv)
+    espo = stop_settings(args.espo, parser)
     t0 = datetime.datetime.now()
     reports, per_seed = [], []
     for seed in range(args.seeds):
         settings = dict(seed=seed, device=args.device, model=args.model, steps=args.steps,
                         prompts_per_step=args.prompts_per_step, num_problems=args.num_problems,
-                        eval_problems=args.eval_problems, espo=stop_settings(args.espo, parser))
+                        eval_problems=args.eval_problems, espo=espo)
         report = finished_seed(args.work / f"seed{seed}", settings) if args.resume else None
         if report is None:
             run_demo(args.work / f"seed{seed}", **settings)
@@ -181,12 +175,12 @@ def main(argv=None):
         "name": args.name, "seeds": args.seeds, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "python": platform.python_version(), "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (2 cores)",
-        "espo": stop_settings(args.espo, parser),
+        "espo": espo,
         "settings": f"{args.steps} steps x {args.prompts_per_step} prompts x {DEMO['group_size']} rollouts, "
                     f"{args.num_problems} training prompts, {args.eval_problems} held-out, model {args.model or 'built-in tiny-arith'}",
         "minutes": (datetime.datetime.now() - t0).total_seconds() / 60,
         "command": " ".join(["python bench/study_espo.py"] + sys.argv[1:]),
-        "model_recipe": model_recipe(args.model),
+        "model_recipe": (checkpoint_card(args.model) or {}).get("command") if args.model else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps({"environment": env, "per_seed": per_seed, "aggregate": agg,

@@ -48,6 +48,7 @@ __all__ = [
     "builtin_model_path",
     "builtin_task",
     "check_task",
+    "checkpoint_card",
     "load_builtin",
     "load_model",
     "score",
@@ -439,9 +440,16 @@ def builtin_model_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "tiny-arith"
 
 
+def checkpoint_card(path: str | Path) -> dict[str, Any] | None:
+    """The card.json that scripts/make_tiny_model.py writes beside a checkpoint (its task, recipe and measured
+    success rates), or None for a checkpoint without one."""
+    card = Path(path).expanduser() / CARD_FILE
+    return json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None
+
+
 def builtin_card() -> dict[str, Any]:
     """The shipped model's card: how it was made and its measured success rates."""
-    return json.loads((builtin_model_path() / CARD_FILE).read_text(encoding="utf-8"))
+    return checkpoint_card(builtin_model_path())
 
 
 def builtin_task() -> ChainArithmetic:
@@ -452,10 +460,7 @@ def builtin_task() -> ChainArithmetic:
 def task_from_checkpoint(path: str | Path) -> ChainArithmetic | None:
     """The built-in task a checkpoint made by ``scripts/make_tiny_model.py`` was trained for (its card.json
     records it), or None for any other checkpoint."""
-    card = Path(path).expanduser() / CARD_FILE
-    if not card.is_file():
-        return None
-    config = json.loads(card.read_text(encoding="utf-8")).get("task")
+    config = (checkpoint_card(path) or {}).get("task")
     return ChainArithmetic(**config) if isinstance(config, dict) else None
 
 
