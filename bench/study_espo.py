@@ -153,7 +153,10 @@ def main(argv=None):
                         help="stop settings over the demo's (espo.demo.DEMO_ESPO), e.g. --espo eta_beta=1.0")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the seeds already finished under --work with the same settings (after a kill)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the runs under --work and the results OUT/NAME.*")
     args = parser.parse_args(argv)
+    if (args.out / f"{args.name}.json").exists() and not args.overwrite:
+        parser.error(f"{args.out / (args.name + '.json')} holds a finished study: pass --overwrite or another --name")
     espo = stop_settings(args.espo, parser)
     t0 = datetime.datetime.now()
     reports, per_seed = [], []
@@ -163,7 +166,7 @@ def main(argv=None):
                         eval_problems=args.eval_problems, espo=espo)
         report = finished_seed(args.work / f"seed{seed}", settings) if args.resume else None
         if report is None:
-            run_demo(args.work / f"seed{seed}", **settings)
+            run_demo(args.work / f"seed{seed}", overwrite=args.overwrite or args.resume, **settings)
             report = json.loads((args.work / f"seed{seed}" / "report.json").read_text())
         else:
             print(f"seed {seed}: reusing the finished runs in {args.work / f'seed{seed}'}")

@@ -668,7 +668,8 @@ __device__ void finish_row(const Params& p, int64_t row, const typename Tag::sto
     const float g_norm = fminf(fmaxf((g - mean) / sqrtf(var + st.delta), -st.clip), st.clip);
     const float z_old = st.z[srow];
     const float z = st.alpha_s * z_old + st.one_minus_alpha_s * g_norm;
-    const float value = st.values != nullptr ? st.values[row] : st.value_floor;
+    const float given = st.values != nullptr ? st.values[row] : st.value_floor;
+    const float value = isfinite(given) ? given : st.value_floor;  // NaN or inf: the floor (espo.reference)
     const int32_t position = st.position[srow];
     const bool stop = counted && armed > 0.0f && ready > 0.0f && static_cast<int64_t>(position) >= st.min_tokens &&
                       z > beta * fmaxf(value, st.value_floor);

@@ -15,6 +15,10 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run on this machine (the message says why and what to do)."""
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """``available`` says whether the backend runs on this machine; ``reason`` says why not."""
@@ -81,7 +85,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "torch"
         return next((b for b in ("cuda", "triton") if info[b].available), "torch")
     if not info[backend].available:
-        raise RuntimeError(f"backend {backend!r} is not available: {info[backend].reason}")
+        raise BackendUnavailable(f"backend {backend!r} is not available: {info[backend].reason}")
     if backend != "torch" and device.type != "cuda" and not (backend == "triton" and _interpreting()):
         raise ValueError(f"backend {backend!r} needs CUDA tensors, got tensors on {device}; use backend='torch'")
     return backend

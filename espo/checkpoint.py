@@ -1,22 +1,27 @@
-"""Checkpoints that are never half-written: save to a temporary file beside the target, fsync, rename."""
+"""Checkpoints that are never half-written and never run code.
+
+Saving writes a temporary file beside the target, fsyncs it and renames it over the target, so a crash
+(or a full disk) leaves either the old file or the new one. Loading uses ``torch.load(weights_only=True)``:
+only tensors and plain Python data come back; a file holding anything else (a crafted pickle) is refused
+before any of it runs.
+"""
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
 
-def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save ``state`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -26,17 +31,53 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a checkpoint; with ``expected_config``, refuse one written under another configuration."""
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """torch.save ``state`` to ``path`` so that a crash leaves either the old file or the new one."""
+    return _write_atomic(Path(path), lambda f: torch.save(state, f))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` with the same guarantee as :func:`save_atomic`."""
+    return _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    expected_config: dict[str, Any] | None = None,
+    may_differ: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Load a checkpoint of tensors and plain data; with ``expected_config``, refuse one written under another
+    configuration (fields named in ``may_differ`` excepted).
+
+    Raises FileNotFoundError when there is no file, ValueError when it is corrupt, holds anything but tensors
+    and plain data, or was written under another configuration.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: start without --resume, or point to the run's folder")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            raise ValueError(
+                f"checkpoint {path} holds Python objects other than tensors and plain data, which espo never writes; "
+                "refusing to load it, since unpickling such objects can run code"
+            ) from None
+        raise ValueError(f"checkpoint {path} is corrupt ({err}); delete it and start a new run") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0]}); "
+                         "delete it and start a new run") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not an espo checkpoint's dict")
     if expected_config is not None:
         saved = state.get("config")
-        diff = sorted(k for k in set(saved or {}) | set(expected_config) if (saved or {}).get(k) != expected_config.get(k))
+        if not isinstance(saved, dict):
+            raise ValueError(f"checkpoint {path} has no configuration: it was not written by espo's trainer")
+        skip = set(may_differ)
+        diff = sorted(k for k in set(saved) | set(expected_config) if k not in skip and saved.get(k) != expected_config.get(k))
         if diff:
-            details = ", ".join(f"{k}: saved {(saved or {}).get(k)!r} vs now {expected_config.get(k)!r}" for k in diff[:6])
+            details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {expected_config.get(k)!r}" for k in diff[:6])
             raise ValueError(f"checkpoint {path} was written by another configuration ({details}); "
                              "resume with the same settings or start a new run folder")
     return state

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .backends import BackendUnavailable
 from .tasks import TaskError
+from .trainer import TrainingDiverged
+
+# Errors that describe the user's input or situation: printed as they are. Others also name their type.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, TaskError, TrainingDiverged,
+               BackendUnavailable)
 
 
 def example_logits(batch: int = 6, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
@@ -51,6 +57,13 @@ def run_example(backend: str) -> None:
           "a stopped row stays stopped until reset_rows() starts a new sequence there.")
 
 
+def _bool(text: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false (or 1/0, yes/no), got {text!r}")
+    return value
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """One flag per scalar field of the dataclass ``cls`` (``--espo-beta`` for ESPOConfig.beta)."""
     hints = typing.get_type_hints(cls)
@@ -58,50 +71,87 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = 
         kind = hints[f.name]
         flag = "--" + prefix + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), metavar="BOOL", default=None)
+            parser.add_argument(flag, type=_bool, metavar="BOOL", default=None, help=f"default {f.default}")
         elif kind in (int, float, str):
             parser.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
         elif kind == (str | None):
             parser.add_argument(flag, type=str, default=None, help="default: the built-in model")
 
 
-def _config_from_args(args: argparse.Namespace):
-    from .stopper import ESPOConfig
-    from .trainer import TrainConfig
+def _given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, typing.Any]:
+    """The fields of ``cls`` whose flags were given on the command line."""
+    values = {f.name: getattr(args, prefix + f.name, None) for f in dataclasses.fields(cls) if f.name != "espo"}
+    return {k: v for k, v in values.items() if v is not None}
 
-    espo = {f.name: getattr(args, "espo_" + f.name) for f in dataclasses.fields(ESPOConfig)}
-    espo = ESPOConfig(**{k: v for k, v in espo.items() if v is not None})
-    train = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig) if f.name != "espo"}
-    return TrainConfig(**{k: v for k, v in train.items() if v is not None}, espo=espo)
+
+def _config_from_args(args: argparse.Namespace):
+    """The run's TrainConfig: the flags given over the defaults, or with --resume over the saved configuration."""
+    from .stopper import ESPOConfig
+    from .trainer import TrainConfig, resume_config
+
+    espo, train = _given(args, ESPOConfig, "espo_"), _given(args, TrainConfig)
+    if args.resume:
+        return resume_config(train.pop("out_dir", TrainConfig.out_dir), espo=espo, **train)
+    return TrainConfig(**train, espo=ESPOConfig(**espo))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit code 2), like every other CLI failure."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: its message, or its type and message for errors that are not the user's input."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    if not isinstance(err, USER_ERRORS):
+        text = f"{type(err).__name__}: {text}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
     from .stopper import ESPOConfig
     from .trainer import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="espo", description="espo-rl: fused sampling with ESPO early stopping")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="espo", description="espo-rl: fused sampling with ESPO early stopping")
+    parser.add_argument("--version", action="version", version=f"espo-rl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report")
     demo.add_argument("--out", type=Path, default=Path("espo-demo"), help="report folder (default espo-demo)")
-    demo.add_argument("--quick", action="store_true", help="a run of seconds (CI): fewer steps and prompts")
+    demo.add_argument("--quick", action="store_true",
+                      help="a short run for CI and a first look (a few minutes on 2 CPU cores): fewer steps and prompts")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace the report and runs already in --out")
     tr = sub.add_parser("train", help="one training run; metrics as JSON lines in --out-dir")
     _add_config_flags(tr, TrainConfig)
     _add_config_flags(tr, ESPOConfig, prefix="espo-")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out-dir from its checkpoint, with its saved settings; flags given "
+                         "change them (--steps extends the run)")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir")
     tr.add_argument("--no-progress", action="store_true")
     ex = sub.add_parser("example", help="run the fused sample-and-score op on a built-in example")
     ex.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
     sub.add_parser("backends", help="list the backends and why any is unavailable")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error already reported in one line
+        return int(exit_.code or 0)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, TaskError) as err:  # the user's input: say what, not where
+    except KeyboardInterrupt:
+        print(f"espo {args.command}: interrupted (the last checkpoint written is kept)", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one line; ESPO_DEBUG=1 shows where
         if os.environ.get("ESPO_DEBUG"):
             raise
-        print(f"espo {args.command}: error: {err}\n(set ESPO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"espo {args.command}: error: {_one_line(err)} (ESPO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 
@@ -112,13 +162,13 @@ def _run(args: argparse.Namespace) -> int:
         settings = dict(QUICK) if args.quick else {}
         if args.steps is not None:
             settings["steps"] = args.steps
-        summaries = run_demo(args.out, device=args.device, seed=args.seed, **settings)
+        summaries = run_demo(args.out, device=args.device, seed=args.seed, overwrite=args.overwrite, **settings)
         print_summary(summaries, args.out)
     elif args.command == "train":
         from .trainer import train
 
         cfg = _config_from_args(args)
-        history = train(cfg, resume=args.resume, progress=not args.no_progress).history
+        history = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress).history
         last = history[-1] if history else {}
         print(f"{cfg.algo}: {len(history)} steps, {last.get('cum_tokens', 0)} rollout tokens, "
               f"eval accuracy {last.get('eval_accuracy')}; metrics in {Path(cfg.out_dir) / 'metrics.jsonl'}")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import write_text_atomic
 from .trainer import TrainConfig, train
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
@@ -151,22 +152,26 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
 
 
 def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("ppo", "espo", "grpo", "grpo-cero"),
-             progress: bool = True, **overrides: Any) -> dict[str, dict]:
-    """Train each of ``algos`` with the same settings (``overrides`` go to TrainConfig) and write the report."""
+             progress: bool = True, overwrite: bool = False, **overrides: Any) -> dict[str, dict]:
+    """Train each of ``algos`` with the same settings (``overrides`` go to TrainConfig) and write the report.
+
+    A folder that already holds a report or a run is refused unless ``overwrite`` is given."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    held = [p.name for p in (out_dir / "report.json", out_dir / "report.md", *(out_dir / a for a in algos)) if p.exists()]
+    if held and not overwrite:
+        raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): choose another --out or pass --overwrite")
     t0 = time.perf_counter()
     histories, summaries = {}, {}
     base = TrainConfig(**{**DEMO, **overrides})
     for algo in algos:
         cfg = dataclasses.replace(base, algo=algo, out_dir=str(out_dir / algo))
-        histories[algo] = train(cfg, progress=progress).history
+        histories[algo] = train(cfg, progress=progress, overwrite=overwrite).history
         summaries[algo] = summarise(algo, histories[algo])
     seconds = time.perf_counter() - t0
     cfg_dict = base.to_dict()
-    (out_dir / "report.json").write_text(json.dumps({"config": cfg_dict, "summaries": summaries, "seconds": seconds,
-                                                     "histories": histories}, indent=2))
-    (out_dir / "report.md").write_text(report_markdown(summaries, cfg_dict, seconds))
+    write_text_atomic(json.dumps({"config": cfg_dict, "summaries": summaries, "seconds": seconds, "histories": histories},
+                                 indent=2), out_dir / "report.json")
+    write_text_atomic(report_markdown(summaries, cfg_dict, seconds), out_dir / "report.md")
     plot(histories, out_dir)
     return summaries
 

@@ -9,8 +9,11 @@ Semantics, row by row (x = the row's logits in float32, T its temperature, V the
   ``logprobs``, ``entropy`` and ``max_logprob`` are of the tempered distribution softmax(l) *before*
   top-k/top-p filtering (the distribution whose regret ESPO watches); ``raw_logprobs`` are of softmax(x).
   These statistics are float32 results (tolerances, not bits, between backends).
-* A row is invalid when it holds a NaN or +inf logit or no finite logit at all: its token is -1, its
-  statistics NaN, ``valid`` False, and the stop state ignores it.
+* A row is invalid when it holds a NaN or +inf logit or no finite logit at all, or when its base-2
+  tempered logits ``y`` (step 1 below; ``inv_t = 1`` for greedy rows) hold a NaN or a +inf or no finite
+  value: the tempering left the float32 range (``x * log2(e) / T >= 2**128``, or ``1 / T`` overflowing).
+  Its token is -1, its statistics NaN, ``valid`` False, and the stop state ignores it. A ``y`` of -inf
+  for a finite logit is a token of no mass, as for a logit of -inf.
 
 Sampling is exact integer inverse-CDF, so that every backend draws *the same token* whatever the order
 of its sums (float cumulative sums would put an order-dependent error band of width ~eps * Z at each of
@@ -165,6 +168,11 @@ def _draw_filtered(x, y, top_k, top_p, u) -> torch.Tensor:
     return (cum <= target[:, None]).sum(dim=1).clamp(max=V - 1)
 
 
+def _has_mass(v: torch.Tensor) -> torch.Tensor:
+    """Rows [B] with no NaN, no +inf and at least one finite entry."""
+    return ~(torch.isnan(v) | (v == torch.inf)).any(dim=1) & (v > -torch.inf).any(dim=1)
+
+
 def sample_reference(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -176,22 +184,24 @@ def sample_reference(
     """The op on [B, V] logits with per-row float32 temperature/top_p and int64 top_k/seed/offset."""
     x = logits.float()
     B, V = x.shape
-    valid = ~(torch.isnan(x) | (x == torch.inf)).any(dim=1) & (x > -torch.inf).any(dim=1)
-    x = torch.where(valid[:, None], x, torch.zeros_like(x))
     greedy = temperature == 0
     inv_t = (1.0 / torch.where(greedy, torch.ones_like(temperature), temperature).float()).float()
+    y = base2_logits(x, inv_t)
+    valid = _has_mass(x) & _has_mass(y)
+    x = torch.where(valid[:, None], x, torch.zeros_like(x))
+    y = torch.where(valid[:, None], y, torch.zeros_like(y))
     l = x * inv_t[:, None]
 
+    # Shifted by the row max before the sum (as the kernels do), so that logits of huge magnitude keep log(V).
     l_max = l.max(dim=1).values
-    lse = torch.logsumexp(l, dim=1)
-    logp = l - lse[:, None]
+    log_s = torch.log(torch.exp(l - l_max[:, None]).sum(dim=1))
+    logp = (l - l_max[:, None]) - log_s[:, None]
     p = torch.exp(logp)
     entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=1)
-    max_logprob = l_max - lse
-    raw_lse = torch.logsumexp(x, dim=1)
+    x_max = x.max(dim=1).values
+    raw_log_s = torch.log(torch.exp(x - x_max[:, None]).sum(dim=1))
 
     u = uniform(seed, offset)
-    y = base2_logits(x, inv_t)
     drawn = _draw_chunked(y, u)
     filtered = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
     if bool(filtered.any()):
@@ -203,10 +213,10 @@ def sample_reference(
     zero = torch.zeros_like(l_tok)
     out = {
         "tokens": tokens,
-        "logprobs": torch.where(greedy, zero, l_tok - lse),
-        "raw_logprobs": x.gather(1, tokens[:, None])[:, 0] - raw_lse,
+        "logprobs": torch.where(greedy, zero, (l_tok - l_max) - log_s),
+        "raw_logprobs": (x.gather(1, tokens[:, None])[:, 0] - x_max) - raw_log_s,
         "entropy": torch.where(greedy, zero, entropy),
-        "max_logprob": torch.where(greedy, zero, max_logprob),
+        "max_logprob": torch.where(greedy, zero, -log_s),
         "regret": torch.where(greedy, zero, l_max - l_tok),
     }
     nan = torch.full_like(l_tok, torch.nan)
@@ -242,6 +252,7 @@ def stop_update_reference(
     z = alpha_s * rows["z"] + (1.0 - alpha_s) * g_norm
     t = rows["position"]
     v = torch.full_like(regret, value_floor) if values is None else values.float()
+    v = torch.where(torch.isfinite(v), v, torch.full_like(v, value_floor))  # an unknown value counts as the floor
     threshold = beta * torch.clamp(v, min=value_floor)
     stop = counted & (armed > 0) & (ready > 0) & (t >= min_tokens) & (z > threshold)
 

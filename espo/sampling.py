@@ -6,11 +6,13 @@ from typing import NamedTuple, Union
 import torch
 
 from .backends import load_triton_kernels, resolve_backend
+from .checks import is_integer, is_real
 from .reference import sample_reference, stop_update_reference
 from .stopper import EarlyStopper
 
 RowArg = Union[int, float, torch.Tensor]
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
+MIN_TEMPERATURE = 2.0**-126  # the smallest normal float32: below it 1 / T overflows
 
 
 class SampleOutput(NamedTuple):
@@ -42,9 +44,7 @@ def _can_check_values(t: torch.Tensor, validate: bool) -> bool:
 
 
 def _row_arg(name: str, value: RowArg, B: int, device: torch.device, integer: bool) -> RowArg:
-    """A Python number, or a [B] tensor moved to ``device`` as int64 or float32."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or a tensor of shape ({B},), got a bool")
+    """A Python number (NumPy numbers accepted), or a [B] tensor moved to ``device`` as int64 or float32."""
     if isinstance(value, torch.Tensor):
         if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             raise TypeError(f"{name} must hold integers (e.g. torch.int64), got a {value.dtype} tensor")
@@ -56,10 +56,13 @@ def _row_arg(name: str, value: RowArg, B: int, device: torch.device, integer: bo
             raise ValueError(f"{name} must be a scalar or have one entry per row, shape ({B},); got {tuple(value.shape)}")
         return value.to(device=device, dtype=torch.int64 if integer else torch.float32).contiguous()
     if integer:
-        if not isinstance(value, int):
+        if not is_integer(value):
             raise TypeError(f"{name} must be an int or an integer tensor of shape ({B},), got {type(value).__name__}")
+        value = int(value)
+        if name != "seed" and not _INT64_MIN <= value < 2**63:  # seeds take the unsigned range too (_seed_int64)
+            raise ValueError(f"{name} must fit in a signed 64-bit int, got {value}")
         return value
-    if not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a float or a float tensor of shape ({B},), got {type(value).__name__}")
     return float(value)
 
@@ -102,7 +105,8 @@ def sample(
 
     Args:
         logits: [B, V] float32, bfloat16 or float16, any V >= 1.
-        temperature: >= 0, a scalar or [B]; 0 means greedy (the first maximal logit).
+        temperature: a scalar or [B]; 0 means greedy (the first maximal logit); otherwise >= 2**-126 (the smallest
+            normal float32, so that 1 / T is finite).
         top_k: >= 0, a scalar or [B]; keep the k largest logits (ties kept); 0 keeps all. Applied first.
         top_p: in (0, 1], a scalar or [B]; keep the smallest most-likely set whose mass reaches top_p.
         seed, offset: int64 scalars or [B]; each row's draw comes from Philox keyed by its own (seed,
@@ -110,6 +114,7 @@ def sample(
             as its offset.
         stopper: an ``EarlyStopper`` over these B rows; it is updated in place and ``stop`` is returned.
         values: [B] critic values of the prefixes, for the stop threshold; None uses the config's value floor.
+            They must be finite (checked when ``validate``); unchecked, a NaN or infinite value counts as the floor.
         stopper_rows: int64 [B], the stopper row that each logits row updates (distinct); None means row i
             updates stopper row i, and then the stopper must have exactly B rows. A decoder with a pool of
             slots passes the live slots here.
@@ -118,8 +123,10 @@ def sample(
             on the host, a device sync that costs more than the kernel at small B: hot loops that build
             their arguments themselves pass False. Shapes, dtypes and Python numbers are always checked.
 
-    Invalid rows (a NaN or +inf logit, or every logit -inf) never raise and never yield a silent token:
-    they are flagged False in ``valid``, get token -1 and NaN statistics, and the stopper ignores them.
+    Invalid rows never raise and never yield a silent token: a NaN or +inf logit, no finite logit, or
+    tempered logits that leave the float32 range (``|x| * log2(e) / T >= 3.4e38``; see ``espo.reference``)
+    are flagged False in ``valid`` with token -1 and NaN statistics, on every backend, and the stopper
+    ignores them.
     Bad arguments raise ValueError or TypeError naming the argument.
     """
     if not isinstance(logits, torch.Tensor):
@@ -128,6 +135,8 @@ def sample(
         raise ValueError(f"logits must have shape [B, V] (rank 2), got rank {logits.dim()} with shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.device.type == "meta":
+        raise ValueError("logits are on the meta device (shapes without data): pass real logits, on the CPU or a GPU")
     B, V = logits.shape
     if V == 0:
         raise ValueError("logits has an empty vocabulary (V == 0): there is no token to sample")
@@ -137,7 +146,8 @@ def sample(
     top_p = _row_arg("top_p", top_p, B, device, integer=False)
     seed = _seed_int64(_row_arg("seed", seed, B, device, integer=True))
     offset = _row_arg("offset", offset, B, device, integer=True)
-    _check("temperature", temperature, lambda t: (t >= 0) & torch.isfinite(t), "finite and >= 0 (0 means greedy)", validate)
+    _check("temperature", temperature, lambda t: ((t == 0) | (t >= MIN_TEMPERATURE)) & torch.isfinite(t),
+           f"finite and 0 (greedy) or >= {MIN_TEMPERATURE:.4g} (so that 1 / T is a finite float32)", validate)
     _check("top_k", top_k, lambda k: k >= 0, ">= 0 (0 disables top-k)", validate)
     _check("top_p", top_p, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 disables top-p)", validate)
     _check("offset", offset, lambda o: o >= 0, ">= 0 (the token's position)", validate)
@@ -166,6 +176,9 @@ def sample(
         if not isinstance(values, torch.Tensor) or values.shape != (B,) or not values.is_floating_point():
             raise ValueError(f"values must be a float tensor of shape ({B},), got {values!r:.80}")
         values = values.to(device=device, dtype=torch.float32).contiguous()
+        if _can_check_values(values, validate) and not bool(torch.isfinite(values).all()):
+            raise ValueError(f"values must be finite; got {values[~torch.isfinite(values)][:4].tolist()} in some rows "
+                             "(with validate=False a non-finite value counts as the value floor)")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
 

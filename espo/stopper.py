@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from .checks import check_float, check_int
+
 _ROW_FIELDS = {
     "z": torch.float32,
     "sum_g": torch.float32,
@@ -63,19 +65,22 @@ class ESPOConfig:
     r_fail: float = -1.0
 
     def __post_init__(self) -> None:
+        def field(name, **bounds):  # a frozen dataclass: store the checked Python number
+            object.__setattr__(self, name, check_float(f"ESPOConfig.{name}", getattr(self, name), **bounds))
+
         for name in ("alpha_ema", "alpha_s", "target_rate"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"ESPOConfig.{name} must lie in [0, 1], got {v}")
-        for name in ("eta_beta", "value_floor", "clip", "delta", "beta_min"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ESPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+            field(name, minimum=0.0, maximum=1.0)
+        for name in ("eta_beta", "value_floor", "beta_min"):
+            field(name, minimum=0.0)
+        for name in ("clip", "delta"):
+            field(name, above=0.0)
+        for name in ("beta", "beta_max", "r_fail"):
+            field(name)
+        object.__setattr__(self, "min_tokens", check_int("ESPOConfig.min_tokens", self.min_tokens, minimum=0))
         if not self.beta_min <= self.beta <= self.beta_max:
             raise ValueError(
                 f"ESPOConfig needs beta_min <= beta <= beta_max, got {self.beta_min} <= {self.beta} <= {self.beta_max}"
             )
-        if self.min_tokens < 0:
-            raise ValueError(f"ESPOConfig.min_tokens must be >= 0, got {self.min_tokens}")
 
 
 @dataclass

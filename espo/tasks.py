@@ -248,6 +248,22 @@ def check_task(task: Any) -> Any:
     return task
 
 
+def task_problems(task: Any, n: int, seed: int) -> list[Problem]:
+    """``task.problems(n, seed)``, checked: exactly ``n`` problems, each with a string ``prompt``; else TaskError."""
+    try:
+        problems = list(task.problems(n, seed=seed))
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise TaskError(f"task {_task_name(task)!r} raised {type(exc).__name__}: {exc} in problems({n}, seed={seed})") from exc
+    if len(problems) != n:
+        raise TaskError(f"task {_task_name(task)!r} returned {len(problems)} problems from problems({n}, seed={seed}); "
+                        f"it must return exactly {n}")
+    bad = next((p for p in problems if not isinstance(getattr(p, "prompt", None), str)), None)
+    if bad is not None:
+        raise TaskError(f"task {_task_name(task)!r} returned {_short(bad, 80)} (type {type(bad).__name__}) among its "
+                        "problems; each must be an espo.Problem (or any object with a string .prompt)")
+    return problems
+
+
 def score(task: Any, problem: Any, completion: str) -> float:
     """``task.reward(problem, completion)`` as a float, or a TaskError that names the task and the problem.
 
@@ -486,6 +502,11 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _unreadable_weights(where: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"could not load the model weights in {str(where)!r} ({' '.join(str(exc).split())[:300]}); "
+                      "the files may be truncated or corrupt: re-save or re-copy the checkpoint")
+
+
 def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a local checkpoint folder (or a model already in the local HF cache).
 
@@ -500,15 +521,24 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
         raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the checkpoint folder (with config.json)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; is it a transformers checkpoint?")
+    if path.is_dir():
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc}); repair it or re-save the model") from None
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, **{_dtype_kwarg(): dtype})
     except OSError as exc:
+        if path.is_dir():
+            raise _unreadable_weights(path, exc) from None
         raise FileNotFoundError(
             f"no local model at {str(path_or_name)!r}: it is not an existing folder nor a model in the local "
             "Hugging Face cache. espo loads local checkpoints only and does not attempt hub downloads; "
             "download the model first (e.g. `hf download NAME --local-dir DIR`) and pass that folder."
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors' and torch's errors for a bad weight file
+        raise _unreadable_weights(path, exc) from None
     model.to(device).eval()
     if path.is_dir() and (path / TOKENIZER_FILE).is_file():
         tokenizer = CharTokenizer.load(path / TOKENIZER_FILE)

@@ -34,14 +34,16 @@ import torch.distributed as dist
 
 from .advantages import gae, group_advantages
 from .allocator import CeroAllocator
-from .checkpoint import load_checkpoint, save_atomic
+from .checks import check_bool, check_choice, check_device, check_float, check_int
+from .checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from .decoder import Decoder, Rollouts
 from .losses import kl_penalty, policy_loss, value_loss
 from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
-from .tasks import (CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score,
+from .tasks import (CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score, task_problems,
                     task_from_checkpoint, tokens_after_mistake)
 from .value_head import ValueHead
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 ALGOS = {  # name: (critic, stopper, allocator)
     "ppo": (True, False, False),
     "espo": (True, True, False),
@@ -88,15 +90,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.espo, dict):
             self.espo = ESPOConfig(**self.espo)
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
-        for name in ("steps", "prompts_per_step", "group_size", "num_problems", "ppo_epochs", "minibatches", "max_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.espo, ESPOConfig):
+            raise TypeError(f"TrainConfig.espo must be an ESPOConfig or a dict of its fields, got {type(self.espo).__name__}")
+        check_choice("TrainConfig.algo", self.algo, tuple(ALGOS))
+        if self.model is not None and not (isinstance(self.model, (str, os.PathLike)) and str(self.model)):
+            raise TypeError(f"TrainConfig.model must be a checkpoint folder or None (the built-in model), got {self.model!r}")
+        for name in ("steps", "prompts_per_step", "group_size", "num_problems", "ppo_epochs", "minibatches", "max_batch",
+                     "eval_every"):
+            setattr(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), minimum=1))
+        for name in ("cero_budget", "max_new_tokens", "eval_problems", "seed"):
+            setattr(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), minimum=0))
+        for name in ("temperature", "lr", "clip", "max_grad_norm"):
+            setattr(self, name, check_float(f"TrainConfig.{name}", getattr(self, name), above=0.0))
+        for name in ("value_clip", "vf_coef", "kl_coef"):
+            setattr(self, name, check_float(f"TrainConfig.{name}", getattr(self, name), minimum=0.0))
+        for name in ("gamma", "lam"):
+            setattr(self, name, check_float(f"TrainConfig.{name}", getattr(self, name), minimum=0.0, maximum=1.0))
+        self.success_threshold = check_float("TrainConfig.success_threshold", self.success_threshold)
+        self.check_false_stops = check_bool("TrainConfig.check_false_stops", self.check_false_stops)
+        check_choice("TrainConfig.dtype", self.dtype, DTYPES)
+        self.device = check_device("TrainConfig.device", self.device)
+        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
+            raise TypeError(f"TrainConfig.out_dir must be a folder path, got {self.out_dir!r}")
+        self.out_dir = str(self.out_dir)
         if self.group_size < 2 and self.algo.startswith(("grpo", "espo-cero")):
             raise ValueError(f"{self.algo} needs group_size >= 2 (a group advantage needs two rollouts)")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,6 +201,77 @@ def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperatur
     return logprobs, values
 
 
+# ------------------------------------------------------------------------------------ the run folder
+
+CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE = "checkpoint.pt", "config.json", "metrics.jsonl"
+# What a resumed run may change: where the folder is now, how long the run is, where it runs, its learning rate
+# (to recover from a divergence), diagnostics.
+RESUMABLE_CHANGES = ("out_dir", "steps", "device", "lr", "eval_every", "check_false_stops")
+_CHECKPOINT_KEYS = ("config", "step", "history", "model", "value_head", "optimizer", "stopper", "allocator", "warmup")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient or parameter stopped being finite; nothing of that step was written."""
+
+
+def _read_checkpoint(ckpt_path: Path, expected_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = load_checkpoint(ckpt_path, expected_config=expected_config, may_differ=RESUMABLE_CHANGES)
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_path} lacks {', '.join(missing)}: it was not written by espo's trainer")
+    return state
+
+
+def resume_config(out_dir: str | os.PathLike, **changes: Any) -> TrainConfig:
+    """The configuration of the run in ``out_dir`` (read from its checkpoint), with ``changes`` applied.
+
+    ``espo`` in ``changes`` may be a dict of the stop settings to change. The run is resumed from wherever
+    the folder is now: ``out_dir`` is set to it.
+    """
+    saved = dict(_read_checkpoint(Path(out_dir) / CHECKPOINT_FILE)["config"])
+    saved["espo"] = {**saved.get("espo", {}), **changes.pop("espo", {})}
+    return TrainConfig(**{**saved, **changes, "out_dir": str(out_dir)})
+
+
+def _resume_state(cfg: TrainConfig, ckpt_path: Path) -> dict[str, Any]:
+    """The checkpoint to continue ``cfg`` from, refused when it was written under other settings."""
+    state = _read_checkpoint(ckpt_path, expected_config=cfg.to_dict())
+    done = int(state["step"]) + 1
+    if cfg.steps < done:
+        raise ValueError(f"the run in {ckpt_path.parent} has already done {done} steps; resume with steps >= {done}")
+    planned = int(state["config"]["steps"])
+    if cfg.steps != planned and ALGOS[cfg.algo][2]:
+        raise ValueError(f"{cfg.algo} spreads its rollout budget over the {planned} planned steps, so its run cannot be "
+                         f"extended to {cfg.steps}; start a new run folder with the longer plan")
+    return state
+
+
+def _claim_run_folder(out_dir: Path, overwrite: bool) -> None:
+    """Make ``out_dir`` ready for a new run: refuse one that holds a run unless ``overwrite``; check it is writable."""
+    held = [name for name in (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE) if (out_dir / name).exists()]
+    if held and not overwrite:
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --resume, choose another "
+                         "--out-dir, or pass --overwrite to replace it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".espo-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+        for name in held:
+            (out_dir / name).unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write the run folder {out_dir} ({err.strerror or err}); choose a writable --out-dir") from None
+
+
+def _diverged(what: str, cfg: TrainConfig, step: int, ckpt_path: Path) -> TrainingDiverged:
+    kept = (f"the last good checkpoint (after step {step - 1}) is kept at {ckpt_path}; resume from it with --resume "
+            "and a lower --lr") if ckpt_path.is_file() else "no checkpoint had been written yet"
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what} is not finite. The usual cause is a learning rate too high for this "
+        f"model (lr={cfg.lr}, max_grad_norm={cfg.max_grad_norm}); lower --lr. Nothing of this step was written: {kept}"
+    )
+
+
 # ----------------------------------------------------------------------------------------- the loop
 
 
@@ -202,14 +291,27 @@ def train(
     *,
     task: Any = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Run ``cfg``; metrics go to ``out_dir/metrics.jsonl`` and an atomic checkpoint after every step."""
+    """Run ``cfg``; metrics go to ``out_dir/metrics.jsonl`` and an atomic checkpoint after every step.
+
+    ``resume`` continues the run whose checkpoint is in ``out_dir`` (its configuration must match ``cfg`` but
+    for ``RESUMABLE_CHANGES``; a larger ``steps`` extends a finished run). Without it a folder that holds a
+    run is refused unless ``overwrite`` is given. A loss, gradient or parameter that stops being finite
+    raises ``TrainingDiverged`` before anything is written, so the last good checkpoint survives.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train() needs a TrainConfig, got {type(cfg).__name__}")
     rank, world = _distributed(cfg.device)
     critic_mode, stop_mode, cero_mode = ALGOS[cfg.algo]
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    state = _resume_state(cfg, ckpt_path) if resume else None  # checked before any weights are loaded
+    if rank == 0 and state is None:
+        _claim_run_folder(out_dir, overwrite)
     torch.manual_seed(cfg.seed)
 
     # --- policy, task, prompts
@@ -223,10 +325,8 @@ def train(
     has_oracle = callable(getattr(task, "first_mistake", None))
     if cfg.num_problems < cfg.prompts_per_step:
         raise ValueError(f"num_problems ({cfg.num_problems}) must be >= prompts_per_step ({cfg.prompts_per_step})")
-    problems = task.problems(cfg.num_problems, seed=cfg.seed)
-    eval_set = task.problems(cfg.eval_problems, seed=cfg.seed + 1_000_003) if cfg.eval_problems else []
-    if not problems:
-        raise ValueError("the task gave no problems: problems(n, seed) returned an empty list")
+    problems = task_problems(task, cfg.num_problems, seed=cfg.seed)
+    eval_set = task_problems(task, cfg.eval_problems, seed=cfg.seed + 1_000_003) if cfg.eval_problems else []
     prompts = [_encode(tokenizer, p.prompt) for p in problems]
     eval_prompts = [_encode(tokenizer, p.prompt) for p in eval_set]
     eos = tokenizer.eos_token_id
@@ -259,13 +359,13 @@ def train(
 
     history: list[dict] = []
     start = 0
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume:
-        state = load_checkpoint(ckpt_path, expected_config=cfg.to_dict())
+    if state is not None:
         model.load_state_dict(state["model"])
         if value_head is not None:
             value_head.load_state_dict(state["value_head"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr
         if stopper is not None:
             stopper.load_state_dict(state["stopper"])
         if allocator is not None:
@@ -273,9 +373,8 @@ def train(
         warmup = CriticWarmup(**state["warmup"])
         history, start = state["history"], state["step"] + 1
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        write_text_atomic(json.dumps(cfg.to_dict(), indent=2), out_dir / CONFIG_FILE)
+        write_text_atomic("".join(json.dumps(h) + "\n" for h in history), out_dir / METRICS_FILE)
 
     bar = None
     if progress and rank == 0:
@@ -287,149 +386,163 @@ def train(
     initial_eval = history[0]["initial_eval_accuracy"] if history else (
         _evaluate(decoder, task, tokenizer, eval_set, eval_prompts, cfg, max_new, eos, rank, world) if eval_set else None
     )
-    for step in range(start, cfg.steps):
-        t_step = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
 
-        # 1. this step's prompts (a deterministic walk over a shuffled prompt set) and their group sizes
-        first = step * cfg.prompts_per_step
-        ids = order[np.arange(first, first + cfg.prompts_per_step) % cfg.num_problems]  # [P]
-        counts = allocator.allocate(ids).numpy() if allocator is not None else np.full(len(ids), cfg.group_size)
-        mine = [j for j in range(len(ids)) if j % world == rank and counts[j] > 0]  # this rank's share
+            # 1. this step's prompts (a deterministic walk over a shuffled prompt set) and their group sizes
+            first = step * cfg.prompts_per_step
+            ids = order[np.arange(first, first + cfg.prompts_per_step) % cfg.num_problems]  # [P]
+            counts = allocator.allocate(ids).numpy() if allocator is not None else np.full(len(ids), cfg.group_size)
+            mine = [j for j in range(len(ids)) if j % world == rank and counts[j] > 0]  # this rank's share
 
-        # 2. rollouts: the stopper (if any) stops rows inside the sampling kernel
-        prompt_values = None
-        if stop_mode and not critic_mode and mine:
-            prompt_values = allocator.posterior_mean(ids[mine]).tolist()
-        rollouts = decoder.generate(
-            [prompts[ids[j]] for j in mine], [int(counts[j]) for j in mine], max_new_tokens=max_new,
-            temperature=cfg.temperature, seed=_step_seed(cfg.seed, step, rank), stopper=stopper,
-            eos_token_id=eos, prompt_values=prompt_values, progress=False,
-        ) if mine else None
-        t_rollout = time.perf_counter() - t_step
+            # 2. rollouts: the stopper (if any) stops rows inside the sampling kernel
+            prompt_values = None
+            if stop_mode and not critic_mode and mine:
+                prompt_values = allocator.posterior_mean(ids[mine]).tolist()
+            rollouts = decoder.generate(
+                [prompts[ids[j]] for j in mine], [int(counts[j]) for j in mine], max_new_tokens=max_new,
+                temperature=cfg.temperature, seed=_step_seed(cfg.seed, step, rank), stopper=stopper,
+                eos_token_id=eos, prompt_values=prompt_values, progress=False,
+            ) if mine else None
+            t_rollout = time.perf_counter() - t_step
+            if rollouts is not None and all(r.finish_reason == "invalid" for r in rollouts):
+                raise TrainingDiverged(f"every rollout of step {step} was invalid: the model's logits are NaN or infinite "
+                                       f"(a diverged or broken checkpoint; lr={cfg.lr}). Nothing of this step was written.")
 
-        # 3. rewards: the task's outcome, or r_fail for a stopped rollout (an absorbing failure)
-        # doomed: tokens after the first mistake of wrong rollouts that ran on (what a perfect stopper would cut)
-        rewards, successes, doomed = [], np.zeros(len(ids)), 0
-        for r in rollouts or []:
-            j = mine[r.prompt_index]
-            if r.finish_reason == "stopped":
-                reward = cfg.espo.r_fail
-            else:
-                reward = score(task, problems[ids[j]], tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True))
-                successes[j] += reward >= cfg.success_threshold
-                if has_oracle and reward < cfg.success_threshold:
-                    doomed += tokens_after_mistake(task, tokenizer, problems[ids[j]], r.tokens.tolist())
-            rewards.append(reward)
-        stopped = [r for r in rollouts or [] if r.finish_reason == "stopped"]
-        false_stops = _count_false_stops(decoder, task, tokenizer, problems, prompts, ids, mine, stopped, cfg, max_new, eos) \
-            if stopped and cfg.check_false_stops else 0
-        stop_report = stopper.end_batch(all_reduce=_all_reduce) if stopper is not None else {}
-        successes = _all_reduce(torch.tensor(successes, dtype=torch.float64)).numpy()
-        if allocator is not None:
-            allocator.update(ids, successes.astype(np.int64), counts)
+            # 3. rewards: the task's outcome, or r_fail for a stopped rollout (an absorbing failure)
+            # doomed: tokens after the first mistake of wrong rollouts that ran on (what a perfect stopper would cut)
+            rewards, successes, doomed = [], np.zeros(len(ids)), 0
+            for r in rollouts or []:
+                j = mine[r.prompt_index]
+                if r.finish_reason == "stopped":
+                    reward = cfg.espo.r_fail
+                else:
+                    reward = score(task, problems[ids[j]], tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True))
+                    successes[j] += reward >= cfg.success_threshold
+                    if has_oracle and reward < cfg.success_threshold:
+                        doomed += tokens_after_mistake(task, tokenizer, problems[ids[j]], r.tokens.tolist())
+                rewards.append(reward)
+            stopped = [r for r in rollouts or [] if r.finish_reason == "stopped"]
+            false_stops = _count_false_stops(decoder, task, tokenizer, problems, prompts, ids, mine, stopped, cfg, max_new, eos) \
+                if stopped and cfg.check_false_stops else 0
+            stop_report = stopper.end_batch(all_reduce=_all_reduce) if stopper is not None else {}
+            successes = _all_reduce(torch.tensor(successes, dtype=torch.float64)).numpy()
+            if allocator is not None:
+                allocator.update(ids, successes.astype(np.int64), counts)
 
-        # 4. advantages
-        batch = build_batch([prompts[ids[j]] for j in mine], rollouts, rewards, [int(ids[j]) for j in mine],
-                            eos if eos is not None else 0, device) if rollouts else None
-        stats: dict[str, float] = {}
-        t_train = time.perf_counter()
-        if batch is not None:
-            with torch.no_grad():
-                old_logprobs, old_values = policy_forward(model, value_head, batch, cfg.temperature)
-                ref_logprobs = policy_forward(reference, None, batch, cfg.temperature)[0] if reference is not None else None
-            N, T = batch.mask.shape
-            last = batch.mask.sum(1) - 1  # the index of each rollout's final token
+            # 4. advantages
+            batch = build_batch([prompts[ids[j]] for j in mine], rollouts, rewards, [int(ids[j]) for j in mine],
+                                eos if eos is not None else 0, device) if rollouts else None
+            stats: dict[str, float] = {}
+            t_train = time.perf_counter()
+            if batch is not None:
+                with torch.no_grad():
+                    old_logprobs, old_values = policy_forward(model, value_head, batch, cfg.temperature)
+                    ref_logprobs = policy_forward(reference, None, batch, cfg.temperature)[0] if reference is not None else None
+                N, T = batch.mask.shape
+                last = batch.mask.sum(1) - 1  # the index of each rollout's final token
+                if critic_mode:
+                    token_rewards = torch.zeros(N, T, device=device).scatter(1, last[:, None], batch.rewards[:, None])
+                    advantages, returns = gae(token_rewards, old_values, batch.mask, gamma=cfg.gamma, lam=cfg.lam)
+                    live = advantages[batch.mask]
+                    advantages = (advantages - live.mean()) / (live.std() + 1e-6) * batch.mask if live.numel() > 1 else advantages
+                else:
+                    advantages = group_advantages(batch.rewards, batch.group)[:, None].expand(N, T) * batch.mask
+                    returns = None
+
+                # 5. PPO epochs over minibatches; gradients averaged across ranks
+                perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank, salt=1))
+                sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl": 0.0}
+                updates = 0
+                for _ in range(cfg.ppo_epochs):
+                    for rows in torch.randperm(N, generator=perm_gen).to(device).chunk(cfg.minibatches):
+                        logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, rows)
+                        m = batch.mask[rows]
+                        loss, info = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, clip=cfg.clip)
+                        sums["policy_loss"] += _finite(loss, "the policy loss", cfg, step, ckpt_path)
+                        if critic_mode:
+                            v_loss = value_loss(values, returns[rows], m, old_values=old_values[rows], clip=cfg.value_clip)
+                            loss = loss + cfg.vf_coef * v_loss
+                            sums["value_loss"] += _finite(v_loss, "the value loss", cfg, step, ckpt_path)
+                        if ref_logprobs is not None:
+                            kl = kl_penalty(logprobs, ref_logprobs[rows], m)
+                            loss = loss + cfg.kl_coef * kl
+                            sums["kl"] += _finite(kl, "the KL penalty", cfg, step, ckpt_path)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        for p in params:
+                            if p.grad is not None and world > 1:
+                                _all_reduce(p.grad).div_(world)
+                        _finite(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm), "the gradient norm", cfg, step, ckpt_path)
+                        optimizer.step()
+                        sums["clip_fraction"] += info["clip_fraction"]
+                        sums["approx_kl"] += info["approx_kl"]
+                        updates += 1
+                stats = {k: v / max(updates, 1) for k, v in sums.items()}
+            if world > 1:  # logged losses are means over ranks
+                keys = ["policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl"]
+                means = _all_reduce(torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)) / world
+                stats = dict(zip(keys, means.tolist()))
             if critic_mode:
-                token_rewards = torch.zeros(N, T, device=device).scatter(1, last[:, None], batch.rewards[:, None])
-                advantages, returns = gae(token_rewards, old_values, batch.mask, gamma=cfg.gamma, lam=cfg.lam)
-                live = advantages[batch.mask]
-                advantages = (advantages - live.mean()) / (live.std() + 1e-6) * batch.mask if live.numel() > 1 else advantages
-            else:
-                advantages = group_advantages(batch.rewards, batch.group)[:, None].expand(N, T) * batch.mask
-                returns = None
+                critic_loss = stats.get("value_loss", 0.0)
+                if stopper is not None and warmup.update(critic_loss, step) and not stopper.armed:
+                    stopper.arm()
+            t_train = time.perf_counter() - t_train
 
-            # 5. PPO epochs over minibatches; gradients averaged across ranks
-            perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank, salt=1))
-            sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl": 0.0}
-            updates = 0
-            for _ in range(cfg.ppo_epochs):
-                for rows in torch.randperm(N, generator=perm_gen).to(device).chunk(cfg.minibatches):
-                    logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, rows)
-                    m = batch.mask[rows]
-                    loss, info = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, clip=cfg.clip)
-                    sums["policy_loss"] += float(loss.detach())
-                    if critic_mode:
-                        v_loss = value_loss(values, returns[rows], m, old_values=old_values[rows], clip=cfg.value_clip)
-                        loss = loss + cfg.vf_coef * v_loss
-                        sums["value_loss"] += float(v_loss.detach())
-                    if ref_logprobs is not None:
-                        kl = kl_penalty(logprobs, ref_logprobs[rows], m)
-                        loss = loss + cfg.kl_coef * kl
-                        sums["kl"] += float(kl.detach())
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for p in params:
-                        if p.grad is not None and world > 1:
-                            _all_reduce(p.grad).div_(world)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    sums["clip_fraction"] += info["clip_fraction"]
-                    sums["approx_kl"] += info["approx_kl"]
-                    updates += 1
-            stats = {k: v / max(updates, 1) for k, v in sums.items()}
-        if world > 1:  # logged losses are means over ranks
-            keys = ["policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl"]
-            means = _all_reduce(torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)) / world
-            stats = dict(zip(keys, means.tolist()))
-        if critic_mode:
-            critic_loss = stats.get("value_loss", 0.0)
-            if stopper is not None and warmup.update(critic_loss, step) and not stopper.armed:
-                stopper.arm()
-        t_train = time.perf_counter() - t_train
+            # 6. evaluation: sampled accuracy on held-out problems, without stopping
+            eval_acc = None
+            if eval_set and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                eval_acc = _evaluate(decoder, task, tokenizer, eval_set, eval_prompts, cfg, max_new, eos, rank, world)
 
-        # 6. evaluation: sampled accuracy on held-out problems, without stopping
-        eval_acc = None
-        if eval_set and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            eval_acc = _evaluate(decoder, task, tokenizer, eval_set, eval_prompts, cfg, max_new, eos, rank, world)
-
-        # 7. metrics and an atomic checkpoint
-        totals = _all_reduce(torch.tensor([
-            len(rollouts or []), rollouts.tokens_generated if rollouts else 0, len(stopped), false_stops,
-            _informative_rollouts(batch), doomed,
-        ], dtype=torch.float64)).tolist()
-        n_roll, n_tok, n_stop, n_false, n_inform, n_doomed = totals
-        cum_tokens += int(n_tok)
-        record = {
-            "step": step, "algo": cfg.algo, "rollouts": int(n_roll), "tokens": int(n_tok), "cum_tokens": cum_tokens,
-            "success_rate": float(successes.sum() / max(n_roll, 1)), "stop_rate": n_stop / max(n_roll, 1),
-            "stopped": int(n_stop), "false_stops": int(n_false),
-            "informative_fraction": n_inform / max(n_roll, 1), "eval_accuracy": eval_acc,
-            "doomed_tokens": int(n_doomed) if has_oracle else None,
-            "armed": bool(stopper.armed) if stopper is not None else False,
-            "beta": stop_report.get("beta"), "time_s": time.perf_counter() - t_step,
-            "rollout_time_s": t_rollout, "train_time_s": t_train, **stats,
-        }
-        if step == 0:
-            record["initial_eval_accuracy"] = initial_eval
-        history.append(record)
-        if rank == 0:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_atomic({
-                "config": cfg.to_dict(), "step": step, "history": history, "model": model.state_dict(),
-                "value_head": value_head.state_dict() if value_head is not None else None,
-                "optimizer": optimizer.state_dict(), "stopper": stopper.state_dict() if stopper is not None else None,
-                "allocator": allocator.state_dict() if allocator is not None else None,
-                "warmup": dataclasses.asdict(warmup),
-            }, ckpt_path)
+            # 7. metrics and an atomic checkpoint
+            totals = _all_reduce(torch.tensor([
+                len(rollouts or []), rollouts.tokens_generated if rollouts else 0, len(stopped), false_stops,
+                _informative_rollouts(batch), doomed,
+            ], dtype=torch.float64)).tolist()
+            n_roll, n_tok, n_stop, n_false, n_inform, n_doomed = totals
+            cum_tokens += int(n_tok)
+            record = {
+                "step": step, "algo": cfg.algo, "rollouts": int(n_roll), "tokens": int(n_tok), "cum_tokens": cum_tokens,
+                "success_rate": float(successes.sum() / max(n_roll, 1)), "stop_rate": n_stop / max(n_roll, 1),
+                "stopped": int(n_stop), "false_stops": int(n_false),
+                "informative_fraction": n_inform / max(n_roll, 1), "eval_accuracy": eval_acc,
+                "doomed_tokens": int(n_doomed) if has_oracle else None,
+                "armed": bool(stopper.armed) if stopper is not None else False,
+                "beta": stop_report.get("beta"), "time_s": time.perf_counter() - t_step,
+                "rollout_time_s": t_rollout, "train_time_s": t_train, **stats,
+            }
+            if step == 0:
+                record["initial_eval_accuracy"] = initial_eval
+            history.append(record)
+            _finite(torch.nn.utils.get_total_norm(params, norm_type=math.inf), "a parameter", cfg, step, ckpt_path)
+            if rank == 0:
+                with open(out_dir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_atomic({
+                    "config": cfg.to_dict(), "step": step, "history": history, "model": model.state_dict(),
+                    "value_head": value_head.state_dict() if value_head is not None else None,
+                    "optimizer": optimizer.state_dict(), "stopper": stopper.state_dict() if stopper is not None else None,
+                    "allocator": allocator.state_dict() if allocator is not None else None,
+                    "warmup": dataclasses.asdict(warmup),
+                }, ckpt_path)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(acc=f"{record['success_rate']:.2f}", stop=f"{record['stop_rate']:.2f}", tokens=cum_tokens)
+            if on_step is not None:
+                on_step(record)
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(acc=f"{record['success_rate']:.2f}", stop=f"{record['stop_rate']:.2f}", tokens=cum_tokens)
-        if on_step is not None:
-            on_step(record)
-    if bar is not None:
-        bar.close()
+            bar.close()
     return TrainResult(history, model, value_head, stopper, allocator)
+
+
+def _finite(value: torch.Tensor, what: str, cfg: TrainConfig, step: int, ckpt_path: Path) -> float:
+    """``float(value)``, or TrainingDiverged when it is NaN or infinite."""
+    v = float(value.detach())
+    if not math.isfinite(v):
+        raise _diverged(what, cfg, step, ckpt_path)
+    return v
 
 
 def _informative_rollouts(batch: Batch | None) -> float:

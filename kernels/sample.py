@@ -298,6 +298,7 @@ def _finish_kernel(
         z = alpha_s * z_old + one_minus_alpha_s * g_norm
         if HAS_VALUES:
             value = tl.load(values_ptr + row).to(tl.float32)
+            value = tl.where(tl.abs(value) < float("inf"), value, value_floor)  # NaN or inf: the floor
         else:
             value = value_floor
         position = tl.load(position_ptr + srow)

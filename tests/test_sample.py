@@ -238,6 +238,64 @@ def test_invalid_rows_are_flagged_not_sampled(backend, device, dtype):
             assert torch.isfinite(getattr(out, field)[3:]).all()
 
 
+EVERY_BACKEND = PAIRS + [pytest.param("torch", "cpu", id="torch-cpu")]
+
+
+@pytest.mark.parametrize("backend, device", EVERY_BACKEND)
+def test_tempered_overflow_is_flagged_alike_on_every_backend(backend, device):
+    """Rows whose tempered logits leave the float32 range: flagged invalid (never a silent token), the same rows
+    on every backend; rows of huge but representable logits sample exactly as the reference does."""
+    V = 37
+    huge = torch.zeros(V)
+    huge[5] = 2.4e38  # x * log2(e) overflows at T = 1 (and for greedy)
+    lows = torch.full((V,), -3.4e38)  # float32's lowest: -inf once tempered at T <= 1.41
+    cases = [  # (row, temperature, valid)
+        (huge, 1.0, False), (huge, 0.0, False), (huge, 2.0, True), (lows, 1.0, False), (lows, 2.0, True),
+        (random_logits(1, V, seed=3)[0], 1e-39, False), (random_logits(1, V, seed=4)[0] * 10, 1e-37, False),
+        (random_logits(1, V, seed=5)[0], 1e-30, True),
+    ]
+    logits = torch.stack([c[0] for c in cases]).to(device)
+    kw = dict(temperature=torch.tensor([c[1] for c in cases], device=device), seed=torch.arange(len(cases), device=device),
+              offset=3, validate=False)
+    for extra in (dict(), dict(top_k=4), dict(top_p=0.5)):
+        out = espo.sample(logits, backend=backend, **kw, **extra)
+        assert out.valid.tolist() == [c[2] for c in cases]
+        assert (out.tokens[~out.valid] == -1).all()
+        assert_matches(out, espo.sample(logits, backend="torch", **kw, **extra))
+        assert out.tokens[2].item() == 5  # at T = 2 the huge logit holds all the mass
+        assert torch.isfinite(out.logprobs[out.valid]).all()
+    row = espo.sample(logits[4:5], temperature=2.0, backend=backend)  # equal lowest logits: uniform, log(1/V)
+    assert row.logprobs.item() == pytest.approx(-np.log(V), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend, device", EVERY_BACKEND)
+def test_non_finite_values_count_as_the_value_floor(backend, device):
+    """Unchecked (validate=False) NaN or infinite critic values use the floor, identically on every backend."""
+    B, V = 4, 50
+    logits = random_logits(B, V, device=device, seed=9, scale=4.0)
+    values = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.2], device=device)
+    stops = []
+    for v in (values, None):
+        stopper = espo.EarlyStopper(espo.ESPOConfig(beta=0.5, beta_min=0.1, alpha_s=0.0, clip=3.0), B, device)
+        espo.sample(logits, stopper=stopper, seed=1, backend=backend)
+        stopper.end_batch()
+        stopper.arm()
+        out = espo.sample(logits, stopper=stopper, values=v, seed=torch.arange(B, device=device), offset=1,
+                          backend=backend, validate=False)
+        stops.append(out.stop.tolist())
+    assert any(stops[1]) and stops[0] == stops[1]  # as with no values at all: every row at the floor
+    with pytest.raises(ValueError, match="values must be finite"):
+        espo.sample(logits, stopper=stopper, values=values, backend=backend)
+
+
+def test_numpy_numbers_are_accepted():
+    logits = random_logits(3, 40, seed=2)
+    kw = dict(temperature=0.7, top_k=5, top_p=0.9, seed=11, offset=4)
+    numpy_kw = dict(temperature=np.float32(0.7), top_k=np.int64(5), top_p=np.float64(0.9), seed=np.int64(11),
+                    offset=np.int32(4))
+    assert espo.sample(logits, **numpy_kw).tokens.tolist() == espo.sample(logits, **kw).tokens.tolist()
+
+
 BAD = [
     (dict(logits=torch.zeros(3)), ValueError, "rank 2"),
     (dict(logits=torch.zeros(2, 3, 4)), ValueError, "rank 2"),
@@ -259,6 +317,12 @@ BAD = [
     (dict(values=torch.zeros(2)), ValueError, "stopper"),
     (dict(stopper=espo.EarlyStopper(batch_size=3)), ValueError, "stopper_rows"),
     (dict(backend="fastest"), ValueError, "backend"),
+    (dict(temperature=1e-39), ValueError, "temperature"),
+    (dict(top_k=2**70), ValueError, "top_k must fit"),
+    (dict(offset=2**70), ValueError, "offset must fit"),
+    (dict(top_k=True), TypeError, "top_k"),
+    (dict(logits=torch.zeros(2, 5, device="meta")), ValueError, "meta device"),
+    (dict(stopper=espo.EarlyStopper(batch_size=2), values=torch.tensor([float("nan"), 0.0])), ValueError, "finite"),
 ]
 
 

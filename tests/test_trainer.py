@@ -156,7 +156,7 @@ class EmptyTask(ChainArithmetic):
 @pytest.mark.parametrize("task, error, words", [
     (RaisingTask(), TaskError, "raised KeyError"),
     (StringTask(), TaskError, "must return a finite number"),
-    (EmptyTask(), ValueError, "no problems"),
+    (EmptyTask(), TaskError, "returned 0 problems"),
 ])
 def test_bad_tasks_fail_clearly(task, error, words, tmp_path):
     with pytest.raises(error, match=words):
@@ -187,6 +187,6 @@ def test_resume_from_another_config_is_refused_and_keeps_the_checkpoint(tmp_path
     train(cfg, progress=False)
     path = tmp_path / "grpo" / "checkpoint.pt"
     before = path.read_bytes()
-    with pytest.raises(ValueError, match="lr: saved 0.001 vs now 0.002"):
-        train(dataclasses.replace(cfg, lr=2e-3), resume=True, progress=False)
+    with pytest.raises(ValueError, match="clip: saved 0.2 vs now 0.3"):
+        train(dataclasses.replace(cfg, clip=0.3), resume=True, progress=False)
     assert path.read_bytes() == before

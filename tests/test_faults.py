@@ -1,0 +1,245 @@
+"""Fault injection: no run is lost, no checkpoint runs code, every CLI failure is one line with exit code 2.
+
+A diverging loss, a disk that fills during a save, a crafted pickle, a moved run folder and a hundred ways
+to mistype a flag: each must leave the last good checkpoint loadable and say what to change.
+"""
+import errno
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import espo
+import espo.checkpoint
+import espo.trainer
+from espo.cli import main
+from espo.tasks import ChainArithmetic, TaskError, builtin_model_path
+from espo.trainer import TrainConfig, TrainingDiverged, train
+
+TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=0, max_batch=16, ppo_epochs=1,
+            minibatches=1, lr=1e-3)
+TINY_FLAGS = ["--prompts-per-step", "4", "--group-size", "3", "--num-problems", "16", "--eval-problems", "0",
+              "--max-batch", "16", "--ppo-epochs", "1", "--minibatches", "1", "--no-progress"]
+
+
+def cli(capsys, *argv):
+    """Run the CLI; return (exit code, stderr lines)."""
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def one_line_failure(capsys, *argv) -> str:
+    code, err = cli(capsys, *argv)
+    assert code == 2 and len(err) == 1, (code, err)
+    return err[0]
+
+
+# ------------------------------------------------------------------------------------ data loss
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = TrainConfig(**TINY, algo="grpo", out_dir=str(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    saved = {}
+    real_loss = espo.trainer.policy_loss
+
+    def loss_that_turns_nan(*args, **kwargs):
+        loss, info = real_loss(*args, **kwargs)
+        return (loss * float("nan"), info) if "step0" in saved else (loss, info)
+
+    monkeypatch.setattr(espo.trainer, "policy_loss", loss_that_turns_nan)
+    with pytest.raises(TrainingDiverged, match=r"step 1: the policy loss is not finite.*lr=0.001.*kept at"):
+        train(cfg, progress=False, on_step=lambda record: saved.setdefault("step0", ckpt.read_bytes()))
+    assert ckpt.read_bytes() == saved["step0"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0]
+    monkeypatch.setattr(espo.trainer, "policy_loss", real_loss)
+    history = train(cfg, resume=True, progress=False).history  # the kept checkpoint resumes
+    assert [h["step"] for h in history] == [0, 1]
+
+
+def test_a_diverging_cli_run_is_one_line_naming_the_learning_rate(tmp_path, capsys):
+    run = tmp_path / "run"
+    line = one_line_failure(capsys, "train", "--algo", "ppo", "--lr", "10", "--steps", "6", *TINY_FLAGS, "--out-dir", run)
+    assert "diverged" in line and "lr=10.0" in line and "kept at" in line
+    kept = espo.checkpoint.load_checkpoint(run / "checkpoint.pt")
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = espo.checkpoint.save_atomic({"config": {"a": 1}, "step": 0, "w": torch.ones(3)}, tmp_path / "ckpt.pt")
+
+    def disk_full(state, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(espo.checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        espo.checkpoint.save_atomic({"config": {"a": 1}, "step": 1, "w": torch.zeros(3)}, path)
+    state = espo.checkpoint.load_checkpoint(path)
+    assert state["step"] == 0 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_a_folder_holding_a_run_is_never_replaced_without_asking(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(TrainConfig(**{**TINY, "steps": 1}, algo="grpo", out_dir=str(run)), progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    line = one_line_failure(capsys, "train", "--algo", "grpo", "--steps", "1", *TINY_FLAGS, "--out-dir", run)
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    code, _ = cli(capsys, "train", "--algo", "ppo", "--steps", "1", *TINY_FLAGS, "--out-dir", run, "--overwrite")
+    assert code == 0 and json.loads((run / "config.json").read_text())["algo"] == "ppo"
+
+
+def test_the_demo_folder_is_never_replaced_without_asking(tmp_path, capsys):
+    (tmp_path / "report.json").write_text("{}")
+    line = one_line_failure(capsys, "demo", "--quick", "--out", tmp_path)
+    assert "already holds a demo" in line and (tmp_path / "report.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------------- security
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "raw-pickle"])
+def test_a_crafted_pickle_is_refused_without_running(tmp_path, capsys, zip_format):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    run.mkdir()
+    state = {"config": TrainConfig(**TINY, out_dir=str(run)).to_dict(), "step": 0, "payload": _Payload(marker)}
+    if zip_format:
+        torch.save(state, run / "checkpoint.pt")
+    else:
+        (run / "checkpoint.pt").write_bytes(pickle.dumps(state))
+    line = one_line_failure(capsys, "train", "--resume", "--out-dir", run)
+    assert not marker.exists()
+    assert ("refusing to load" in line or "corrupt" in line) and "checkpoint.pt" in line
+
+
+# ---------------------------------------------------------------------------------------- resume
+
+
+def test_resume_from_the_folder_alone_however_it_is_spelled_or_moved(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _ = cli(capsys, "train", "--algo", "espo", "--steps", "1", "--lr", "5e-4", *TINY_FLAGS, "--out-dir", "runs/k9")
+    assert code == 0
+    shutil.move("runs/k9", "moved")
+    code, err = cli(capsys, "train", "--resume", "--out-dir", "./moved/", "--steps", "2", "--no-progress")
+    assert code == 0, err
+    code, err = cli(capsys, "train", "--resume", "--out-dir", tmp_path / "moved", "--steps", "3", "--no-progress")
+    assert code == 0, err
+    history = [json.loads(line) for line in Path("moved/metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 1, 2]
+    saved = json.loads(Path("moved/config.json").read_text())
+    assert saved["lr"] == 5e-4 and saved["steps"] == 3 and saved["algo"] == "espo"  # the saved settings, extended
+    line = one_line_failure(capsys, "train", "--resume", "--out-dir", "moved", "--clip", "0.3")
+    assert "clip: saved 0.2 vs now 0.3" in line
+    line = one_line_failure(capsys, "train", "--resume", "--out-dir", "moved", "--steps", "2")
+    assert "already done 3 steps" in line
+
+
+def test_a_cero_run_cannot_be_extended_past_its_budget_plan(tmp_path):
+    cfg = TrainConfig(**{**TINY, "steps": 1}, algo="grpo-cero", out_dir=str(tmp_path / "run"))
+    train(cfg, progress=False)
+    with pytest.raises(ValueError, match="cannot be extended"):
+        train(TrainConfig(**{**cfg.to_dict(), "steps": 2}), resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------- one-line CLI failures
+
+
+def _truncated_model(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path(), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return model
+
+
+def _bad_config_json(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path(), model)
+    (model / "config.json").write_text("{not json")
+    return model
+
+
+def _corrupt_checkpoint(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04" + os.urandom(200))
+    return run
+
+
+def _a_file(tmp_path: Path) -> Path:
+    (tmp_path / "file").write_text("not a folder")
+    return tmp_path / "file"
+
+
+CLI_FAILURES = [  # (argv builder, words the one line must hold)
+    (lambda p: ["train", "--model", _truncated_model(p)], "could not load the model weights"),
+    (lambda p: ["train", "--model", _bad_config_json(p)], "not valid JSON"),
+    (lambda p: ["train", "--dtype", "float99"], "dtype must be one of"),
+    (lambda p: ["train", "--eval-every", "0"], "eval_every must be >= 1"),
+    (lambda p: ["train", "--lr", "nan"], "lr must be a finite number"),
+    (lambda p: ["train", "--clip", "-0.2"], "clip must be > 0"),
+    (lambda p: ["train", "--gamma", "5"], "gamma must be <= 1"),
+    (lambda p: ["train", "--lam", "-1"], "lam must be >= 0"),
+    (lambda p: ["train", "--espo-r-fail", "nan"], "r_fail must be a finite number"),
+    (lambda p: ["train", "--espo-min-tokens", "1.5"], "invalid int value"),
+    (lambda p: ["train", "--check-false-stops", "maybe"], "expected true or false"),
+    (lambda p: ["train", "--steps", "two"], "invalid int value"),
+    (lambda p: ["train", "--algo", "dpo"], "algo must be one of"),
+    (lambda p: ["train", "--out-dir", _a_file(p)], "cannot write the run folder"),
+    (lambda p: ["train", "--out-dir", _a_file(p) / "below"], "cannot write the run folder"),
+    (lambda p: ["train", "--resume", "--out-dir", _corrupt_checkpoint(p)], "corrupt"),
+    (lambda p: ["train", "--resume", "--out-dir", p / "nowhere"], "no checkpoint at"),
+    (lambda p: ["example", "--backend", "cuda"], "backend 'cuda' is not available"),
+    (lambda p: ["demo", "--steps", "x"], "invalid int value"),
+    (lambda p: ["frobnicate"], "invalid choice"),
+]
+if not torch.cuda.is_available():
+    CLI_FAILURES.append((lambda p: ["train", "--device", "cuda"], "no usable CUDA GPU"))
+
+
+@pytest.mark.parametrize("argv, words", CLI_FAILURES, ids=[w for _, w in CLI_FAILURES])
+def test_every_cli_failure_is_one_line_with_exit_code_2(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = argv(tmp_path)
+    if args[0] == "train" and "--out-dir" not in args:
+        args += ["--out-dir", tmp_path / "out"]
+    line = one_line_failure(capsys, *args)
+    assert words in line, line
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"espo-rl {espo.__version__}"
+
+
+# --------------------------------------------------------------------------------- bad tasks
+
+
+class FewerProblems(ChainArithmetic):
+    def problems(self, n, seed):
+        return super().problems(n, seed)[: n // 2]
+
+
+class DictProblems(ChainArithmetic):
+    def problems(self, n, seed):
+        return [{"prompt": p.prompt, "answer": p.answer} for p in super().problems(n, seed)]
+
+
+@pytest.mark.parametrize("task, words", [(FewerProblems(), "returned 8 problems"), (DictProblems(), "espo.Problem")])
+def test_a_task_breaking_the_problems_contract_is_named(task, words, tmp_path):
+    with pytest.raises(TaskError, match=words):
+        train(TrainConfig(**TINY, algo="grpo", out_dir=str(tmp_path / "run")), task=task, progress=False)
