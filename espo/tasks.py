@@ -345,6 +345,12 @@ class ChainArithmetic:
     (``*`` only by digits 2-9 coprime to the modulus, so every step is a bijection and a wrong step can
     never be undone by later correct ones).
 
+    With ``lost_thread``, a demonstration that makes a mistake loses the thread there, as a reasoning model
+    that has gone wrong keeps writing to its length limit: every later clause has the same form but a
+    random operation and a wrong result, and no answer comes, up to ``max_new_tokens`` (three times a
+    correct completion's length). A model trained on such demonstrations runs its wrong rollouts long, so
+    most tokens of a wrong rollout come after its first mistake, where an early stop saves them.
+
     Reward rule (exact): the answer is the run of digits right after the first ``A=`` in the completion;
     the reward is 1.0 iff that run is exactly the decimal answer (no sign, no leading zeros, no spaces),
     else 0.0. The run ends at the first non-digit; text after it is ignored (a well-formed completion
@@ -354,6 +360,7 @@ class ChainArithmetic:
     steps: int = 6
     modulus: int = 10
     ops: str = "+-*"
+    lost_thread: bool = False
     name: str = "chain-arithmetic"
 
     def __post_init__(self) -> None:
@@ -365,6 +372,8 @@ class ChainArithmetic:
             raise ValueError(f"ops must be distinct characters from '+-*', got {self.ops!r}")
         if "*" in self.ops and not self._operands("*"):
             raise ValueError(f"no digit 2-9 is coprime to modulus {self.modulus}; drop '*' from ops")
+        if not isinstance(self.lost_thread, bool):
+            raise ValueError(f"lost_thread must be True or False, got {self.lost_thread!r}")
 
     #: the characters a tokenizer for this task needs
     alphabet: ClassVar[str] = "0123456789+-*=;:AQ"
@@ -376,12 +385,15 @@ class ChainArithmetic:
 
     @property
     def max_new_tokens(self) -> int:
-        """Tokens a correct completion takes, EOS included, plus a small margin."""
+        """Tokens a correct completion takes, EOS included, plus a small margin (three times that with
+        ``lost_thread``: the limit that wrong completions run to)."""
         w = len(str(self.modulus - 1))
-        return self.steps * (2 * w + 4) + 2 + w + 1 + 4
+        correct = self.steps * (2 * w + 4) + 2 + w + 1 + 4
+        return 3 * correct if self.lost_thread else correct
 
     def config(self) -> dict[str, Any]:
-        return {"steps": self.steps, "modulus": self.modulus, "ops": self.ops}
+        config = {"steps": self.steps, "modulus": self.modulus, "ops": self.ops}
+        return {**config, "lost_thread": True} if self.lost_thread else config
 
     def make_problem(self, start: int, chain: Sequence[tuple[str, int]]) -> Problem:
         chain = tuple((str(o), int(d)) for o, d in chain)
@@ -418,9 +430,24 @@ class ChainArithmetic:
             y = _APPLY[o](x, d, self.modulus)
             if mistake_rate > 0 and rng.random() < mistake_rate:
                 y = (y + rng.randrange(1, self.modulus)) % self.modulus
+                if self.lost_thread:
+                    parts.append(f"{x}{o}{d}={y};")
+                    return self._lose_thread("".join(parts), y, rng)
             parts.append(f"{x}{o}{d}={y};")
             x = y
         return "".join(parts) + f"A={x}"
+
+    def _lose_thread(self, text: str, x: int, rng: random.Random) -> str:
+        """``text`` continued with clauses of random operations and wrong results up to the length limit
+        (EOS excluded: a lost completion never ends by itself)."""
+        operands = {o: self._operands(o) for o in self.ops}
+        while len(text) < self.max_new_tokens:
+            o = rng.choice(self.ops)
+            d = rng.choice(operands[o])
+            y = (_APPLY[o](x, d, self.modulus) + rng.randrange(1, self.modulus)) % self.modulus
+            text += f"{x}{o}{d}={y};"
+            x = y
+        return text[: self.max_new_tokens]
 
     def solution(self, problem: Problem) -> str:
         return self.demonstration(problem)

@@ -80,11 +80,13 @@ class TrainConfig:
     espo: ESPOConfig = field(default_factory=ESPOConfig)
     eval_problems: int = 64
     eval_every: int = 5
-    check_false_stops: bool = True  # continue each stopped rollout without the stopper and verify it
+    check_false_stops: bool = True  # continue stopped rollouts without the stopper and verify them (timed apart)
+    false_stop_sample: float = 1.0  # the share of stopped rollouts so checked (1: every one, exact)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     max_batch: int = 128  # decoder slots per rank
+    update_tokens: int = 8192  # largest padded micro-batch (rows x longest row) of an update forward
     out_dir: str = "runs/train"
 
     def __post_init__(self) -> None:
@@ -96,7 +98,7 @@ class TrainConfig:
         if self.model is not None and not (isinstance(self.model, (str, os.PathLike)) and str(self.model)):
             raise TypeError(f"TrainConfig.model must be a checkpoint folder or None (the built-in model), got {self.model!r}")
         for name in ("steps", "prompts_per_step", "group_size", "num_problems", "ppo_epochs", "minibatches", "max_batch",
-                     "eval_every"):
+                     "eval_every", "update_tokens"):
             setattr(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), minimum=1))
         for name in ("cero_budget", "max_new_tokens", "eval_problems", "seed"):
             setattr(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), minimum=0))
@@ -106,6 +108,8 @@ class TrainConfig:
             setattr(self, name, check_float(f"TrainConfig.{name}", getattr(self, name), minimum=0.0))
         for name in ("gamma", "lam"):
             setattr(self, name, check_float(f"TrainConfig.{name}", getattr(self, name), minimum=0.0, maximum=1.0))
+        self.false_stop_sample = check_float("TrainConfig.false_stop_sample", self.false_stop_sample, above=0.0,
+                                             maximum=1.0)
         self.success_threshold = check_float("TrainConfig.success_threshold", self.success_threshold)
         self.check_false_stops = check_bool("TrainConfig.check_false_stops", self.check_false_stops)
         check_choice("TrainConfig.dtype", self.dtype, DTYPES)
@@ -161,6 +165,8 @@ class Batch:
     mask: torch.Tensor  # [N, T] 1 on real generated tokens
     rewards: torch.Tensor  # [N] terminal reward (task outcome, or r_fail when stopped)
     group: torch.Tensor  # [N] prompt id of each rollout
+    seq_lens: torch.Tensor  # [N] prompt + generated tokens of each rollout (its real columns of input_ids)
+    lengths: torch.Tensor  # [N] generated tokens of each rollout (its real columns of tokens)
 
 
 def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], pad_id: int, device) -> Batch:
@@ -184,16 +190,35 @@ def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[floa
         input_ids.to(device), attention.to(device), positions.to(device), tokens.to(device), mask.to(device),
         torch.tensor([rewards[i] for i in kept], dtype=torch.float32, device=device),
         torch.tensor([prompt_ids[rollouts[i].prompt_index] for i in kept], dtype=torch.int64, device=device),
+        torch.tensor([len(seq) for seq in seqs], dtype=torch.int64, device=device),
+        torch.tensor([rollouts[i].length for i in kept], dtype=torch.int64, device=device),
     )
 
 
-def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperature: float, rows=slice(None)):
-    """Tempered log-probabilities of the generated tokens [n, T] and, with a value head, V(s_t) [n, T]."""
-    out = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+def micro_batches(batch: Batch, rows: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """``rows`` (indices into ``batch``) cut into length-sorted groups whose padded size (rows x the group's
+    longest sequence) stays within ``max_tokens``: a forward over a group pads to that group's longest row
+    only, so the update's cost follows the tokens it trains on. A row longer than ``max_tokens`` is a group."""
+    seq = batch.seq_lens[rows]
+    order = torch.argsort(seq, stable=True)
+    sorted_lens = seq[order].tolist()
+    groups, start = [], 0
+    for i in range(1, len(sorted_lens) + 1):
+        if i == len(sorted_lens) or (i - start + 1) * sorted_lens[i] > max_tokens:
+            groups.append(rows[order[start:i]])
+            start = i
+    return groups
+
+
+def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperature: float, rows: torch.Tensor):
+    """Tempered log-probabilities of the generated tokens [n, t] and, with a value head, V(s_t) [n, t], of the
+    rollouts ``rows``; t is their longest generation (the columns past it are padding for all of them)."""
+    S, T = int(batch.seq_lens[rows].max()), int(batch.lengths[rows].max())
+    out = model(input_ids=batch.input_ids[rows, :S], attention_mask=batch.attention_mask[rows, :S],
                 output_hidden_states=value_head is not None)
-    pos = batch.positions[rows]
+    pos = batch.positions[rows, :T]
     logits = out.logits.gather(1, pos[..., None].expand(-1, -1, out.logits.shape[-1])).float()
-    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(2, batch.tokens[rows][..., None])[..., 0]
+    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(2, batch.tokens[rows, :T][..., None])[..., 0]
     values = None
     if value_head is not None:
         hidden = out.hidden_states[-1]
@@ -201,12 +226,56 @@ def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperatur
     return logprobs, values
 
 
+@torch.no_grad()
+def score_batch(model, value_head: ValueHead | None, batch: Batch, temperature: float, max_tokens: int):
+    """``policy_forward`` over the whole batch in micro-batches: logprobs [N, T] and values [N, T] (or None)."""
+    N, T = batch.mask.shape
+    logprobs = torch.zeros(N, T, device=batch.mask.device)
+    values = torch.zeros(N, T, device=batch.mask.device) if value_head is not None else None
+    for rows in micro_batches(batch, torch.arange(N, device=batch.mask.device), max_tokens):
+        lp, v = policy_forward(model, value_head, batch, temperature, rows)
+        logprobs[rows, : lp.shape[1]] = lp
+        if values is not None:
+            values[rows, : v.shape[1]] = v
+    return logprobs, values
+
+
+def minibatch_backward(model, value_head: ValueHead | None, batch: Batch, rows: torch.Tensor, old_logprobs: torch.Tensor,
+                       old_values: torch.Tensor | None, advantages: torch.Tensor, returns: torch.Tensor | None,
+                       ref_logprobs: torch.Tensor | None, cfg: TrainConfig) -> dict[str, float]:
+    """Backpropagate one minibatch's PPO loss (policy + vf_coef * value + kl_coef * KL, each a mean over the
+    minibatch's tokens) micro-batch by micro-batch; return the loss terms and the clip statistics.
+
+    Each micro-batch's means are weighted by its share of the minibatch's tokens, so the loss and the
+    gradients are those of one forward over the whole minibatch padded to its longest row."""
+    n_tokens = batch.mask[rows].sum().clamp(min=1)
+    totals = dict.fromkeys(("policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl"), 0.0)
+    for g in micro_batches(batch, rows, cfg.update_tokens):
+        logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, g)
+        t = logprobs.shape[1]
+        m = batch.mask[g, :t]
+        share = m.sum() / n_tokens
+        loss, info = policy_loss(logprobs, old_logprobs[g, :t], advantages[g, :t], m, clip=cfg.clip)
+        terms = {"policy_loss": loss.detach(), **info}
+        if returns is not None:
+            terms["value_loss"] = value_loss(values, returns[g, :t], m, old_values=old_values[g, :t], clip=cfg.value_clip)
+            loss = loss + cfg.vf_coef * terms["value_loss"]
+        if ref_logprobs is not None:
+            terms["kl"] = kl_penalty(logprobs, ref_logprobs[g, :t], m)
+            loss = loss + cfg.kl_coef * terms["kl"]
+        (loss * share).backward()
+        w = float(share)
+        for k, v in terms.items():
+            totals[k] += w * float(v.detach() if isinstance(v, torch.Tensor) else v)
+    return totals
+
+
 # ------------------------------------------------------------------------------------ the run folder
 
 CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE = "checkpoint.pt", "config.json", "metrics.jsonl"
 # What a resumed run may change: where the folder is now, how long the run is, where it runs, its learning rate
 # (to recover from a divergence), diagnostics.
-RESUMABLE_CHANGES = ("out_dir", "steps", "device", "lr", "eval_every", "check_false_stops")
+RESUMABLE_CHANGES = ("out_dir", "steps", "device", "lr", "eval_every", "check_false_stops", "false_stop_sample")
 _CHECKPOINT_KEYS = ("config", "step", "history", "model", "value_head", "optimizer", "stopper", "allocator", "warmup")
 
 
@@ -411,8 +480,8 @@ def train(
                                        f"(a diverged or broken checkpoint; lr={cfg.lr}). Nothing of this step was written.")
 
             # 3. rewards: the task's outcome, or r_fail for a stopped rollout (an absorbing failure)
-            # doomed: tokens after the first mistake of wrong rollouts that ran on (what a perfect stopper would cut)
-            rewards, successes, doomed = [], np.zeros(len(ids)), 0
+            t_reward = time.perf_counter()
+            rewards, successes, wrong = [], np.zeros(len(ids)), []
             for r in rollouts or []:
                 j = mine[r.prompt_index]
                 if r.finish_reason == "stopped":
@@ -420,26 +489,36 @@ def train(
                 else:
                     reward = score(task, problems[ids[j]], tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True))
                     successes[j] += reward >= cfg.success_threshold
-                    if has_oracle and reward < cfg.success_threshold:
-                        doomed += tokens_after_mistake(task, tokenizer, problems[ids[j]], r.tokens.tolist())
+                    if reward < cfg.success_threshold:
+                        wrong.append(r)
                 rewards.append(reward)
             stopped = [r for r in rollouts or [] if r.finish_reason == "stopped"]
-            false_stops = _count_false_stops(decoder, task, tokenizer, problems, prompts, ids, mine, stopped, cfg, max_new, eos) \
-                if stopped and cfg.check_false_stops else 0
             stop_report = stopper.end_batch(all_reduce=_all_reduce) if stopper is not None else {}
             successes = _all_reduce(torch.tensor(successes, dtype=torch.float64)).numpy()
             if allocator is not None:
                 allocator.update(ids, successes.astype(np.int64), counts)
+            t_reward = time.perf_counter() - t_reward
+
+            # diagnostics, timed apart from the step: how many stops were false (a sample of them continued
+            # without the stopper), and the tokens after the first mistake of wrong rollouts that ran on (what
+            # a perfect stopper would have cut)
+            t_measure = time.perf_counter()
+            checked = _false_stop_sample(stopped, cfg, step, rank) if cfg.check_false_stops else []
+            false_stops = _count_false_stops(decoder, task, tokenizer, problems, prompts, ids, mine, checked, cfg, max_new,
+                                             eos) if checked else 0
+            doomed = sum(tokens_after_mistake(task, tokenizer, problems[ids[mine[r.prompt_index]]], r.tokens.tolist())
+                         for r in wrong) if has_oracle else 0
+            t_measure = time.perf_counter() - t_measure
 
             # 4. advantages
+            t_update = time.perf_counter()
             batch = build_batch([prompts[ids[j]] for j in mine], rollouts, rewards, [int(ids[j]) for j in mine],
                                 eos if eos is not None else 0, device) if rollouts else None
             stats: dict[str, float] = {}
-            t_train = time.perf_counter()
             if batch is not None:
-                with torch.no_grad():
-                    old_logprobs, old_values = policy_forward(model, value_head, batch, cfg.temperature)
-                    ref_logprobs = policy_forward(reference, None, batch, cfg.temperature)[0] if reference is not None else None
+                old_logprobs, old_values = score_batch(model, value_head, batch, cfg.temperature, cfg.update_tokens)
+                ref_logprobs = score_batch(reference, None, batch, cfg.temperature, cfg.update_tokens)[0] \
+                    if reference is not None else None
                 N, T = batch.mask.shape
                 last = batch.mask.sum(1) - 1  # the index of each rollout's final token
                 if critic_mode:
@@ -457,27 +536,19 @@ def train(
                 updates = 0
                 for _ in range(cfg.ppo_epochs):
                     for rows in torch.randperm(N, generator=perm_gen).to(device).chunk(cfg.minibatches):
-                        logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, rows)
-                        m = batch.mask[rows]
-                        loss, info = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, clip=cfg.clip)
-                        sums["policy_loss"] += _finite(loss, "the policy loss", cfg, step, ckpt_path)
-                        if critic_mode:
-                            v_loss = value_loss(values, returns[rows], m, old_values=old_values[rows], clip=cfg.value_clip)
-                            loss = loss + cfg.vf_coef * v_loss
-                            sums["value_loss"] += _finite(v_loss, "the value loss", cfg, step, ckpt_path)
-                        if ref_logprobs is not None:
-                            kl = kl_penalty(logprobs, ref_logprobs[rows], m)
-                            loss = loss + cfg.kl_coef * kl
-                            sums["kl"] += _finite(kl, "the KL penalty", cfg, step, ckpt_path)
                         optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
+                        terms = minibatch_backward(model, value_head, batch, rows, old_logprobs, old_values, advantages,
+                                                   returns, ref_logprobs, cfg)
+                        for name, what in (("policy_loss", "the policy loss"), ("value_loss", "the value loss"),
+                                           ("kl", "the KL penalty")):
+                            sums[name] += _finite(terms[name], what, cfg, step, ckpt_path)
                         for p in params:
                             if p.grad is not None and world > 1:
                                 _all_reduce(p.grad).div_(world)
                         _finite(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm), "the gradient norm", cfg, step, ckpt_path)
                         optimizer.step()
-                        sums["clip_fraction"] += info["clip_fraction"]
-                        sums["approx_kl"] += info["approx_kl"]
+                        sums["clip_fraction"] += terms["clip_fraction"]
+                        sums["approx_kl"] += terms["approx_kl"]
                         updates += 1
                 stats = {k: v / max(updates, 1) for k, v in sums.items()}
             if world > 1:  # logged losses are means over ranks
@@ -488,29 +559,33 @@ def train(
                 critic_loss = stats.get("value_loss", 0.0)
                 if stopper is not None and warmup.update(critic_loss, step) and not stopper.armed:
                     stopper.arm()
-            t_train = time.perf_counter() - t_train
+            t_update = time.perf_counter() - t_update
 
-            # 6. evaluation: sampled accuracy on held-out problems, without stopping
-            eval_acc = None
+            # 6. evaluation: sampled accuracy on held-out problems, without stopping (timed apart)
+            eval_acc, t_eval = None, time.perf_counter()
             if eval_set and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 eval_acc = _evaluate(decoder, task, tokenizer, eval_set, eval_prompts, cfg, max_new, eos, rank, world)
+            t_eval = time.perf_counter() - t_eval
 
             # 7. metrics and an atomic checkpoint
             totals = _all_reduce(torch.tensor([
-                len(rollouts or []), rollouts.tokens_generated if rollouts else 0, len(stopped), false_stops,
+                len(rollouts or []), rollouts.tokens_generated if rollouts else 0, len(stopped), false_stops, len(checked),
                 _informative_rollouts(batch), doomed,
             ], dtype=torch.float64)).tolist()
-            n_roll, n_tok, n_stop, n_false, n_inform, n_doomed = totals
+            n_roll, n_tok, n_stop, n_false, n_checked, n_inform, n_doomed = totals
             cum_tokens += int(n_tok)
             record = {
                 "step": step, "algo": cfg.algo, "rollouts": int(n_roll), "tokens": int(n_tok), "cum_tokens": cum_tokens,
                 "success_rate": float(successes.sum() / max(n_roll, 1)), "stop_rate": n_stop / max(n_roll, 1),
-                "stopped": int(n_stop), "false_stops": int(n_false),
+                "stopped": int(n_stop), "false_stops": int(n_false), "false_stop_checked": int(n_checked),
                 "informative_fraction": n_inform / max(n_roll, 1), "eval_accuracy": eval_acc,
                 "doomed_tokens": int(n_doomed) if has_oracle else None,
                 "armed": bool(stopper.armed) if stopper is not None else False,
-                "beta": stop_report.get("beta"), "time_s": time.perf_counter() - t_step,
-                "rollout_time_s": t_rollout, "train_time_s": t_train, **stats,
+                "beta": stop_report.get("beta"),
+                # the step's own cost (what training needs) apart from what measuring it costs
+                "rollout_time_s": t_rollout, "reward_time_s": t_reward, "update_time_s": t_update,
+                "step_time_s": t_rollout + t_reward + t_update, "measure_time_s": t_measure, "eval_time_s": t_eval,
+                "time_s": time.perf_counter() - t_step, **stats,
             }
             if step == 0:
                 record["initial_eval_accuracy"] = initial_eval
@@ -537,9 +612,9 @@ def train(
     return TrainResult(history, model, value_head, stopper, allocator)
 
 
-def _finite(value: torch.Tensor, what: str, cfg: TrainConfig, step: int, ckpt_path: Path) -> float:
+def _finite(value: torch.Tensor | float, what: str, cfg: TrainConfig, step: int, ckpt_path: Path) -> float:
     """``float(value)``, or TrainingDiverged when it is NaN or infinite."""
-    v = float(value.detach())
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(v):
         raise _diverged(what, cfg, step, ckpt_path)
     return v
@@ -553,6 +628,15 @@ def _informative_rollouts(batch: Batch | None) -> float:
     lo = torch.full((int(inverse.max()) + 1,), math.inf, device=batch.rewards.device).scatter_reduce(0, inverse, batch.rewards, "amin")
     hi = torch.full_like(lo, -math.inf).scatter_reduce(0, inverse, batch.rewards, "amax")
     return float((hi > lo)[inverse].sum())
+
+
+def _false_stop_sample(stopped: list, cfg: TrainConfig, step: int, rank: int) -> list:
+    """The stopped rollouts whose stop is checked: all of them, or a random ``false_stop_sample`` share."""
+    if cfg.false_stop_sample >= 1.0 or not stopped:
+        return stopped
+    rng = np.random.default_rng(_step_seed(cfg.seed, step, rank, salt=2))
+    keep = rng.random(len(stopped)) < cfg.false_stop_sample
+    return [r for r, k in zip(stopped, keep) if k]
 
 
 @torch.no_grad()

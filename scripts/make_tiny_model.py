@@ -5,7 +5,10 @@ built-in ChainArithmetic task, in which each step's result is, with probability 
 by a wrong value that the rest of the solution carries on from. The model learns the arithmetic, and
 also learns to put about that much probability on a wrong result at each step, so when sampled at
 temperature 1 it solves only part of the problems (the target is 30-60%), while greedy decoding mostly
-succeeds: room for RL to learn, and rollouts that go wrong early, which is what ESPO stops.
+succeeds: room for RL to learn, and rollouts that go wrong early, which is what ESPO stops. With
+--lost-thread (the default, the shipped model's task) a demonstration that goes wrong loses the thread and
+writes wrong clauses up to the length limit without answering, as a reasoning model that has gone wrong
+keeps going: the model's wrong rollouts then run long, and most of their tokens come after the mistake.
 
 The script measures greedy and temperature-1 success on --eval-n fresh problems, and if the sampled rate
 falls outside [--band-low, --band-high] it re-tunes the mistake rate and trains again (at most --rounds
@@ -42,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--task-steps", type=int, default=6, help="operations per problem")
     p.add_argument("--modulus", type=int, default=10)
     p.add_argument("--ops", default="+-*")
+    p.add_argument("--lost-thread", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrong demonstrations run on to the length limit after their first mistake (the built-in "
+                        "model's task; --no-lost-thread for the short-completion variant)")
     p.add_argument("--target", type=float, default=0.45, help="sampled success rate aimed at")
     p.add_argument("--mistake-rate", type=float, default=None,
                    help="per-step mistake probability in the demonstrations (default: 1 - target**(1/steps))")
@@ -97,7 +103,8 @@ def make_batch(task: ChainArithmetic, tok: CharTokenizer, problem_seed: int, n: 
     rows, prompt_lens = [], []
     for prob in task.problems(n, problem_seed):
         prompt = tok.encode(prob.prompt, add_bos=True)
-        completion = tok.encode(task.demonstration(prob, mistake_rate, rng), add_eos=True)
+        text = task.demonstration(prob, mistake_rate, rng)
+        completion = tok.encode(text, add_eos="A=" in text)  # a lost completion runs to the limit, no EOS
         rows.append(prompt + completion)
         prompt_lens.append(len(prompt))
     width = max(len(r) for r in rows)
@@ -154,7 +161,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = ChainArithmetic(steps=args.task_steps, modulus=args.modulus, ops=args.ops)
+    task = ChainArithmetic(steps=args.task_steps, modulus=args.modulus, ops=args.ops, lost_thread=args.lost_thread)
     tok = CharTokenizer(task.alphabet)
     longest_prompt = len(task.problems(1, 0)[0].prompt) + len(str(args.modulus))  # + BOS, widest start value
     args.max_positions = longest_prompt + task.max_new_tokens
@@ -185,7 +192,9 @@ def main(argv=None) -> int:
     card = {
         "name": args.name,
         "description": "Tiny LlamaForCausalLM for espo's built-in ChainArithmetic task, trained on worked "
-                       "solutions with injected mistakes so that temperature-1 sampling succeeds only part of the time.",
+                       "solutions with injected mistakes so that temperature-1 sampling succeeds only part of the time"
+                       + ("; after a mistake a demonstration loses the thread and runs on to the length limit."
+                          if task.lost_thread else "."),
         "task": task.config(),
         "tokenizer": {"file": TOKENIZER_FILE, "vocab_size": tok.vocab_size, "chars": "".join(tok.chars)},
         "model": {"architecture": "LlamaForCausalLM", "hidden_size": args.hidden, "num_hidden_layers": args.layers,
