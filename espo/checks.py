@@ -5,6 +5,7 @@ bool is never a number here, because ``True`` passed for a count is always a mis
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -88,3 +89,20 @@ def check_device(name: str, value: Any) -> str:
     elif device.type != "cpu":
         raise ValueError(f"{name} must be 'cpu' or a CUDA device, got {value!r}")
     return str(value)
+
+
+def setting(default: Any, help: str, **bounds: Any) -> Any:
+    """A config dataclass field with its help line (shown by ``espo train --help``) and the bounds that
+    :func:`check_fields` applies to it (``minimum``, ``maximum``, ``above``, ``below``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+def check_fields(config: Any) -> None:
+    """Check every int, float and bool field of the dataclass ``config`` against its type and its bounds, and
+    store the checked Python value (frozen dataclasses included)."""
+    checkers = {"int": check_int, "float": check_float, "bool": check_bool}
+    for f in dataclasses.fields(config):
+        check = checkers.get(str(f.type))
+        if check is not None:
+            value = check(f"{type(config).__name__}.{f.name}", getattr(config, f.name), **f.metadata.get("bounds", {}))
+            object.__setattr__(config, f.name, value)

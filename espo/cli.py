@@ -65,17 +65,21 @@ def _bool(text: str) -> bool:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One flag per scalar field of the dataclass ``cls`` (``--espo-beta`` for ESPOConfig.beta)."""
+    """One flag per scalar field of the dataclass ``cls`` (``--espo-beta`` for ESPOConfig.beta), with the
+    field's help line and its default."""
+    group = parser.add_argument_group(f"{cls.__name__} (--{prefix}NAME)" if prefix else cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         flag = "--" + prefix + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{f.metadata.get('help', '')} (default {default})"
         if kind is bool:
-            parser.add_argument(flag, type=_bool, metavar="BOOL", default=None, help=f"default {f.default}")
+            group.add_argument(flag, type=_bool, metavar="BOOL", default=None, help=text)
         elif kind in (int, float, str):
-            parser.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+            group.add_argument(flag, type=kind, default=None, help=text)
         elif kind == (str | None):
-            parser.add_argument(flag, type=str, default=None, help="default: the built-in model")
+            group.add_argument(flag, type=str, default=None, help=f.metadata.get("help", ""))
 
 
 def _given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, typing.Any]:
@@ -86,12 +90,17 @@ def _given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, t
 
 def _config_from_args(args: argparse.Namespace):
     """The run's TrainConfig: the flags given over the defaults, or with --resume over the saved configuration."""
+    from .config import TrainConfig
+    from .run_folder import resume_config
     from .stopper import ESPOConfig
-    from .trainer import TrainConfig, resume_config
 
     espo, train = _given(args, ESPOConfig, "espo_"), _given(args, TrainConfig)
     if args.resume:
+        if args.preset:
+            raise ValueError("--preset starts a new run; a resumed run keeps its saved settings (drop --preset)")
         return resume_config(train.pop("out_dir", TrainConfig.out_dir), espo=espo, **train)
+    if args.preset:
+        return TrainConfig.from_preset(args.preset, espo=espo, **train)
     return TrainConfig(**train, espo=ESPOConfig(**espo))
 
 
@@ -114,8 +123,8 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
+    from .config import PRESETS, TrainConfig
     from .stopper import ESPOConfig
-    from .trainer import TrainConfig
 
     parser = _Parser(prog="espo", description="espo-rl: fused sampling with ESPO early stopping")
     parser.add_argument("--version", action="version", version=f"espo-rl {__version__}")
@@ -130,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace the report and runs already in --out")
     tr = sub.add_parser("train", help="one training run; metrics as JSON lines in --out-dir")
+    tr.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="start from a named preset (espo.config.PRESETS: the demo's task-tuned settings); flags "
+                         "given change it")
     _add_config_flags(tr, TrainConfig)
     _add_config_flags(tr, ESPOConfig, prefix="espo-")
     tr.add_argument("--resume", action="store_true",

@@ -1,41 +1,46 @@
 """``espo demo``: what ESPO saves and what it costs, on the built-in task, on this machine.
 
-Trains PPO against ESPO, and GRPO against GRPO + CERO, from the same shipped model on the same prompts,
-then writes a report (markdown, JSON, PNG plots of accuracy against cumulative rollout tokens and of the
-stop rate over training) and prints a summary: tokens saved, accuracy of each, false-stop rate, time per
-step.
+Trains PPO against ESPO, and GRPO against GRPO + CERO, from the same shipped model on the same prompts, one
+step of each in turn so that their times are measured side by side (whatever else the machine is doing
+falls on all of them alike). Writes a report (markdown, JSON, PNG plots of accuracy against cumulative
+rollout tokens and of the stop rate over training) and prints a summary: tokens saved, rollout time saved
+and step time saved, accuracy, false-stop rate.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import write_text_atomic
-from .trainer import TrainConfig, train
+from .config import DEMO_ESPO, PRESETS, TrainConfig
+from .trainer import setup, train_step
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
+DEMO, QUICK = PRESETS["demo"], PRESETS["quick"]
+__all__ = ["DEMO", "DEMO_ESPO", "PAIRS", "QUICK", "run_demo", "savings", "summarise", "wilson_interval"]
+TIMES = ("rollout_time_s", "update_time_s", "step_time_s", "measure_time_s", "eval_time_s")
 
-# The paper's stop settings (beta 7, alpha_s 0.9) were set for 8k-token math rollouts. On this task a
-# wrong rollout is one unlikely digit followed by confident steps, so its smoothed regret peaks at about
-# 0.22 with alpha_s = 0.9 but 1.4 with alpha_s = 0.5, while correct rollouts stay near 0 (measured on the
-# shipped model, 400 rollouts); beta * value must sit between the two for stops to fire within a short
-# demo, and the threshold controller gets a faster step so it settles within the demo's few batches.
-# beta_min = 1 keeps the threshold above what correct rollouts reach: once the policy is good, fewer
-# rollouts than target_rate go wrong, the controller lowers beta as far as it may, and a floor of 0.2
-# let it stop correct rollouts, punish them with r_fail and collapse one seed of the study from 91% to 45%.
-DEMO_ESPO = dict(alpha_s=0.5, beta=2.0, beta_min=1.0, eta_beta=0.5, target_rate=0.25)
-# CERO's first pass over the prompts is uniform by design: a prompt set of 64 gives it several epochs.
-DEMO = dict(steps=30, prompts_per_step=16, group_size=8, num_problems=64, eval_problems=128, eval_every=5, espo=DEMO_ESPO)
-QUICK = dict(DEMO, steps=6, prompts_per_step=8, group_size=4, num_problems=16, eval_problems=32, eval_every=3)
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a rate of ``hits`` in ``n`` (None when n == 0)."""
+    if n == 0:
+        return None
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarise(algo: str, history: list[dict]) -> dict[str, Any]:
-    """One run's totals: rollout tokens, accuracy, stops, false stops, informative rollouts, time per step."""
+    """One run's totals: rollout tokens and times, accuracy, stops, false stops, informative rollouts."""
     evals = [h["eval_accuracy"] for h in history if h.get("eval_accuracy") is not None]
     stopped = sum(h["stopped"] for h in history)
+    checked = sum(h.get("false_stop_checked", h["stopped"]) for h in history)
+    false = sum(h["false_stops"] for h in history)
     rollouts = sum(h["rollouts"] for h in history)
     return {
         "algo": algo,
@@ -46,14 +51,28 @@ def summarise(algo: str, history: list[dict]) -> dict[str, Any]:
         "final_accuracy": evals[-1] if evals else None,
         "train_success_rate": sum(h["success_rate"] * h["rollouts"] for h in history) / max(rollouts, 1),
         "stop_rate": stopped / max(rollouts, 1),
-        "false_stop_rate": sum(h["false_stops"] for h in history) / stopped if stopped else None,
+        # a share of the stops may be checked (TrainConfig.false_stop_sample): the rate is then an estimate
+        "false_stop_rate": false / checked if checked else None,
+        "false_stop_interval": wilson_interval(false, checked),
+        "false_stops_checked": checked,
         "informative_fraction": sum(h["informative_fraction"] * h["rollouts"] for h in history) / max(rollouts, 1),
-        "time_per_step_s": sum(h["time_s"] for h in history) / max(len(history), 1),
+        # seconds over the run: the step's own parts, and what measuring it cost (never inside the step time)
+        **{t: sum(h.get(t, 0.0) for h in history) for t in TIMES},
+        "time_per_step_s": sum(h["step_time_s"] for h in history) / max(len(history), 1),
         # tokens after the first mistake of wrong rollouts that ran on: in a run without stopping, the share
         # of its tokens that a perfect stopper would have cut (None when the task cannot say where it went wrong)
         "doomed_fraction": (sum(h["doomed_tokens"] for h in history) / max(history[-1]["cum_tokens"], 1)
                             if history and all(h.get("doomed_tokens") is not None for h in history) else None),
     }
+
+
+def savings(base: dict, other: dict) -> dict[str, float]:
+    """What ``other`` saves against ``base``: shares of rollout tokens, rollout time and step time."""
+    def saved(key: str) -> float:
+        return 1 - other[key] / base[key] if base[key] else 0.0
+
+    return {"tokens_saved": saved("rollout_tokens"), "rollout_time_saved": saved("rollout_time_s"),
+            "step_time_saved": saved("step_time_s")}
 
 
 def ceiling_line(summaries: dict[str, dict]) -> str | None:
@@ -68,12 +87,24 @@ def ceiling_line(summaries: dict[str, dict]) -> str | None:
             f"{ceiling:.1%} of PPO's rollout tokens; ESPO used {saved:.1%} fewer than PPO{share}.")
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
-    if v is None:
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _false_stops(s: dict) -> str:
+    if s["false_stop_rate"] is None:
         return "-"
-    if isinstance(v, float):
-        return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
-    return str(v)
+    lo, hi = s["false_stop_interval"]
+    return f"{_pct(s['false_stop_rate'])} [{100 * lo:.1f}, {100 * hi:.1f}] of {s['false_stops_checked']}"
+
+
+def headline(summaries: dict[str, dict]) -> str | None:
+    """ESPO against PPO in one line: tokens saved, rollout time saved, step time saved."""
+    if "ppo" not in summaries or "espo" not in summaries:
+        return None
+    sv = savings(summaries["ppo"], summaries["espo"])
+    return (f"ESPO vs PPO: {sv['tokens_saved']:.1%} tokens saved, {sv['rollout_time_saved']:.1%} rollout time saved, "
+            f"{sv['step_time_saved']:.1%} step time saved")
 
 
 def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> str:
@@ -81,33 +112,43 @@ def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> st
         "# espo demo report",
         "",
         f"Built-in chained-arithmetic task and shipped tiny model; {cfg['steps']} steps x {cfg['prompts_per_step']} prompts "
-        f"x {cfg['group_size']} rollouts (CERO: the same total budget), seed {cfg['seed']}, device {cfg['device']}; "
-        f"{seconds:.0f} s in all. Stop settings: {cfg['espo']}.",
+        f"x {cfg['group_size']} rollouts (CERO: the same total budget), {cfg['max_batch']} decoder slots, seed "
+        f"{cfg['seed']}, device {cfg['device']}; {seconds:.0f} s in all, the algorithms' steps interleaved so that "
+        f"their times are measured side by side. Stop settings: {cfg['espo']}.",
         "",
-        "| algo | rollout tokens | tokens saved vs baseline | accuracy start -> end | stop rate | false-stop rate "
-        "| informative rollouts | s / step |",
-        "|---|---|---|---|---|---|---|---|",
+    ]
+    top = headline(summaries)
+    lines += [f"**{top}.**", ""] if top else []
+    lines += [
+        "| algo | rollout tokens | tokens saved | rollout s | rollout time saved | update s | step s | step time saved "
+        "| accuracy start -> end | stop rate | false-stop rate [95% CI] of checked | informative rollouts | measuring s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for base, other in PAIRS:
         for algo in (base, other):
             if algo not in summaries:
                 continue
             s = summaries[algo]
-            saved = None
+            sv = {}
             if algo == other and base in summaries and "espo" in algo:  # CERO pairs spend one budget by design
-                saved = 1 - s["rollout_tokens"] / max(summaries[base]["rollout_tokens"], 1)
+                sv = savings(summaries[base], s)
             lines.append(
-                f"| {algo} | {s['rollout_tokens']} | {_fmt(saved, pct=True)} | {_fmt(s['initial_accuracy'], True)} -> "
-                f"{_fmt(s['final_accuracy'], True)} | {_fmt(s['stop_rate'], True)} | {_fmt(s['false_stop_rate'], True)} | "
-                f"{_fmt(s['informative_fraction'], True)} | {s['time_per_step_s']:.2f} |"
+                f"| {algo} | {s['rollout_tokens']} | {_pct(sv.get('tokens_saved'))} | {s['rollout_time_s']:.1f} | "
+                f"{_pct(sv.get('rollout_time_saved'))} | {s['update_time_s']:.1f} | {s['step_time_s']:.1f} | "
+                f"{_pct(sv.get('step_time_saved'))} | {_pct(s['initial_accuracy'])} -> {_pct(s['final_accuracy'])} | "
+                f"{_pct(s['stop_rate'])} | {_false_stops(s)} | {_pct(s['informative_fraction'])} | "
+                f"{s['measure_time_s'] + s['eval_time_s']:.1f} |"
             )
     ceiling = ceiling_line(summaries)
     lines += ["", ceiling] if ceiling else []
     lines += [
         "",
-        "Accuracy: sampled at the training temperature on held-out problems, without stopping. A false stop is a "
-        "stopped rollout that, continued from its stop with the same seeds and no stopper, ends correct. "
-        "Informative rollouts: those in groups whose rewards are not all equal (a non-zero GRPO advantage).",
+        "Step time = rollout + rewards + update, the cost of training; measuring (false-stop continuation, the "
+        "doomed-token oracle, held-out evaluation) is timed apart and never inside it. Accuracy: sampled at the "
+        "training temperature on held-out problems, without stopping. A false stop is a stopped rollout that, "
+        "continued from its stop with the same seeds and no stopper, ends correct (a random share of the stops is "
+        "checked when false_stop_sample < 1). Informative rollouts: those in groups whose rewards are not all "
+        "equal (a non-zero GRPO advantage).",
         "",
         "![accuracy against rollout tokens, and the stop rate over training](demo.png)",
         "",
@@ -153,24 +194,39 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
 
 def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("ppo", "espo", "grpo", "grpo-cero"),
              progress: bool = True, overwrite: bool = False, **overrides: Any) -> dict[str, dict]:
-    """Train each of ``algos`` with the same settings (``overrides`` go to TrainConfig) and write the report.
+    """Train each of ``algos`` with the same settings (``overrides`` go over the demo preset) and write the report.
 
-    A folder that already holds a report or a run is refused unless ``overwrite`` is given."""
+    The algorithms advance one step each in turn, so that their times are measured side by side. A folder that
+    already holds a report or a run is refused unless ``overwrite`` is given."""
     out_dir = Path(out_dir)
     held = [p.name for p in (out_dir / "report.json", out_dir / "report.md", *(out_dir / a for a in algos)) if p.exists()]
     if held and not overwrite:
         raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): choose another --out or pass --overwrite")
     t0 = time.perf_counter()
-    histories, summaries = {}, {}
-    base = TrainConfig(**{**DEMO, **overrides})
-    for algo in algos:
-        cfg = dataclasses.replace(base, algo=algo, out_dir=str(out_dir / algo))
-        histories[algo] = train(cfg, progress=progress, overwrite=overwrite).history
-        summaries[algo] = summarise(algo, histories[algo])
+    base = TrainConfig.from_preset("demo", **overrides)
+    runs = {a: setup(dataclasses.replace(base, algo=a, out_dir=str(out_dir / a)), overwrite=overwrite) for a in algos}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=base.steps * len(algos), desc="demo", unit="step")
+    try:
+        for step in range(base.steps):
+            for algo, run in runs.items():
+                record = train_step(run, step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(algo=algo, acc=f"{record['success_rate']:.2f}", stop=f"{record['stop_rate']:.2f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    histories = {a: run.history for a, run in runs.items()}
+    summaries = {a: summarise(a, h) for a, h in histories.items()}
     seconds = time.perf_counter() - t0
     cfg_dict = base.to_dict()
-    write_text_atomic(json.dumps({"config": cfg_dict, "summaries": summaries, "seconds": seconds, "histories": histories},
-                                 indent=2), out_dir / "report.json")
+    pairs = {f"{o}_vs_{b}": savings(summaries[b], summaries[o]) for b, o in PAIRS if b in summaries and o in summaries}
+    write_text_atomic(json.dumps({"config": cfg_dict, "summaries": summaries, "savings": pairs, "seconds": seconds,
+                                  "histories": histories}, indent=2), out_dir / "report.json")
     write_text_atomic(report_markdown(summaries, cfg_dict, seconds), out_dir / "report.md")
     plot(histories, out_dir)
     return summaries
@@ -178,17 +234,19 @@ def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("pp
 
 def print_summary(summaries: dict[str, dict], out_dir: Path) -> None:
     print(f"\nespo demo: report in {out_dir / 'report.md'}")
+    top = headline(summaries)
+    if top:
+        print("  " + top)
     for base, other in PAIRS:
         if base in summaries and other in summaries:
             b, o = summaries[base], summaries[other]
-            saved = 1 - o["rollout_tokens"] / max(b["rollout_tokens"], 1)
-            tokens = f"{saved:+.1%} rollout tokens saved" if "espo" in other else "the same rollout budget"
-            print(f"  {other} vs {base}: {tokens}; accuracy {_fmt(b['final_accuracy'], True)} "
-                  f"-> {_fmt(o['final_accuracy'], True)}; informative rollouts {_fmt(b['informative_fraction'], True)} "
-                  f"-> {_fmt(o['informative_fraction'], True)}")
+            tokens = "" if "espo" in other else "the same rollout budget; "
+            print(f"  {other} vs {base}: {tokens}accuracy {_pct(b['final_accuracy'])} -> {_pct(o['final_accuracy'])}; "
+                  f"informative rollouts {_pct(b['informative_fraction'])} -> {_pct(o['informative_fraction'])}")
     ceiling = ceiling_line(summaries)
     if ceiling:
         print("  " + ceiling)
     for s in summaries.values():
-        print(f"  {s['algo']:>9}: stop rate {_fmt(s['stop_rate'], True)}, false-stop rate {_fmt(s['false_stop_rate'], True)}, "
-              f"{s['time_per_step_s']:.2f} s/step")
+        print(f"  {s['algo']:>9}: stop rate {_pct(s['stop_rate'])}, false-stop rate {_false_stops(s)}, "
+              f"{s['time_per_step_s']:.2f} s/step (rollout {s['rollout_time_s']:.1f} s, update {s['update_time_s']:.1f} s; "
+              f"measuring {s['measure_time_s'] + s['eval_time_s']:.1f} s apart)")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checks import check_float, check_int
+from .checks import check_fields, setting
 
 _ROW_FIELDS = {
     "z": torch.float32,
@@ -36,47 +36,29 @@ MEAN, VAR, BETA, ARMED, READY = range(5)
 
 @dataclass(frozen=True)
 class ESPOConfig:
-    """Hyper-parameters of the ESPO stop rule (defaults from the paper unless marked ours).
+    """Hyper-parameters of the ESPO stop rule: the paper's defaults, but for the fields marked (ours).
 
-    alpha_ema: EMA factor of the frozen token statistics (mean, var) across batches.
-    alpha_s: smoothing factor of the per-sequence regret signal z.
-    beta: initial stop threshold multiplier.
-    eta_beta: step size of the threshold controller toward ``target_rate``.
-    target_rate: fraction of sequences the controller aims to stop per batch.
-    value_floor: lower bound on the critic value in the threshold (eps in the paper).
-    clip: bound on the normalised regret (ours).
-    delta: added to var before the square root (ours).
-    beta_min, beta_max: bounds of the threshold multiplier (ours).
-    min_tokens: a row may stop only at a token index t >= min_tokens, 0-based (ours).
-    r_fail: terminal reward given to the token that triggered a stop.
+    Each field's help line is in its metadata (``espo train --help`` shows it as ``--espo-NAME``).
     """
 
-    alpha_ema: float = 0.99
-    alpha_s: float = 0.9
-    beta: float = 7.0
-    eta_beta: float = 0.1
-    target_rate: float = 0.25
-    value_floor: float = 0.2
-    clip: float = 3.0
-    delta: float = 1e-6
-    beta_min: float = 0.5
-    beta_max: float = 50.0
-    min_tokens: int = 0
-    r_fail: float = -1.0
+    alpha_ema: float = setting(0.99, "EMA factor of the frozen token statistics (mean, var) across batches",
+                               minimum=0.0, maximum=1.0)
+    alpha_s: float = setting(0.9, "smoothing factor of the per-sequence regret signal z", minimum=0.0, maximum=1.0)
+    beta: float = setting(7.0, "initial stop threshold multiplier")
+    eta_beta: float = setting(0.1, "step of the threshold controller toward target_rate", minimum=0.0)
+    target_rate: float = setting(0.25, "share of sequences the controller aims to stop per batch", minimum=0.0,
+                                 maximum=1.0)
+    value_floor: float = setting(0.2, "lower bound on the critic value in the threshold (eps in the paper)",
+                                 minimum=0.0)
+    clip: float = setting(3.0, "bound on the normalised regret (ours)", above=0.0)
+    delta: float = setting(1e-6, "added to var before the square root (ours)", above=0.0)
+    beta_min: float = setting(0.5, "lower bound of the threshold multiplier (ours)", minimum=0.0)
+    beta_max: float = setting(50.0, "upper bound of the threshold multiplier (ours)")
+    min_tokens: int = setting(0, "a row may stop only at a token index t >= min_tokens, 0-based (ours)", minimum=0)
+    r_fail: float = setting(-1.0, "terminal reward of the token that triggered a stop")
 
     def __post_init__(self) -> None:
-        def field(name, **bounds):  # a frozen dataclass: store the checked Python number
-            object.__setattr__(self, name, check_float(f"ESPOConfig.{name}", getattr(self, name), **bounds))
-
-        for name in ("alpha_ema", "alpha_s", "target_rate"):
-            field(name, minimum=0.0, maximum=1.0)
-        for name in ("eta_beta", "value_floor", "beta_min"):
-            field(name, minimum=0.0)
-        for name in ("clip", "delta"):
-            field(name, above=0.0)
-        for name in ("beta", "beta_max", "r_fail"):
-            field(name)
-        object.__setattr__(self, "min_tokens", check_int("ESPOConfig.min_tokens", self.min_tokens, minimum=0))
+        check_fields(self)
         if not self.beta_min <= self.beta <= self.beta_max:
             raise ValueError(
                 f"ESPOConfig needs beta_min <= beta <= beta_max, got {self.beta_min} <= {self.beta} <= {self.beta_max}"

@@ -16,6 +16,7 @@ import torch
 import espo
 import espo.checkpoint
 import espo.trainer
+import espo.update
 from espo.cli import main
 from espo.tasks import ChainArithmetic, TaskError, builtin_model_path
 from espo.trainer import TrainConfig, TrainingDiverged, train
@@ -45,19 +46,19 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
     cfg = TrainConfig(**TINY, algo="grpo", out_dir=str(tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoint.pt"
     saved = {}
-    real_loss = espo.trainer.policy_loss
+    real_loss = espo.update.policy_loss
 
     def loss_that_turns_nan(*args, **kwargs):
         loss, info = real_loss(*args, **kwargs)
         return (loss * float("nan"), info) if "step0" in saved else (loss, info)
 
-    monkeypatch.setattr(espo.trainer, "policy_loss", loss_that_turns_nan)
+    monkeypatch.setattr(espo.update, "policy_loss", loss_that_turns_nan)
     with pytest.raises(TrainingDiverged, match=r"step 1: the policy loss is not finite.*lr=0.001.*kept at"):
         train(cfg, progress=False, on_step=lambda record: saved.setdefault("step0", ckpt.read_bytes()))
     assert ckpt.read_bytes() == saved["step0"]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0]
-    monkeypatch.setattr(espo.trainer, "policy_loss", real_loss)
+    monkeypatch.setattr(espo.update, "policy_loss", real_loss)
     history = train(cfg, resume=True, progress=False).history  # the kept checkpoint resumes
     assert [h["step"] for h in history] == [0, 1]
 

@@ -1,0 +1,134 @@
+"""The PPO update's data and passes: a step's rollouts as tensors, length-sorted micro-batches, the policy's
+log-probabilities and values of them, and the backward pass of one minibatch.
+
+Shapes: N rollouts, S = prompt + generated positions, T = generated tokens (right-padded to the longest).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .decoder import Rollouts
+from .losses import kl_penalty, policy_loss, value_loss
+from .value_head import ValueHead
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+@dataclass
+class Batch:
+    """One step's rollouts as right-padded tensors (N rollouts, S sequence positions, T generated tokens)."""
+
+    input_ids: torch.Tensor  # [N, S] prompt + generated tokens
+    attention_mask: torch.Tensor  # [N, S]
+    positions: torch.Tensor  # [N, T] index in input_ids of the input predicting generated token t
+    tokens: torch.Tensor  # [N, T] generated tokens
+    mask: torch.Tensor  # [N, T] 1 on real generated tokens
+    rewards: torch.Tensor  # [N] terminal reward (task outcome, or r_fail when stopped)
+    group: torch.Tensor  # [N] prompt id of each rollout
+    seq_lens: torch.Tensor  # [N] prompt + generated tokens of each rollout (its real columns of input_ids)
+    lengths: torch.Tensor  # [N] generated tokens of each rollout (its real columns of tokens)
+
+
+def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], pad_id: int, device) -> Batch:
+    kept = [i for i, r in enumerate(rollouts) if r.length > 0]
+    seqs = [prompts[rollouts[i].prompt_index] + rollouts[i].tokens.tolist() for i in kept]
+    N, S = len(kept), max(len(s) for s in seqs)
+    T = max(rollouts[i].length for i in kept)
+    input_ids = torch.full((N, S), pad_id, dtype=torch.int64)
+    attention = torch.zeros(N, S, dtype=torch.int64)
+    positions = torch.zeros(N, T, dtype=torch.int64)
+    tokens = torch.zeros(N, T, dtype=torch.int64)
+    mask = torch.zeros(N, T, dtype=torch.bool)
+    for row, (i, seq) in enumerate(zip(kept, seqs)):
+        r, P = rollouts[i], len(prompts[rollouts[i].prompt_index])
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+        positions[row, : r.length] = torch.arange(P - 1, P - 1 + r.length)
+        tokens[row, : r.length] = r.tokens
+        mask[row, : r.length] = True
+    return Batch(
+        input_ids.to(device), attention.to(device), positions.to(device), tokens.to(device), mask.to(device),
+        torch.tensor([rewards[i] for i in kept], dtype=torch.float32, device=device),
+        torch.tensor([prompt_ids[rollouts[i].prompt_index] for i in kept], dtype=torch.int64, device=device),
+        torch.tensor([len(seq) for seq in seqs], dtype=torch.int64, device=device),
+        torch.tensor([rollouts[i].length for i in kept], dtype=torch.int64, device=device),
+    )
+
+
+def micro_batches(batch: Batch, rows: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """``rows`` (indices into ``batch``) cut into length-sorted groups whose padded size (rows x the group's
+    longest sequence) stays within ``max_tokens``: a forward over a group pads to that group's longest row
+    only, so the update's cost follows the tokens it trains on. A row longer than ``max_tokens`` is a group."""
+    seq = batch.seq_lens[rows]
+    order = torch.argsort(seq, stable=True)
+    sorted_lens = seq[order].tolist()
+    groups, start = [], 0
+    for i in range(1, len(sorted_lens) + 1):
+        if i == len(sorted_lens) or (i - start + 1) * sorted_lens[i] > max_tokens:
+            groups.append(rows[order[start:i]])
+            start = i
+    return groups
+
+
+def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperature: float, rows: torch.Tensor):
+    """Tempered log-probabilities of the generated tokens [n, t] and, with a value head, V(s_t) [n, t], of the
+    rollouts ``rows``; t is their longest generation (the columns past it are padding for all of them)."""
+    S, T = int(batch.seq_lens[rows].max()), int(batch.lengths[rows].max())
+    out = model(input_ids=batch.input_ids[rows, :S], attention_mask=batch.attention_mask[rows, :S],
+                output_hidden_states=value_head is not None)
+    pos = batch.positions[rows, :T]
+    logits = out.logits.gather(1, pos[..., None].expand(-1, -1, out.logits.shape[-1])).float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(2, batch.tokens[rows, :T][..., None])[..., 0]
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1]
+        values = value_head(hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])))
+    return logprobs, values
+
+
+@torch.no_grad()
+def score_batch(model, value_head: ValueHead | None, batch: Batch, temperature: float, max_tokens: int):
+    """``policy_forward`` over the whole batch in micro-batches: logprobs [N, T] and values [N, T] (or None)."""
+    N, T = batch.mask.shape
+    logprobs = torch.zeros(N, T, device=batch.mask.device)
+    values = torch.zeros(N, T, device=batch.mask.device) if value_head is not None else None
+    for rows in micro_batches(batch, torch.arange(N, device=batch.mask.device), max_tokens):
+        lp, v = policy_forward(model, value_head, batch, temperature, rows)
+        logprobs[rows, : lp.shape[1]] = lp
+        if values is not None:
+            values[rows, : v.shape[1]] = v
+    return logprobs, values
+
+
+def minibatch_backward(model, value_head: ValueHead | None, batch: Batch, rows: torch.Tensor, old_logprobs: torch.Tensor,
+                       old_values: torch.Tensor | None, advantages: torch.Tensor, returns: torch.Tensor | None,
+                       ref_logprobs: torch.Tensor | None, cfg: "TrainConfig") -> dict[str, float]:
+    """Backpropagate one minibatch's PPO loss (policy + vf_coef * value + kl_coef * KL, each a mean over the
+    minibatch's tokens) micro-batch by micro-batch; return the loss terms and the clip statistics.
+
+    Each micro-batch's means are weighted by its share of the minibatch's tokens, so the loss and the
+    gradients are those of one forward over the whole minibatch padded to its longest row."""
+    n_tokens = batch.mask[rows].sum().clamp(min=1)
+    totals = dict.fromkeys(("policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl"), 0.0)
+    for g in micro_batches(batch, rows, cfg.update_tokens):
+        logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, g)
+        t = logprobs.shape[1]
+        m = batch.mask[g, :t]
+        share = m.sum() / n_tokens
+        loss, info = policy_loss(logprobs, old_logprobs[g, :t], advantages[g, :t], m, clip=cfg.clip)
+        terms = {"policy_loss": loss.detach(), **info}
+        if returns is not None:
+            terms["value_loss"] = value_loss(values, returns[g, :t], m, old_values=old_values[g, :t], clip=cfg.value_clip)
+            loss = loss + cfg.vf_coef * terms["value_loss"]
+        if ref_logprobs is not None:
+            terms["kl"] = kl_penalty(logprobs, ref_logprobs[g, :t], m)
+            loss = loss + cfg.kl_coef * terms["kl"]
+        (loss * share).backward()
+        w = float(share)
+        for k, v in terms.items():
+            totals[k] += w * float(v.detach() if isinstance(v, torch.Tensor) else v)
+    return totals
