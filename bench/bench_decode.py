@@ -20,6 +20,7 @@ not depend on the weights' values, and nothing is downloaded.
 
     python bench/bench_decode.py                      # on a GPU -> bench/results/decode.{json,md}
     python bench/bench_decode.py --models 0.5b 1.5b   # and the 1.5B shape
+    python bench/bench_decode.py --cpu                # the CPU rows -> bench/results/decode-cpu.{json,md}
     python bench/bench_decode.py --smoke              # tiny shapes on the CPU, to check the script runs
 """
 from __future__ import annotations
@@ -43,13 +44,16 @@ SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    # the CPU rows: a 4-layer, 256-wide model with a 32k vocabulary, in float32
+    "cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
 }
+VOCAB = {"smoke": 256, "cpu": 32000}
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype):
     import transformers as T
 
-    vocab = 256 if shape == "smoke" else 151936
+    vocab = VOCAB.get(shape, 151936)
     cfg = T.Qwen2Config(
         vocab_size=vocab, max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
@@ -239,6 +243,8 @@ def markdown(env, tput, stops) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU rows: a 4-layer 256-wide float32 model, 16 slots -> bench/results/decode-cpu.*")
     parser.add_argument("--models", nargs="*", default=["0.5b"], choices=["0.5b", "1.5b"])
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -260,9 +266,11 @@ def main(argv=None):
         args.models, args.batch, args.prompt_len, args.new_tokens = ["smoke"], [1, 4], 8, 8
         args.stop_slots, args.rollouts_per_slot, args.repeats, args.dtype = 4, [2], 1, "float32"
         torch.set_num_threads(1)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device == "cpu" and not args.smoke:
-        parser.error("no CUDA GPU: run with --smoke to check the script on the CPU")
+    if args.cpu:
+        args.models, args.prompt_len, args.new_tokens, args.stop_slots, args.dtype = ["cpu"], 32, 128, 16, "float32"
+    device = "cuda" if torch.cuda.is_available() and not (args.smoke or args.cpu) else "cpu"
+    if device == "cpu" and not (args.smoke or args.cpu):
+        parser.error("no CUDA GPU: run with --cpu for the CPU rows, or --smoke to check the script")
     bandwidth = copy_bandwidth(device)
     env = environment(device, bandwidth, dtype=args.dtype)
     tput, stops = [], []
@@ -278,8 +286,10 @@ def main(argv=None):
     print(table)
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decode.json").write_text(json.dumps({"environment": env, "throughput": tput, "stopping": stops}, indent=2))
-        (args.out / "decode.md").write_text(table)
+        stem = "decode-cpu" if args.cpu else "decode"
+        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "throughput": tput, "stopping": stops},
+                                                          indent=2))
+        (args.out / f"{stem}.md").write_text(table)
 
 
 if __name__ == "__main__":

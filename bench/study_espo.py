@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
-from espo.demo import DEMO, DEMO_ESPO, accuracy_points, finish_axes, run_demo  # noqa: E402
+from espo.demo import DEMO, DEMO_ESPO, PAIRS, accuracy_points, finish_axes, run_demo, savings  # noqa: E402
 from espo.stopper import ESPOConfig  # noqa: E402
 from espo.tasks import checkpoint_card  # noqa: E402
 from espo.trainer import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METRICS = ("rollout_tokens", "final_accuracy", "stop_rate", "false_stop_rate", "informative_fraction", "doomed_fraction",
-           "time_per_step_s")
+METRICS = ("rollout_tokens", "rollout_time_s", "update_time_s", "step_time_s", "final_accuracy", "stop_rate",
+           "false_stop_rate", "informative_fraction", "doomed_fraction")
+SAVINGS = ("tokens_saved", "rollout_time_saved", "step_time_saved")
 
 
 def mean_std(values):
@@ -49,8 +50,25 @@ def aggregate(per_seed: list[dict]) -> dict:
     return {a: {m: mean_std([s[a][m] for s in per_seed]) for m in METRICS} for a in algos}
 
 
+def seed_savings(per_seed: list[dict]) -> dict:
+    """Per algorithm of each pair, against its baseline: mean and std over seeds of the tokens, rollout time and
+    step time it saved, and its false-stop rate (the JSON's headline)."""
+    out = {}
+    for base, other in PAIRS:
+        per = [savings(s[base], s[other]) for s in per_seed if base in s and other in s]
+        if per:
+            out[other] = {k: mean_std([p[k] for p in per]) for k in SAVINGS}
+            out[other]["false_stop_rate"] = mean_std([s[other]["false_stop_rate"] for s in per_seed])
+            out[other]["baseline"] = base
+    return out
+
+
 def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
     saved = [1 - s["espo"]["rollout_tokens"] / s["ppo"]["rollout_tokens"] for s in per_seed]
+    times = [savings(s["ppo"], s["espo"]) for s in per_seed]
+    tok = statistics.fmean(saved)
+    roll = statistics.fmean(t["rollout_time_saved"] for t in times)
+    step_ = statistics.fmean(t["step_time_saved"] for t in times)
     acc_gap = [s["espo"]["final_accuracy"] - s["ppo"]["final_accuracy"] for s in per_seed]
     noise = max(agg["ppo"]["final_accuracy"][1] or 0.0, agg["espo"]["final_accuracy"][1] or 0.0)
     fs = agg["espo"]["false_stop_rate"][0]
@@ -62,6 +80,7 @@ def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
     if all(c is not None for c in ceiling):
         ceiling_text = (f"; a perfect stopper would have cut {statistics.fmean(ceiling):.1%} of PPO's tokens (per seed "
                         f"{', '.join(f'{c:.1%}' for c in ceiling)}), so ESPO got {statistics.fmean(saved) / max(statistics.fmean(ceiling), 1e-9):.0%} of that ceiling")
+    ratio = lambda x: f"{x / tok:.2f}x" if tok > 0 else "-"  # noqa: E731
     return [
         f"ESPO rollout tokens vs PPO: {statistics.fmean(saved):.1%} fewer (per seed {', '.join(f'{x:.1%}' for x in saved)}); "
         f"target >= 20%: {ok(statistics.fmean(saved) >= 0.2)}{ceiling_text}",
@@ -71,6 +90,9 @@ def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
         f"target < 5%: {ok(fs is not None and fs < 0.05)}",
         f"GRPO+CERO informative rollouts minus GRPO's: {inf_gain:+.1%}; final accuracy {cero_gap:+.1%}; "
         f"target more informative and at least as accurate: {ok(inf_gain > 0 and cero_gap >= -noise)}",
+        f"ESPO vs PPO: {tok:.1%} tokens saved, {roll:.1%} rollout time saved ({ratio(roll)} the tokens saved; target "
+        f">= 0.8x: {ok(tok > 0 and roll >= 0.8 * tok)}), {step_:.1%} step time saved ({ratio(step_)}; target >= 0.6x: "
+        f"{ok(tok > 0 and step_ >= 0.6 * tok)})",
     ]
 
 
@@ -102,17 +124,21 @@ def markdown(agg: dict, lines: list[str], env: dict) -> str:
         + (f" The model was made by `{env['model_recipe']}`." if env.get("model_recipe") else "")
         + (f" Stop settings: {env['espo']}." if env.get("espo") else ""),
         "",
-        "| algo | rollout tokens | final accuracy | stop rate | false-stop rate | informative rollouts | doomed tokens | s / step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| algo | rollout tokens | rollout s | update s | step s | final accuracy | stop rate | false-stop rate "
+        "| informative rollouts | doomed tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = {"rollout_tokens": "{:.0f} ± {:.0f}", "time_per_step_s": "{:.2f} ± {:.2f}"}
+    seconds = "{:.1f} ± {:.1f}"
+    fmt = {"rollout_tokens": "{:.0f} ± {:.0f}", "rollout_time_s": seconds, "update_time_s": seconds, "step_time_s": seconds}
     for algo, row in agg.items():
         cells = []
         for m in METRICS:
             mu, sd = row[m]
             cells.append("-" if mu is None else fmt.get(m, "{:.1%} ± {:.1%}").format(mu, sd))
         out.append(f"| {algo} | " + " | ".join(cells) + " |")
-    notes = ["", "Doomed tokens: the share of a run's rollout tokens that came after the first mistake of a wrong "
+    notes = ["", "Seconds are totals over a run; step = rollout + rewards + update, with the measuring (false-stop "
+             "continuation, doomed-token oracle, evaluation) timed apart. The algorithms' steps run interleaved, so "
+             "their times are measured side by side.", "", "Doomed tokens: the share of a run's rollout tokens that came after the first mistake of a wrong "
              "rollout that ran to its end (in PPO's run, what a perfect stopper would have cut; in ESPO's, what it "
              "left uncut)."]
     return "\n".join(out + notes + [""] + [f"- {x}" for x in lines] + ["", f"![study]({env['name']}.png)", ""])
@@ -173,6 +199,7 @@ def main(argv=None):
         per_seed.append(report["summaries"])
         reports.append(report["histories"])
     agg = aggregate(per_seed)
+    saved = seed_savings(per_seed)
     lines = verdicts(per_seed, agg)
     env = {
         "name": args.name, "seeds": args.seeds, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -186,8 +213,8 @@ def main(argv=None):
         "model_recipe": (checkpoint_card(args.model) or {}).get("command") if args.model else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"environment": env, "per_seed": per_seed, "aggregate": agg,
-                                                     "verdicts": lines}, indent=2))
+    (args.out / f"{args.name}.json").write_text(json.dumps({"environment": env, "savings": saved, "per_seed": per_seed,
+                                                     "aggregate": agg, "verdicts": lines}, indent=2))
     (args.out / f"{args.name}.md").write_text(markdown(agg, lines, env))
     plot(reports, args.out / f"{args.name}.png")
     print(markdown(agg, lines, env))

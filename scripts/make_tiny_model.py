@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         # by the ratio of the per-step error the target needs to the one measured
         measured_err = 1 - max(sampled, 1e-3) ** (1 / task.steps)
         wanted_err = 1 - args.target ** (1 / task.steps)
-        mistake_rate = min(0.9, max(0.0, mistake_rate + (wanted_err - measured_err)))
+        mistake_rate = min(0.9, max(1e-3, mistake_rate * wanted_err / measured_err))
     total_s = time.time() - start
     ok = args.band_low <= sampled <= args.band_high
     if not ok:

@@ -14,7 +14,8 @@ study = importlib.import_module("study_espo")
 
 def summary(tokens, accuracy, stopped=0.0, false_stops=None, informative=0.5, doomed=None):
     return {"rollout_tokens": tokens, "final_accuracy": accuracy, "stop_rate": stopped, "false_stop_rate": false_stops,
-            "informative_fraction": informative, "doomed_fraction": doomed, "time_per_step_s": 1.0}
+            "informative_fraction": informative, "doomed_fraction": doomed, "rollout_time_s": tokens / 100,
+            "update_time_s": tokens / 200, "step_time_s": tokens / 100 + tokens / 200 + 1.0}
 
 
 def seed(ppo_tokens, espo_tokens, espo_false=0.02, ceiling=0.25):
@@ -29,6 +30,8 @@ def test_verdicts_compare_the_saving_with_the_target_and_the_ceiling():
     assert "perfect stopper would have cut 25.0%" in lines[0] and "80% of that ceiling" in lines[0]
     assert lines[2] == "ESPO false-stop rate: 2.0% (of stopped rollouts); target < 5%: met"
     assert lines[3].endswith("met")
+    assert lines[4].startswith("ESPO vs PPO: 20.0% tokens saved, 20.0% rollout time saved (1.00x the tokens saved; "
+                               "target >= 0.8x: met)")
 
 
 def test_a_run_without_stops_or_oracle_still_reports():
@@ -40,7 +43,8 @@ def test_a_run_without_stops_or_oracle_still_reports():
     env = {"name": "x", "seeds": 1, "settings": "s", "device_name": "cpu", "torch": "t", "date": "d", "minutes": 1.0,
            "command": "c"}
     table = study.markdown(agg, lines, env)
-    assert "| espo | 1000 ± 0 | 81.0% ± 0.0% | 20.0% ± 0.0% | - |" in table and "![study](x.png)" in table
+    assert "| espo | 1000 ± 0 | 10.0 ± 0.0 | 5.0 ± 0.0 | 16.0 ± 0.0 | 81.0% ± 0.0% | 20.0% ± 0.0% | - |" in table
+    assert "![study](x.png)" in table
 
 
 def test_the_committed_results_have_every_metric():
