@@ -1,6 +1,8 @@
 """espo inside TRL's GRPOTrainer(rollout_func=...), against the real library on the CPU."""
 import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,3 +158,8 @@ def test_example_runs(tmp_path, capsys):
     trainer = EX["main"](output_dir=str(tmp_path), steps=2)
     out = capsys.readouterr().out
     assert "step 2: stop rate" in out and trainer.state.global_step == 2
+
+
+def test_import_espo_imports_no_host():
+    code = "import sys, espo, espo.integrations; assert 'trl' not in sys.modules, sorted(m for m in sys.modules if 'trl' in m)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
