@@ -1,7 +1,7 @@
 """What the transformers and TRL adapters cost per decode step, beside plain generate and espo.Decoder (CPU).
 
-1. generate: B rows (P prompts x n) of --prompt-len random tokens, --new-tokens tokens each, no EOS, on a
-   random-initialised Qwen2 (--hidden, --layers, --vocab), timed (median of --repeats interleaved rounds after a warm-up) as
+1. generate: B rows (P prompts x n, for each P in --prompts) of --prompt-len random tokens, --new-tokens tokens each, no EOS, on a
+   random-initialised Qwen2 (--hidden, --layers, --vocab), timed (best of --repeats interleaved rounds after a warm-up; medians in the JSON) as
    * plain ``model.generate(do_sample=True, temperature=1, top_k=0, top_p=1)``;
    * ``generate_rollouts`` (ESPOSampler: espo.sample draws, the processor forces), without and with a stopper;
    * ``espo.Decoder.generate`` at the same batch and lengths, without and with the same stopper.
@@ -10,7 +10,7 @@
    are 0 under a zero value floor (threshold 0, after --min-tokens), the others' 1e6 (never). generate
    keeps computing a stopped row; the Decoder frees its slot.
 2. TRL: GRPOTrainer steps on a random Qwen2 with a character tokenizer (examples/trl_grpo.py's), TRL's own
-   generation against ESPORollout (without and with the stop); the median of TRL's ``step_time`` after
+   generation against ESPORollout (without and with the stop); the best of TRL's ``step_time`` after
    the first step, and the rollout tokens per step (the runs draw different tokens, so lengths differ).
 
     python bench/bench_integrations_hf.py            # -> bench/results/integrations-hf.{json,md}
@@ -48,11 +48,11 @@ def build_model(vocab: int, hidden: int, layers: int) -> torch.nn.Module:
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def timed(fns: dict, repeats: int) -> dict[str, tuple[float, object]]:
-    """Per name, the median wall-clock of ``fn()`` over ``repeats`` rounds and its last result.
+def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float, object]]:
+    """Per name, the best and the median wall-clock of ``fn()`` over ``repeats`` rounds, and its last result.
 
     One warm-up call each, then rounds that call every fn once in turn, so that a change of load on a
-    shared machine falls on all of them alike."""
+    shared machine falls on all of them alike; the best round is the least disturbed one."""
     results = {name: fn() for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -60,7 +60,7 @@ def timed(fns: dict, repeats: int) -> dict[str, tuple[float, object]]:
             t0 = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), results[name]) for name in fns}
+    return {name: (min(times[name]), statistics.median(times[name]), results[name]) for name in fns}
 
 
 def armed_stopper(model, prompts, n, new_tokens, min_tokens) -> espo.EarlyStopper:
@@ -72,13 +72,13 @@ def armed_stopper(model, prompts, n, new_tokens, min_tokens) -> espo.EarlyStoppe
     return stopper
 
 
-def bench_generate(a) -> list[dict]:
+def bench_generate(a, num_prompts: int) -> list[dict]:
     model = build_model(a.vocab, a.hidden, a.layers)
     g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(1, a.vocab, (a.prompts, a.prompt_len), generator=g).tolist()
-    n, B, T = a.n, a.prompts * a.n, a.new_tokens
+    prompts = torch.randint(1, a.vocab, (num_prompts, a.prompt_len), generator=g).tolist()
+    n, B, T = a.n, num_prompts * a.n, a.new_tokens
     ids = torch.tensor([p for p in prompts for _ in range(n)])
-    values = [0.0 if i % 2 == 0 else 1e6 for i in range(a.prompts)]  # half the prompts' rows may stop
+    values = [0.0 if i % 2 == 0 else 1e6 for i in range(num_prompts)]  # half the prompts' rows may stop
     stopper = armed_stopper(model, prompts, n, T, a.min_tokens)
     decoder = espo.Decoder(model, max_batch=B, max_seq_len=a.prompt_len + T)
     common = dict(max_new_tokens=T, temperature=1.0, seed=7, eos_token_id=[])
@@ -104,12 +104,12 @@ def bench_generate(a) -> list[dict]:
             "generate + ESPOSampler, stopper": adapter(True), "espo.Decoder": dec(False), "espo.Decoder, stopper": dec(True),
             **{name: (lambda f=f: [f() for _ in range(T)]) for name, f in draws.items()}}
     rows = []
-    for name, (wall, res) in timed(runs, a.repeats).items():
+    for name, (wall, median, res) in timed(runs, a.repeats).items():
         if isinstance(res, espo.Rollouts):
             tokens, stopped = res.tokens_generated, res.finish_counts["stopped"]
         else:
             tokens, stopped = (res[1], 0) if isinstance(res, tuple) else (B * T, 0)
-        rows.append(dict(name=name, wall_s=wall, ms_per_step=1e3 * wall / T, tokens=tokens, stopped=stopped,
+        rows.append(dict(name=name, batch=B, wall_s=wall, median_wall_s=median, ms_per_step=1e3 * wall / T, tokens=tokens, stopped=stopped,
                          tokens_per_s=tokens / wall))
     base = {r["name"]: r["ms_per_step"] for r in rows}
     for r in rows:
@@ -149,7 +149,7 @@ def bench_trl(a) -> list[dict]:
         with contextlib.redirect_stdout(io.StringIO()):  # TRL prints every log line
             trainer.train()
         logs = [h for h in trainer.state.log_history if "step_time" in h][1:]  # the first step pays warm-ups
-        step = statistics.median(h["step_time"] for h in logs)
+        step = min(h["step_time"] for h in logs)
         tokens = statistics.median(16 * h["completions/mean_length"] for h in logs)
         return dict(name=mode, step_s=step, rollout_tokens=tokens, ms_per_token=1e3 * step / tokens,
                     stop_rate=statistics.mean(h.get("espo/stop_rate", 0.0) for h in logs))
@@ -159,29 +159,31 @@ def bench_trl(a) -> list[dict]:
     out = []
     for m in modes:
         mine = [r for r in runs if r["name"] == m]
-        out.append({k: (m if k == "name" else statistics.median(r[k] for r in mine)) for k in mine[0]})
+        out.append(min(mine, key=lambda r: r["step_s"]))
     return out
 
 
-def markdown(env: dict, a, gen: list[dict], trl: list[dict]) -> str:
-    B = a.prompts * a.n
+def markdown(env: dict, a, gen: dict[int, list[dict]], trl: list[dict]) -> str:
     lines = [
         "# transformers and TRL adapters on the CPU",
         "",
         f"{env['date']}, {env['device']} ({os.cpu_count()} cores, load average {env['load_before']} before, "
         f"{env['load_after']} after), torch {env['torch']}, transformers {env['transformers']}, trl {env.get('trl')}; "
         f"`{env['command']}`.",
-        "",
-        f"## generate: B = {B} rows ({a.prompts} prompts x {a.n}), prompt {a.prompt_len}, {a.new_tokens} new tokens, "
-        f"random Qwen2 (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}), float32, median of {a.repeats} "
-        "interleaved rounds",
-        "",
-        "| run | wall s | ms / decode step | vs plain generate | vs espo.Decoder | tokens | stopped rows | tokens / s |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in gen:
-        lines.append(f"| {r['name']} | {r['wall_s']:.3f} | {r['ms_per_step']:.2f} | {r['vs_generate_ms']:+.2f} ms | "
-                     f"{r['vs_decoder_ms']:+.2f} ms | {r['tokens']} | {r['stopped']} | {r['tokens_per_s']:.0f} |")
+    for P, rows in gen.items():
+        lines += [
+            "",
+            f"## generate: B = {P * a.n} rows ({P} prompts x {a.n}), prompt {a.prompt_len}, {a.new_tokens} new tokens, "
+            f"random Qwen2 (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}), float32, best of {a.repeats} "
+            "interleaved rounds",
+            "",
+            "| run | wall s | ms / decode step | vs plain generate | vs espo.Decoder | tokens | stopped rows | tokens / s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(f"| {r['name']} | {r['wall_s']:.3f} | {r['ms_per_step']:.2f} | {r['vs_generate_ms']:+.2f} ms | "
+                         f"{r['vs_decoder_ms']:+.2f} ms | {r['tokens']} | {r['stopped']} | {r['tokens_per_s']:.0f} |")
     lines += [
         "",
         "A stopped row keeps costing compute in generate (its batch never shrinks) and stops costing in espo.Decoder "
@@ -189,11 +191,11 @@ def markdown(env: dict, a, gen: list[dict], trl: list[dict]) -> str:
         "token draw alone on the step's [B, V] logits (per step; tokens = rows): on the CPU espo.sample is its exact "
         "integer torch reference, the bulk of the adapter's and the Decoder's cost over plain generate at this vocabulary.",
         "",
-        f"## TRL GRPOTrainer: 16 completions per step (4 prompts x 4), max {a.new_tokens} tokens, median step time "
+        f"## TRL GRPOTrainer: 16 completions per step (4 prompts x 4), max {a.new_tokens} tokens, best step time "
         f"of steps 2..{a.trl_steps} over {a.trl_repeats} alternated runs per mode (TRL's step_time: generation + scoring "
         "+ update)",
         "",
-        "| rollouts by | s / step | rollout tokens / step | ms / rollout token | stop rate |",
+        "| rollouts by | best s / step | median rollout tokens / step | ms / rollout token | stop rate |",
         "|---|---|---|---|---|",
     ]
     for r in trl:
@@ -203,7 +205,7 @@ def markdown(env: dict, a, gen: list[dict], trl: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompts", type=int, nargs="+", default=[4, 16], help="prompts per batch (B = prompts x n)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -221,7 +223,7 @@ def main() -> None:
         a.new_tokens, a.min_tokens, a.hidden, a.layers, a.vocab, a.repeats, a.trl_steps, a.trl_repeats = 8, 2, 32, 2, 256, 1, 2, 1
         a.out = Path("/tmp/espo-bench-smoke")
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    gen = bench_generate(a)
+    gen = {P: bench_generate(a, P) for P in a.prompts}
     trl = bench_trl(a)
     import trl as trl_module
 
@@ -229,7 +231,8 @@ def main() -> None:
                       load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()), threads=torch.get_num_threads())
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "integrations-hf.json").write_text(json.dumps(
-        {"env": env, "args": {k: str(v) for k, v in vars(a).items()}, "generate": gen, "trl": trl}, indent=2))
+        {"env": env, "args": {k: str(v) for k, v in vars(a).items()}, "generate": [r for rows in gen.values() for r in rows],
+         "trl": trl}, indent=2))
     md = markdown(env, a, gen, trl)
     (a.out / "integrations-hf.md").write_text(md)
     print(md)

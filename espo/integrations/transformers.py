@@ -96,6 +96,16 @@ def _running_generate(depth: int = 6) -> tuple[GenerationConfig | None, Sequence
     return None, None, None
 
 
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """The scalar sampling settings, checked once (espo.sample then runs with validate=False)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite float >= 0 (0 is greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {top_p!r}")
+
+
 class _SampleAndForce(LogitsProcessor):
     """The logits-processor half of an ``ESPOSampler`` (see there)."""
 
@@ -125,8 +135,8 @@ class ESPOSampler:
     to ``espo.rollout_seed(seed, i)``, which is how ``espo.Decoder`` seeds rollout ``i``.
 
     Args:
-        temperature, top_k, top_p: as in ``espo.sample`` (temperature 0 is greedy); generate's own
-            warpers are refused, not stacked.
+        temperature, top_k, top_p: as in ``espo.sample`` (temperature 0 is greedy), one value for all rows;
+            generate's own warpers are refused, not stacked.
         seed: the run seed of the default rollout seeds; rollout_seeds: one int64 per row instead.
         stopper: an ``espo.EarlyStopper`` with one row per batch row; its rows are reset when a generate
             call starts, and ``end_batch``/``arm`` are left to the caller, as with ``espo.Decoder``.
@@ -163,6 +173,7 @@ class ESPOSampler:
             raise TypeError(f"stopper must be an espo.EarlyStopper, got {type(stopper).__name__}")
         if values is not None and stopper is None:
             raise ValueError("values only feed the stop rule: pass a stopper too, or drop values")
+        _check_sampling(temperature, top_k, top_p)
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -281,7 +292,7 @@ class ESPOSampler:
             scores if all_live else scores[idx], temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             seed=self._seeds if all_live else self._seeds[idx], offset=self._t, stopper=stopper,
             values=None if self._values is None else (self._values if all_live else self._values[idx]),
-            stopper_rows=None if stopper is None or all_live else idx, backend=self.backend,
+            stopper_rows=None if stopper is None or all_live else idx, backend=self.backend, validate=False,
         )
         vals = self._values[idx] if self._values is not None else torch.zeros_like(out.logprobs)
         self._records.append(torch.stack(

@@ -182,6 +182,16 @@ class ESPORollout:
                 self.stopper = EarlyStopper(self.config, batch_size=slots, device=dec.device)
         return dec
 
+    def _check_rewards(self, trainer: Any) -> None:
+        """Refuse a trainer that runs this rollout_func but would score stopped completions as normal endings."""
+        if not self.stop or getattr(trainer, "rollout_func", None) is not self:
+            return
+        if not any(getattr(f, "espo_rollout", None) is self for f in getattr(trainer, "reward_funcs", [])):
+            raise ValueError(
+                "no reward function of this trainer is wrapped by this ESPORollout, so a stopped completion would be "
+                "scored as a normal ending: pass reward_funcs=[rollout.reward(your_reward), ...]"
+            )
+
     def success_estimate(self, prompt_ids: Sequence[int]) -> float:
         """The Beta(1, 1) posterior mean of the prompt's success rate, from the completions scored so far."""
         s, n = self._outcomes.get(tuple(prompt_ids), (0, 0))
@@ -194,6 +204,7 @@ class ESPORollout:
             raise ValueError("rollout_func got no prompts: the generation batch is empty")
         tokenizer = _tokenizer(trainer)
         args = _check_args(trainer)
+        self._check_rewards(trainer)
         ids = _tokenize(list(prompts), trainer, tokenizer)
         unique, counts = _groups(ids)
         training = bool(trainer.model.training)
@@ -206,7 +217,8 @@ class ESPORollout:
         seed = rollout_seed(int(args.seed), self.calls * acc.num_processes + acc.process_index)
         sampling = dict(
             max_new_tokens=max_new, temperature=float(args.temperature), top_k=int(args.top_k or 0),
-            top_p=float(args.top_p if args.top_p is not None else 1.0), eos_token_id=list(trainer.eos_token_ids),
+            top_p=float(args.top_p if args.top_p is not None else 1.0),
+            eos_token_id=list(getattr(trainer, "eos_token_ids", None) or [tokenizer.eos_token_id]),
         )
         rollouts = dec.generate(
             unique, counts, seed=seed, stopper=stopper, prompt_values=[self.success_estimate(p) for p in unique], **sampling
@@ -292,6 +304,7 @@ class ESPORollout:
             return rewards
 
         espo_reward.__name__ = getattr(reward_func, "__name__", type(reward_func).__name__)
+        espo_reward.espo_rollout = self  # what _check_rewards looks for
         return espo_reward
 
     def _record(self, rewards: list, stopped: list) -> None:

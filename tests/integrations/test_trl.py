@@ -141,6 +141,8 @@ def test_bad_input_names_the_setting(trainer):
             setattr(trainer.args, name, saved)
     with pytest.raises(TypeError, match="ESPOConfig"):
         ESPORollout({"beta": 2.0})
+    with pytest.raises(ValueError, match=r"rollout.reward\(your_reward\)"):  # its rewards are not wrapped
+        trainer.rollout_func(["1+2="], trainer)
 
 
 def test_without_stop_the_rollouts_are_those_of_the_stopped_run_up_to_the_stops(trainer):
