@@ -1,0 +1,14 @@
+"""Adapters that embed espo in the trainers and generators its users already run, one module per host.
+
+* ``espo.integrations.transformers``: transformers' ``generate`` (a logits processor that samples with
+  ``espo.sample`` and forces the token, a stopping criterion for the ESPO stop, ``generate_rollouts``).
+* ``espo.integrations.trl``: TRL's ``GRPOTrainer(rollout_func=...)`` (``espo.Decoder`` rollouts, a reward
+  wrapper that gives ESPO-stopped completions ``r_fail``, ESPO metrics in TRL's logs).
+
+Nothing here imports a host library: ``import espo`` and ``import espo.integrations`` stay light, and each
+host is imported only when its module is.
+"""
+
+HOSTS = ("transformers", "trl")
+
+__all__ = ["HOSTS"]
