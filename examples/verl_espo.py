@@ -51,7 +51,8 @@ def estimator_demo() -> torch.Tensor:
     return advantages
 
 
-def gae_demo(B: int = 256, T: int = 1024, repeats: int = 5) -> dict[str, float]:
+def time_gae(B: int = 256, T: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds of verl's GAE and espo_gae on one [B, T] batch of right-padded rollouts."""
     from verl.trainer.ppo.core_algos import compute_gae_advantage_return
 
     from espo.integrations.verl import espo_gae
@@ -71,7 +72,12 @@ def gae_demo(B: int = 256, T: int = 1024, repeats: int = 5) -> dict[str, float]:
             fn(rewards, values, mask, 1.0, 0.95)
             runs.append(time.perf_counter() - t0)
         times[name] = 1e3 * float(np.median(runs))
-    print(f"GAE at B={B}, T={T}: verl {times['verl']:.1f} ms, espo {times['espo']:.1f} ms (median of {repeats})")
+    return times
+
+
+def gae_demo() -> dict[str, float]:
+    times = time_gae()
+    print(f"GAE at B=256, T=1024: verl {times['verl']:.1f} ms, espo {times['espo']:.1f} ms (median of 5)")
     return times
 
 

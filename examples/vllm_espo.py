@@ -13,10 +13,11 @@ import tempfile
 import time
 
 
-def make_tiny_model(folder: str, vocab_size: int = 64, seed: int = 0) -> tuple[str, str]:
+def make_tiny_model(folder: str, vocab_size: int = 64, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> tuple[str, str]:
     """A random-initialised Qwen2 in ``folder/model`` and a word-level tokenizer (EOS = 1) in ``folder/tokenizer``.
 
-    The tokenizer lives apart because transformers 5 ignores ``tokenizer_class`` in a qwen2 model folder.
+    Heads are 32 wide (a size vLLM's CPU attention supports). The tokenizer lives apart because
+    transformers 5 ignores ``tokenizer_class`` in a qwen2 model folder.
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -24,7 +25,8 @@ def make_tiny_model(folder: str, vocab_size: int = 64, seed: int = 0) -> tuple[s
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 32,
         num_key_value_heads=1, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
     )
     model_dir, tok_dir = os.path.join(folder, "model"), os.path.join(folder, "tokenizer")

@@ -110,8 +110,7 @@ class ProcessorSettings:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, as vLLM's ``additional_config["espo"]`` carries it to the engine process."""
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "ProcessorSettings":
@@ -427,10 +426,7 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
                 "espo's vLLM processor has no EOS token to end a stopped request: start the engine with the model's "
                 "tokenizer, or set additional_config={'espo': {'eos_token_id': ...}}"
             )
-        srow = self._take_row()
-        mask = torch.zeros(self.stopper.batch_size, dtype=torch.bool)
-        mask[srow] = True
-        self.stopper.reset_rows(mask.to(self.device))
+        srow = self._take_row()  # a free row is clear: its last sequence was folded when it left
         temperature = float(params.temperature)
         return _Request(
             args=args, output=output_ids, temperature=0.0 if temperature < _SAMPLING_EPS else temperature,

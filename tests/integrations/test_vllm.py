@@ -7,7 +7,6 @@ chunk, so rows are added, removed and moved and prefills are split while the pro
 from __future__ import annotations
 
 import copy
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -17,18 +16,15 @@ import torch
 
 import espo
 
-try:
-    import vllm  # noqa: F401
-    from vllm import LLM, SamplingParams
-    from vllm.exceptions import VLLMValidationError
-    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from espo_hosts import require
 
-    from espo.integrations import vllm as ev
-except Exception as err:  # the host is absent (the main suite): skip, unless the host env demands it
-    if os.environ.get("ESPO_REQUIRE_HOST") == "vllm":
-        raise
-    pytest.skip(f"vLLM is not installed here ({err!r:.120}); `bash scripts/host_envs.sh vllm` runs these", allow_module_level=True)
+require("vllm", "vllm", "espo.integrations.vllm")
 
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from espo.integrations import vllm as ev  # noqa: E402
 from espo.stopper import BETA, MEAN, READY, VAR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
