@@ -27,6 +27,7 @@ registry), so it is swapped in by one line, ``core_algos.compute_gae_advantage_r
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from typing import Any, Sequence
@@ -44,6 +45,7 @@ try:
     from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
     from verl.trainer.ppo import core_algos
     from verl.utils import torch_functional as verl_F
+    from verl.workers.rollout.replica import TokenOutput
 except ImportError as err:  # pragma: no cover - exercised only without verl
     raise ImportError("espo.integrations.verl needs verl: pip install verl (see README, 'Embedding in vLLM and verl')") from err
 
@@ -222,32 +224,25 @@ def use_espo_gae() -> None:
 # ------------------------------------------------------------------------------------- the agent loop
 
 
-def cut_at_stop(output: "AgentLoopOutput", stop: StopRecord | None, *, r_fail: float = R_FAIL) -> "AgentLoopOutput":
-    """Apply one rollout's ESPO stop to verl's agent-loop output, in place; return it.
+def cut_at_stop(output: "TokenOutput", stop: StopRecord | None) -> "TokenOutput":
+    """One engine answer cut back to what the learner keeps, in place; return it.
 
-    A stopped rollout keeps its tokens up to and including the one that triggered the stop (the EOS the
-    engine forced after it is dropped), and gets the reward ``r_fail``; every output gets the flags
-    ``extra_fields['espo_stopped']`` and ``['espo_stop_index']`` (-1 when not stopped).
+    A stopped rollout keeps its tokens up to and including the one that triggered the stop; the EOS the
+    engine forced after it is not the policy's choice and is dropped, with its logprob.
     """
-    output.extra_fields[STOP_FLAG] = stop is not None
-    output.extra_fields[STOP_INDEX] = -1 if stop is None else stop.index
     if stop is None:
         return output
     keep = stop.index + 1
-    if keep > len(output.response_ids):
-        raise ValueError(f"stop of request {stop.id!r} at token {stop.index}, but its response has {len(output.response_ids)} tokens")
-    output.response_ids = output.response_ids[:keep]
-    output.response_mask = output.response_mask[:keep]
-    if output.response_logprobs is not None:
-        output.response_logprobs = output.response_logprobs[:keep]
-    output.reward_score = r_fail
+    if keep > len(output.token_ids):
+        raise ValueError(f"stop of request {stop.id!r} at token {stop.index}, but the engine returned {len(output.token_ids)} tokens")
+    output.token_ids = list(output.token_ids[:keep])
+    if output.log_probs is not None:
+        output.log_probs = list(output.log_probs[:keep])
     return output
 
 
 def _processor_settings(rollout_config: Any) -> dict[str, Any]:
     """The espo settings the rollout's vLLM engines were given (``engine_kwargs.vllm.additional_config``)."""
-    import json
-
     kwargs = (rollout_config.get("engine_kwargs", {}) or {}).get("vllm", {}) or {}
     extra = kwargs.get("additional_config") or {}
     if isinstance(extra, str):
@@ -255,13 +250,31 @@ def _processor_settings(rollout_config: Any) -> dict[str, Any]:
     return dict(extra.get(EXTRA_ARGS_KEY) or {})
 
 
+class _StopCutter:
+    """The agent loop's server manager, seen through one request: its answer comes back cut at its stop."""
+
+    def __init__(self, inner: Any, reader: StopReader, request_id: str):
+        self.inner, self.reader, self.request_id = inner, reader, request_id
+        self.stop: StopRecord | None = None
+
+    async def generate(self, *args: Any, **kwargs: Any) -> "TokenOutput":
+        output = await self.inner.generate(*args, **kwargs)
+        self.stop = self.reader.refresh().pop(self.request_id, None)  # written before the engine answered
+        return cut_at_stop(output, self.stop)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class ESPOAgentLoop(SingleTurnAgentLoop):
     """verl's single-turn agent loop for rollouts from vLLM engines that run espo's processor.
 
-    Each request gets a fresh 63-bit seed (kept in ``extra_fields['espo_seed']``, to redraw the rollout)
-    and an id; once the engine answers, the loop reads the stop record of that id from the record folder
-    the engines write to (``additional_config.espo.record_dir``; it must be a folder the agent-loop
-    workers can read, shared across nodes on a cluster) and applies ``cut_at_stop``.
+    Each request gets a fresh 63-bit seed and an id in its ``extra_args``. When the engine answers, the
+    loop reads that id's stop record from the folder the engines write to
+    (``additional_config.espo.record_dir``: a folder the agent-loop workers can read, shared across nodes
+    on a cluster), cuts a stopped rollout after the token that triggered the stop, and gives it the
+    reward ``r_fail`` (so verl's reward step leaves it alone). Every output gets ``extra_fields``
+    ``espo_stopped``, ``espo_stop_index`` (-1 when not stopped) and ``espo_seed`` (to redraw it).
     """
 
     _readers: dict[str, StopReader] = {}
@@ -271,14 +284,19 @@ class ESPOAgentLoop(SingleTurnAgentLoop):
         record_dir = settings.get("record_dir") or default_record_dir()
         r_fail = float((settings.get("config") or {}).get("r_fail", R_FAIL))
         seed = secrets.randbits(63)
-        rid = f"verl-{seed:016x}"
         params = dict(sampling_params)
-        params["extra_args"] = {**(params.get("extra_args") or {}), **request_args(seed, id=rid)}
-        output = await super().run(params, **kwargs)
+        params["extra_args"] = {**(params.get("extra_args") or {}), **request_args(seed, id=f"verl-{seed:016x}")}
         reader = self._readers.setdefault(record_dir, StopReader(record_dir))
-        stop = reader.refresh().pop(rid, None)
-        output.extra_fields["espo_seed"] = seed
-        return cut_at_stop(output, stop, r_fail=r_fail)
+        server, self.server_manager = self.server_manager, _StopCutter(self.server_manager, reader, f"verl-{seed:016x}")
+        try:
+            output = await super().run(params, **kwargs)
+        finally:
+            cutter, self.server_manager = self.server_manager, server
+        stop = cutter.stop
+        output.extra_fields.update({STOP_FLAG: stop is not None, STOP_INDEX: -1 if stop is None else stop.index, "espo_seed": seed})
+        if stop is not None:
+            output.reward_score = r_fail
+        return output
 
 
 core_algos.register_adv_est(ESTIMATOR)(espo_grpo_advantage)

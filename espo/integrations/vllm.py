@@ -290,8 +290,8 @@ def keep_tokens(token_ids: Sequence[int], stop: StopRecord | None) -> tuple[list
     return tokens[: stop.index + 1], True
 
 
-class _Recorder:
-    """Appends JSON lines to this engine process's own record file."""
+class Recorder:
+    """Appends records as JSON lines to a file of this process's own under ``record_dir`` (what the processor writes)."""
 
     def __init__(self, record_dir: str):
         self.record_dir = record_dir
@@ -367,7 +367,7 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
         self.slots: dict[int, _Request] = {}
         self.parked: OrderedDict[str, _Request] = OrderedDict()  # left the batch unfinished (preempted)
         self.finished_since_update = 0
-        self.recorder = _Recorder(self.settings.record_dir)
+        self.recorder = Recorder(self.settings.record_dir)
         self._snapshot: tuple[list[_Request], dict[str, torch.Tensor]] | None = None
         # What the engine did to the batch since the last statistics update (written with it).
         self.events = {"added": 0, "removed": 0, "moved": 0, "overwritten": 0, "resumed": 0, "discarded": 0}

@@ -1,6 +1,7 @@
 """espo's verl adapter against the real verl: run by `bash scripts/host_envs.sh verl`."""
 from __future__ import annotations
 
+import asyncio
 import runpy
 import time
 from pathlib import Path
@@ -14,13 +15,14 @@ from espo_hosts import require
 require("verl", "verl", "espo.integrations.verl")
 
 from verl import DataProto  # noqa: E402
-from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput, _agent_loop_registry  # noqa: E402
+from verl.experimental.agent_loop.agent_loop import DictConfigWrap, _agent_loop_registry  # noqa: E402
 from verl.trainer.config import AlgoConfig  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
+from verl.workers.rollout.replica import TokenOutput  # noqa: E402
 
 from espo.integrations import verl as ev  # noqa: E402
-from espo.integrations.vllm import StopRecord  # noqa: E402
+from espo.integrations.vllm import Recorder, StopRecord  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VERL_GAE = core_algos.compute_gae_advantage_return  # verl's own, whatever a test patches
@@ -153,19 +155,62 @@ def test_use_espo_gae_swaps_verls_gae_in_compute_advantage(monkeypatch):
     torch.testing.assert_close(out.batch["advantages"], ev.espo_gae(rewards, values, mask, 1.0, 0.95)[0])
 
 
-def _agent_output(n: int) -> AgentLoopOutput:
-    return AgentLoopOutput(
-        prompt_ids=[0, 5], response_ids=list(range(10, 10 + n)), response_mask=[1] * n,
-        response_logprobs=[-0.5] * n, metrics=AgentLoopMetrics(),
-    )
+def test_cut_at_stop_keeps_the_triggering_token_and_drops_the_forced_eos():
+    out = ev.cut_at_stop(TokenOutput(token_ids=[10, 11, 12, 13, 1], log_probs=[-0.1, -0.2, -0.3, -0.4, -0.5]), StopRecord("a", 7, 3))
+    assert out.token_ids == [10, 11, 12, 13] and out.log_probs == [-0.1, -0.2, -0.3, -0.4]
+    assert ev.cut_at_stop(TokenOutput(token_ids=[10, 1]), None).token_ids == [10, 1]
+    with pytest.raises(ValueError, match="at token 5, but the engine returned 2 tokens"):
+        ev.cut_at_stop(TokenOutput(token_ids=[10, 1]), StopRecord("b", 7, 5))
 
 
-def test_cut_at_stop_keeps_the_triggering_token_and_gives_r_fail():
-    out = ev.cut_at_stop(_agent_output(6), StopRecord("a", 7, 3), r_fail=-1.0)  # tokens 10..13, then the forced EOS
-    assert out.response_ids == [10, 11, 12, 13] and out.response_mask == [1] * 4 and out.response_logprobs == [-0.5] * 4
-    assert out.reward_score == -1.0 and out.extra_fields["espo_stopped"] is True and out.extra_fields["espo_stop_index"] == 3
-    kept = ev.cut_at_stop(_agent_output(6), None)
-    assert kept.response_ids == list(range(10, 16)) and kept.reward_score is None and kept.extra_fields["espo_stopped"] is False
+class _Engine:
+    """The engine's side as espo's processor plays it: a stop record for the request, then EOS after the stop."""
+
+    def __init__(self, record_dir: str, stop_at: int | None):
+        self.recorder, self.stop_at, self.seen = Recorder(record_dir), stop_at, []
+
+    async def generate(self, request_id, prompt_ids, sampling_params, **kwargs) -> TokenOutput:
+        args = sampling_params["extra_args"]["espo"]
+        self.seen.append(args)
+        if self.stop_at is not None:
+            self.recorder.write({"event": "stop", "id": args["id"], "seed": args["seed"], "index": self.stop_at})
+        return TokenOutput(token_ids=[10, 11, 12, 1], log_probs=[-1.0, -2.0, -3.0, -4.0])
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={"<bos>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 64)}}, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="t2", pad_token="<bos>")
+    t.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return t
+
+
+@pytest.mark.parametrize("stop_at", [2, None])
+def test_agent_loop_seeds_requests_and_applies_their_stops(tmp_path, stop_at):
+    from verl_espo import config_demo  # noqa: PLC0415
+
+    config = config_demo()["config"]
+    config.actor_rollout_ref.rollout.engine_kwargs.vllm.additional_config.espo.record_dir = str(tmp_path)
+    engine = _Engine(str(tmp_path), stop_at)
+
+    async def rollout():
+        loop = ev.ESPOAgentLoop(trainer_config=DictConfigWrap(config), server_manager=engine, tokenizer=_tokenizer(),
+                                processor=None, dataset_cls=None, data_config=DictConfigWrap(config.data))
+        return await loop.run({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True},
+                              raw_prompt=[{"role": "user", "content": "t5 t6"}])
+
+    out = asyncio.run(rollout())
+    (args,) = engine.seen
+    assert out.prompt_ids == [5, 6] and out.extra_fields["espo_seed"] == args["seed"]
+    if stop_at is None:
+        assert out.response_ids == [10, 11, 12, 1] and out.reward_score is None  # verl's reward step scores it
+        assert out.extra_fields["espo_stopped"] is False and out.extra_fields["espo_stop_index"] == -1
+    else:
+        assert out.response_ids == [10, 11, 12] and out.response_logprobs == [-1.0, -2.0, -3.0]
+        assert out.reward_score == -1.0 and out.extra_fields["espo_stopped"] is True and out.extra_fields["espo_stop_index"] == 2
 
 
 def test_registrations_and_config():
