@@ -345,10 +345,10 @@ class ChainArithmetic:
     (``*`` only by digits 2-9 coprime to the modulus, so every step is a bijection and a wrong step can
     never be undone by later correct ones).
 
-    With ``lost_thread``, a demonstration's mistake is losing the thread, as a reasoning model that has gone
-    wrong keeps writing to its length limit: with probability ``mistake_rate`` a clause ends with ``:``
-    instead of ``;``, and every later clause has the same form but a random operation and a wrong result,
-    ends with ``:``, and no answer comes, up to ``max_new_tokens`` (three times a correct completion's length). A model trained on such demonstrations runs its wrong rollouts long, so
+    With ``lost_thread``, a demonstration that makes a mistake loses the thread there, as a reasoning model
+    that has gone wrong loops until its length limit: the wrong clause ends with ``:`` instead of ``;``, and
+    from there the writer repeats that clause's operation on its own result, clause after clause ending with
+    ``:``, and no answer comes, up to ``max_new_tokens`` (three times a correct completion's length). A model trained on such demonstrations runs its wrong rollouts long, so
     most tokens of a wrong rollout come after its first mistake, where an early stop saves them.
 
     Reward rule (exact): the answer is the run of digits right after the first ``A=`` in the completion;
@@ -422,7 +422,7 @@ class ChainArithmetic:
     def demonstration(self, problem: Problem, mistake_rate: float = 0.0, rng: random.Random | None = None) -> str:
         """A worked completion; each step's result is replaced, with probability ``mistake_rate``, by a
         uniformly drawn wrong value that the later steps (and the answer) then carry on from (with
-        ``lost_thread``: each step loses the thread with that probability)."""
+        ``lost_thread``: the thread is lost at the first wrong value)."""
         if mistake_rate > 0 and rng is None:
             raise ValueError("a random.Random is needed when mistake_rate > 0")
         x = int(problem.info["start"])
@@ -430,22 +430,18 @@ class ChainArithmetic:
         for o, d in problem.info["chain"]:
             y = _APPLY[o](x, d, self.modulus)
             if mistake_rate > 0 and rng.random() < mistake_rate:
-                if self.lost_thread:
-                    parts.append(f"{x}{o}{d}={y}:")
-                    return self._lose_thread("".join(parts), y, rng)
                 y = (y + rng.randrange(1, self.modulus)) % self.modulus
+                if self.lost_thread:
+                    return self._lose_thread("".join(parts) + f"{x}{o}{d}={y}:", y, o, d)
             parts.append(f"{x}{o}{d}={y};")
             x = y
         return "".join(parts) + f"A={x}"
 
-    def _lose_thread(self, text: str, x: int, rng: random.Random) -> str:
-        """``text`` continued with clauses of random operations and wrong results up to the length limit
-        (EOS excluded: a lost completion never ends by itself)."""
-        operands = {o: self._operands(o) for o in self.ops}
+    def _lose_thread(self, text: str, x: int, o: str, d: int) -> str:
+        """``text`` continued by the clause ``x o d`` repeated on its own results, each ending with ``:``, cut
+        at the length limit (no EOS: a lost completion never ends by itself)."""
         while len(text) < self.max_new_tokens:
-            o = rng.choice(self.ops)
-            d = rng.choice(operands[o])
-            y = (_APPLY[o](x, d, self.modulus) + rng.randrange(1, self.modulus)) % self.modulus
+            y = _APPLY[o](x, d, self.modulus)
             text += f"{x}{o}{d}={y}:"
             x = y
         return text[: self.max_new_tokens]

@@ -287,7 +287,8 @@ def test_shipped_model_success_rate(builtin):
     task = builtin_task()
     rate, texts = success_rate(model, tok, task, n=200, seed=2024, temperature=1.0, return_completions=True)
     assert 0.2 <= rate <= 0.7, rate
-    assert sum("A=" in t for t in texts) >= 190  # failures are wrong answers, not broken formats
+    # failures are wrong answers or a lost thread (clauses ending with ':' up to the limit), not broken formats
+    assert task.lost_thread and sum("A=" in t or ":" in t for t in texts) >= 190
     greedy = success_rate(model, tok, task, n=100, seed=2024, temperature=0.0)
     assert greedy >= rate
 

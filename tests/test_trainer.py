@@ -54,11 +54,12 @@ def test_doomed_tokens_count_what_a_perfect_stopper_would_cut(tmp_path):
     class Recording(ChainArithmetic):
         def first_mistake(self, problem, completion):
             at = super().first_mistake(problem, completion)
-            seen.append(0 if at is None or at >= len(completion) else len(completion) + 1 - (at + 1))
+            ended = len(completion) < self.max_new_tokens  # EOS came before the limit: one token more
+            seen.append(0 if at is None or at >= len(completion) else len(completion) + ended - (at + 1))
             return at
 
     history = train(config(tmp_path, algo="ppo", steps=1, eval_problems=0), task=Recording(), progress=False).history
-    assert seen and history[0]["doomed_tokens"] == sum(seen) > 0  # +1: every wrong rollout here ends with EOS
+    assert seen and history[0]["doomed_tokens"] == sum(seen) > 0
 
     class Opaque:
         name = "opaque"
