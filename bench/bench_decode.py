@@ -177,23 +177,32 @@ def stopping_rows_at(shape, model, args, device, per_slot):
         stopper.end_batch()
         return t, ro
 
-    run(None)  # warm-up
-    t0s, base = zip(*[run(None) for _ in range(args.repeats)])
-    t0, tok0 = float(np.median(t0s)), base[0].tokens_generated
     rng = np.random.default_rng(0)
+    schedules = {0.0: None}
     for frac in args.stop_fractions:
         schedule = np.zeros(R, dtype=np.int64)
         chosen = rng.choice(R, size=int(round(frac * R)), replace=False)
         schedule[chosen] = rng.integers(1, T, size=len(chosen))  # stop after 1 .. T-1 tokens
-        ts, ros = zip(*[run(schedule) for _ in range(args.repeats)])
-        t, ro = float(np.median(ts)), ros[0]
-        assert ro.finish_counts["stopped"] == len(chosen)
+        schedules[frac] = schedule
+    run(None)  # warm-up
+    # interleaved: each round runs every schedule once, so that a change in the machine's load falls on all
+    times: dict[float, list[float]] = {frac: [] for frac in schedules}
+    outs = {}
+    for _ in range(args.repeats):
+        for frac, schedule in schedules.items():
+            t, outs[frac] = run(schedule)
+            times[frac].append(t)
+    base, t0 = outs[0.0], float(np.median(times[0.0]))
+    tok0 = base.tokens_generated
+    for frac in args.stop_fractions:
+        ro, t = outs[frac], float(np.median(times[frac]))
+        assert ro.finish_counts["stopped"] == int((schedules[frac] > 0).sum())
         tokens_saved = 1 - ro.tokens_generated / tok0
         time_saved = 1 - t / t0
         row = {
             "model": shape, "slots": B, "rollouts": R, "prompt_len": args.prompt_len, "new_tokens": T,
             "stop_fraction": frac, "tokens": ro.tokens_generated, "tokens_no_stop": tok0, "s": t, "s_no_stop": t0,
-            "decode_steps": ro.decode_steps, "decode_steps_no_stop": base[0].decode_steps,
+            "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
         }
         rows.append(row)
