@@ -5,8 +5,8 @@
 *mixed* (some right, some wrong answers, hence a non-zero advantage) instead of prompts that the
 policy always solves or always fails.
 
-The method (see ``shared/spec/cero-method.md``; choices marked *ours* are this package's)
------------------------------------------------------------------------------------------------
+The method (CERO's, as this package reads it; choices marked *ours* are this package's)
+---------------------------------------------------------------------------------------
 * **Posterior.** Each prompt ``i`` keeps ``Beta(alpha_i, beta_i)`` over its success rate ``p_i``
   under the current policy, starting from ``prior`` (default ``Beta(1, 1)``). ``update`` adds the
   successes to ``alpha`` and the failures to ``beta``. Because the policy moves, an optional

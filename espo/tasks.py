@@ -97,10 +97,6 @@ class CharTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    @property
-    def special_ids(self) -> frozenset[int]:
-        return frozenset(range(len(self.SPECIALS)))
-
     # encode / decode ---------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, strict: bool = True) -> list[int]:
         ids = [self.bos_token_id] if add_bos else []
