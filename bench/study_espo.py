@@ -183,8 +183,9 @@ def main(argv=None):
                         help="stop settings over the demo's (espo.demo.DEMO_ESPO), e.g. --espo eta_beta=1.0")
     parser.add_argument("--paper-stops", action="store_true",
                         help="start from the paper's stop settings (espo.ESPOConfig's defaults) instead of the demo's")
-    parser.add_argument("--algos", nargs="+", default=["ppo", "espo", "grpo", "grpo-cero"],
-                        choices=["ppo", "espo", "grpo", "grpo-cero"], help="the algorithms to run (ppo and espo at least)")
+    studied = [algo for pair in PAIRS for algo in pair]
+    parser.add_argument("--algos", nargs="+", default=studied, choices=studied,
+                        help="the algorithms to run (ppo and espo at least)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the seeds already finished under --work with the same settings (after a kill)")
     parser.add_argument("--overwrite", action="store_true", help="replace the runs under --work and the results OUT/NAME.*")

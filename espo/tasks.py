@@ -344,8 +344,9 @@ class ChainArithmetic:
     With ``lost_thread``, a demonstration that makes a mistake loses the thread there, as a reasoning model
     that has gone wrong loops until its length limit: the wrong clause ends with ``:`` instead of ``;``, and
     from there the writer repeats that clause's operation on its own result, clause after clause ending with
-    ``:``, and no answer comes, up to ``max_new_tokens`` (three times a correct completion's length). A model trained on such demonstrations runs its wrong rollouts long, so
-    most tokens of a wrong rollout come after its first mistake, where an early stop saves them.
+    ``:``, and no answer comes, up to ``max_new_tokens`` (three times a correct completion's length). A model
+    trained on such demonstrations runs its wrong rollouts long, so most tokens of a wrong rollout come after
+    its first mistake, where an early stop saves them.
 
     Reward rule (exact): the answer is the run of digits right after the first ``A=`` in the completion;
     the reward is 1.0 iff that run is exactly the decimal answer (no sign, no leading zeros, no spaces),
