@@ -1,11 +1,12 @@
 """``espo.Decoder``: continuous batching for transformers causal LMs that frees a row's compute the step it ends.
 
 The decoder runs the model's own modules (embedding, norms, projections, MLPs, LM head) with its own
-forward over its own slotted KV cache (``espo.kv_cache``), so that:
+forward (``espo.forward``) over its own slotted KV cache (``espo.kv_cache``), so that:
 
 * a fixed pool of ``max_batch`` slots holds the live rollouts; a rollout that ends (EOS, its length
   limit, or an ESPO stop) frees its slot at once, the next pending rollout is prefilled into it, and
-  each decode step computes the live slots only (live rollouts are kept in the leading slots);
+  each decode step computes the live slots only (live rollouts are kept in the leading slots); an
+  eager step prefills its refills in its own forward, so a refill costs no extra read of the weights;
 * every token is drawn by ``espo.sample`` with the rollout's own seed and the token's position as the
   offset, so a rollout's tokens do not depend on which others share its batch: a run with a stopper
   draws the tokens of the same run without one, up to the stop;
@@ -28,13 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .kv_cache import KVCache, decode_attention, decode_mask, prefill_attention, resolve_attention
+from .forward import DecodeRows, PrefillRows, TransformerForward, check_family
+from .kv_cache import KVCache, resolve_attention
 from .sampling import sample
 from .stopper import EarlyStopper
 from .value_head import Critic, ValueHead, check_value_source, prompt_values_tensor
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FINISH_REASONS = ("eos", "length", "stopped", "invalid")
 _EOS, _STOP, _INVALID = 1, 2, 4
 _M64 = (1 << 64) - 1
@@ -102,7 +102,7 @@ class Rollouts:
     time_s: float
     seed: int
     finish_counts: dict[str, int] = field(default_factory=dict)
-    slot_moves: int = 0  # live rollouts moved down into a freed slot once no rollout was pending
+    slot_moves: int = 0  # live rollouts moved down into a freed slot (the live slots stay leading)
 
     def __len__(self) -> int:
         return len(self.rollouts)
@@ -124,152 +124,6 @@ class Rollouts:
     @property
     def stop_rate(self) -> float:
         return self.finish_counts.get("stopped", 0) / len(self.rollouts) if self.rollouts else 0.0
-
-
-# ------------------------------------------------------------------------------------ model forward
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _check_family(model: nn.Module, what: str) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"espo.Decoder supports the {', '.join(SUPPORTED_MODEL_TYPES)} model families; the {what} is "
-            f"{model_type or type(model).__name__!r}"
-        )
-    return model_type
-
-
-@dataclass
-class _LayerSpec:
-    ln1: nn.Module
-    attn: nn.Module
-    ln2: nn.Module
-    mlp: nn.Module
-    window: int | None
-    qk_norm: bool
-
-
-class _Transformer:
-    """The forward of a supported transformers model over the decoder's KV cache (modules shared, not copied)."""
-
-    def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str):
-        config = model.config
-        model_type = _check_family(model, what)
-        base = model if hasattr(model, "layers") else getattr(model, "model", None)
-        if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-            raise ValueError(
-                f"the {what} ({type(model).__name__}) does not have the standard layout (model.embed_tokens, "
-                "model.layers, model.norm, model.rotary_emb) of a transformers Llama/Mistral/Qwen2/Qwen3 model"
-            )
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in _STATIC_ROPE_TYPES:
-            raise ValueError(
-                f"the {what} uses rope_type {rope_type!r}, whose frequencies change with the sequence length; "
-                f"espo.Decoder supports {_STATIC_ROPE_TYPES}"
-            )
-        self.config = config
-        self.embed = base.embed_tokens
-        self.norm = base.norm
-        self.lm_head = getattr(model, "lm_head", None) if base is not model else None
-        self.layers: list[_LayerSpec] = []
-        for i, layer in enumerate(base.layers):
-            attn = layer.self_attn
-            if hasattr(attn, "sliding_window"):
-                window = attn.sliding_window
-            elif model_type == "mistral":
-                window = getattr(config, "sliding_window", None)
-            else:
-                window = None
-            self.layers.append(
-                _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window, hasattr(attn, "q_norm"))
-            )
-        attn0 = self.layers[0].attn
-        self.head_dim = int(attn0.head_dim)
-        self.num_heads = attn0.q_proj.out_features // self.head_dim
-        self.kv_heads = attn0.k_proj.out_features // self.head_dim
-        self.scale = float(attn0.scaling)
-        self.hidden_size = self.embed.embedding_dim
-        self.vocab_size = self.embed.num_embeddings
-        self.windows = sorted({s.window for s in self.layers if s.window is not None})
-        self.has_full = any(s.window is None for s in self.layers)
-        positions = torch.arange(max_seq_len, device=device)[None]
-        with torch.no_grad():
-            cos, sin = base.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_seq_len, head_dim], the model's dtype
-        self.attention = attention
-        self.cache = KVCache(
-            len(self.layers), slots, max_seq_len, self.kv_heads, self.head_dim, dtype=dtype, device=device,
-            layout=attention,
-        )
-
-    def _qkv(self, spec: _LayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        N, d = x.shape[0], self.head_dim
-        attn = spec.attn
-        q = attn.q_proj(x).view(N, -1, d)
-        k = attn.k_proj(x).view(N, -1, d)
-        v = attn.v_proj(x).view(N, -1, d)
-        if spec.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def prefill(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        segments: list[tuple[int, int]],
-        cu_seqlens: torch.Tensor | None,
-        max_len: int,
-        dst_slots: torch.Tensor,
-        dst_pos: torch.Tensor,
-        src_idx: torch.Tensor,
-        last_idx: torch.Tensor,
-    ) -> torch.Tensor:
-        """Packed prompts ids [N] at ``positions``; K/V of token src_idx[j] go to (dst_slots[j], dst_pos[j]).
-
-        Returns the last hidden state (after the final norm) at the tokens ``last_idx``.
-        """
-        h = self.embed(ids)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        use_flash = self.attention == "flash"
-        for i, spec in enumerate(self.layers):
-            q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
-            self.cache.write(i, dst_slots, dst_pos, k[src_idx], v[src_idx])
-            o = prefill_attention(
-                q, k, v, segments=segments, cu_seqlens=cu_seqlens, max_len=max_len, window=spec.window,
-                scale=self.scale, use_flash=use_flash,
-            )
-            h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
-            h = h + spec.mlp(spec.ln2(h))
-        return self.norm(h[last_idx])
-
-    def decode(
-        self, tok: torch.Tensor, seqlens: torch.Tensor, seqlens_i32: torch.Tensor, rows: torch.Tensor, length: int,
-        arange: torch.Tensor,
-    ) -> torch.Tensor:
-        """One token per row for slots 0..B-1 (B = len(tok)); returns the last hidden state [B, hidden]."""
-        h = self.embed(tok)
-        cos, sin = self.cos[seqlens][:, None], self.sin[seqlens][:, None]
-        masks: dict[int | None, torch.Tensor | None] = {}
-        if self.attention == "sdpa":
-            for w in self.windows + ([None] if self.has_full else []):
-                masks[w] = decode_mask(seqlens, length, w, arange)
-        for i, spec in enumerate(self.layers):
-            q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
-            o = decode_attention(
-                self.cache, i, q, k, v, rows=rows, seqlens=seqlens, seqlens_i32=seqlens_i32, length=length,
-                mask=masks.get(spec.window), window=spec.window, scale=self.scale,
-            )
-            h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
-            h = h + spec.mlp(spec.ln2(h))
-        return self.norm(h)
 
 
 # -------------------------------------------------------------------------------------------- decoder
@@ -375,7 +229,7 @@ class Decoder:
             model = self._load(model, dtype)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers model or a checkpoint path, got {type(model).__name__}")
-        _check_family(model, "model")
+        check_family(model, "model")
         first = next(model.parameters(), None)
         if first is None:
             raise ValueError("the model has no parameters")
@@ -389,21 +243,21 @@ class Decoder:
         if self.device.type == "cuda":
             self._check_memory(model, value_source)
         try:
-            self.policy = _Transformer(
+            self.policy = TransformerForward(
                 model, what="model", max_seq_len=self.max_seq_len, slots=self.max_batch, device=self.device,
                 dtype=self.dtype, attention=self.attention,
             )
             if self.policy.lm_head is None:
                 raise ValueError(f"the model ({type(model).__name__}) has no lm_head: pass a *ForCausalLM model")
             self.value_source = check_value_source(value_source, self.policy.hidden_size)
-            self.critic: _Transformer | None = None
+            self.critic: TransformerForward | None = None
             if isinstance(self.value_source, ValueHead):
                 self._to_device(self.value_source)
             elif isinstance(self.value_source, Critic):
-                _check_family(self.value_source.model, "critic")
+                check_family(self.value_source.model, "critic")
                 self._to(self.value_source.model)
                 self._to_device(self.value_source.head)
-                self.critic = _Transformer(
+                self.critic = TransformerForward(
                     self.value_source.model, what="critic", max_seq_len=self.max_seq_len, slots=self.max_batch,
                     device=self.device, dtype=self.dtype, attention=self.attention,
                 )
@@ -483,17 +337,26 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _decode_forward(self, b: int, length: int):
-        """Logits [b, V] and values [b] (or None) of slots 0..b-1, eager."""
-        args = (self._seqlen[:b], self._seqlen32[:b], self._arange[:b], length, self._arange)
-        hidden = self.policy.decode(self._tok[:b], *args)
+    def _forward(self, ids, positions, *, decode=None, prefill=None, out_idx=None, select=None):
+        """Logits and values (or None) of the policy (and critic) forward; rows ``select`` of them when given."""
+        hidden = self.policy.forward(ids, positions, decode=decode, prefill=prefill, out_idx=out_idx)
         logits = self.policy.lm_head(hidden)
         values = None
         if isinstance(self.value_source, ValueHead):
             values = self.value_source(hidden)
         elif self.critic is not None:
-            values = self.value_source.head(self.critic.decode(self._tok[:b], *args))
+            values = self.value_source.head(self.critic.forward(ids, positions, decode=decode, prefill=prefill, out_idx=out_idx))
+        if select is not None:
+            logits = logits[select]
+            values = None if values is None else values[select]
         return logits, values
+
+    def _decode_rows(self, b: int, length: int) -> DecodeRows:
+        return DecodeRows(self._seqlen[:b], self._seqlen32[:b], self._arange[:b], length, self._arange)
+
+    def _decode_forward(self, b: int, length: int):
+        """Logits [b, V] and values [b] (or None) of slots 0..b-1, eager."""
+        return self._forward(self._tok[:b], self._seqlen[:b], decode=self._decode_rows(b, length))
 
     def _decode_graphed(self, b: int, length: int):
         key = (b, length if self.attention == "sdpa" else 0)
@@ -681,17 +544,18 @@ class Decoder:
     def _run(self, run: "_Run", bar) -> None:
         where = "prefill"
         try:
-            while True:
-                while run.pending and not run.live.all():
-                    where = "prefill"
-                    done = self._admit(run)
-                    self._finish(run, done, bar)
-                if not run.live.any():
-                    break
+            while run.pending or run.live.any():
+                # Eager steps take refills into the decode step's own forward; the graphed step's shapes are
+                # fixed, so with CUDA graphs (and when no rollout is live) refills get a forward of their own.
+                if self.cuda_graphs or not run.live.any():
+                    while run.pending and not run.live.all():
+                        where = "prefill"
+                        self._finish(run, self._admit(run), bar)
+                    if not run.live.any():
+                        continue
                 self._compact(run)
                 where = "decode"
-                done = self._step(run)
-                self._finish(run, done, bar)
+                self._finish(run, self._step(run), bar)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(_oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)) from err
 
@@ -721,9 +585,11 @@ class Decoder:
             code |= out.stop.to(torch.uint8) * _STOP
         return out.tokens, code
 
-    def _admit(self, run: "_Run") -> np.ndarray:
-        """Prefill pending rollouts into the lowest free slots; draw their first tokens."""
-        holes = np.flatnonzero(~run.live)
+    def _take_pending(self, run: "_Run", holes: np.ndarray) -> "_Admission | None":
+        """Give pending rollouts the first of the free slots ``holes`` (one packed prefill, within prefill_tokens).
+
+        Sets the slots' device state (prompt length, offset 0, seed, stopper row, value) for their first draw.
+        """
         rids, uniq, budget = [], {}, 0
         for _ in holes:
             if not run.pending:
@@ -737,6 +603,8 @@ class Decoder:
                 budget += int(run.plen[p])
             rids.append(run.pending.popleft())
         k = len(rids)
+        if k == 0:
+            return None
         slots = holes[:k]
         uprompts = list(uniq)
         lens = run.plen[uprompts]
@@ -756,7 +624,6 @@ class Decoder:
         sizes = [len(a) for a in parts]
         flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
         (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, srow_t, seed_t, rid_t, len_t, cu_t) = torch.split(flat, sizes)
-        cu32 = cu_t.to(torch.int32)
 
         self._seqlen[slots_t] = len_t
         self._seqlen32[slots_t] = len_t.to(torch.int32)
@@ -770,53 +637,65 @@ class Decoder:
             mask = torch.zeros(self.max_batch, dtype=torch.bool)
             mask[torch.from_numpy(srows)] = True
             run.stopper.reset_rows(mask.to(self.device))
-
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
-        max_len = int(lens.max())
-        pre = (ids_t, pos_t, segments, cu32, max_len, dsl_t, dpo_t, src_t, last_t)
-        hidden = self.policy.prefill(*pre)
-        logits = self.policy.lm_head(hidden)[ui_t]
-        values = None
-        if isinstance(self.value_source, ValueHead):
-            values = self.value_source(hidden)[ui_t]
-        elif self.critic is not None:
-            values = self.value_source.head(self.critic.prefill(*pre))[ui_t]
-        tokens, code = self._sample(run, logits, values, slots_t)
-        self._tok[slots_t] = tokens.clamp_min(0)
-        self._gen[slots_t] = 1
-        code = code.cpu().numpy()  # the one host sync of this prefill
+        prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
+        return _Admission(rids, slots, srows, lens[ui], ids_t, pos_t, prefill, last_t, ui_t, slots_t)
 
-        run.prefill_tokens += int(lens.sum())
-        run.live[slots] = True
-        run.slot_rid[slots] = rids
-        run.slot_seqlen[slots] = lens[ui]
-        run.slot_srow[slots] = srows
-        run.gen[rids] += 1
-        return self._finished(run, slots, code)
+    def _admitted(self, run: "_Run", adm: "_Admission") -> None:
+        """Host bookkeeping once the admitted rollouts drew their first tokens."""
+        run.prefill_tokens += int(adm.ids.shape[0])
+        run.live[adm.slots] = True
+        run.slot_rid[adm.slots] = adm.rids
+        run.slot_seqlen[adm.slots] = adm.lens
+        run.slot_srow[adm.slots] = adm.srows
+        run.gen[adm.rids] += 1
+
+    def _admit(self, run: "_Run") -> np.ndarray:
+        """Prefill pending rollouts into the lowest free slots in a forward of their own; draw their first tokens."""
+        adm = self._take_pending(run, np.flatnonzero(~run.live))
+        logits, values = self._forward(adm.ids, adm.positions, prefill=adm.prefill, out_idx=adm.last_idx, select=adm.ui)
+        tokens, code = self._sample(run, logits, values, adm.slots_t)
+        self._tok[adm.slots_t] = tokens.clamp_min(0)
+        self._gen[adm.slots_t] += 1
+        code = code.cpu().numpy()  # the one host sync of this prefill
+        self._admitted(run, adm)
+        return self._finished(run, adm.slots, code)
 
     def _step(self, run: "_Run") -> np.ndarray:
-        """One decode step over the live slots 0..b-1."""
+        """One decode step over the live slots 0..b-1; eager, it also prefills pending rollouts into slots b..b+k-1."""
         b = int(run.live.sum())
         need = int(run.slot_seqlen[:b].max()) + 1
         length = self._length_bucket(need)
+        adm = None
+        if not self.cuda_graphs and run.pending and b < self.max_batch:
+            adm = self._take_pending(run, np.arange(b, self.max_batch))
         if self.cuda_graphs:
             bb = next(s for s in self._batch_buckets if s >= b)
             logits, values = self._decode_graphed(bb, length)
             logits = logits[:b]
             values = None if values is None else values[:b]
-        else:
+        elif adm is None:
             logits, values = self._decode_forward(b, length)
-        tokens, code = self._sample(run, logits, values, slice(0, b))
-        self._tok[:b] = tokens.clamp_min(0)
+        else:  # one forward: the b decode tokens, then the admitted rollouts' packed prompts
+            rows = self._arange[:b]
+            logits, values = self._forward(
+                torch.cat([self._tok[:b], adm.ids]), torch.cat([self._seqlen[:b], adm.positions]),
+                decode=self._decode_rows(b, length), prefill=adm.prefill,
+                out_idx=torch.cat([rows, b + adm.last_idx]), select=torch.cat([rows, b + adm.ui]),
+            )
+        n = b + (0 if adm is None else len(adm.rids))
+        tokens, code = self._sample(run, logits, values, slice(0, n))
+        self._tok[:n] = tokens.clamp_min(0)
         self._seqlen[:b] += 1
         self._seqlen32[:b] += 1
-        self._gen[:b] += 1
+        self._gen[:n] += 1
         code = code.cpu().numpy()  # the one host sync of this step
         run.decode_steps += 1
-        slots = np.arange(b)
         run.slot_seqlen[:b] += 1
         run.gen[run.slot_rid[:b]] += 1
-        return self._finished(run, slots, code)
+        if adm is not None:
+            self._admitted(run, adm)
+        return self._finished(run, np.arange(n), code)
 
     @staticmethod
     def _finished(run: "_Run", slots: np.ndarray, code: np.ndarray) -> np.ndarray:
@@ -900,6 +779,27 @@ class Decoder:
             prefill_tokens=run.prefill_tokens, time_s=elapsed, seed=run.seed, finish_counts=counts,
             slot_moves=run.moves,
         )
+
+
+@dataclass
+class _Admission:
+    """Pending rollouts given free slots: their packed prompts (each prompt once) and where each one's K/V go.
+
+    rids, slots, srows, lens [k]: the rollouts, their slots, stopper rows and prompt lengths (host);
+    ids, positions [N]: the packed prompt tokens; last_idx [U]: each prompt's last token in them;
+    ui [k]: each rollout's prompt among the U; slots_t [k]: the slots on the device.
+    """
+
+    rids: list[int]
+    slots: np.ndarray
+    srows: np.ndarray
+    lens: np.ndarray
+    ids: torch.Tensor
+    positions: torch.Tensor
+    prefill: PrefillRows
+    last_idx: torch.Tensor
+    ui: torch.Tensor
+    slots_t: torch.Tensor
 
 
 class _Run:

@@ -197,6 +197,34 @@ def test_stopped_rollouts_are_prefixes_of_the_unstopped_run():
         dec.generate(prompts, 2, rollout_seeds=[1, 2, 3], **kw)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_refills_prefilled_inside_a_decode_step_match_a_full_forward(family, monkeypatch):
+    """An eager decode step takes its refills' prompts into its own forward: logits at every position still
+    equal transformers', for decode rows and admitted rows alike (prompts shared by two rollouts included)."""
+    model = tiny(family, seed=21, **({"sliding_window": 6} if family == "mistral" else {}))
+    prompts = [[5, 9, 2], [4] * 7, [8, 1, 6, 2, 9], [2, 3], [7, 7, 1, 4, 5, 6], [9, 4, 4, 2]]
+    kinds = []
+    forward = espo.forward.TransformerForward.forward
+
+    def spy(self, ids, positions, *, decode=None, prefill=None, out_idx=None):
+        kinds.append((decode is not None, prefill is not None))
+        return forward(self, ids, positions, decode=decode, prefill=prefill, out_idx=out_idx)
+
+    monkeypatch.setattr(espo.forward.TransformerForward, "forward", spy)
+    # max_seq_len 16 gives each prompt length its own limit, so rollouts end at different steps
+    ro = Decoder(model, max_batch=3, max_seq_len=16).generate(
+        prompts, [1, 2, 1, 2, 1, 2], max_new_tokens=40, temperature=0.9, seed=4, eos_token_id=[]
+    )
+    assert kinds.count((True, True)) >= 3, "the test must exercise refills inside decode steps"
+    assert kinds.count((False, True)) == 1, "only the first admission (an empty pool) has a forward of its own"
+    for r in ro:
+        assert r.length == 16 - len(prompts[r.prompt_index]) and r.finish_reason == "length"
+        raw, lp, ent, _ = full_forward_stats(model, prompts[r.prompt_index], r.tokens.tolist(), 0.9)
+        torch.testing.assert_close(r.raw_logprobs, raw, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(r.logprobs, lp, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(r.entropy, ent, atol=2e-5, rtol=1e-5)
+
+
 def test_slots_refill_and_the_pool_drains(monkeypatch):
     model = tiny("qwen2", seed=8)
     prompts = prompts_for(6, seed=8)
@@ -450,7 +478,7 @@ def test_out_of_memory_during_prefill_names_the_settings_to_lower(decoder, monke
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(decoder.policy, "prefill", oom)
+    monkeypatch.setattr(decoder.policy, "forward", oom)
     with pytest.raises(torch.OutOfMemoryError, match=r"prefill.*lower prefill_tokens \(now 8192\) or max_batch \(now 2\)"):
         decoder.generate([[1, 2]], max_new_tokens=2)
 

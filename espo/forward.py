@@ -1,0 +1,188 @@
+"""The forward of a supported transformers causal LM over ``espo.Decoder``'s slotted KV cache.
+
+One forward serves the three kinds of step the decoder takes: a decode step (one new token in each of
+the slots 0..b-1), a prefill (packed prompts written into free slots), and both at once, as chunked
+prefill does: the decode tokens come first in the batch, the packed prompt tokens after them, and the
+projections, MLPs and LM head read their weights once for both. Only attention differs between the
+two parts (``decode_attention`` over the cache, ``prefill_attention`` within each prompt).
+
+Supported model families: Llama, Mistral, Qwen2, Qwen3 (standard attention with RoPE).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache, decode_attention, decode_mask, prefill_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def check_family(model: nn.Module, what: str) -> str:
+    """The model's ``config.model_type``, or a ValueError naming the supported families."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"espo.Decoder supports the {', '.join(SUPPORTED_MODEL_TYPES)} model families; the {what} is "
+            f"{model_type or type(model).__name__!r}"
+        )
+    return model_type
+
+
+@dataclass
+class DecodeRows:
+    """The decode part of a forward: one token for each slot 0..b-1, at position ``seqlens`` (its cached length).
+
+    seqlens [b] int64 and seqlens_i32 [b] int32 on the device; rows = arange(b) on the device; ``length``
+    bounds the cached positions SDPA reads (> max(seqlens)); arange: a device arange of at least max_seq_len.
+    """
+
+    seqlens: torch.Tensor
+    seqlens_i32: torch.Tensor
+    rows: torch.Tensor
+    length: int
+    arange: torch.Tensor
+
+
+@dataclass
+class PrefillRows:
+    """The prefill part of a forward: packed prompts, prompt j at [offset_j, offset_j + len_j) of the part.
+
+    segments: (offset, len) per prompt; cu_seqlens [P+1] int32 (flash-attn) or None; max_len: the longest.
+    The K/V of the part's token src_idx[i] go to the cache at (dst_slots[i], dst_pos[i]), so that a prompt
+    shared by several rollouts is computed once and written into each of their slots.
+    """
+
+    segments: list[tuple[int, int]]
+    cu_seqlens: torch.Tensor | None
+    max_len: int
+    dst_slots: torch.Tensor
+    dst_pos: torch.Tensor
+    src_idx: torch.Tensor
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _LayerSpec:
+    ln1: nn.Module
+    attn: nn.Module
+    ln2: nn.Module
+    mlp: nn.Module
+    window: int | None
+    qk_norm: bool
+
+
+class TransformerForward:
+    """The model's modules (shared, not copied) run over a ``KVCache`` of ``slots`` x ``max_seq_len``."""
+
+    def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str):
+        config = model.config
+        model_type = check_family(model, what)
+        base = model if hasattr(model, "layers") else getattr(model, "model", None)
+        if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            raise ValueError(
+                f"the {what} ({type(model).__name__}) does not have the standard layout (model.embed_tokens, "
+                "model.layers, model.norm, model.rotary_emb) of a transformers Llama/Mistral/Qwen2/Qwen3 model"
+            )
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _STATIC_ROPE_TYPES:
+            raise ValueError(
+                f"the {what} uses rope_type {rope_type!r}, whose frequencies change with the sequence length; "
+                f"espo.Decoder supports {_STATIC_ROPE_TYPES}"
+            )
+        self.config = config
+        self.embed = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = getattr(model, "lm_head", None) if base is not model else None
+        self.layers: list[_LayerSpec] = []
+        for layer in base.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "sliding_window"):
+                window = attn.sliding_window
+            elif model_type == "mistral":
+                window = getattr(config, "sliding_window", None)
+            else:
+                window = None
+            self.layers.append(
+                _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window, hasattr(attn, "q_norm"))
+            )
+        attn0 = self.layers[0].attn
+        self.head_dim = int(attn0.head_dim)
+        self.num_heads = attn0.q_proj.out_features // self.head_dim
+        self.kv_heads = attn0.k_proj.out_features // self.head_dim
+        self.scale = float(attn0.scaling)
+        self.hidden_size = self.embed.embedding_dim
+        self.vocab_size = self.embed.num_embeddings
+        self.windows = sorted({s.window for s in self.layers if s.window is not None})
+        self.has_full = any(s.window is None for s in self.layers)
+        positions = torch.arange(max_seq_len, device=device)[None]
+        with torch.no_grad():
+            cos, sin = base.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_seq_len, head_dim], the model's dtype
+        self.attention = attention
+        self.cache = KVCache(
+            len(self.layers), slots, max_seq_len, self.kv_heads, self.head_dim, dtype=dtype, device=device,
+            layout=attention,
+        )
+
+    def _qkv(self, spec: _LayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        N, d = x.shape[0], self.head_dim
+        attn = spec.attn
+        q = attn.q_proj(x).view(N, -1, d)
+        k = attn.k_proj(x).view(N, -1, d)
+        v = attn.v_proj(x).view(N, -1, d)
+        if spec.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        decode: DecodeRows | None = None,
+        prefill: PrefillRows | None = None,
+        out_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Tokens ``ids`` [N] at ``positions`` [N]: the decode part's b tokens first, then the prefill part's.
+
+        Writes every token's K/V into the cache; returns the last hidden state (after the final norm) of
+        the tokens ``out_idx`` (indices into the N tokens), or of all N when None.
+        """
+        b = 0 if decode is None else int(decode.rows.shape[0])
+        h = self.embed(ids)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        masks: dict[int | None, torch.Tensor | None] = {}
+        if decode is not None and self.attention == "sdpa":
+            for w in self.windows + ([None] if self.has_full else []):
+                masks[w] = decode_mask(decode.seqlens, decode.length, w, decode.arange)
+        for i, spec in enumerate(self.layers):
+            q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
+            parts = []
+            if decode is not None:
+                parts.append(decode_attention(
+                    self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, seqlens=decode.seqlens,
+                    seqlens_i32=decode.seqlens_i32, length=decode.length, mask=masks.get(spec.window),
+                    window=spec.window, scale=self.scale,
+                ))
+            if prefill is not None:
+                kp, vp = k[b:], v[b:]
+                self.cache.write(i, prefill.dst_slots, prefill.dst_pos, kp[prefill.src_idx], vp[prefill.src_idx])
+                parts.append(prefill_attention(
+                    q[b:], kp, vp, segments=prefill.segments, cu_seqlens=prefill.cu_seqlens, max_len=prefill.max_len,
+                    window=spec.window, scale=self.scale, use_flash=self.attention == "flash",
+                ))
+            o = parts[0] if len(parts) == 1 else torch.cat(parts)
+            h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
+            h = h + spec.mlp(spec.ln2(h))
+        return self.norm(h if out_idx is None else h[out_idx])
