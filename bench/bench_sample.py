@@ -114,7 +114,8 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers, top_k=0, top_p=1.
 
     next_logits = rotating(make, bytes_each, device, l2_bytes)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), B, device)
-    stopper.scalars[:] = torch.tensor([0.5, 1.0, 7.0, 1.0, 1.0])
+    stopper.set_statistics(mean=0.5, var=1.0, beta=7.0)
+    stopper.arm()
     offset = torch.zeros(B, dtype=torch.int64, device=device)
     row = {"B": B, "V": V, "dtype": str(dtype).replace("torch.", ""), "floor_us": bytes_each / bandwidth * 1e6}
     filters = dict(top_k=top_k, top_p=top_p)

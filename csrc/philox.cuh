@@ -1,13 +1,13 @@
 // Philox4x32-10 (Salmon et al., SC'11): the counter-based random stream shared by every espo backend.
 //
-// This is the function defined in espo/rng.py (and kernels/philox.py for Triton), bit for bit:
+// This is the function defined in espo/philox.py (and kernels/philox.py for Triton), bit for bit:
 //
 //     key     = (seed & 0xFFFFFFFF, seed >> 32)                  seed read as an unsigned 64-bit integer
 //     counter = (offset & 0xFFFFFFFF, offset >> 32, stream, 0)   stream 0 is the sampling draw
 //     u       = (philox(key, counter)[0] >> 8) * 2**-24          a float32 uniform in [0, 1)
 //
 // Plain C++ with no CUDA or torch dependency: it compiles for the device under nvcc and for the host
-// under any C++11 compiler (tests/test_cuda_host.py checks the host build against espo.rng.uniform).
+// under any C++11 compiler (tests/test_cuda_host.py checks the host build against espo.philox.uniform).
 #pragma once
 
 #include <stdint.h>

@@ -8,7 +8,6 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -32,25 +31,32 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def load_triton_kernels() -> ModuleType:
-    """Import ``espo.kernels.sample``; in a source checkout the kernels live in ../kernels, not espo/kernels."""
-    try:
-        return importlib.import_module("espo.kernels.sample")
-    except ModuleNotFoundError as err:
-        src = Path(__file__).resolve().parent.parent / "kernels"
-        if err.name not in ("espo.kernels", "espo.kernels.sample") or not (src / "__init__.py").is_file():
-            raise
+def register_checkout_kernels() -> None:
+    """Make ``import espo.kernels`` work in a source checkout as it does in an installed package.
+
+    The Triton kernels live in the top-level ``kernels/`` folder, which the wheel installs as ``espo.kernels``
+    (pyproject's package-dir). Run from a checkout (``python -m pytest``, scripts), ``espo/kernels`` does not
+    exist, so the folder is registered under that name once, when espo is imported; nothing else loads it.
+    """
+    package = sys.modules["espo"]
+    if "espo.kernels" in sys.modules or importlib.util.find_spec("espo.kernels") is not None:
+        return
+    src = Path(__file__).resolve().parent.parent / "kernels"
+    if not (src / "__init__.py").is_file():
+        return  # an installed package without its kernels: backends() reports triton unavailable
     spec = importlib.util.spec_from_file_location("espo.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["espo.kernels"] = module
     spec.loader.exec_module(module)
-    return importlib.import_module("espo.kernels.sample")
+    package.kernels = module
 
 
 @lru_cache(maxsize=None)
 def _triton_reason() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton; Linux only)"
+    if importlib.util.find_spec("espo.kernels") is None:
+        return "espo.kernels is missing from this install: reinstall espo-rl"
     if not torch.cuda.is_available() and not _interpreting():
         return "no CUDA GPU; set TRITON_INTERPRET=1 before importing espo to run the Triton kernels on the CPU (slow)"
     return ""
@@ -89,3 +95,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend != "torch" and device.type != "cuda" and not (backend == "triton" and _interpreting()):
         raise ValueError(f"backend {backend!r} needs CUDA tensors, got tensors on {device}; use backend='torch'")
     return backend
+
+
+register_checkout_kernels()

@@ -1,13 +1,19 @@
-"""``espo.sample``: one decoding step's token, its statistics and the ESPO stop mask, from one read of the logits."""
+"""``espo.sample``: one decoding step's token, its statistics and the ESPO stop mask, from one read of the logits.
+
+The public op: its checks and its dispatch. The op's other homes share its name: ``espo.sample_reference``
+(the definition, and the "torch" backend ``sample_torch``), ``kernels/sample.py`` (Triton, ``espo.kernels.sample``),
+``csrc/sample.cu`` with ``espo.sample_cuda`` (CUDA) and ``tests/test_sample.py``. (This module is not named
+``sample.py`` because the function ``espo.sample`` would hide it.)
+"""
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 
-from .backends import load_triton_kernels, resolve_backend
+from .backends import resolve_backend
 from .checks import is_integer, is_real
-from .reference import sample_reference, stop_update_reference
+from .sample_reference import sample_torch
 from .stopper import EarlyStopper
 
 RowArg = Union[int, float, torch.Tensor]
@@ -83,8 +89,20 @@ def _seed_int64(seed: RowArg) -> RowArg:
     return seed
 
 
-def _as_row_tensor(value: RowArg, B: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else torch.full((B,), value, dtype=dtype, device=device)
+def _triton(*args):
+    from .kernels.sample import sample_triton
+
+    return sample_triton(*args)
+
+
+def _cuda(*args):
+    from .sample_cuda import sample_cuda
+
+    return sample_cuda(*args)
+
+
+# backend -> f(logits, temperature, top_k, top_p, seed, offset, stop) -> dict of the SampleOutput fields
+_IMPLEMENTATIONS: dict[str, Callable[..., dict]] = {"torch": sample_torch, "triton": _triton, "cuda": _cuda}
 
 
 def sample(
@@ -110,7 +128,7 @@ def sample(
         top_k: >= 0, a scalar or [B]; keep the k largest logits (ties kept); 0 keeps all. Applied first.
         top_p: in (0, 1], a scalar or [B]; keep the smallest most-likely set whose mass reaches top_p.
         seed, offset: int64 scalars or [B]; each row's draw comes from Philox keyed by its own (seed,
-            offset) (``espo.rng``), so a row samples the same token in any batch. Use the token's position
+            offset) (``espo.philox``), so a row samples the same token in any batch. Use the token's position
             as its offset.
         stopper: an ``EarlyStopper`` over these B rows; it is updated in place and ``stop`` is returned.
         values: [B] critic values of the prefixes, for the stop threshold; None uses the config's value floor.
@@ -124,7 +142,7 @@ def sample(
             their arguments themselves pass False. Shapes, dtypes and Python numbers are always checked.
 
     Invalid rows never raise and never yield a silent token: a NaN or +inf logit, no finite logit, or
-    tempered logits that leave the float32 range (``|x| * log2(e) / T >= 3.4e38``; see ``espo.reference``)
+    tempered logits that leave the float32 range (``|x| * log2(e) / T >= 3.4e38``; see ``espo.sample_reference``)
     are flagged False in ``valid`` with token -1 and NaN statistics, on every backend, and the stopper
     ignores them.
     Bad arguments raise ValueError or TypeError naming the argument.
@@ -186,32 +204,5 @@ def sample(
     if B == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return SampleOutput(empty.long(), empty, empty, empty, empty, empty, empty.bool(), None if stopper is None else empty.bool())
-    if backend == "triton":
-        out = load_triton_kernels().sample_triton(
-            logits, temperature, top_k, top_p, seed, offset, stopper, values, stopper_rows
-        )
-        return SampleOutput(**out)
-    if backend == "cuda":
-        from .cuda_backend import sample_cuda
-
-        return SampleOutput(**sample_cuda(logits, temperature, top_k, top_p, seed, offset, stopper, values, stopper_rows))
-    rows = [
-        _as_row_tensor(temperature, B, device, torch.float32),
-        _as_row_tensor(top_k, B, device, torch.int64),
-        _as_row_tensor(top_p, B, device, torch.float32),
-        _as_row_tensor(seed, B, device, torch.int64),
-        _as_row_tensor(offset, B, device, torch.int64),
-    ]
-    out = sample_reference(logits, *rows)
-    stop = None
-    if stopper is not None:
-        cfg = stopper.config
-        rows = stopper.rows if stopper_rows is None else {k: v[stopper_rows] for k, v in stopper.rows.items()}
-        stop = stop_update_reference(
-            out["regret"], out["valid"], values, rows, stopper.scalars,
-            alpha_s=cfg.alpha_s, clip=cfg.clip, delta=cfg.delta, value_floor=cfg.value_floor, min_tokens=cfg.min_tokens,
-        )
-        if stopper_rows is not None:
-            for k, v in rows.items():
-                stopper.rows[k][stopper_rows] = v
-    return SampleOutput(**out, stop=stop)
+    stop = None if stopper is None else stopper.state(stopper_rows, values)
+    return SampleOutput(**_IMPLEMENTATIONS[backend](logits, temperature, top_k, top_p, seed, offset, stop))

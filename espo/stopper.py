@@ -1,6 +1,6 @@
 """ESPO's early-stopping rule: its configuration and the per-row state that ``espo.sample`` updates.
 
-Per decoding step, per live row (see ``espo.reference.stop_update_reference`` for the exact arithmetic):
+Per decoding step, per live row (see ``espo.sample_reference.stop_update_reference`` for the exact arithmetic):
 
     g~ = clip((g - mean) / sqrt(var + delta), -clip, clip)       mean, var frozen for the whole batch
     z  = alpha_s * z + (1 - alpha_s) * g~
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -31,7 +31,36 @@ _ROW_FIELDS = {
     "stopped": torch.bool,
 }
 _BATCH_FIELDS = ("tokens", "sum_g", "sum_g2", "sequences", "stopped")
-MEAN, VAR, BETA, ARMED, READY = range(5)
+SCALARS = ("mean", "var", "beta", "armed", "ready")  # the slots of EarlyStopper.scalars, in order
+_SLOT = {name: i for i, name in enumerate(SCALARS)}
+
+
+class StopState(NamedTuple):
+    """The stop state one ``espo.sample`` call reads and updates: what every backend takes (the CUDA kernel's
+    ``StopState`` in csrc/sample.cuh holds the same fields).
+
+    z, sum_g, sum_g2 (float32), count, position (int32), stopped (bool): the per-row tensors [num_rows],
+        updated in place.
+    scalars: float32 [5], the ``SCALARS`` (mean, var, beta, armed, ready), read only.
+    rows: int64 [B], the stopper row each logits row updates, or None for row i -> stopper row i.
+    values: float32 [B], critic values for the threshold, or None for the value floor.
+    alpha_s, clip, delta, value_floor, min_tokens: the rule's constants (``ESPOConfig``).
+    """
+
+    z: torch.Tensor
+    sum_g: torch.Tensor
+    sum_g2: torch.Tensor
+    count: torch.Tensor
+    position: torch.Tensor
+    stopped: torch.Tensor
+    scalars: torch.Tensor
+    rows: torch.Tensor | None
+    values: torch.Tensor | None
+    alpha_s: float
+    clip: float
+    delta: float
+    value_floor: float
+    min_tokens: int
 
 
 @dataclass(frozen=True)
@@ -127,28 +156,45 @@ class EarlyStopper:
 
     @property
     def mean(self) -> float:
-        return float(self.scalars[MEAN])
+        return float(self.scalars[_SLOT["mean"]])
 
     @property
     def var(self) -> float:
-        return float(self.scalars[VAR])
+        return float(self.scalars[_SLOT["var"]])
 
     @property
     def beta(self) -> float:
-        return float(self.scalars[BETA])
+        return float(self.scalars[_SLOT["beta"]])
 
     @property
     def armed(self) -> bool:
-        return bool(self.scalars[ARMED] > 0)
+        return bool(self.scalars[_SLOT["armed"]] > 0)
 
     @property
     def ready(self) -> bool:
         """Whether the token statistics exist (after the first ``end_batch``)."""
-        return bool(self.scalars[READY] > 0)
+        return bool(self.scalars[_SLOT["ready"]] > 0)
+
+    def state(self, rows: torch.Tensor | None = None, values: torch.Tensor | None = None) -> StopState:
+        """The ``StopState`` of one sampling call: logits row i updates stopper row ``rows[i]`` (row i when None),
+        with critic ``values`` [B] (the value floor when None)."""
+        r, cfg = self.rows, self.config
+        return StopState(
+            r["z"], r["sum_g"], r["sum_g2"], r["count"], r["position"], r["stopped"], self.scalars, rows, values,
+            float(cfg.alpha_s), float(cfg.clip), float(cfg.delta), float(cfg.value_floor), int(cfg.min_tokens),
+        )
+
+    def set_statistics(self, mean: float, var: float, beta: float | None = None) -> None:
+        """Set the frozen token statistics (and the threshold multiplier), e.g. from a trainer's stopper; the
+        stopper is ready from then on."""
+        self.scalars[_SLOT["mean"]], self.scalars[_SLOT["var"]] = float(mean), float(var)
+        if beta is not None:
+            self.scalars[_SLOT["beta"]] = float(beta)
+        self.scalars[_SLOT["ready"]] = 1.0
 
     def arm(self, armed: bool = True) -> None:
         """Allow (or forbid) stopping, e.g. once the critic has warmed up."""
-        self.scalars[ARMED] = float(armed)
+        self.scalars[_SLOT["armed"]] = float(armed)
 
     def _fold(self, mask: torch.Tensor) -> None:
         """Add the masked rows' sequences to this batch's totals and clear those rows."""
@@ -194,12 +240,12 @@ class EarlyStopper:
             batch_var = max(sum_g2 / tokens - batch_mean * batch_mean, 0.0)
             report.update(batch_mean=batch_mean, batch_var=batch_var)
             a = cfg.alpha_ema if self.ready else 0.0  # the first batch sets the statistics outright
-            s[MEAN] = a * float(s[MEAN]) + (1 - a) * batch_mean
-            s[VAR] = a * float(s[VAR]) + (1 - a) * batch_var
-            s[READY] = 1.0
+            s[_SLOT["mean"]] = a * float(s[_SLOT["mean"]]) + (1 - a) * batch_mean
+            s[_SLOT["var"]] = a * float(s[_SLOT["var"]]) + (1 - a) * batch_var
+            s[_SLOT["ready"]] = 1.0
             if self.armed and sequences:
-                beta = float(s[BETA]) + cfg.eta_beta * (report["stop_rate"] - cfg.target_rate)
-                s[BETA] = min(max(beta, cfg.beta_min), cfg.beta_max)
+                beta = float(s[_SLOT["beta"]]) + cfg.eta_beta * (report["stop_rate"] - cfg.target_rate)
+                s[_SLOT["beta"]] = min(max(beta, cfg.beta_min), cfg.beta_max)
         self.batches_seen += 1
         report.update(mean=self.mean, var=self.var, beta=self.beta)
         return report

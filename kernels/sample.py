@@ -1,7 +1,7 @@
 """Fused sample-and-score in Triton: sampled token, its statistics and the ESPO stop update.
 
 Two launches, both over chunks whose size depends on V alone (so a row's result never depends on the
-batch it is in). Sampling follows the exact integer rule of ``espo.reference`` (read its docstring):
+batch it is in). Sampling follows the exact integer rule of ``espo.sample_reference`` (read its docstring):
 
 1. ``_chunk_stats_kernel``, grid (B, C): one read of each chunk of the logits. Per element it computes
    ``y = fl(x * a)``, ``d = fl(y - r_c)`` (``r_c = ceil(max y)``, the chunk's integer reference),
@@ -26,23 +26,13 @@ import os
 import triton
 import triton.language as tl
 
-from .philox import philox_uniform  # noqa: F401  (re-exported for tests)
+from ..sample_reference import LOG2E_F32, chunk_size, mass_shift
+from .philox import philox_uniform
 
 _INT32_MIN = tl.constexpr(-2147483648)  # constexpr: Triton 3.9 refuses plain globals inside @jit code
 _BIG = tl.constexpr(2147483647)
-LOG2E_F32 = 1.44269502162933349609375  # float32(log2(e)), exactly (espo.reference.LOG2E_F32)
 _LOG2E = tl.constexpr(LOG2E_F32)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def chunk_size(vocab_size: int) -> int:
-    """Elements per chunk: about 48 chunks a row, a power of two in [16, 4096]; a function of V only."""
-    return max(16, min(4096, triton.next_power_of_2(triton.cdiv(vocab_size, 48))))
-
-
-def mass_shift(vocab_size: int) -> int:
-    """S of the integer masses q < 2**S: min(40, 62 - bit_length(V)) (espo.reference.mass_shift)."""
-    return min(40, 62 - int(vocab_size).bit_length())
 
 
 @triton.jit
@@ -71,7 +61,7 @@ def _exp2(d, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _masses(x, a, ref, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
-    """d = fl(fl(x * a) - ref), f = exp2(d), q = trunc(fl(f * 2**S)) (int64): espo.reference, step 1."""
+    """d = fl(fl(x * a) - ref), f = exp2(d), q = trunc(fl(f * 2**S)) (int64): espo.sample_reference, step 1."""
     d = x * a - ref
     f = _exp2(d, INTERPRET)
     return d, f, (f * TWO_S).to(tl.int64)
@@ -280,36 +270,49 @@ def _finish_kernel(
     tl.store(valid_ptr + row, valid)
 
     if STOPPER:
-        if HAS_STOPPER_ROWS:
-            srow = tl.load(stopper_rows_ptr + row)
-        else:
-            srow = row.to(tl.int64)
-        stopped = tl.load(stopped_ptr + srow) != 0
-        live = stopped == 0
-        counted = live & valid
-        g = tl.where(counted, regret, 0.0)
-        mean = tl.load(scalars_ptr)
-        var = tl.load(scalars_ptr + 1)
-        beta = tl.load(scalars_ptr + 2)
-        armed = tl.load(scalars_ptr + 3)
-        ready = tl.load(scalars_ptr + 4)
-        g_norm = tl.minimum(tl.maximum((g - mean) / tl.sqrt(var + delta), -clip), clip)
-        z_old = tl.load(z_ptr + srow)
-        z = alpha_s * z_old + one_minus_alpha_s * g_norm
-        if HAS_VALUES:
-            value = tl.load(values_ptr + row).to(tl.float32)
-            value = tl.where(tl.abs(value) < float("inf"), value, value_floor)  # NaN or inf: the floor
-        else:
-            value = value_floor
-        position = tl.load(position_ptr + srow)
-        stop = counted & (armed > 0.0) & (ready > 0.0) & (position >= min_tokens) & (z > beta * tl.maximum(value, value_floor))
-        tl.store(z_ptr + srow, tl.where(counted, z, z_old))
-        tl.store(sum_g_ptr + srow, tl.load(sum_g_ptr + srow) + g)
-        tl.store(sum_g2_ptr + srow, tl.load(sum_g2_ptr + srow) + g * g)
-        tl.store(count_ptr + srow, tl.load(count_ptr + srow) + counted.to(tl.int32))
-        tl.store(position_ptr + srow, position + live.to(tl.int32))
-        tl.store(stopped_ptr + srow, stopped | stop)
-        tl.store(stop_ptr + row, stopped | stop)
+        stop_update(row, regret, valid, z_ptr, sum_g_ptr, sum_g2_ptr, count_ptr, position_ptr, stopped_ptr, scalars_ptr,
+                    stopper_rows_ptr, values_ptr, stop_ptr, alpha_s, one_minus_alpha_s, clip, delta, value_floor,
+                    min_tokens, HAS_STOPPER_ROWS, HAS_VALUES)
+
+
+@triton.jit
+def stop_update(
+    row, regret, valid,
+    z_ptr, sum_g_ptr, sum_g2_ptr, count_ptr, position_ptr, stopped_ptr, scalars_ptr, stopper_rows_ptr, values_ptr,
+    stop_ptr, alpha_s, one_minus_alpha_s, clip, delta, value_floor, min_tokens,
+    HAS_STOPPER_ROWS: tl.constexpr, HAS_VALUES: tl.constexpr,
+):
+    """One ESPO step of logits row ``row`` on its stopper row: ``espo.sample_reference.stop_update_reference``."""
+    if HAS_STOPPER_ROWS:
+        srow = tl.load(stopper_rows_ptr + row)
+    else:
+        srow = row.to(tl.int64)
+    stopped = tl.load(stopped_ptr + srow) != 0
+    live = stopped == 0
+    counted = live & valid
+    g = tl.where(counted, regret, 0.0)
+    mean = tl.load(scalars_ptr)
+    var = tl.load(scalars_ptr + 1)
+    beta = tl.load(scalars_ptr + 2)
+    armed = tl.load(scalars_ptr + 3)
+    ready = tl.load(scalars_ptr + 4)
+    g_norm = tl.minimum(tl.maximum((g - mean) / tl.sqrt(var + delta), -clip), clip)
+    z_old = tl.load(z_ptr + srow)
+    z = alpha_s * z_old + one_minus_alpha_s * g_norm
+    if HAS_VALUES:
+        value = tl.load(values_ptr + row).to(tl.float32)
+        value = tl.where(tl.abs(value) < float("inf"), value, value_floor)  # NaN or inf: the floor
+    else:
+        value = value_floor
+    position = tl.load(position_ptr + srow)
+    stop = counted & (armed > 0.0) & (ready > 0.0) & (position >= min_tokens) & (z > beta * tl.maximum(value, value_floor))
+    tl.store(z_ptr + srow, tl.where(counted, z, z_old))
+    tl.store(sum_g_ptr + srow, tl.load(sum_g_ptr + srow) + g)
+    tl.store(sum_g2_ptr + srow, tl.load(sum_g2_ptr + srow) + g * g)
+    tl.store(count_ptr + srow, tl.load(count_ptr + srow) + counted.to(tl.int32))
+    tl.store(position_ptr + srow, position + live.to(tl.int32))
+    tl.store(stopped_ptr + srow, stopped | stop)
+    tl.store(stop_ptr + row, stopped | stop)
 
 
 def _pointer_and_scalar(value, dummy):
@@ -319,9 +322,10 @@ def _pointer_and_scalar(value, dummy):
     return dummy, value, False
 
 
-def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None, values=None, stopper_rows=None):
+def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
     """Launch the two kernels. Per-row arguments are Python numbers or [B] tensors on the logits' device
-    (float32 temperature/top_p, int64 top_k/seed/offset), already validated by ``espo.sample``."""
+    (float32 temperature/top_p, int64 top_k/seed/offset), already validated by ``espo.sample``; ``stop`` is an
+    ``espo.stopper.StopState`` or None. Returns the ``SampleOutput`` fields as a dict."""
     import torch
 
     B, V = logits.shape
@@ -355,25 +359,24 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stopper=None,
         TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
     )
     args = [_pointer_and_scalar(v, dummy) for v in (top_k, top_p, seed, offset)]
-    if stopper is not None:
-        cfg = stopper.config
-        r = stopper.rows
-        state = [r["z"], r["sum_g"], r["sum_g2"], r["count"], r["position"], r["stopped"], stopper.scalars]
-        state.append(dummy if stopper_rows is None else stopper_rows)
-        stop = torch.empty(B, dtype=torch.bool, device=dev)
-        params = [cfg.alpha_s, 1.0 - cfg.alpha_s, cfg.clip, cfg.delta, cfg.value_floor, cfg.min_tokens]
+    if stop is not None:
+        state = [stop.z, stop.sum_g, stop.sum_g2, stop.count, stop.position, stop.stopped, stop.scalars]
+        state.append(dummy if stop.rows is None else stop.rows)
+        stop_mask = torch.empty(B, dtype=torch.bool, device=dev)
+        params = [stop.alpha_s, 1.0 - stop.alpha_s, stop.clip, stop.delta, stop.value_floor, stop.min_tokens]
+        values = stop.values
     else:
-        state, stop, params = [dummy] * 8, dummy, [0.0, 0.0, 0.0, 0.0, 0.0, 0]
+        state, stop_mask, params, values = [dummy] * 8, dummy, [0.0, 0.0, 0.0, 0.0, 0.0, 0], None
     _finish_kernel[(B,)](
         logits, logits.stride(0), V, C, parts, qsum, argmax, B * C,
         temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2], *args[2][:2], *args[3][:2],
         out["tokens"], out["logprobs"], out["raw_logprobs"], out["entropy"], out["max_logprob"], out["regret"],
-        out["valid"], *state, dummy if values is None else values, stop, *params,
+        out["valid"], *state, dummy if values is None else values, stop_mask, *params,
         CHUNK=chunk, C_BLOCK=triton.next_power_of_2(C), ROW_BLOCK=min(4096, triton.next_power_of_2(V)),
         TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
         SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],
-        NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy, FILTER=filtered, STOPPER=stopper is not None, HAS_VALUES=values is not None,
-        HAS_STOPPER_ROWS=stopper_rows is not None, TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
+        NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy, FILTER=filtered, STOPPER=stop is not None, HAS_VALUES=values is not None,
+        HAS_STOPPER_ROWS=stop is not None and stop.rows is not None, TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
     )
-    out["stop"] = stop if stopper is not None else None
+    out["stop"] = stop_mask if stop is not None else None
     return out

@@ -21,9 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from espo.backends import load_triton_kernels  # noqa: E402
-
-K = load_triton_kernels()
+import espo.kernels.sample as K  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 TWO_S = float(2**40)
 

@@ -1,4 +1,4 @@
-"""The CUDA sources on the host, no GPU needed: csrc/philox.cuh against espo.rng bit for bit, and the
+"""The CUDA sources on the host, no GPU needed: csrc/philox.cuh against espo.philox bit for bit, and the
 chunking rule and integer-mass shift of csrc/sample.cuh against the reference's and the Triton backend's.
 
 A tiny C++ program includes the headers (which must need neither CUDA nor torch headers), is compiled with
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from espo.rng import uniform
+from espo.philox import uniform
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -89,7 +89,7 @@ def _ask(exe, lines):
     return proc.stdout.split("\n")[: len(lines)]
 
 
-# Random123's known-answer vectors for philox4x32-10 (as in tests/test_rng.py).
+# Random123's known-answer vectors for philox4x32-10 (as in tests/test_philox.py).
 KAT = [
     ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
@@ -123,9 +123,9 @@ def test_cuda_philox_uniform_equals_espo_rng_bit_for_bit(host_program):
 
 def _triton_chunk_size():
     try:
-        from espo.backends import load_triton_kernels
+        from espo.kernels.sample import chunk_size
 
-        return load_triton_kernels().chunk_size
+        return chunk_size
     except ImportError:
         return None
 
@@ -145,7 +145,7 @@ def test_cuda_chunk_size_equals_triton(host_program):
 
 
 def test_cuda_mass_shift_equals_reference(host_program):
-    from espo.reference import chunk_size, mass_shift
+    from espo.sample_reference import chunk_size, mass_shift
 
     vocab = list(range(1, 3000)) + [4099, 32000, 151936, 2**21, 2**22 - 1, 2**22, 2**22 + 1, 10**7, 2**31 - 4097]
     shifts = _ask(host_program, [f"s {v}" for v in vocab])

@@ -1,4 +1,4 @@
-"""The exact integer sampling rule of espo.reference (read its module docstring).
+"""The exact integer sampling rule of espo.sample_reference (read its module docstring).
 
 * The reference against a slow, independent transcription of the rule (numpy float32 scalars for every
   rounded step, Python integers for every sum), token for token.
@@ -15,8 +15,8 @@ import torch
 from conftest import backend_device_pairs
 
 import espo
-from espo.reference import _draw_chunked, base2_logits, chunk_size, integer_masses, mass_shift
-from espo.rng import uniform
+from espo.sample_reference import _draw_chunked, base2_logits, chunk_size, integer_masses, mass_shift
+from espo.philox import uniform
 
 LOG2E_F32 = np.float32(math.log2(math.e))
 TRITON_CPU = [p for p in backend_device_pairs() if p.values == ("triton", "cpu")]
@@ -118,9 +118,8 @@ def _case(g: np.random.Generator, V: int) -> np.ndarray:
 
 
 def test_rule_constants_match_the_kernels():
-    from espo.backends import load_triton_kernels
+    import espo.kernels.sample as kernels
 
-    kernels = load_triton_kernels()
     for V in list(range(1, 3000)) + [4099, 32000, 151936, 2**22 - 1, 2**22, 2**31 - 1]:
         assert chunk_size(V) == _chunk(V) == kernels.chunk_size(V), V
         assert mass_shift(V) == _shift(V) == kernels.mass_shift(V), V

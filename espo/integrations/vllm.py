@@ -45,7 +45,7 @@ import torch
 
 from ..backends import backends
 from ..sampling import sample
-from ..stopper import BETA, MEAN, READY, VAR, EarlyStopper, ESPOConfig
+from ..stopper import EarlyStopper, ESPOConfig
 
 try:
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -361,8 +361,7 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
         self.stopper.arm(self.settings.armed)
         if self.settings.state is not None:
             st = self.settings.state
-            self.stopper.scalars[MEAN], self.stopper.scalars[VAR] = float(st["mean"]), float(st["var"])
-            self.stopper.scalars[BETA], self.stopper.scalars[READY] = float(st["beta"]), 1.0
+            self.stopper.set_statistics(st["mean"], st["var"], st["beta"])
         self.free_rows = list(range(2 * self.slots_max - 1, -1, -1))
         self.slots: dict[int, _Request] = {}
         self.parked: OrderedDict[str, _Request] = OrderedDict()  # left the batch unfinished (preempted)

@@ -25,7 +25,6 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
 from espo.integrations import vllm as ev  # noqa: E402
-from espo.stopper import BETA, MEAN, READY, VAR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS = 1
@@ -85,9 +84,7 @@ def reference(model_dirs):
     dec = espo.Decoder(model_dirs[0], max_batch=4, max_seq_len=128)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), batch_size=4)
     stopper.arm()
-    stopper.scalars[MEAN], stopper.scalars[VAR], stopper.scalars[BETA], stopper.scalars[READY] = (
-        STATE["mean"], STATE["var"], STATE["beta"], 1.0,
-    )
+    stopper.set_statistics(STATE["mean"], STATE["var"], STATE["beta"])
     rollouts = dec.generate(
         PROMPTS, n=N, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, rollout_seeds=_seeds(), stopper=stopper,
         eos_token_id=EOS, prompt_values=[0.0 if v is None else v for v in VALUES],  # 0.0: below the floor

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import available_backends
 
-from espo.rng import philox4x32, uniform
+from espo.philox import philox4x32, uniform
 
 # Random123's known-answer vectors for philox4x32-10: (key, counter, expected output).
 KAT = [
@@ -39,9 +39,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from espo.backends import load_triton_kernels
-
-    philox_uniform = load_triton_kernels().philox_uniform
+    from espo.kernels.philox import philox_uniform
 
     @triton.jit
     def _draw(seed_ptr, offset_ptr, out_ptr, N: tl.constexpr):

@@ -36,7 +36,7 @@ operation rounded to nearest (never contracted into an FMA), ``trunc`` converts 
 2. Chunk masses in global units: ``R = max_c r_c``, ``W_c = (sum_{i in c} q_i) >> min(R - r_c, 63)``.
    Integer sums are exact in any order, and ``Z = sum_c W_c < 2**62``.
 3. Target: ``target = trunc(double(u) * double(Z))`` (one IEEE float64 multiply; the int64 -> float64
-   conversion rounds to nearest), with ``u`` the row's float32 uniform from ``espo.rng.uniform(seed,
+   conversion rounds to nearest), with ``u`` the row's float32 uniform from ``espo.philox.uniform(seed,
    offset)``, so ``0 <= target < Z``.
 4. Token: the chunk is the first c whose inclusive cumulative sum of W exceeds the target; with ``t =
    target - (sum of W before c)``, the token is the first i of that chunk with ``(inclusive cumulative sum
@@ -65,7 +65,8 @@ from __future__ import annotations
 
 import torch
 
-from .rng import uniform
+from .philox import uniform
+from .stopper import StopState
 
 LOG2E_F32 = 1.44269502162933349609375  # float32(log2(e)), exactly
 _NEG_INF = float("-inf")
@@ -225,36 +226,27 @@ def sample_reference(
     return out
 
 
-def stop_update_reference(
-    regret: torch.Tensor,
-    valid: torch.Tensor,
-    values: torch.Tensor | None,
-    rows: dict[str, torch.Tensor],
-    scalars: torch.Tensor,
-    *,
-    alpha_s: float,
-    clip: float,
-    delta: float,
-    value_floor: float,
-    min_tokens: int,
-) -> torch.Tensor:
+def stop_update_reference(regret: torch.Tensor, valid: torch.Tensor, state: StopState) -> torch.Tensor:
     """One ESPO step on the stop state, in place; returns the stop mask [B].
 
-    ``rows`` holds the per-row state (z, sum_g, sum_g2, count, position, stopped); ``scalars`` is the
-    float32 vector (mean, var, beta, armed, ready) of ``espo.EarlyStopper``. A stopped row changes no
-    more; an invalid row's step is not counted but still advances its position.
+    ``regret`` and ``valid`` [B] are the sampled rows'; logits row i updates stopper row ``state.rows[i]``
+    (row i when ``rows`` is None). A stopped row changes no more; an invalid row's step is not counted but
+    still advances its position.
     """
-    mean, var, beta, armed, ready = scalars.unbind()
+    fields = ("z", "sum_g", "sum_g2", "count", "position", "stopped")
+    rows = {k: getattr(state, k) if state.rows is None else getattr(state, k)[state.rows] for k in fields}
+    mean, var, beta, armed, ready = state.scalars.unbind()
     live = ~rows["stopped"]
     counted = live & valid
     g = torch.where(counted, regret, torch.zeros_like(regret))
-    g_norm = ((g - mean) / torch.sqrt(var + delta)).clamp(-clip, clip)
-    z = alpha_s * rows["z"] + (1.0 - alpha_s) * g_norm
+    g_norm = ((g - mean) / torch.sqrt(var + state.delta)).clamp(-state.clip, state.clip)
+    z = state.alpha_s * rows["z"] + (1.0 - state.alpha_s) * g_norm
     t = rows["position"]
-    v = torch.full_like(regret, value_floor) if values is None else values.float()
-    v = torch.where(torch.isfinite(v), v, torch.full_like(v, value_floor))  # an unknown value counts as the floor
-    threshold = beta * torch.clamp(v, min=value_floor)
-    stop = counted & (armed > 0) & (ready > 0) & (t >= min_tokens) & (z > threshold)
+    floor = state.value_floor
+    v = torch.full_like(regret, floor) if state.values is None else state.values.float()
+    v = torch.where(torch.isfinite(v), v, torch.full_like(v, floor))  # an unknown value counts as the floor
+    threshold = beta * torch.clamp(v, min=floor)
+    stop = counted & (armed > 0) & (ready > 0) & (t >= state.min_tokens) & (z > threshold)
 
     rows["z"].copy_(torch.where(counted, z, rows["z"]))
     rows["sum_g"].add_(g)
@@ -262,4 +254,32 @@ def stop_update_reference(
     rows["count"].add_(counted.to(rows["count"].dtype))
     rows["position"].add_(live.to(rows["position"].dtype))
     rows["stopped"].logical_or_(stop)
+    if state.rows is not None:
+        for k, v in rows.items():
+            getattr(state, k)[state.rows] = v
     return rows["stopped"].clone()
+
+
+def sample_torch(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor,
+    top_p: float | torch.Tensor,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor,
+    stop: StopState | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """The "torch" backend: the reference under the backends' contract (that of ``espo.kernels.sample.sample_triton``
+    and ``espo.sample_cuda.sample_cuda``). Per-row arguments are Python numbers or [B] tensors on the logits'
+    device, already validated by ``espo.sample``; returns the ``SampleOutput`` fields as a dict."""
+    B, device = logits.shape[0], logits.device
+
+    def per_row(value, dtype):
+        return value if isinstance(value, torch.Tensor) else torch.full((B,), value, dtype=dtype, device=device)
+
+    out = sample_reference(
+        logits, per_row(temperature, torch.float32), per_row(top_k, torch.int64), per_row(top_p, torch.float32),
+        per_row(seed, torch.int64), per_row(offset, torch.int64),
+    )
+    out["stop"] = None if stop is None else stop_update_reference(out["regret"], out["valid"], stop)
+    return out

@@ -1,11 +1,12 @@
 """The "cuda" backend: the compiled kernels of ``espo._C`` (csrc/), called through ``torch.ops.espo``.
 
-Same contract as ``espo.kernels.sample.sample_triton``: per-row arguments are Python numbers or [B]
-tensors on the logits' device (float32 temperature/top_p, int64 top_k/seed/offset), already validated by
-``espo.sample``; the result is the dict of ``SampleOutput`` fields. The same Philox stream, chunking rule
-and exact integer sampling rule (``espo.reference``) as the Triton backend, with the same ex2.approx
-instruction, so both return the same tokens for the same inputs, bit for bit. Works under torch.compile (the ops have meta implementations and declare the
-stop state they update in place) and under CUDA graph capture (no host sync, no allocation outside
+Same contract as ``espo.kernels.sample.sample_triton`` and ``espo.sample_reference.sample_torch``: per-row
+arguments are Python numbers or [B] tensors on the logits' device (float32 temperature/top_p, int64
+top_k/seed/offset), already validated by ``espo.sample``; the stop state is an ``espo.stopper.StopState``; the
+result is the dict of ``SampleOutput`` fields. The same Philox stream, chunking rule and exact integer sampling
+rule (``espo.sample_reference``) as the Triton backend, with the same ex2.approx instruction, so both return the
+same tokens for the same inputs, bit for bit. Works under torch.compile (the ops have meta implementations and
+declare the stop state they update in place) and under CUDA graph capture (no host sync, no allocation outside
 torch's caching allocator).
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import importlib
 from functools import lru_cache
 
 import torch
+
+from .stopper import StopState
 
 _FIELDS = ("tokens", "logprobs", "raw_logprobs", "entropy", "max_logprob", "regret", "valid")
 
@@ -31,7 +34,7 @@ def _split(value, default):
     return None, value
 
 
-def sample_cuda(logits, temperature, top_k, top_p, seed, offset, stopper=None, values=None, stopper_rows=None):
+def sample_cuda(logits, temperature, top_k, top_p, seed, offset, stop: StopState | None = None):
     """Run the fused op; returns tokens, logprobs, raw_logprobs, entropy, max_logprob, regret, valid, stop."""
     load_extension()
     args = (
@@ -42,16 +45,14 @@ def sample_cuda(logits, temperature, top_k, top_p, seed, offset, stopper=None, v
         *_split(seed, 0),
         *_split(offset, 0),
     )
-    if stopper is None:
+    if stop is None:
         out = dict(zip(_FIELDS, torch.ops.espo.sample(*args)))
         out["stop"] = None
         return out
-    cfg, r = stopper.config, stopper.rows
     res = torch.ops.espo.sample_stop(
         *args,
-        r["z"], r["sum_g"], r["sum_g2"], r["count"], r["position"], r["stopped"], stopper.scalars,
-        stopper_rows, values,
-        float(cfg.alpha_s), float(cfg.clip), float(cfg.delta), float(cfg.value_floor), int(cfg.min_tokens),
+        stop.z, stop.sum_g, stop.sum_g2, stop.count, stop.position, stop.stopped, stop.scalars, stop.rows, stop.values,
+        stop.alpha_s, stop.clip, stop.delta, stop.value_floor, stop.min_tokens,
     )
     out = dict(zip(_FIELDS, res[:7]))
     out["stop"] = res[7]
