@@ -73,13 +73,13 @@ class ScheduledStops(Decoder):
 
     schedule: np.ndarray | None = None
 
-    def _finished(self, run, slots, code):
+    def _endings(self, run, slots, code):
         if self.schedule is not None:
-            rids = run.slot_rid[slots]
+            rids = self.slots.rollout[slots]
             stop_at = self.schedule[rids]
             hit = (stop_at > 0) & (run.gen[rids] >= stop_at)
             code = code | np.where(hit, _STOP, 0).astype(code.dtype)
-        return super()._finished(run, slots, code)
+        return super()._endings(run, slots, code)
 
 
 def sync(device):

@@ -16,7 +16,8 @@ import argparse
 import torch
 
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
-from espo.tasks import builtin_model_path, load_model, success_rate, task_from_checkpoint  # noqa: E402
+from espo.models import builtin_model_path, load_model  # noqa: E402
+from espo.tasks import success_rate, task_from_checkpoint  # noqa: E402
 
 
 @torch.no_grad()

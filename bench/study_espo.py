@@ -30,7 +30,7 @@ import torch
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 from espo.demo import DEMO, DEMO_ESPO, PAIRS, accuracy_points, finish_axes, run_demo, savings  # noqa: E402
 from espo.stopper import ESPOConfig  # noqa: E402
-from espo.tasks import checkpoint_card  # noqa: E402
+from espo.models import checkpoint_card  # noqa: E402
 from espo.trainer import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

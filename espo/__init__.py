@@ -3,7 +3,9 @@ from .allocator import CeroAllocator
 from .backends import BackendInfo, backends
 from .decoder import Decoder, Rollout, Rollouts, rollout_seed
 from .sampling import SampleOutput, sample
-from .tasks import ChainArithmetic, CharTokenizer, Problem, Task, TaskError, load_builtin, load_model, score
+from .models import load_builtin, load_model
+from .tasks import ChainArithmetic, Problem, Task, TaskError, score
+from .tokenizer import CharTokenizer
 from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
 from .trainer import TrainConfig, TrainResult, train
 from .value_head import Critic, ValueHead

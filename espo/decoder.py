@@ -29,9 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import is_integer, is_real
 from .forward import DecodeRows, PrefillRows, TransformerForward, check_family
 from .kv_cache import KVCache, resolve_attention
+from .models import load_causal_lm
 from .sampling import sample
+from .slots import Slots
 from .stopper import EarlyStopper
 from .value_head import Critic, ValueHead, check_value_source, prompt_values_tensor
 
@@ -219,7 +222,7 @@ class Decoder:
         progress: bool = False,
     ):
         for name, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            if not is_integer(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a generated one), got {max_seq_len}")
@@ -275,16 +278,7 @@ class Decoder:
             raise torch.OutOfMemoryError(_oom_message("cache", self.max_batch, self.max_seq_len, self.prefill_tokens)) from err
         self.vocab_size = self.policy.vocab_size
         S, dev = self.max_batch, self.device
-        # Per-slot decode state (slot i holds the i-th live rollout): persistent buffers that CUDA graphs read.
-        self._tok = torch.zeros(S, dtype=torch.int64, device=dev)  # the token to feed next
-        self._seqlen = torch.zeros(S, dtype=torch.int64, device=dev)  # cached tokens = the next token's position
-        self._seqlen32 = torch.zeros(S, dtype=torch.int32, device=dev)
-        self._seed = torch.zeros(S, dtype=torch.int64, device=dev)
-        self._gen = torch.zeros(S, dtype=torch.int64, device=dev)  # tokens generated = the next draw's offset
-        self._rid = torch.zeros(S, dtype=torch.int64, device=dev)
-        self._srow = torch.zeros(S, dtype=torch.int64, device=dev)  # the slot's EarlyStopper row
-        self._pval = torch.zeros(S, dtype=torch.float32, device=dev)  # constant value per prompt
-        self._state = (self._tok, self._seqlen, self._seqlen32, self._seed, self._gen, self._rid, self._srow, self._pval)
+        self.slots = Slots(S, dev)
         self._arange = torch.arange(max(self.max_seq_len, S), device=dev)
         self.cuda_graphs = bool(cuda_graphs) and dev.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
@@ -295,11 +289,9 @@ class Decoder:
 
     @staticmethod
     def _load(path, dtype):
-        from transformers import AutoModelForCausalLM
-
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no checkpoint directory at {path!r} (the decoder loads local checkpoints only)")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
+        return load_causal_lm(path, dtype=dtype)
 
     def _to(self, module: nn.Module) -> None:
         p = next(module.parameters())
@@ -352,11 +344,11 @@ class Decoder:
         return logits, values
 
     def _decode_rows(self, b: int, length: int) -> DecodeRows:
-        return DecodeRows(self._seqlen[:b], self._seqlen32[:b], self._arange[:b], length, self._arange)
+        return DecodeRows(self.slots.seqlen[:b], self.slots.seqlen32[:b], self._arange[:b], length, self._arange)
 
     def _decode_forward(self, b: int, length: int):
         """Logits [b, V] and values [b] (or None) of slots 0..b-1, eager."""
-        return self._forward(self._tok[:b], self._seqlen[:b], decode=self._decode_rows(b, length))
+        return self._forward(self.slots.tok[:b], self.slots.seqlen[:b], decode=self._decode_rows(b, length))
 
     def _decode_graphed(self, b: int, length: int):
         key = (b, length if self.attention == "sdpa" else 0)
@@ -434,9 +426,11 @@ class Decoder:
         e.g. to continue a stopped rollout past its stop.
         """
         t0 = time.perf_counter()
-        run = self._plan(
+        request = self._request(
             prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values, rollout_seeds
         )
+        run = _Run.of(request, self.max_seq_len)
+        self.slots.reset()
         show = self.progress if progress is None else progress
         bar = None
         if show:
@@ -452,16 +446,17 @@ class Decoder:
             torch.cuda.synchronize(self.device)
         return self._collect(run, time.perf_counter() - t0)
 
-    def _plan(
+    def _request(
         self, prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values, rollout_seeds
-    ):
+    ) -> "_Request":
+        """``generate``'s arguments checked, each error naming what was wrong and how to fix it."""
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
             prompts = list(prompts)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
             raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
         plist = [_as_prompt(p, i, self.vocab_size, self.max_seq_len) for i, p in enumerate(prompts)]
         P = len(plist)
-        if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+        if is_integer(n):
             counts = [int(n)] * P
         elif isinstance(n, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(n, str):
             counts = [c for c in (n.tolist() if hasattr(n, "tolist") else list(n))]
@@ -470,17 +465,17 @@ class Decoder:
         else:
             raise TypeError(f"n must be an int or a list of ints, got {type(n).__name__}")
         for i, c in enumerate(counts):
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+            if not is_integer(c) or c < 1:
                 raise ValueError(f"n must be >= 1 for every prompt; got n={c!r} for prompt {i}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (temperature >= 0 and np.isfinite(temperature)):
+        if not is_real(temperature) or not (temperature >= 0 and np.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite float >= 0 (0 is greedy), got {temperature!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        if not is_integer(top_k) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        if not is_real(top_p) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {top_p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not is_integer(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if stopper is not None:
             if not isinstance(stopper, EarlyStopper):
@@ -502,85 +497,62 @@ class Decoder:
                 eos_token_id = getattr(self.model.config, "eos_token_id", None)
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
         for e in eos:
-            if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0:
+            if not is_integer(e) or e < 0:
                 raise ValueError(f"eos_token_id must be token ids >= 0, got {eos_token_id!r}")
         pvals = None
         if prompt_values is not None:
             if self.value_source is not None:
                 raise ValueError("prompt_values and the decoder's value_source are two value sources: give one")
             pvals = prompt_values_tensor(prompt_values, P)
-        run = _Run()
-        run.prompts, run.counts = plist, counts
-        run.R = R = sum(counts)
-        run.prompt_of = np.repeat(np.arange(P, dtype=np.int64), counts)
-        run.sample_of = np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if P else np.zeros(0, np.int64)
-        plen = np.array([len(p) for p in plist], dtype=np.int64)
-        run.plen = plen
-        run.limit = np.minimum(max_new_tokens, self.max_seq_len - plen[run.prompt_of]) if R else np.zeros(0, np.int64)
+        R = sum(counts)
         if rollout_seeds is None:
-            run.seeds = [rollout_seed(seed, r) for r in range(R)]
+            seeds = [rollout_seed(seed, r) for r in range(R)]
         else:
-            run.seeds = [int(s) for s in rollout_seeds]
-            if len(run.seeds) != R or not all(-(2**63) <= s < 2**63 for s in run.seeds):
-                raise ValueError(f"rollout_seeds must hold one int64 per rollout ({R}), got {len(run.seeds)} values")
-        run.seed = int(seed)
-        run.gen = np.zeros(R, dtype=np.int64)
-        run.length = np.zeros(R, dtype=np.int64)
-        run.reason = [""] * R
-        run.pending = deque(range(R))
-        run.temperature, run.top_k, run.top_p = float(temperature), int(top_k), float(top_p)
-        run.stopper = stopper
-        run.eos = torch.tensor(eos, dtype=torch.int64, device=self.device) if eos else None
-        run.pvals = pvals
-        run.has_values = self.value_source is not None or pvals is not None
-        S = self.max_batch
-        run.live = np.zeros(S, dtype=bool)
-        run.slot_rid = np.full(S, -1, dtype=np.int64)
-        run.slot_seqlen = np.zeros(S, dtype=np.int64)
-        run.slot_srow = np.full(S, -1, dtype=np.int64)
-        run.free_srows = list(range(S - 1, -1, -1))
-        return run
+            seeds = [int(s) for s in rollout_seeds]
+            if len(seeds) != R or not all(-(2**63) <= s < 2**63 for s in seeds):
+                raise ValueError(f"rollout_seeds must hold one int64 per rollout ({R}), got {len(seeds)} values")
+        return _Request(
+            prompts=plist, counts=counts, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+            top_k=int(top_k), top_p=float(top_p), seed=int(seed), seeds=seeds, stopper=stopper,
+            eos=torch.tensor(eos, dtype=torch.int64, device=self.device) if eos else None, prompt_values=pvals,
+            has_values=self.value_source is not None or pvals is not None,
+        )
 
     def _run(self, run: "_Run", bar) -> None:
-        where = "prefill"
+        where, slots = "prefill", self.slots
         try:
-            while run.pending or run.live.any():
+            while run.pending or slots.live.any():
                 # Eager steps take refills into the decode step's own forward; the graphed step's shapes are
                 # fixed, so with CUDA graphs (and when no rollout is live) refills get a forward of their own.
-                if self.cuda_graphs or not run.live.any():
-                    while run.pending and not run.live.all():
+                if self.cuda_graphs or not slots.live.any():
+                    while run.pending and not slots.live.all():
                         where = "prefill"
-                        self._finish(run, self._admit(run), bar)
-                    if not run.live.any():
+                        self._release(self._admit(run), bar)
+                    if not slots.live.any():
                         continue
-                self._compact(run)
+                slots.compact([m.cache for m in (self.policy, self.critic) if m is not None])
                 where = "decode"
-                self._finish(run, self._step(run), bar)
+                self._release(self._step(run), bar)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(_oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)) from err
 
     def _sample(self, run: "_Run", logits, values, idx):
-        """Draw for the slots ``idx`` (a slice or an index tensor); record; return the host finish codes."""
-        seed, offset, srow, rid = self._seed[idx], self._gen[idx], self._srow[idx], self._rid[idx]
-        if values is None and run.pvals is not None:
-            values = self._pval[idx]
-        stopper = run.stopper
+        """Draw for the slots ``idx`` (a slice or an index tensor); record; return the tokens and host finish codes."""
+        slots, req = self.slots, run.request
+        if values is None and req.prompt_values is not None:
+            values = slots.pval[idx]
+        stopper = req.stopper
         out = sample(
-            logits, temperature=run.temperature, top_k=run.top_k, top_p=run.top_p, seed=seed, offset=offset,
-            stopper=stopper, values=values if stopper is not None else None,
-            stopper_rows=srow if stopper is not None else None, validate=False,
+            logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=slots.seed[idx],
+            offset=slots.gen[idx], stopper=stopper, values=values if stopper is not None else None,
+            stopper_rows=slots.srow[idx] if stopper is not None else None, validate=False,
         )
         vals = values if values is not None else torch.zeros_like(out.logprobs)
-        run.records.append(
-            torch.stack(
-                [rid.double(), out.tokens.double(), out.logprobs.double(), out.raw_logprobs.double(),
-                 out.entropy.double(), out.regret.double(), vals.double()],
-                dim=1,
-            )
-        )
+        columns = (slots.rid[idx], out.tokens, out.logprobs, out.raw_logprobs, out.entropy, out.regret, vals)
+        run.records.append(torch.stack([c.double() for c in columns], dim=1))  # in RECORD_COLUMNS order
         code = (~out.valid).to(torch.uint8) * _INVALID
-        if run.eos is not None:
-            code |= torch.isin(out.tokens, run.eos).to(torch.uint8) * _EOS
+        if req.eos is not None:
+            code |= torch.isin(out.tokens, req.eos).to(torch.uint8) * _EOS
         if out.stop is not None:
             code |= out.stop.to(torch.uint8) * _STOP
         return out.tokens, code
@@ -588,7 +560,7 @@ class Decoder:
     def _take_pending(self, run: "_Run", holes: np.ndarray) -> "_Admission | None":
         """Give pending rollouts the first of the free slots ``holes`` (one packed prefill, within prefill_tokens).
 
-        Sets the slots' device state (prompt length, offset 0, seed, stopper row, value) for their first draw.
+        Sets the slots' state (prompt length, offset 0, seed, stopper row, value) for their first draw.
         """
         rids, uniq, budget = [], {}, 0
         for _ in holes:
@@ -609,62 +581,53 @@ class Decoder:
         uprompts = list(uniq)
         lens = run.plen[uprompts]
         offs = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        ids = np.concatenate([np.asarray(run.prompts[p], dtype=np.int64) for p in uprompts])
+        ids = np.concatenate([np.asarray(run.request.prompts[p], dtype=np.int64) for p in uprompts])
         positions = np.concatenate([np.arange(L, dtype=np.int64) for L in lens])
         ui = np.array([uniq[int(run.prompt_of[r])] for r in rids], dtype=np.int64)
         dst_slots = np.repeat(slots, lens[ui])
         dst_pos = np.concatenate([np.arange(lens[u], dtype=np.int64) for u in ui])
         src_idx = np.concatenate([offs[u] + np.arange(lens[u], dtype=np.int64) for u in ui])
         last_idx = offs + lens - 1
-        srows = np.array([run.free_srows.pop() for _ in range(k)], dtype=np.int64)
-        seeds = np.array([run.seeds[r] for r in rids], dtype=np.int64)
+        srows = self.slots.take_stopper_rows(k)
+        seeds = np.array([run.request.seeds[r] for r in rids], dtype=np.int64)
+        rid_arr = np.asarray(rids, dtype=np.int64)
         cu = np.concatenate([[0], np.cumsum(lens)])
-        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, srows, seeds,
-                 np.asarray(rids, dtype=np.int64), lens[ui], cu]
+        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, lens[ui], seeds, rid_arr, srows, cu]
         sizes = [len(a) for a in parts]
-        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
-        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, srow_t, seed_t, rid_t, len_t, cu_t) = torch.split(flat, sizes)
+        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)  # one transfer
+        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, *slot_rows, cu_t) = torch.split(flat, sizes)
 
-        self._seqlen[slots_t] = len_t
-        self._seqlen32[slots_t] = len_t.to(torch.int32)
-        self._gen[slots_t] = 0
-        self._seed[slots_t] = seed_t
-        self._rid[slots_t] = rid_t
-        self._srow[slots_t] = srow_t
-        if run.pvals is not None:
-            self._pval[slots_t] = run.pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
-        if run.stopper is not None:
+        pvals = run.request.prompt_values
+        values = None if pvals is None else pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
+        self.slots.admit(slots, rid_arr, lens[ui], srows, tuple(slot_rows), values)
+        if run.request.stopper is not None:
             mask = torch.zeros(self.max_batch, dtype=torch.bool)
             mask[torch.from_numpy(srows)] = True
-            run.stopper.reset_rows(mask.to(self.device))
+            run.request.stopper.reset_rows(mask.to(self.device))
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
         prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
-        return _Admission(rids, slots, srows, lens[ui], ids_t, pos_t, prefill, last_t, ui_t, slots_t)
+        return _Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slot_rows[0])
 
     def _admitted(self, run: "_Run", adm: "_Admission") -> None:
-        """Host bookkeeping once the admitted rollouts drew their first tokens."""
+        """The admitted rollouts drew their first tokens."""
         run.prefill_tokens += int(adm.ids.shape[0])
-        run.live[adm.slots] = True
-        run.slot_rid[adm.slots] = adm.rids
-        run.slot_seqlen[adm.slots] = adm.lens
-        run.slot_srow[adm.slots] = adm.srows
         run.gen[adm.rids] += 1
 
     def _admit(self, run: "_Run") -> np.ndarray:
         """Prefill pending rollouts into the lowest free slots in a forward of their own; draw their first tokens."""
-        adm = self._take_pending(run, np.flatnonzero(~run.live))
+        adm = self._take_pending(run, np.flatnonzero(~self.slots.live))
         logits, values = self._forward(adm.ids, adm.positions, prefill=adm.prefill, out_idx=adm.last_idx, select=adm.ui)
         tokens, code = self._sample(run, logits, values, adm.slots_t)
-        self._tok[adm.slots_t] = tokens.clamp_min(0)
-        self._gen[adm.slots_t] += 1
+        self.slots.advance(adm.slots_t, tokens, decoded=0)
         code = code.cpu().numpy()  # the one host sync of this prefill
         self._admitted(run, adm)
-        return self._finished(run, adm.slots, code)
+        return self._endings(run, adm.slots, code)
 
     def _step(self, run: "_Run") -> np.ndarray:
         """One decode step over the live slots 0..b-1; eager, it also prefills pending rollouts into slots b..b+k-1."""
-        b = int(run.live.sum())
-        need = int(run.slot_seqlen[:b].max()) + 1
+        slots = self.slots
+        b = slots.n_live
+        need = int(slots.length[:b].max()) + 1
         length = self._length_bucket(need)
         adm = None
         if not self.cuda_graphs and run.pending and b < self.max_batch:
@@ -679,31 +642,26 @@ class Decoder:
         else:  # one forward: the b decode tokens, then the admitted rollouts' packed prompts
             rows = self._arange[:b]
             logits, values = self._forward(
-                torch.cat([self._tok[:b], adm.ids]), torch.cat([self._seqlen[:b], adm.positions]),
+                torch.cat([slots.tok[:b], adm.ids]), torch.cat([slots.seqlen[:b], adm.positions]),
                 decode=self._decode_rows(b, length), prefill=adm.prefill,
                 out_idx=torch.cat([rows, b + adm.last_idx]), select=torch.cat([rows, b + adm.ui]),
             )
         n = b + (0 if adm is None else len(adm.rids))
         tokens, code = self._sample(run, logits, values, slice(0, n))
-        self._tok[:n] = tokens.clamp_min(0)
-        self._seqlen[:b] += 1
-        self._seqlen32[:b] += 1
-        self._gen[:n] += 1
+        slots.advance(slice(0, n), tokens, decoded=b)
         code = code.cpu().numpy()  # the one host sync of this step
         run.decode_steps += 1
-        run.slot_seqlen[:b] += 1
-        run.gen[run.slot_rid[:b]] += 1
+        run.gen[slots.rollout[:b]] += 1
         if adm is not None:
             self._admitted(run, adm)
-        return self._finished(run, np.arange(n), code)
+        return self._endings(run, np.arange(n), code)
 
-    @staticmethod
-    def _finished(run: "_Run", slots: np.ndarray, code: np.ndarray) -> np.ndarray:
-        """Record the reasons of the slots that ended; return those slots."""
-        rids = run.slot_rid[slots]
+    def _endings(self, run: "_Run", slots: np.ndarray, code: np.ndarray) -> np.ndarray:
+        """Record why the rollouts in ``slots`` ended, for those that did; return their slots."""
+        rids = self.slots.rollout[slots]
         at_limit = run.gen[rids] >= run.limit[rids]
         ended = (code != 0) | at_limit
-        for s, r, c, lim in zip(slots[ended], rids[ended], code[ended], at_limit[ended]):
+        for r, c in zip(rids[ended], code[ended]):
             if c & _STOP:
                 reason, length = "stopped", run.gen[r]
             elif c & _INVALID:
@@ -715,51 +673,21 @@ class Decoder:
             run.reason[r], run.length[r] = reason, length
         return slots[ended]
 
-    def _finish(self, run: "_Run", slots: np.ndarray, bar) -> None:
+    def _release(self, slots: np.ndarray, bar) -> None:
+        """Free the slots of rollouts that ended."""
         if len(slots) == 0:
             return
-        run.live[slots] = False
-        run.slot_rid[slots] = -1
-        run.slot_seqlen[slots] = 0
-        run.free_srows.extend(int(x) for x in run.slot_srow[slots])
-        run.slot_srow[slots] = -1
-        idx = torch.from_numpy(slots).to(self.device)
-        self._seqlen[idx] = 0  # padded rows of a graphed step then touch position 0 of a free slot only
-        self._seqlen32[idx] = 0
+        self.slots.free(slots)
         if bar is not None:
             bar.update(len(slots))
 
-    def _compact(self, run: "_Run") -> None:
-        """Move the live rollouts above the first hole down, so that the live slots are 0..n_live-1."""
-        n = int(run.live.sum())
-        src = np.flatnonzero(run.live[n:]) + n
-        if len(src) == 0:
-            return
-        dst = np.flatnonzero(~run.live[:n])
-        length = int(run.slot_seqlen[src].max())
-        pair = torch.from_numpy(np.concatenate([src, dst])).to(self.device)
-        src_t, dst_t = pair[: len(src)], pair[len(src) :]
-        for model in (self.policy, self.critic):
-            if model is not None:
-                model.cache.move(src_t, dst_t, length)
-        for buf in self._state:
-            buf[dst_t] = buf[src_t]
-        self._seqlen[src_t] = 0
-        self._seqlen32[src_t] = 0
-        for arr in (run.live, run.slot_rid, run.slot_seqlen, run.slot_srow):
-            arr[dst] = arr[src]
-        run.live[src] = False
-        run.slot_rid[src], run.slot_seqlen[src], run.slot_srow[src] = -1, 0, -1
-        run.moves += len(src)
-
     def _collect(self, run: "_Run", elapsed: float) -> Rollouts:
-        if run.records:
-            rec = torch.cat(run.records).cpu().numpy()
-        else:
-            rec = np.zeros((0, 7))
-        order = np.argsort(rec[:, 0], kind="stable")
+        rec = torch.cat(run.records).cpu().numpy() if run.records else np.zeros((0, len(RECORD_COLUMNS)))
+        rid, token, logprob, raw_logprob, entropy, regret, value = range(len(RECORD_COLUMNS))
+        order = np.argsort(rec[:, rid], kind="stable")
         rec = rec[order]
-        starts = np.searchsorted(rec[:, 0], np.arange(run.R))
+        starts = np.searchsorted(rec[:, rid], np.arange(run.R))
+        req = run.request
         out, counts = [], {k: 0 for k in FINISH_REASONS}
         for r in range(run.R):
             L = int(run.length[r])
@@ -769,15 +697,87 @@ class Decoder:
             out.append(
                 Rollout(
                     rollout_id=r, prompt_index=int(run.prompt_of[r]), sample_index=int(run.sample_of[r]),
-                    seed=run.seeds[r], tokens=torch.from_numpy(block[:, 1].astype(np.int64)), logprobs=f32(2),
-                    raw_logprobs=f32(3), entropy=f32(4), regret=f32(5), values=f32(6) if run.has_values else None,
-                    finish_reason=run.reason[r], length=L,
+                    seed=req.seeds[r], tokens=torch.from_numpy(block[:, token].astype(np.int64)),
+                    logprobs=f32(logprob), raw_logprobs=f32(raw_logprob), entropy=f32(entropy), regret=f32(regret),
+                    values=f32(value) if req.has_values else None, finish_reason=run.reason[r], length=L,
                 )
             )
         return Rollouts(
-            rollouts=out, prompts=run.prompts, tokens_generated=int(run.length.sum()), decode_steps=run.decode_steps,
-            prefill_tokens=run.prefill_tokens, time_s=elapsed, seed=run.seed, finish_counts=counts,
-            slot_moves=run.moves,
+            rollouts=out, prompts=req.prompts, tokens_generated=int(run.length.sum()), decode_steps=run.decode_steps,
+            prefill_tokens=run.prefill_tokens, time_s=elapsed, seed=req.seed, finish_counts=counts,
+            slot_moves=self.slots.moves,
+        )
+
+
+# One row per drawn token, in this column order.
+RECORD_COLUMNS = ("rollout_id", "token", "logprob", "raw_logprob", "entropy", "regret", "value")
+
+
+@dataclass
+class _Request:
+    """``generate``'s inputs, checked.
+
+    prompts: P token-id lists; counts: rollouts per prompt [P]; seeds: each rollout's sampling seed [R];
+    eos: the EOS ids on the device, or None; prompt_values: [P] constant values, or None; has_values: the
+    rollouts carry values (from the decoder's value source or ``prompt_values``).
+    """
+
+    prompts: list[list[int]]
+    counts: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    seeds: list[int]
+    stopper: EarlyStopper | None
+    eos: torch.Tensor | None
+    prompt_values: torch.Tensor | None
+    has_values: bool
+
+
+@dataclass
+class _Run:
+    """The host-side progress of one generate call, per rollout [R] (ids in prompt-major order).
+
+    prompt_of, sample_of: each rollout's prompt and its index among that prompt's rollouts; plen: prompt
+    lengths [P]; limit: the most tokens each may generate; gen: tokens generated so far; length, reason:
+    set when it ends; pending: rollouts not yet admitted; records: [tokens, len(RECORD_COLUMNS)] blocks.
+    """
+
+    request: _Request
+    prompt_of: np.ndarray
+    sample_of: np.ndarray
+    plen: np.ndarray
+    limit: np.ndarray
+    gen: np.ndarray
+    length: np.ndarray
+    reason: list[str]
+    pending: deque
+    records: list[torch.Tensor] = field(default_factory=list)
+    decode_steps: int = 0
+    prefill_tokens: int = 0
+
+    @property
+    def R(self) -> int:
+        return len(self.reason)
+
+    @classmethod
+    def of(cls, request: _Request, max_seq_len: int) -> "_Run":
+        counts = request.counts
+        R, P = sum(counts), len(counts)
+        prompt_of = np.repeat(np.arange(P, dtype=np.int64), counts)
+        plen = np.array([len(p) for p in request.prompts], dtype=np.int64)
+        return cls(
+            request=request,
+            prompt_of=prompt_of,
+            sample_of=np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if P else np.zeros(0, np.int64),
+            plen=plen,
+            limit=np.minimum(request.max_new_tokens, max_seq_len - plen[prompt_of]) if R else np.zeros(0, np.int64),
+            gen=np.zeros(R, dtype=np.int64),
+            length=np.zeros(R, dtype=np.int64),
+            reason=[""] * R,
+            pending=deque(range(R)),
         )
 
 
@@ -785,28 +785,16 @@ class Decoder:
 class _Admission:
     """Pending rollouts given free slots: their packed prompts (each prompt once) and where each one's K/V go.
 
-    rids, slots, srows, lens [k]: the rollouts, their slots, stopper rows and prompt lengths (host);
-    ids, positions [N]: the packed prompt tokens; last_idx [U]: each prompt's last token in them;
-    ui [k]: each rollout's prompt among the U; slots_t [k]: the slots on the device.
+    rids, slots [k]: the rollouts and their slots (host); ids, positions [N]: the packed prompt tokens;
+    last_idx [U]: each prompt's last token in them; ui [k]: each rollout's prompt among the U; slots_t [k]:
+    the slots on the device.
     """
 
-    rids: list[int]
+    rids: np.ndarray
     slots: np.ndarray
-    srows: np.ndarray
-    lens: np.ndarray
     ids: torch.Tensor
     positions: torch.Tensor
     prefill: PrefillRows
     last_idx: torch.Tensor
     ui: torch.Tensor
     slots_t: torch.Tensor
-
-
-class _Run:
-    """The host-side state of one generate call."""
-
-    def __init__(self) -> None:
-        self.records: list[torch.Tensor] = []
-        self.decode_steps = 0
-        self.prefill_tokens = 0
-        self.moves = 0

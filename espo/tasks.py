@@ -1,4 +1,4 @@
-"""Verifiable tasks, a character-level tokenizer, and the tiny model the package ships.
+"""Verifiable tasks: the interface the trainer needs, the built-in one, and scoring a model on one.
 
 The trainer needs two things from a task: problems to roll out and a reward for each completion.
 Any object with these two methods is a task (see :class:`Task`)::
@@ -23,174 +23,36 @@ final answer: the situation ESPO targets, where a rollout is doomed long before 
 The shipped model (``espo/assets/tiny-arith``, made by ``scripts/make_tiny_model.py``) is a tiny
 LlamaForCausalLM over a :class:`CharTokenizer`, trained on demonstrations with injected mistakes so that
 it solves the built-in task only part of the time when sampled at temperature 1. Load it with
-:func:`load_builtin`, or any local checkpoint with :func:`load_model` (the same code path).
+``espo.models.load_builtin``, or any local checkpoint with ``espo.models.load_model`` (the same code path).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import numbers
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .models import builtin_card, checkpoint_card
+from .tokenizer import CharTokenizer
+
 __all__ = [
-    "CharTokenizer",
     "ChainArithmetic",
     "Problem",
     "Task",
     "TaskError",
-    "builtin_model_path",
     "builtin_task",
     "check_task",
-    "checkpoint_card",
-    "load_builtin",
-    "load_model",
     "score",
     "success_rate",
     "task_from_checkpoint",
     "tokens_after_mistake",
 ]
 
-TOKENIZER_FILE = "char_tokenizer.json"
-CARD_FILE = "card.json"
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------------
-class CharTokenizer:
-    """One token per character of a fixed alphabet, plus ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``.
-
-    Ids 0-3 are the special tokens (in that order), then the alphabet in the given order.
-    ``encode`` raises ``ValueError`` on a character outside the alphabet unless ``strict=False``,
-    in which case it becomes ``<unk>``. It mimics the few parts of a transformers tokenizer a
-    trainer touches (``pad_token_id``, ``eos_token_id``, ``bos_token_id``, ``__call__``,
-    ``batch_decode``, ``len``) but does not depend on the tokenizers library.
-    """
-
-    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-    pad_token_id, bos_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
-
-    def __init__(self, chars: Iterable[str]):
-        chars = list(chars)
-        if not chars:
-            raise ValueError("CharTokenizer needs a non-empty alphabet")
-        for c in chars:
-            if not isinstance(c, str) or len(c) != 1:
-                raise ValueError(f"alphabet entries must be single characters, got {c!r}")
-        if len(set(chars)) != len(chars):
-            raise ValueError("alphabet has repeated characters")
-        self.chars: tuple[str, ...] = tuple(chars)
-        self._id = {c: i + len(self.SPECIALS) for i, c in enumerate(self.chars)}
-
-    # sizes and ids -----------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return len(self.SPECIALS) + len(self.chars)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    # encode / decode ---------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, strict: bool = True) -> list[int]:
-        ids = [self.bos_token_id] if add_bos else []
-        for c in text:
-            i = self._id.get(c)
-            if i is None:
-                if strict:
-                    raise ValueError(f"character {c!r} is not in the tokenizer's alphabet {''.join(self.chars)!r}")
-                i = self.unk_token_id
-            ids.append(i)
-        if add_eos:
-            ids.append(self.eos_token_id)
-        return ids
-
-    def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = True,
-               stop_at_eos: bool = False) -> str:
-        """Text of ``ids``. ``stop_at_eos`` drops the first ``<eos>`` and everything after it."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        out = []
-        n_special = len(self.SPECIALS)
-        for i in ids:
-            i = int(i)
-            if stop_at_eos and i == self.eos_token_id:
-                break
-            if i < n_special:
-                if not skip_special_tokens:
-                    out.append(self.SPECIALS[i])
-            elif i < self.vocab_size:
-                out.append(self.chars[i - n_special])
-            else:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
-        return "".join(out)
-
-    def batch_decode(self, sequences: Iterable[Iterable[int]] | torch.Tensor, skip_special_tokens: bool = True,
-                     stop_at_eos: bool = False) -> list[str]:
-        return [self.decode(s, skip_special_tokens=skip_special_tokens, stop_at_eos=stop_at_eos) for s in sequences]
-
-    def batch_encode(self, texts: Sequence[str], add_bos: bool = True, add_eos: bool = False,
-                     padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, attention_mask)`` as long tensors, padded with ``<pad>`` (left by default, for generation)."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        rows = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
-        width = max((len(r) for r in rows), default=0)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(rows):
-            if not r:
-                continue
-            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-            ids[k, sl] = torch.tensor(r, dtype=torch.long)
-            mask[k, sl] = 1
-        return ids, mask
-
-    def __call__(self, texts: str | Sequence[str], add_bos: bool = True, padding_side: str = "left",
-                 return_tensors: str = "pt") -> dict[str, torch.Tensor]:
-        if return_tensors != "pt":
-            raise ValueError("CharTokenizer only returns torch tensors (return_tensors='pt')")
-        if isinstance(texts, str):
-            texts = [texts]
-        ids, mask = self.batch_encode(texts, add_bos=add_bos, padding_side=padding_side)
-        return {"input_ids": ids, "attention_mask": mask}
-
-    # persistence -------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "espo.CharTokenizer", "version": 1, "specials": list(self.SPECIALS), "chars": "".join(self.chars)}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the tokenizer as JSON; ``path`` is a file, or a folder that gets ``char_tokenizer.json``."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CharTokenizer":
-        path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("type") != "espo.CharTokenizer" or list(data.get("specials", [])) != list(cls.SPECIALS):
-            raise ValueError(f"{path} is not an espo CharTokenizer file")
-        return cls(data["chars"])
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and other.chars == self.chars
-
-    def __hash__(self) -> int:
-        return hash(self.chars)
-
-    def __repr__(self) -> str:
-        return f"CharTokenizer(chars={''.join(self.chars)!r}, vocab_size={self.vocab_size})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,26 +331,10 @@ class ChainArithmetic:
         return next((i for i in range(common) if completion[i] != solution[i]), common)
 
 
+
 # --------------------------------------------------------------------------------------------------
-# Models: the shipped one and the user's own, through one loader
+# The shipped model's task
 # --------------------------------------------------------------------------------------------------
-def builtin_model_path() -> Path:
-    """Folder of the shipped tiny model (``espo/assets/tiny-arith``)."""
-    return Path(__file__).resolve().parent / "assets" / "tiny-arith"
-
-
-def checkpoint_card(path: str | Path) -> dict[str, Any] | None:
-    """The card.json that scripts/make_tiny_model.py writes beside a checkpoint (its task, recipe and measured
-    success rates), or None for a checkpoint without one."""
-    card = Path(path).expanduser() / CARD_FILE
-    return json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None
-
-
-def builtin_card() -> dict[str, Any]:
-    """The shipped model's card: how it was made and its measured success rates."""
-    return checkpoint_card(builtin_model_path())
-
-
 def builtin_task() -> ChainArithmetic:
     """The task the shipped model was trained for (configuration read from its card)."""
     return ChainArithmetic(**builtin_card()["task"])
@@ -499,89 +345,6 @@ def task_from_checkpoint(path: str | Path) -> ChainArithmetic | None:
     records it), or None for any other checkpoint."""
     config = (checkpoint_card(path) or {}).get("task")
     return ChainArithmetic(**config) if isinstance(config, dict) else None
-
-
-def _dtype_kwarg() -> str:
-    """transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56."""
-    import transformers
-
-    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers 5 draws a progress bar for every weights load: hide it (the trainer loads often)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _unreadable_weights(where: Path, exc: BaseException) -> ValueError:
-    return ValueError(f"could not load the model weights in {str(where)!r} ({' '.join(str(exc).split())[:300]}); "
-                      "the files may be truncated or corrupt: re-save or re-copy the checkpoint")
-
-
-def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a local checkpoint folder (or a model already in the local HF cache).
-
-    Nothing is downloaded: ``local_files_only=True``. The tokenizer is a :class:`CharTokenizer` when the
-    folder has ``char_tokenizer.json``, else ``transformers.AutoTokenizer`` from the same folder.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path_or_name).expanduser()
-    where = str(path) if path.exists() else str(path_or_name)
-    if path.exists() and not path.is_dir():
-        raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the checkpoint folder (with config.json)")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; is it a transformers checkpoint?")
-    if path.is_dir():
-        try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc}); repair it or re-save the model") from None
-    try:
-        with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, **{_dtype_kwarg(): dtype})
-    except OSError as exc:
-        if path.is_dir():
-            raise _unreadable_weights(path, exc) from None
-        raise FileNotFoundError(
-            f"no local model at {str(path_or_name)!r}: it is not an existing folder nor a model in the local "
-            "Hugging Face cache. espo loads local checkpoints only and does not attempt hub downloads; "
-            "download the model first (e.g. `hf download NAME --local-dir DIR`) and pass that folder."
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - safetensors' and torch's errors for a bad weight file
-        raise _unreadable_weights(path, exc) from None
-    model.to(device).eval()
-    if path.is_dir() and (path / TOKENIZER_FILE).is_file():
-        tokenizer = CharTokenizer.load(path / TOKENIZER_FILE)
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise FileNotFoundError(
-                f"found a model at {str(path_or_name)!r} but no tokenizer ({TOKENIZER_FILE} or a transformers "
-                "tokenizer); hub downloads are not attempted"
-            ) from exc
-    return model, tokenizer
-
-
-def load_builtin(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` of the shipped tiny model, through :func:`load_model`."""
-    path = builtin_model_path()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the built-in model is missing from {path}; rebuild it with `python scripts/make_tiny_model.py`"
-        )
-    return load_model(path, device=device, dtype=dtype)
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ A stopped rollout ends at the token that triggered the stop; that token gets ``e
 state after it is terminal (GAE does not bootstrap past it). Every other rollout gets the task's reward
 on its last token. The stopper is armed by ESPO's critic warm-up rule (``CriticWarmup``) in the critic
 modes and from the start in the critic-free ones; ``end_batch`` runs after every rollout batch. What
-training does not need is measured by ``Diagnostics``, timed apart from the step: false stops, the tokens a
-perfect stopper would have cut, held-out accuracy.
+training does not need is measured by one optional hook, ``Diagnostics``, timed apart from the step: false
+stops, the tokens a perfect stopper would have cut, held-out accuracy (``NoDiagnostics`` measures nothing).
 
 Runs under ``torchrun --nproc_per_node N`` too: each rank decodes its share of the step's prompts,
 gradients are averaged across ranks, and the stopper's batch statistics and the allocator's updates are
@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -42,17 +42,33 @@ from .allocator import CeroAllocator
 from .checkpoint import save_atomic, write_text_atomic
 from .config import ALGOS, PRESETS, Algo, TrainConfig
 from .decoder import Decoder, Rollouts
-from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, claim_run_folder, resume_config,
-                         resume_state)
+from .models import builtin_model_path, load_model
+from .run_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    claim_run_folder,
+    resume_config,
+    resume_state,
+)
 from .stopper import CriticWarmup, EarlyStopper
-from .tasks import (CharTokenizer, builtin_model_path, builtin_task, check_task, load_model, score,
-                    task_from_checkpoint, task_problems, tokens_after_mistake)
-from .update import Batch, build_batch, minibatch_backward, score_batch
+from .tasks import (
+    builtin_task,
+    check_task,
+    score,
+    task_from_checkpoint,
+    task_problems,
+    tokens_after_mistake,
+)
+from .tokenizer import CharTokenizer
+from .update import Batch, Targets, build_batch, minibatch_backward, score_batch
 from .value_head import ValueHead
 
 __all__ = [
     "ALGOS",
     "PRESETS",
+    "Diagnostics",
+    "NoDiagnostics",
     "Run",
     "TrainConfig",
     "TrainResult",
@@ -125,7 +141,7 @@ class Run:
     order: np.ndarray  # the shuffled walk over the prompt set
     max_new: int
     eos: int | None
-    diagnostics: "Diagnostics"
+    diagnostics: "NoDiagnostics"  # the optional hook: Diagnostics, or NoDiagnostics to measure nothing
     history: list[dict]
     start: int  # the first step to run (after a resume, the one after the checkpoint's)
 
@@ -160,11 +176,13 @@ def _task_for(cfg: TrainConfig, task: Any) -> Any:
     return check_task(task)
 
 
-def setup(cfg: TrainConfig, *, task: Any = None, resume: bool = False, overwrite: bool = False) -> Run:
+def setup(cfg: TrainConfig, *, task: Any = None, resume: bool = False, overwrite: bool = False,
+          diagnostics: bool = True) -> Run:
     """Build the run ``cfg`` describes: model, task and prompts, learner state, decoder, stopper, allocator.
 
     ``resume`` restores it from the checkpoint in ``cfg.out_dir`` (checked before any weights are loaded);
-    otherwise a folder that holds a run is refused unless ``overwrite``.
+    otherwise a folder that holds a run is refused unless ``overwrite``. ``diagnostics=False`` measures
+    nothing beside training (no false-stop checks, doomed tokens or held-out accuracy).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig, got {type(cfg).__name__}")
@@ -213,7 +231,8 @@ def setup(cfg: TrainConfig, *, task: Any = None, resume: bool = False, overwrite
               value_head=value_head, reference=reference, params=params, optimizer=optimizer, decoder=decoder,
               stopper=stopper, warmup=CriticWarmup(total_steps=cfg.steps), allocator=allocator, problems=problems,
               prompts=prompts, order=np.random.default_rng(cfg.seed).permutation(cfg.num_problems), max_new=max_new,
-              eos=tokenizer.eos_token_id, diagnostics=Diagnostics(eval_set, eval_prompts), history=[], start=0)
+              eos=tokenizer.eos_token_id, diagnostics=Diagnostics(eval_set, eval_prompts) if diagnostics else NoDiagnostics(),
+              history=[], start=0)
     if state is not None:
         _restore(run, state)
     if rank == 0:
@@ -241,26 +260,47 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ the step's parts
 
 
-def choose_prompts(run: Run, step: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """1. The step's prompt ids [P] (a deterministic walk over the shuffled set), their rollout counts [P], and
-    the positions in ids of this rank's share (prompts with no rollouts left out)."""
+class StepPrompts(NamedTuple):
+    """A step's prompts: ids [P] into the prompt set, the rollouts each gets [P], and this rank's share
+    (positions in ids; prompts with no rollouts left out)."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+    local: list[int]
+
+    def local_ids(self) -> list[int]:
+        """The prompt-set ids of this rank's prompts, in the decoder's prompt order."""
+        return [int(self.ids[j]) for j in self.local]
+
+
+class Rewards(NamedTuple):
+    """One reward per rollout (r_fail when stopped), the successes per prompt [P], the wrong rollouts."""
+
+    rewards: list[float]
+    successes: np.ndarray
+    wrong: list
+
+
+def choose_prompts(run: Run, step: int) -> StepPrompts:
+    """1. The step's prompts (a deterministic walk over the shuffled set) and their rollout counts."""
     cfg = run.cfg
     first = step * cfg.prompts_per_step
     ids = run.order[np.arange(first, first + cfg.prompts_per_step) % cfg.num_problems]
     counts = run.allocator.allocate(ids).numpy() if run.allocator is not None else np.full(len(ids), cfg.group_size)
     local = [j for j in range(len(ids)) if j % run.world == run.rank and counts[j] > 0]
-    return ids, counts, local
+    return StepPrompts(ids, counts, local)
 
 
-def generate_rollouts(run: Run, step: int, ids: np.ndarray, counts: np.ndarray, local: list[int]) -> Rollouts | None:
+def generate_rollouts(run: Run, step: int, prompts: StepPrompts) -> Rollouts | None:
     """2. This rank's rollouts; the stopper (if any) ends rows inside the sampling kernel."""
-    if not local:
+    if not prompts.local:
         return None
+    prompt_ids = prompts.local_ids()
     prompt_values = None
-    if run.algo.stops and not run.algo.critic:
-        prompt_values = run.allocator.posterior_mean(ids[local]).tolist()
+    if run.algo.stops and not run.algo.critic:  # the posterior mean success rate stands in for V
+        prompt_values = run.allocator.posterior_mean(np.array(prompt_ids)).tolist()
     rollouts = run.decoder.generate(
-        [run.prompts[ids[j]] for j in local], [int(counts[j]) for j in local], max_new_tokens=run.max_new,
+        [run.prompts[i] for i in prompt_ids], [int(prompts.counts[j]) for j in prompts.local], max_new_tokens=run.max_new,
         temperature=run.cfg.temperature, seed=_step_seed(run.cfg.seed, step, run.rank), stopper=run.stopper,
         eos_token_id=run.eos, prompt_values=prompt_values, progress=False,
     )
@@ -270,36 +310,37 @@ def generate_rollouts(run: Run, step: int, ids: np.ndarray, counts: np.ndarray, 
     return rollouts
 
 
-def reward_rollouts(run: Run, ids: np.ndarray, local: list[int], rollouts: Rollouts | None):
-    """3. One reward per rollout (r_fail when stopped), the successes per prompt [P], the wrong rollouts."""
+def reward_rollouts(run: Run, prompts: StepPrompts, rollouts: Rollouts | None) -> Rewards:
+    """3. The task's outcome of every rollout, r_fail for a stopped one (an absorbing failure)."""
     cfg = run.cfg
-    rewards, successes, wrong = [], np.zeros(len(ids)), []
+    rewards, successes, wrong = [], np.zeros(len(prompts.ids)), []
     for r in rollouts or []:
-        j = local[r.prompt_index]
+        j = prompts.local[r.prompt_index]
         if r.finish_reason == "stopped":
             reward = cfg.espo.r_fail
         else:
             text = run.tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True)
-            reward = score(run.task, run.problems[ids[j]], text)
+            reward = score(run.task, run.problems[prompts.ids[j]], text)
             successes[j] += reward >= cfg.success_threshold
             if reward < cfg.success_threshold:
                 wrong.append(r)
         rewards.append(reward)
-    return rewards, successes, wrong
+    return Rewards(rewards, successes, wrong)
 
 
-def close_batch(run: Run, ids: np.ndarray, counts: np.ndarray, successes: np.ndarray) -> tuple[dict, np.ndarray]:
-    """The batch boundary: the stopper's statistics and threshold, the allocator's posteriors (summed over ranks)."""
+def close_batch(run: Run, prompts: StepPrompts, rewards: Rewards) -> tuple[dict, np.ndarray]:
+    """The batch boundary: the stopper's statistics and threshold, the allocator's posteriors (summed over
+    ranks). Returns the stopper's report and the successes per prompt summed over ranks."""
     stop_report = run.stopper.end_batch(all_reduce=_all_reduce) if run.stopper is not None else {}
-    successes = _all_reduce(torch.tensor(successes, dtype=torch.float64)).numpy()
+    successes = _all_reduce(torch.tensor(rewards.successes, dtype=torch.float64)).numpy()
     if run.allocator is not None:
-        run.allocator.update(ids, successes.astype(np.int64), counts)
+        run.allocator.update(prompts.ids, successes.astype(np.int64), prompts.counts)
     return stop_report, successes
 
 
-def advantages(run: Run, batch: Batch):
-    """4. The old policy's logprobs and values [N, T], the advantages [N, T], the returns (critic) and the
-    reference logprobs (KL penalty)."""
+def advantages(run: Run, batch: Batch) -> Targets:
+    """4. What the update fits: the old policy's logprobs and values [N, T], the advantages [N, T], the returns
+    (critic) and the reference logprobs (KL penalty)."""
     cfg = run.cfg
     old_logprobs, old_values = score_batch(run.model, run.value_head, batch, cfg.temperature, cfg.update_tokens)
     ref_logprobs = None
@@ -315,19 +356,19 @@ def advantages(run: Run, batch: Batch):
     else:
         adv = group_advantages(batch.rewards, batch.group)[:, None].expand(N, T) * batch.mask
         returns = None
-    return old_logprobs, old_values, adv, returns, ref_logprobs
+    return Targets(batch, old_logprobs, old_values, adv, returns, ref_logprobs)
 
 
-def update(run: Run, step: int, batch: Batch, old_logprobs, old_values, adv, returns, ref_logprobs) -> dict[str, float]:
-    """5. PPO epochs over random minibatches; gradients averaged across ranks. Returns the mean loss terms."""
+def update(run: Run, step: int, targets: Targets) -> dict[str, float]:
+    """5. PPO epochs over random minibatches; gradients averaged across ranks. Returns the mean loss terms
+    (means over ranks too)."""
     cfg = run.cfg
     perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, run.rank, salt=1))
     sums, updates = dict.fromkeys(STAT_KEYS, 0.0), 0
     for _ in range(cfg.ppo_epochs):
-        for rows in torch.randperm(batch.mask.shape[0], generator=perm_gen).to(run.device).chunk(cfg.minibatches):
+        for rows in torch.randperm(len(targets.batch.rewards), generator=perm_gen).to(run.device).chunk(cfg.minibatches):
             run.optimizer.zero_grad(set_to_none=True)
-            terms = minibatch_backward(run.model, run.value_head, batch, rows, old_logprobs, old_values, adv, returns,
-                                       ref_logprobs, cfg)
+            terms = minibatch_backward(run.model, run.value_head, targets, rows, cfg)
             for name, what in LOSS_TERMS.items():
                 sums[name] += run.finite(terms[name], what, step)
             if run.world > 1:
@@ -339,7 +380,11 @@ def update(run: Run, step: int, batch: Batch, old_logprobs, old_values, adv, ret
             sums["clip_fraction"] += terms["clip_fraction"]
             sums["approx_kl"] += terms["approx_kl"]
             updates += 1
-    return {k: v / max(updates, 1) for k, v in sums.items()}
+    stats = {k: v / max(updates, 1) for k, v in sums.items()}
+    if run.world > 1:
+        means = _all_reduce(torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.float64)) / run.world
+        stats = dict(zip(STAT_KEYS, means.tolist()))
+    return stats
 
 
 def _informative_rollouts(batch: Batch | None) -> float:
@@ -353,8 +398,27 @@ def _informative_rollouts(batch: Batch | None) -> float:
     return float((hi > lo)[inverse].sum())
 
 
+def rollout_counts(run: Run, rollouts: Rollouts | None, batch: Batch | None, measured: dict, successes) -> dict:
+    """6. The step's counts, summed over ranks: rollouts, tokens, successes, stops and what the diagnostics
+    measured of them."""
+    stopped = sum(r.finish_reason == "stopped" for r in rollouts or [])
+    totals = _all_reduce(torch.tensor([
+        len(rollouts or []), rollouts.tokens_generated if rollouts else 0, stopped, measured["false_stops"],
+        measured["checked"], _informative_rollouts(batch), measured["doomed"] or 0,
+    ], dtype=torch.float64)).tolist()
+    n_roll, n_tok, n_stop, n_false, n_checked, n_inform, n_doomed = totals
+    return {
+        "rollouts": int(n_roll), "tokens": int(n_tok),
+        "cum_tokens": (run.history[-1]["cum_tokens"] if run.history else 0) + int(n_tok),
+        "success_rate": float(successes.sum() / max(n_roll, 1)), "stop_rate": n_stop / max(n_roll, 1),
+        "stopped": int(n_stop), "false_stops": int(n_false), "false_stop_checked": int(n_checked),
+        "informative_fraction": n_inform / max(n_roll, 1),
+        "doomed_tokens": None if measured["doomed"] is None else int(n_doomed),
+    }
+
+
 def save_step(run: Run, step: int, record: dict) -> None:
-    """6. The step's metrics line and an atomic checkpoint, once every parameter is known to be finite."""
+    """The step's metrics line and an atomic checkpoint, once every parameter is known to be finite."""
     run.finite(torch.nn.utils.get_total_norm(run.params, norm_type=math.inf), "a parameter", step)
     run.history.append(record)
     if run.rank != 0:
@@ -376,40 +440,27 @@ def save_step(run: Run, step: int, record: dict) -> None:
 
 def train_step(run: Run, step: int) -> dict:
     """One training step; returns its metrics record (also appended to ``run.history`` and the run folder)."""
-    cfg, t0 = run.cfg, time.perf_counter()
-    ids, counts, local = choose_prompts(run, step)  # 1
-    rollouts = generate_rollouts(run, step, ids, counts, local)  # 2
+    t0 = time.perf_counter()
+    prompts = choose_prompts(run, step)  # 1
+    rollouts = generate_rollouts(run, step, prompts)  # 2
     t_rollout, t = time.perf_counter() - t0, time.perf_counter()
-    rewards, successes, wrong = reward_rollouts(run, ids, local, rollouts)  # 3
-    stop_report, successes = close_batch(run, ids, counts, successes)
+    rewards = reward_rollouts(run, prompts, rollouts)  # 3
+    stop_report, successes = close_batch(run, prompts, rewards)
     t_reward = time.perf_counter() - t
-    measured = run.diagnostics.after_rollouts(run, step, ids, local, rollouts, wrong)  # timed apart
+    measured = run.diagnostics.after_rollouts(run, step, prompts, rollouts, rewards.wrong)  # timed apart
     t = time.perf_counter()
-    batch = build_batch([run.prompts[ids[j]] for j in local], rollouts, rewards, [int(ids[j]) for j in local],
+    batch = build_batch([run.prompts[i] for i in prompts.local_ids()], rollouts, rewards.rewards, prompts.local_ids(),
                         run.eos if run.eos is not None else 0, run.device) if rollouts else None
-    stats = update(run, step, batch, *advantages(run, batch)) if batch is not None else {}  # 4, 5
-    if run.world > 1:  # logged losses are means over ranks
-        means = _all_reduce(torch.tensor([stats.get(k, 0.0) for k in STAT_KEYS], dtype=torch.float64)) / run.world
-        stats = dict(zip(STAT_KEYS, means.tolist()))
+    stats = update(run, step, advantages(run, batch)) if batch is not None else {}  # 4, 5
     if run.algo.critic and run.stopper is not None and run.warmup.update(stats.get("value_loss", 0.0), step):
         run.stopper.arm()
     t_update = time.perf_counter() - t
-    eval_accuracy, t_eval = run.diagnostics.scheduled_accuracy(run, step)
+    eval_accuracy, t_eval = run.diagnostics.scheduled_accuracy(run, step)  # timed apart
 
-    stopped = sum(r.finish_reason == "stopped" for r in rollouts or [])  # 6
-    totals = _all_reduce(torch.tensor([
-        len(rollouts or []), rollouts.tokens_generated if rollouts else 0, stopped, measured["false_stops"],
-        measured["checked"], _informative_rollouts(batch), measured["doomed"],
-    ], dtype=torch.float64)).tolist()
-    n_roll, n_tok, n_stop, n_false, n_checked, n_inform, n_doomed = totals
-    record = {
-        "step": step, "algo": cfg.algo, "rollouts": int(n_roll), "tokens": int(n_tok),
-        "cum_tokens": (run.history[-1]["cum_tokens"] if run.history else 0) + int(n_tok),
-        "success_rate": float(successes.sum() / max(n_roll, 1)), "stop_rate": n_stop / max(n_roll, 1),
-        "stopped": int(n_stop), "false_stops": int(n_false), "false_stop_checked": int(n_checked),
-        "informative_fraction": n_inform / max(n_roll, 1), "eval_accuracy": eval_accuracy,
-        "doomed_tokens": int(n_doomed) if run.diagnostics.has_oracle(run) else None,
-        "armed": bool(run.stopper.armed) if run.stopper is not None else False, "beta": stop_report.get("beta"),
+    record = {  # 6
+        "step": step, "algo": run.cfg.algo, **rollout_counts(run, rollouts, batch, measured, successes),
+        "eval_accuracy": eval_accuracy, "armed": bool(run.stopper.armed) if run.stopper is not None else False,
+        "beta": stop_report.get("beta"),
         # the step's own cost (what training needs) apart from what measuring it costs
         "rollout_time_s": t_rollout, "reward_time_s": t_reward, "update_time_s": t_update,
         "step_time_s": t_rollout + t_reward + t_update, "measure_time_s": measured["time_s"], "eval_time_s": t_eval,
@@ -440,6 +491,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
+    diagnostics: bool = True,
 ) -> TrainResult:
     """Run ``cfg``; metrics go to ``out_dir/metrics.jsonl`` and an atomic checkpoint after every step.
 
@@ -447,8 +499,9 @@ def train(
     for ``RESUMABLE_CHANGES``; a larger ``steps`` extends a finished run). Without it a folder that holds a
     run is refused unless ``overwrite`` is given. A loss, gradient or parameter that stops being finite
     raises ``TrainingDiverged`` before anything is written, so the last good checkpoint survives.
+    ``diagnostics=False`` skips what only measures the run (false-stop checks, doomed tokens, evaluation).
     """
-    run = setup(cfg, task=task, resume=resume, overwrite=overwrite)
+    run = setup(cfg, task=task, resume=resume, overwrite=overwrite, diagnostics=diagnostics)
     bar = None
     if progress and run.rank == 0:
         from tqdm.auto import tqdm
@@ -472,7 +525,25 @@ def train(
 # ---------------------------------------------------------------------------------------- diagnostics
 
 
-class Diagnostics:
+class NoDiagnostics:
+    """The diagnostics hook that measures nothing (``setup(cfg, diagnostics=False)``): a run then spends no time
+    beside its steps, and its records say None (or 0 checked) where a measurement would be."""
+
+    initial: float | None = None
+
+    def after_rollouts(self, run: Run, step: int, prompts: StepPrompts, rollouts: Rollouts | None, wrong: list) -> dict:
+        """What was measured of a step's rollouts: false stops (of ``checked`` stops), doomed tokens, seconds."""
+        return {"false_stops": 0, "checked": 0, "doomed": None, "time_s": 0.0}
+
+    def scheduled_accuracy(self, run: Run, step: int) -> tuple[float | None, float]:
+        """(the held-out accuracy if this step is scheduled to evaluate, else None; the seconds it took)."""
+        return None, 0.0
+
+    def accuracy(self, run: Run) -> float | None:
+        return None
+
+
+class Diagnostics(NoDiagnostics):
     """What the trainer measures beside training, timed apart from the step's own cost.
 
     * false stops: a share (``false_stop_sample``) of each step's stopped rollouts is continued from scratch
@@ -485,21 +556,16 @@ class Diagnostics:
 
     def __init__(self, eval_set: list, eval_prompts: list[list[int]]):
         self.eval_set, self.eval_prompts = eval_set, eval_prompts
-        self.initial: float | None = None
 
-    @staticmethod
-    def has_oracle(run: Run) -> bool:
-        return callable(getattr(run.task, "first_mistake", None))
-
-    def after_rollouts(self, run: Run, step: int, ids, local, rollouts: Rollouts | None, wrong: list) -> dict:
+    def after_rollouts(self, run: Run, step: int, prompts: StepPrompts, rollouts: Rollouts | None, wrong: list) -> dict:
         t = time.perf_counter()
         stopped = [r for r in rollouts or [] if r.finish_reason == "stopped"]
         checked = self._false_stop_sample(run, step, stopped) if run.cfg.check_false_stops else []
-        false = self._count_false_stops(run, ids, local, checked) if checked else 0
-        doomed = 0
-        if self.has_oracle(run):
-            doomed = sum(tokens_after_mistake(run.task, run.tokenizer, run.problems[ids[local[r.prompt_index]]],
-                                              r.tokens.tolist()) for r in wrong)
+        false = self._count_false_stops(run, prompts, checked) if checked else 0
+        doomed = None
+        if callable(getattr(run.task, "first_mistake", None)):
+            problem = lambda r: run.problems[prompts.ids[prompts.local[r.prompt_index]]]  # noqa: E731
+            doomed = sum(tokens_after_mistake(run.task, run.tokenizer, problem(r), r.tokens.tolist()) for r in wrong)
         return {"false_stops": false, "checked": len(checked), "doomed": doomed, "time_s": time.perf_counter() - t}
 
     @staticmethod
@@ -513,20 +579,20 @@ class Diagnostics:
 
     @staticmethod
     @torch.no_grad()
-    def _count_false_stops(run: Run, ids, local, checked: list) -> int:
+    def _count_false_stops(run: Run, prompts: StepPrompts, checked: list) -> int:
         cfg = run.cfg
+        ids = [prompts.ids[prompts.local[r.prompt_index]] for r in checked]
         redo = run.decoder.generate(
-            [run.prompts[ids[local[r.prompt_index]]] for r in checked], 1, max_new_tokens=run.max_new,
+            [run.prompts[i] for i in ids], 1, max_new_tokens=run.max_new,
             temperature=cfg.temperature, rollout_seeds=[r.seed for r in checked], eos_token_id=run.eos, progress=False,
         )
         false = 0
-        for r, full in zip(checked, redo):
+        for i, full in zip(ids, redo):
             text = run.tokenizer.decode(full.tokens.tolist(), skip_special_tokens=True)
-            false += score(run.task, run.problems[ids[local[r.prompt_index]]], text) >= cfg.success_threshold
+            false += score(run.task, run.problems[i], text) >= cfg.success_threshold
         return false
 
     def scheduled_accuracy(self, run: Run, step: int) -> tuple[float | None, float]:
-        """(the held-out accuracy if this step is scheduled to evaluate, else None; the seconds it took)."""
         t = time.perf_counter()
         due = (step + 1) % run.cfg.eval_every == 0 or step + 1 == run.cfg.steps
         accuracy = self.accuracy(run) if due else None

@@ -33,6 +33,19 @@ class Batch:
     lengths: torch.Tensor  # [N] generated tokens of each rollout (its real columns of tokens)
 
 
+@dataclass
+class Targets:
+    """What one step's PPO update fits: the batch, the old policy's logprobs [N, T] and values [N, T] (critic
+    only), the advantages [N, T], the returns [N, T] (critic only) and the reference logprobs [N, T] (KL only)."""
+
+    batch: Batch
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+
+
 def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], pad_id: int, device) -> Batch:
     kept = [i for i, r in enumerate(rollouts) if r.length > 0]
     seqs = [prompts[rollouts[i].prompt_index] + rollouts[i].tokens.tolist() for i in kept]
@@ -104,14 +117,14 @@ def score_batch(model, value_head: ValueHead | None, batch: Batch, temperature: 
     return logprobs, values
 
 
-def minibatch_backward(model, value_head: ValueHead | None, batch: Batch, rows: torch.Tensor, old_logprobs: torch.Tensor,
-                       old_values: torch.Tensor | None, advantages: torch.Tensor, returns: torch.Tensor | None,
-                       ref_logprobs: torch.Tensor | None, cfg: "TrainConfig") -> dict[str, float]:
+def minibatch_backward(model, value_head: ValueHead | None, targets: Targets, rows: torch.Tensor,
+                       cfg: "TrainConfig") -> dict[str, float]:
     """Backpropagate one minibatch's PPO loss (policy + vf_coef * value + kl_coef * KL, each a mean over the
     minibatch's tokens) micro-batch by micro-batch; return the loss terms and the clip statistics.
 
     Each micro-batch's means are weighted by its share of the minibatch's tokens, so the loss and the
     gradients are those of one forward over the whole minibatch padded to its longest row."""
+    batch = targets.batch
     n_tokens = batch.mask[rows].sum().clamp(min=1)
     totals = dict.fromkeys(("policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl"), 0.0)
     for g in micro_batches(batch, rows, cfg.update_tokens):
@@ -119,13 +132,14 @@ def minibatch_backward(model, value_head: ValueHead | None, batch: Batch, rows: 
         t = logprobs.shape[1]
         m = batch.mask[g, :t]
         share = m.sum() / n_tokens
-        loss, info = policy_loss(logprobs, old_logprobs[g, :t], advantages[g, :t], m, clip=cfg.clip)
+        loss, info = policy_loss(logprobs, targets.old_logprobs[g, :t], targets.advantages[g, :t], m, clip=cfg.clip)
         terms = {"policy_loss": loss.detach(), **info}
-        if returns is not None:
-            terms["value_loss"] = value_loss(values, returns[g, :t], m, old_values=old_values[g, :t], clip=cfg.value_clip)
+        if targets.returns is not None:
+            terms["value_loss"] = value_loss(values, targets.returns[g, :t], m, old_values=targets.old_values[g, :t],
+                                             clip=cfg.value_clip)
             loss = loss + cfg.vf_coef * terms["value_loss"]
-        if ref_logprobs is not None:
-            terms["kl"] = kl_penalty(logprobs, ref_logprobs[g, :t], m)
+        if targets.ref_logprobs is not None:
+            terms["kl"] = kl_penalty(logprobs, targets.ref_logprobs[g, :t], m)
             loss = loss + cfg.kl_coef * terms["kl"]
         (loss * share).backward()
         w = float(share)

@@ -35,7 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from espo.tasks import CARD_FILE, TOKENIZER_FILE, ChainArithmetic, CharTokenizer, builtin_model_path, success_rate  # noqa: E402
+from espo.models import CARD_FILE, builtin_model_path  # noqa: E402
+from espo.tasks import ChainArithmetic, success_rate  # noqa: E402
+from espo.tokenizer import TOKENIZER_FILE, CharTokenizer  # noqa: E402
 
 
 def parse_args(argv=None):

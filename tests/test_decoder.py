@@ -233,8 +233,8 @@ def test_slots_refill_and_the_pool_drains(monkeypatch):
     step = Decoder._step
 
     def spy(self, run):
-        live_rows.append(int(run.live.sum()))
-        assert run.live[: live_rows[-1]].all(), "live rollouts occupy the leading slots"
+        live_rows.append(int(self.slots.live.sum()))
+        assert self.slots.live[: live_rows[-1]].all(), "live rollouts occupy the leading slots"
         return step(self, run)
 
     monkeypatch.setattr(Decoder, "_step", spy)

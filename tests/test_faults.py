@@ -18,7 +18,8 @@ import espo.checkpoint
 import espo.trainer
 import espo.update
 from espo.cli import main
-from espo.tasks import ChainArithmetic, TaskError, builtin_model_path
+from espo.models import builtin_model_path
+from espo.tasks import ChainArithmetic, TaskError
 from espo.trainer import TrainConfig, TrainingDiverged, train
 
 TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=0, max_batch=16, ppo_epochs=1,

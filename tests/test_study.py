@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from espo.tasks import builtin_model_path
+from espo.models import builtin_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 study = importlib.import_module("study_espo")

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from espo.tasks import ChainArithmetic, TaskError, builtin_model_path
+from espo.models import builtin_model_path
+from espo.tasks import ChainArithmetic, TaskError
 from espo.trainer import ALGOS, TrainConfig, train
 
 TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=6, eval_every=2, max_batch=16,
@@ -45,6 +46,19 @@ def test_every_algorithm_runs_and_logs(algo, tmp_path):
     for h in history:
         assert 0 <= h["false_stops"] <= h["stopped"] <= h["rollouts"]
         assert 0 <= h["doomed_tokens"] <= h["tokens"]  # the built-in task says where a wrong rollout went wrong
+
+
+def test_without_diagnostics_a_run_trains_the_same_and_measures_nothing(tmp_path):
+    """The diagnostics hook only measures: without it the training numbers are the same, and nothing beside the
+    step is timed or evaluated."""
+    with_hook = train(config(tmp_path / "a", espo=QUICK_STOPS), progress=False).history
+    without = train(config(tmp_path / "b", espo=QUICK_STOPS), progress=False, diagnostics=False).history
+    trained = ("tokens", "stopped", "success_rate", "policy_loss", "value_loss")
+    assert [[h[k] for k in trained] for h in without] == [[h[k] for k in trained] for h in with_hook]
+    for h in without:
+        assert h["eval_accuracy"] is None and h["doomed_tokens"] is None
+        assert h["false_stop_checked"] == 0 and h["measure_time_s"] == 0.0 and h["eval_time_s"] == 0.0
+    assert without[0]["initial_eval_accuracy"] is None
 
 
 def test_doomed_tokens_count_what_a_perfect_stopper_would_cut(tmp_path):

@@ -6,8 +6,8 @@ import torch
 
 from espo.config import TrainConfig
 from espo.losses import kl_penalty, policy_loss, value_loss
-from espo.tasks import load_builtin
-from espo.update import build_batch, micro_batches, minibatch_backward, score_batch
+from espo.models import load_builtin
+from espo.update import Targets, build_batch, micro_batches, minibatch_backward, score_batch
 from espo.value_head import ValueHead
 
 
@@ -58,7 +58,8 @@ def test_micro_batched_update_has_the_padded_update_s_loss_and_gradients(tmp_pat
     expected = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    terms = minibatch_backward(model, head, batch, rows, old_logprobs, old_values, advantages, returns, ref_logprobs, cfg)
+    targets = Targets(batch, old_logprobs, old_values, advantages, returns, ref_logprobs)
+    terms = minibatch_backward(model, head, targets, rows, cfg)
     total = terms["policy_loss"] + cfg.vf_coef * terms["value_loss"] + cfg.kl_coef * terms["kl"]
     assert total == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6)
     for p, e in zip(params, expected):

@@ -1,0 +1,149 @@
+"""Model loading: the shipped tiny model and the user's own checkpoints, through one loader.
+
+Everything loads from local folders (``local_files_only=True``): nothing is downloaded. A checkpoint made by
+``scripts/make_tiny_model.py`` carries a ``card.json`` (its task, recipe and measured success rates).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tokenizer import TOKENIZER_FILE, CharTokenizer
+
+__all__ = [
+    "CARD_FILE",
+    "builtin_card",
+    "builtin_model_path",
+    "checkpoint_card",
+    "load_builtin",
+    "load_causal_lm",
+    "load_model",
+]
+
+CARD_FILE = "card.json"
+
+
+def builtin_model_path() -> Path:
+    """Folder of the shipped tiny model (``espo/assets/tiny-arith``)."""
+    return Path(__file__).resolve().parent / "assets" / "tiny-arith"
+
+
+def checkpoint_card(path: str | Path) -> dict[str, Any] | None:
+    """The card.json that scripts/make_tiny_model.py writes beside a checkpoint (its task, recipe and measured
+    success rates), or None for a checkpoint without one."""
+    card = Path(path).expanduser() / CARD_FILE
+    return json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None
+
+
+def builtin_card() -> dict[str, Any]:
+    """The shipped model's card: how it was made and its measured success rates."""
+    return checkpoint_card(builtin_model_path())
+
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers 5 draws a progress bar for every weights load: hide it (the trainer loads often)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _unreadable_weights(where: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"could not load the model weights in {str(where)!r} ({' '.join(str(exc).split())[:300]}); "
+                      "the files may be truncated or corrupt: re-save or re-copy the checkpoint")
+
+
+def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None):
+    """A transformers causal LM from a local checkpoint folder (or a model already in the local HF cache), in
+    eval mode; moved to ``device`` when given; in ``dtype`` (None: the checkpoint's own).
+
+    Nothing is downloaded: ``local_files_only=True``. Every failure names the folder and what to do about it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path_or_name).expanduser()
+    where = str(path) if path.exists() else str(path_or_name)
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the checkpoint folder (with config.json)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; is it a transformers checkpoint?")
+    if path.is_dir():
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc}); repair it or re-save the model") from None
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                where, local_files_only=True, **{_dtype_kwarg(): dtype if dtype is not None else "auto"}
+            )
+    except OSError as exc:
+        if path.is_dir():
+            raise _unreadable_weights(path, exc) from None
+        raise FileNotFoundError(
+            f"no local model at {str(path_or_name)!r}: it is not an existing folder nor a model in the local "
+            "Hugging Face cache. espo loads local checkpoints only and does not attempt hub downloads; "
+            "download the model first (e.g. `hf download NAME --local-dir DIR`) and pass that folder."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors' and torch's errors for a bad weight file
+        raise _unreadable_weights(path, exc) from None
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a local checkpoint folder (or a model already in the local HF cache).
+
+    The model through :func:`load_causal_lm`. The tokenizer is a :class:`CharTokenizer` when the folder has
+    ``char_tokenizer.json``, else ``transformers.AutoTokenizer`` from the same folder.
+    """
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(path_or_name, device=device, dtype=dtype)
+    path = Path(path_or_name).expanduser()
+    where = str(path) if path.exists() else str(path_or_name)
+    if path.is_dir() and (path / TOKENIZER_FILE).is_file():
+        tokenizer = CharTokenizer.load(path / TOKENIZER_FILE)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(
+                f"found a model at {str(path_or_name)!r} but no tokenizer ({TOKENIZER_FILE} or a transformers "
+                "tokenizer); hub downloads are not attempted"
+            ) from exc
+    return model, tokenizer
+
+
+def load_builtin(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of the shipped tiny model, through :func:`load_model`."""
+    path = builtin_model_path()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the built-in model is missing from {path}; rebuild it with `python scripts/make_tiny_model.py`"
+        )
+    return load_model(path, device=device, dtype=dtype)
+
+

@@ -1,0 +1,113 @@
+"""The decoder's per-slot state, both copies in one place: device buffers and their host mirrors.
+
+Slot ``i`` holds the ``i``-th live rollout (the live slots are always the leading ones once compacted).
+The decode step and its CUDA graphs read the device buffers, which therefore stay the same tensors for the
+decoder's life; the scheduler reads the host mirrors, so that choosing slots never waits on the device.
+Every change goes through ``admit`` / ``advance`` / ``free`` / ``compact``, which update both copies.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .kv_cache import KVCache
+
+
+class Slots:
+    """Per-slot decode state of ``size`` slots on ``device``.
+
+    Device buffers [size] (what the decode step reads): ``tok`` the token to feed next; ``seqlen`` (and its
+    int32 copy ``seqlen32``) the cached tokens, i.e. the next token's position; ``seed`` the rollout's
+    sampling seed; ``gen`` its tokens generated, i.e. the next draw's offset; ``rid`` its rollout id;
+    ``srow`` its ``EarlyStopper`` row; ``pval`` its prompt's constant value.
+    Host mirrors [size] (what the scheduler reads): ``live``, ``rollout`` (-1 when free), ``length``
+    (= ``seqlen``), ``stopper_row`` (-1 when free); ``free_stopper_rows`` the stopper rows no slot holds.
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        self.size, self.device = size, device
+        zeros = lambda dtype: torch.zeros(size, dtype=dtype, device=device)  # noqa: E731
+        self.tok, self.seqlen, self.seqlen32 = zeros(torch.int64), zeros(torch.int64), zeros(torch.int32)
+        self.seed, self.gen, self.rid, self.srow = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
+        self.pval = zeros(torch.float32)
+        self._buffers = (self.tok, self.seqlen, self.seqlen32, self.seed, self.gen, self.rid, self.srow, self.pval)
+        self.reset()
+
+    def reset(self) -> None:
+        """Every slot free (the start of a generate call)."""
+        self.live = np.zeros(self.size, dtype=bool)
+        self.rollout = np.full(self.size, -1, dtype=np.int64)
+        self.length = np.zeros(self.size, dtype=np.int64)
+        self.stopper_row = np.full(self.size, -1, dtype=np.int64)
+        self.free_stopper_rows = list(range(self.size - 1, -1, -1))
+        self.moves = 0
+
+    @property
+    def n_live(self) -> int:
+        return int(self.live.sum())
+
+    def take_stopper_rows(self, k: int) -> np.ndarray:
+        """``k`` free stopper rows (int64 [k]) for rollouts about to be admitted."""
+        return np.array([self.free_stopper_rows.pop() for _ in range(k)], dtype=np.int64)
+
+    def admit(self, slots: np.ndarray, rollouts: np.ndarray, lengths: np.ndarray, stopper_rows: np.ndarray,
+              device_rows: tuple[torch.Tensor, ...], values: torch.Tensor | None = None) -> None:
+        """Give the free ``slots`` the rollouts ``rollouts`` whose prompts (``lengths`` tokens) are being
+        prefilled; ``device_rows`` = (slots, lengths, seeds, rollouts, stopper rows) on the device, set for
+        their first draw (offset 0); ``values`` [k] the prompts' constant values, when there are any."""
+        slots_t, lengths_t, seeds_t, rollouts_t, srows_t = device_rows
+        self.seqlen[slots_t] = lengths_t
+        self.seqlen32[slots_t] = lengths_t.to(torch.int32)
+        self.gen[slots_t] = 0
+        self.seed[slots_t] = seeds_t
+        self.rid[slots_t] = rollouts_t
+        self.srow[slots_t] = srows_t
+        if values is not None:
+            self.pval[slots_t] = values
+        self.live[slots] = True
+        self.rollout[slots] = rollouts
+        self.length[slots] = lengths
+        self.stopper_row[slots] = stopper_rows
+
+    def advance(self, drawn, tokens: torch.Tensor, decoded: int) -> None:
+        """The slots ``drawn`` (a slice or an index tensor) drew ``tokens``; slots 0..decoded-1 cached one more."""
+        self.tok[drawn] = tokens.clamp_min(0)
+        self.gen[drawn] += 1
+        if decoded:
+            self.seqlen[:decoded] += 1
+            self.seqlen32[:decoded] += 1
+            self.length[:decoded] += 1
+
+    def free(self, slots: np.ndarray) -> None:
+        """Free the ``slots`` whose rollouts ended; their stopper rows go back to the free list."""
+        self.live[slots] = False
+        self.rollout[slots] = -1
+        self.length[slots] = 0
+        self.free_stopper_rows.extend(int(x) for x in self.stopper_row[slots])
+        self.stopper_row[slots] = -1
+        idx = torch.from_numpy(slots).to(self.device)
+        self.seqlen[idx] = 0  # padded rows of a graphed step then touch position 0 of a free slot only
+        self.seqlen32[idx] = 0
+
+    def compact(self, caches: list[KVCache]) -> None:
+        """Move the live rollouts above the first hole down (state and the ``caches``' K/V), so that the live
+        slots are 0..n_live-1."""
+        n = self.n_live
+        src = np.flatnonzero(self.live[n:]) + n
+        if len(src) == 0:
+            return
+        dst = np.flatnonzero(~self.live[:n])
+        length = int(self.length[src].max())
+        pair = torch.from_numpy(np.concatenate([src, dst])).to(self.device)
+        src_t, dst_t = pair[: len(src)], pair[len(src) :]
+        for cache in caches:
+            cache.move(src_t, dst_t, length)
+        for buf in self._buffers:
+            buf[dst_t] = buf[src_t]
+        self.seqlen[src_t] = 0
+        self.seqlen32[src_t] = 0
+        for arr in (self.live, self.rollout, self.length, self.stopper_row):
+            arr[dst] = arr[src]
+        self.live[src] = False
+        self.rollout[src], self.length[src], self.stopper_row[src] = -1, 0, -1
+        self.moves += len(src)
