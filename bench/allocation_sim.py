@@ -35,9 +35,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 import numpy as np
 
-import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 from espo.allocator import CeroAllocator  # noqa: E402
 
 METHODS = ("uniform", "dapo", "knapsack", "mopps", "cero")
@@ -190,7 +190,9 @@ def run_dapo(sim: Sim) -> None:
         counts = np.full(m, c.n_ref)
         succ = sim.rollout(ids, counts)
         mixed = (succ > 0) & (succ < counts)
-        kept_ids.append(ids[mixed]); kept_n.append(counts[mixed]); kept_s.append(succ[mixed])
+        kept_ids.append(ids[mixed])
+        kept_n.append(counts[mixed])
+        kept_s.append(succ[mixed])
         if sim.remaining < c.n_ref and sum(x.size for x in kept_ids) == 0:
             break
 
@@ -341,8 +343,8 @@ def offline_optimum(v: np.ndarray, budget: float, k: float, x_cap: float) -> tup
 def regret_run(method: str, num_prompts: int, epochs: int, seed: int, n_ref: int = 8, batch_size: int | None = None,
                n_min: int = 2, n_max: int = 64, pop_seed: int = 0, **kwargs) -> dict:
     """One fixed-population run with full-batch steps; regret = OPT - U(X) with the true p_i."""
-    cfg = SimConfig(num_prompts=num_prompts, batch_size=batch_size or max(1, num_prompts // 4), epochs=epochs, n_ref=n_ref,
-                    n_min=n_min, n_max=n_max, drift=False)
+    cfg = SimConfig(num_prompts=num_prompts, batch_size=batch_size or max(1, num_prompts // 4), epochs=epochs,
+                    n_ref=n_ref, n_min=n_min, n_max=n_max, drift=False)
     logits = make_population(num_prompts, pop_seed)
     sim = simulate(method, cfg, seed, logits=logits, **kwargs)
     p = sigmoid(logits)
@@ -351,5 +353,6 @@ def regret_run(method: str, num_prompts: int, epochs: int, seed: int, n_ref: int
                       saturation=kwargs.get("saturation")).saturation  # CERO's utility scale
     opt, x_opt = offline_optimum(v, cfg.budget, k, math.inf)
     got = utility(sim.alloc, v, k)
-    return {"opt_cap_slack": epochs * n_max - float(x_opt.max()), "opt": opt, "utility": got, "regret": opt - got, "spent": sim.spent, "budget": cfg.budget,
+    return {"opt_cap_slack": epochs * n_max - float(x_opt.max()), "opt": opt, "utility": got, "regret": opt - got,
+            "spent": sim.spent, "budget": cfg.budget,
             "informative_fraction": sim.informative / max(sim.spent, 1)}

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import environment  # first: puts this checkout's espo ahead of an installed one
 
 import espo  # noqa: E402
@@ -41,11 +40,15 @@ from espo.decoder import _STOP, Decoder  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     # Qwen2.5-0.5B / 1.5B (config.json of the released checkpoints), tied embeddings
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
-    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
     # the CPU rows: a 4-layer, 256-wide model with a 32k vocabulary, in float32
-    "cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2),
 }
 VOCAB = {"smoke": 256, "cpu": 32000}
 
@@ -159,7 +162,8 @@ def throughput_rows(shape, model, args, device, bandwidth):
 
 
 def stopping_rows(shape, model, args, device):
-    return [row for per_slot in args.rollouts_per_slot for row in stopping_rows_at(shape, model, args, device, per_slot)]
+    return [row for per_slot in args.rollouts_per_slot
+            for row in stopping_rows_at(shape, model, args, device, per_slot)]
 
 
 def stopping_rows_at(shape, model, args, device, per_slot):
@@ -223,14 +227,16 @@ def markdown(env, tput, stops) -> str:
         "Throughput (sampling at temperature 1, no EOS; HF = transformers' generate at the same batch and lengths; "
         "step = one decode step, floor = weights read once at the measured copy bandwidth):",
         "",
-        "| model | batch | prompt | new | espo tok/s | HF tok/s | speedup | step ms | floor ms | step / floor | attention | graphs |",
+        "| model | batch | prompt | new | espo tok/s | HF tok/s | speedup | step ms | floor ms | step / floor | "
+        "attention | graphs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tput:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {r['espo_tok_s']:.0f} | "
             f"{fmt(r.get('hf_tok_s'), '{:.0f}')} | {fmt(r.get('speedup'), '{:.1f}x')} | {r['step_ms']:.2f} | "
-            f"{fmt(r.get('floor_ms'), '{:.3f}')} | {fmt(r.get('step_x_floor'), '{:.1f}x')} | {r['attention']} | {r['cuda_graphs']} |"
+            f"{fmt(r.get('floor_ms'), '{:.3f}')} | {fmt(r.get('step_x_floor'), '{:.1f}x')} | {r['attention']} | "
+            f"{r['cuda_graphs']} |"
         )
     lines += [
         "",

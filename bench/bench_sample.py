@@ -1,8 +1,8 @@
 """Benchmark one fused decoding step: espo.sample (with the ESPO stop update) against its peers.
 
-The step = temperature sampling (plus a few rows with exact top-k / top-p) + sampled logprob + entropy + max logprob + regret + stop-state update
-+ stop mask, on [B, V] logits. Peers, measured in the same run: the same step written in plain PyTorch
-(eager), that function under torch.compile, and FlashInfer's sampling_from_logits (sampling only) when
+The step = temperature sampling (plus a few rows with exact top-k / top-p) + sampled logprob + entropy + max logprob
++ regret + stop-state update + stop mask, on [B, V] logits. Peers, measured in the same run: the same step written in
+plain PyTorch (eager), that function under torch.compile, and FlashInfer's sampling_from_logits (sampling only) when
 it is importable. Each time is a median of device-event timings (triton.testing.do_bench) over inputs
 rotated through more memory than L2 holds, and is reported against the floor: one read of the logits
 at the copy bandwidth measured on this GPU in this run.
@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from common import environment  # first: puts this checkout's espo ahead of an installed one
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,26 +28,26 @@ FULL_V = [32000, 151936]
 FILTERED = [(B, 151936, "bfloat16", top_k, top_p) for B in (8, 256) for top_k, top_p in ((50, 1.0), (0, 0.95))]
 
 
-def filter_logits(l, top_k=0, top_p=1.0):
+def filter_logits(logits, top_k=0, top_p=1.0):
     """Top-k then top-p in plain PyTorch (sort-based, as most trainers do): masked logits are -inf."""
     if top_k > 0:
-        kth = torch.topk(l, top_k, dim=-1).values[:, -1:]
-        l = l.masked_fill(l < kth, float("-inf"))
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_l, order = torch.sort(l, dim=-1, descending=True)
+        sorted_l, order = torch.sort(logits, dim=-1, descending=True)
         mass_before = torch.softmax(sorted_l, dim=-1).cumsum(-1) - torch.softmax(sorted_l, dim=-1)
-        drop = torch.zeros_like(l, dtype=torch.bool).scatter(1, order, mass_before >= top_p)
-        l = l.masked_fill(drop, float("-inf"))
-    return l
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, mass_before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 def eager_step(logits, temperature, z, scalars, alpha_s=0.9, clip=3.0, delta=1e-6, value_floor=0.2, top_k=0, top_p=1.0):
     """The step as one would write it in PyTorch: a peer, not a reference (its random stream differs)."""
-    l = logits.float() / temperature
-    logp = torch.log_softmax(l, dim=-1)
+    scaled = logits.float() / temperature
+    logp = torch.log_softmax(scaled, dim=-1)
     p = logp.exp()
     if top_k > 0 or top_p < 1.0:
-        p = torch.softmax(filter_logits(l, top_k, top_p), dim=-1)  # sample from the filtered distribution
+        p = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)  # sample from the filtered distribution
     tokens = torch.argmax(p / torch.empty_like(p).exponential_(), dim=-1)  # exponential race = categorical draw
     lp = logp.gather(1, tokens[:, None])[:, 0]
     entropy = -(p * logp).sum(-1)
@@ -154,8 +153,9 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers, top_k=0, top_p=1.
 
 
 COLUMNS = [
-    ("B", "B", "{}"), ("V", "V", "{}"), ("dtype", "dtype", "{}"), ("filter", "filter", "{}"), ("floor_us", "floor us", "{:.1f}"),
-    ("eager_us", "eager us", "{:.0f}"), ("compile_us", "compile us", "{:.0f}"), ("flashinfer_us", "flashinfer us", "{:.1f}"),
+    ("B", "B", "{}"), ("V", "V", "{}"), ("dtype", "dtype", "{}"), ("filter", "filter", "{}"),
+    ("floor_us", "floor us", "{:.1f}"), ("eager_us", "eager us", "{:.0f}"), ("compile_us", "compile us", "{:.0f}"),
+    ("flashinfer_us", "flashinfer us", "{:.1f}"),
     ("triton_us", "triton us", "{:.1f}"), ("triton_graph_us", "triton graph us", "{:.1f}"),
     ("cuda_us", "cuda us", "{:.1f}"), ("cuda_graph_us", "cuda graph us", "{:.1f}"),
     ("best_x_floor", "best / floor", "{:.2f}x"), ("speedup_vs_eager", "vs eager", "{:.0f}x"),

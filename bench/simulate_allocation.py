@@ -218,8 +218,10 @@ def plot(res: dict, path: Path) -> None:
     for m in S.METHODS:
         ks, rs = np.array(regret[m]["horizons"]), np.array(regret[m]["regret"])
         ok = rs > 0
-        ax.loglog(ks[ok], rs[ok], MARKERS[m], color=COLORS[m], lw=2.5 if m == "cero" else 1.2, mfc="none" if m == "dapo" else None,
-                  label=f"{LABELS[m]} (slope {regret[m]['loglog_slope']:.2f})" if regret[m]["loglog_slope"] else LABELS[m])
+        ax.loglog(ks[ok], rs[ok], MARKERS[m], color=COLORS[m], lw=2.5 if m == "cero" else 1.2,
+                  mfc="none" if m == "dapo" else None,
+                  label=f"{LABELS[m]} (slope {regret[m]['loglog_slope']:.2f})" if regret[m]["loglog_slope"]
+                  else LABELS[m])
     ks = np.array(regret["cero"]["horizons"], float)
     r0 = regret["cero"]["regret"][0]
     ax.loglog(ks, r0 * np.sqrt(ks / ks[0]), "k--", lw=1, label="sqrt(K) reference")

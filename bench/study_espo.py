@@ -2,14 +2,15 @@
 
 Each seed trains all four algorithms from the same model on the same prompts (``espo.demo.run_demo``);
 false stops are measured exactly, by continuing every stopped rollout from its stop with the same seeds
-and no stopper. Writes bench/results/study.{json,md,png} (--name changes the stem): mean and std over seeds of rollout tokens,
-final held-out accuracy, stop and false-stop rates and informative-rollout fractions, with the targets
+and no stopper. Writes bench/results/study.{json,md,png} (--name changes the stem): mean and std over seeds of
+rollout tokens, final held-out accuracy, stop and false-stop rates and informative-rollout fractions, with the targets
 (ESPO >= 20% fewer tokens than PPO at accuracy no worse beyond seed noise; false stops < 5%; CERO more
 informative rollouts than GRPO at equal budget, accuracy at least as high).
 
     python bench/study_espo.py                              # the demo's settings, 3 seeds, on the CPU
     # a GPU run: a larger model of a longer task (scripts/make_tiny_model.py's docstring), then
-    python bench/study_espo.py --device cuda --model /tmp/arith-big --steps 200 --prompts-per-step 64 --num-problems 4096
+    python bench/study_espo.py --device cuda --model /tmp/arith-big --steps 200 --prompts-per-step 64 \\
+        --num-problems 4096
 
 A model made by scripts/make_tiny_model.py carries its task in card.json, so --model needs nothing else.
 After a kill (a device call's time limit, say), the same command with --resume reuses the finished seeds.
@@ -25,12 +26,12 @@ import statistics
 import sys
 from pathlib import Path
 
+import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 import torch
 
-import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 from espo.demo import DEMO, DEMO_ESPO, PAIRS, accuracy_points, finish_axes, run_demo, savings  # noqa: E402
-from espo.stopper import ESPOConfig  # noqa: E402
 from espo.models import checkpoint_card  # noqa: E402
+from espo.stopper import ESPOConfig  # noqa: E402
 from espo.trainer import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,15 +79,16 @@ def verdicts(per_seed: list[dict], agg: dict) -> list[str]:
     ceiling_text = ""
     if all(c is not None for c in ceiling):
         ceiling_text = (f"; a perfect stopper would have cut {statistics.fmean(ceiling):.1%} of PPO's tokens (per seed "
-                        f"{', '.join(f'{c:.1%}' for c in ceiling)}), so ESPO got {statistics.fmean(saved) / max(statistics.fmean(ceiling), 1e-9):.0%} of that ceiling")
+                        f"{', '.join(f'{c:.1%}' for c in ceiling)}), so ESPO got "
+                        f"{statistics.fmean(saved) / max(statistics.fmean(ceiling), 1e-9):.0%} of that ceiling")
     ratio = lambda x: f"{x / tok:.2f}x" if tok > 0 else "-"  # noqa: E731
     lines = [
-        f"ESPO rollout tokens vs PPO: {statistics.fmean(saved):.1%} fewer (per seed {', '.join(f'{x:.1%}' for x in saved)}); "
-        f"target >= 20%: {ok(statistics.fmean(saved) >= 0.2)}{ceiling_text}",
+        f"ESPO rollout tokens vs PPO: {statistics.fmean(saved):.1%} fewer (per seed "
+        f"{', '.join(f'{x:.1%}' for x in saved)}); target >= 20%: {ok(statistics.fmean(saved) >= 0.2)}{ceiling_text}",
         f"ESPO final accuracy minus PPO's: {statistics.fmean(acc_gap):+.1%} (seed noise, std {noise:.1%}); "
         f"target no worse beyond noise: {ok(statistics.fmean(acc_gap) >= -noise)}",
-        f"ESPO false-stop rate: {'-' if fs is None else f'{fs:.1%}'} ({'no stops' if fs is None else 'of stopped rollouts'}); "
-        f"target <= 5%: {ok(fs is not None and fs <= 0.05)}",
+        f"ESPO false-stop rate: {'-' if fs is None else f'{fs:.1%}'} "
+        f"({'no stops' if fs is None else 'of stopped rollouts'}); target <= 5%: {ok(fs is not None and fs <= 0.05)}",
         f"ESPO vs PPO: {tok:.1%} tokens saved, {roll:.1%} rollout time saved ({ratio(roll)} the tokens saved; target "
         f">= 0.8x: {ok(tok > 0 and roll >= 0.8 * tok)}), {step_:.1%} step time saved ({ratio(step_)}; target >= 0.6x: "
         f"{ok(tok > 0 and step_ >= 0.6 * tok)})",
@@ -106,7 +108,8 @@ def stop_settings(pairs: list[str], parser: argparse.ArgumentParser, paper: bool
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in ESPOConfig.__dataclass_fields__ or not value:
-            parser.error(f"--espo {pair!r}: expected KEY=VALUE with KEY one of {', '.join(ESPOConfig.__dataclass_fields__)}")
+            parser.error(f"--espo {pair!r}: expected KEY=VALUE with KEY one of "
+                         f"{', '.join(ESPOConfig.__dataclass_fields__)}")
         settings[key] = int(value) if key == "min_tokens" else float(value)
     return settings
 
@@ -123,8 +126,8 @@ def finished_seed(work: Path, settings: dict) -> dict | None:
 
 def markdown(agg: dict, lines: list[str], env: dict) -> str:
     out = [
-        f"ESPO study: {env['seeds']} seeds, {env['settings']}; {env['device_name']}, torch {env['torch']}, {env['date']}, "
-        f"{env['minutes']:.1f} min. Command: `{env['command']}`."
+        f"ESPO study: {env['seeds']} seeds, {env['settings']}; {env['device_name']}, torch {env['torch']}, "
+        f"{env['date']}, {env['minutes']:.1f} min. Command: `{env['command']}`."
         + (f" The model was made by `{env['model_recipe']}`." if env.get("model_recipe") else "")
         + (f" Stop settings: {env['espo']}." if env.get("espo") else ""),
         "",
@@ -133,7 +136,8 @@ def markdown(agg: dict, lines: list[str], env: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     seconds = "{:.1f} ± {:.1f}"
-    fmt = {"rollout_tokens": "{:.0f} ± {:.0f}", "rollout_time_s": seconds, "update_time_s": seconds, "step_time_s": seconds}
+    fmt = {"rollout_tokens": "{:.0f} ± {:.0f}", "rollout_time_s": seconds, "update_time_s": seconds,
+           "step_time_s": seconds}
     for algo, row in agg.items():
         cells = []
         for m in METRICS:
@@ -142,7 +146,8 @@ def markdown(agg: dict, lines: list[str], env: dict) -> str:
         out.append(f"| {algo} | " + " | ".join(cells) + " |")
     notes = ["", "Seconds are totals over a run; step = rollout + rewards + update, with the measuring (false-stop "
              "continuation, doomed-token oracle, evaluation) timed apart. The algorithms' steps run interleaved, so "
-             "their times are measured side by side.", "", "Doomed tokens: the share of a run's rollout tokens that came after the first mistake of a wrong "
+             "their times are measured side by side.", "",
+             "Doomed tokens: the share of a run's rollout tokens that came after the first mistake of a wrong "
              "rollout that ran to its end (in PPO's run, what a perfect stopper would have cut; in ESPO's, what it "
              "left uncut)."]
     return "\n".join(out + notes + [""] + [f"- {x}" for x in lines] + ["", f"![study]({env['name']}.png)", ""])
@@ -159,9 +164,11 @@ def plot(reports: list[dict], path: Path) -> None:
     for i, rep in enumerate(reports):
         for algo, hist in rep.items():
             ax = axes[0] if algo in ("ppo", "espo") else axes[1]
-            ax.plot(*accuracy_points(hist), color=colors[algo], alpha=0.8, label=algo if i == 0 else None, marker="o", ms=2)
+            ax.plot(*accuracy_points(hist), color=colors[algo], alpha=0.8, label=algo if i == 0 else None, marker="o",
+                    ms=2)
     for ax, title in zip(axes, ("PPO vs ESPO", "GRPO vs GRPO + CERO (equal budget)")):
-        finish_axes(ax, title + " (one line per seed)", "cumulative rollout tokens (thousands)", "held-out accuracy (sampled)")
+        finish_axes(ax, title + " (one line per seed)", "cumulative rollout tokens (thousands)",
+                    "held-out accuracy (sampled)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -188,7 +195,8 @@ def main(argv=None):
                         help="the algorithms to run (ppo and espo at least)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the seeds already finished under --work with the same settings (after a kill)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the runs under --work and the results OUT/NAME.*")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the runs under --work and the results OUT/NAME.*")
     args = parser.parse_args(argv)
     if (args.out / f"{args.name}.json").exists() and not args.overwrite:
         parser.error(f"{args.out / (args.name + '.json')} holds a finished study: pass --overwrite or another --name")
@@ -219,7 +227,8 @@ def main(argv=None):
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (2 cores)",
         "espo": espo,
         "settings": f"{args.steps} steps x {args.prompts_per_step} prompts x {DEMO['group_size']} rollouts, "
-                    f"{args.num_problems} training prompts, {args.eval_problems} held-out, model {args.model or 'built-in tiny-arith'}",
+                    f"{args.num_problems} training prompts, {args.eval_problems} held-out, "
+                    f"model {args.model or 'built-in tiny-arith'}",
         "minutes": (datetime.datetime.now() - t0).total_seconds() / 60,
         "command": " ".join(["python bench/study_espo.py"] + sys.argv[1:]),
         "model_recipe": (checkpoint_card(args.model) or {}).get("command") if args.model else None,

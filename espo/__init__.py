@@ -2,17 +2,40 @@
 from .allocator import CeroAllocator
 from .backends import BackendInfo, backends
 from .decoder import Decoder, Rollout, Rollouts, rollout_seed
-from .sampling import SampleOutput, sample
 from .models import load_builtin, load_model
+from .sampling import SampleOutput, sample
+from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
 from .tasks import ChainArithmetic, Problem, Task, TaskError, score
 from .tokenizer import CharTokenizer
-from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
 from .trainer import TrainConfig, TrainResult, train
 from .value_head import Critic, ValueHead
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendInfo", "CeroAllocator", "ChainArithmetic", "CharTokenizer", "Critic", "CriticWarmup", "Decoder", "ESPOConfig", "EarlyStopper", "Rollout",
-    "Problem", "Rollouts", "SampleOutput", "Task", "TaskError", "TrainConfig", "TrainResult", "ValueHead", "backends", "load_builtin", "load_model", "rollout_seed", "sample", "score", "train",
+    "BackendInfo",
+    "CeroAllocator",
+    "ChainArithmetic",
+    "CharTokenizer",
+    "Critic",
+    "CriticWarmup",
+    "Decoder",
+    "ESPOConfig",
+    "EarlyStopper",
+    "Problem",
+    "Rollout",
+    "Rollouts",
+    "SampleOutput",
+    "Task",
+    "TaskError",
+    "TrainConfig",
+    "TrainResult",
+    "ValueHead",
+    "backends",
+    "load_builtin",
+    "load_model",
+    "rollout_seed",
+    "sample",
+    "score",
+    "train",
 ]

@@ -112,7 +112,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["CeroAllocator", "UTILITIES"]
+from .checks import check_int, is_real
+
+__all__ = ["UTILITIES", "CeroAllocator"]
 
 #: Names accepted by ``CeroAllocator(utility=...)``.
 UTILITIES = ("variance", "mixed")
@@ -168,17 +170,9 @@ def _to_int_array(x: Any, name: str) -> np.ndarray:
     raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
 
 
-def _check_int(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_float(value: Any, name: str, *, low: float, high: float = math.inf,
                  low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     v = float(value)
     if not math.isfinite(v) and high != math.inf:
@@ -244,11 +238,11 @@ class CeroAllocator:
         lr_decay: float = 0.5,
         pace_slack: float = 0.25,
     ) -> None:
-        self.num_prompts = _check_int(num_prompts, "num_prompts", minimum=1)
-        self.total_budget = _check_int(total_budget, "total_budget", minimum=0)
+        self.num_prompts = check_int("num_prompts", num_prompts, minimum=1)
+        self.total_budget = check_int("total_budget", total_budget, minimum=0)
         self.epochs = _check_float(epochs, "epochs", low=0.0, low_open=True, high=1e12)
-        self.n_min = _check_int(n_min, "n_min", minimum=1)
-        self.n_max = _check_int(n_max, "n_max", minimum=1)
+        self.n_min = check_int("n_min", n_min, minimum=1)
+        self.n_max = check_int("n_max", n_max, minimum=1)
         if self.n_max < self.n_min:
             raise ValueError(f"n_max must be >= n_min, got n_min={self.n_min}, n_max={self.n_max}")
         self.planned_visits = int(round(self.epochs * self.num_prompts))
@@ -279,7 +273,7 @@ class CeroAllocator:
         if mixed_group_size is None:
             self.mixed_group_size = self.n_max
         else:
-            self.mixed_group_size = _check_int(mixed_group_size, "mixed_group_size", minimum=2)
+            self.mixed_group_size = check_int("mixed_group_size", mixed_group_size, minimum=2)
         self.theta_lr = _check_float(theta_lr, "theta_lr", low=0.0, low_open=True, high=1e6)
         self.price_lr = _check_float(price_lr, "price_lr", low=0.0, low_open=True, high=1e6)
         self.lr_decay = _check_float(lr_decay, "lr_decay", low=0.0, high=1.0)
@@ -588,7 +582,7 @@ def _norm(v: Any) -> Any:
     """Config values compared after JSON-like normalisation (tuples == lists, ints == floats)."""
     if isinstance(v, (list, tuple)):
         return [_norm(x) for x in v]
-    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+    if is_real(v):
         return float(v)
     return v
 

@@ -44,7 +44,8 @@ def register_checkout_kernels() -> None:
     src = Path(__file__).resolve().parent.parent / "kernels"
     if not (src / "__init__.py").is_file():
         return  # an installed package without its kernels: backends() reports triton unavailable
-    spec = importlib.util.spec_from_file_location("espo.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+    spec = importlib.util.spec_from_file_location("espo.kernels", src / "__init__.py",
+                                                  submodule_search_locations=[str(src)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["espo.kernels"] = module
     spec.loader.exec_module(module)

@@ -75,7 +75,8 @@ def load_checkpoint(
         if not isinstance(saved, dict):
             raise ValueError(f"checkpoint {path} has no configuration: it was not written by espo's trainer")
         skip = set(may_differ)
-        diff = sorted(k for k in set(saved) | set(expected_config) if k not in skip and saved.get(k) != expected_config.get(k))
+        diff = sorted(k for k in set(saved) | set(expected_config)
+                      if k not in skip and saved.get(k) != expected_config.get(k))
         if diff:
             details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {expected_config.get(k)!r}" for k in diff[:6])
             raise ValueError(f"checkpoint {path} was written by another configuration ({details}); "

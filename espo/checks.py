@@ -82,8 +82,8 @@ def check_device(name: str, value: Any) -> str:
         raise ValueError(f"{name} must be a device such as 'cpu' or 'cuda:0', got {value!r}") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{name} is {value!r} but this machine has no usable CUDA GPU (torch {torch.__version__}); "
-                             "use device 'cpu'")
+            raise ValueError(f"{name} is {value!r} but this machine has no usable CUDA GPU "
+                             f"(torch {torch.__version__}); use device 'cpu'")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{name} is {value!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":

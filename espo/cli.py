@@ -50,9 +50,10 @@ def run_example(backend: str) -> None:
     for t in range(3):
         out = sample(logits, offset=100 + t, stopper=stopper, **kw)
         for b in range(B):
-            print(f"{t:>4} {b:>3} {kw['temperature'][b].item():>4.1f} {kw['top_k'][b].item():>5} {kw['top_p'][b].item():>5.2f} "
-                  f"{out.tokens[b].item():>5} {out.logprobs[b].item():>8.3f} {out.raw_logprobs[b].item():>8.3f} "
-                  f"{out.entropy[b].item():>7.3f} {out.regret[b].item():>7.3f} {stopper.z[b].item():>6.2f} {bool(out.stop[b])}")
+            print(f"{t:>4} {b:>3} {kw['temperature'][b].item():>4.1f} {kw['top_k'][b].item():>5} "
+                  f"{kw['top_p'][b].item():>5.2f} {out.tokens[b].item():>5} {out.logprobs[b].item():>8.3f} "
+                  f"{out.raw_logprobs[b].item():>8.3f} {out.entropy[b].item():>7.3f} {out.regret[b].item():>7.3f} "
+                  f"{stopper.z[b].item():>6.2f} {bool(out.stop[b])}")
     print(f"\nbeta={stopper.beta:.2f} mean(g)={stopper.mean:.3f} var(g)={stopper.var:.3f}; "
           "a stopped row stays stopped until reset_rows() starts a new sequence there.")
 
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report")
     demo.add_argument("--out", type=Path, default=Path("espo-demo"), help="report folder (default espo-demo)")
     demo.add_argument("--quick", action="store_true",
-                      help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 15 s on 2 idle "
-                           "CPU cores; other processes using the cores slow it several-fold)")
+                      help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 15 s on 2 "
+                           "idle CPU cores; other processes using the cores slow it several-fold)")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)

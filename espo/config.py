@@ -87,12 +87,14 @@ class TrainConfig:
         if isinstance(self.espo, dict):
             self.espo = ESPOConfig(**self.espo)
         if not isinstance(self.espo, ESPOConfig):
-            raise TypeError(f"TrainConfig.espo must be an ESPOConfig or a dict of its fields, got {type(self.espo).__name__}")
+            raise TypeError(f"TrainConfig.espo must be an ESPOConfig or a dict of its fields, "
+                            f"got {type(self.espo).__name__}")
         check_choice("TrainConfig.algo", self.algo, tuple(ALGOS))
         check_choice("TrainConfig.dtype", self.dtype, DTYPES)
         self.device = check_device("TrainConfig.device", self.device)
         if self.model is not None and not (isinstance(self.model, (str, os.PathLike)) and str(self.model)):
-            raise TypeError(f"TrainConfig.model must be a checkpoint folder or None (the built-in model), got {self.model!r}")
+            raise TypeError(f"TrainConfig.model must be a checkpoint folder or None (the built-in model), "
+                            f"got {self.model!r}")
         if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
             raise TypeError(f"TrainConfig.out_dir must be a folder path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)

@@ -151,7 +151,8 @@ def _batch_buckets(max_batch: int) -> list[int]:
 def _oom_message(where: str, max_batch: int, max_seq_len: int, prefill_tokens: int) -> str:
     hint = {
         "cache": f"lower max_batch (now {max_batch}) or max_seq_len (now {max_seq_len})",
-        "prefill": f"lower prefill_tokens (now {prefill_tokens}) or max_batch (now {max_batch}), or max_seq_len (now {max_seq_len})",
+        "prefill": f"lower prefill_tokens (now {prefill_tokens}) or max_batch (now {max_batch}), "
+        f"or max_seq_len (now {max_seq_len})",
         "decode": f"lower max_batch (now {max_batch}) or max_seq_len (now {max_seq_len}), or pass cuda_graphs=False",
     }[where]
     return f"espo.Decoder ran out of GPU memory ({'allocating the KV cache' if where == 'cache' else where}): {hint}"
@@ -162,7 +163,8 @@ def _as_prompt(p: object, i: int, vocab: int, max_seq_len: int) -> list[int]:
         p = p.detach().cpu().numpy()
     if isinstance(p, (int, np.integer)):
         raise TypeError(
-            "prompts must be a list of prompts, each a list of token ids; got a list of ints (wrap one prompt as [prompt])"
+            "prompts must be a list of prompts, each a list of token ids; got a list of ints "
+            "(wrap one prompt as [prompt])"
         )
     if isinstance(p, str):
         raise TypeError(f"prompt {i} is a string: tokenize it first (the decoder takes token ids)")
@@ -173,7 +175,9 @@ def _as_prompt(p: object, i: int, vocab: int, max_seq_len: int) -> list[int]:
     if arr.size == 0:
         raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise TypeError(f"prompt {i} must be a flat sequence of int token ids, got dtype {arr.dtype} and shape {arr.shape}")
+        raise TypeError(
+            f"prompt {i} must be a flat sequence of int token ids, got dtype {arr.dtype} and shape {arr.shape}"
+        )
     bad = arr[(arr < 0) | (arr >= vocab)]
     if bad.size:
         raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
@@ -275,7 +279,8 @@ class Decoder:
                         f"the critic's are {self.critic.hidden_size}"
                     )
         except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(_oom_message("cache", self.max_batch, self.max_seq_len, self.prefill_tokens)) from err
+            message = _oom_message("cache", self.max_batch, self.max_seq_len, self.prefill_tokens)
+            raise torch.OutOfMemoryError(message) from err
         self.vocab_size = self.policy.vocab_size
         S, dev = self.max_batch, self.device
         self.slots = Slots(S, dev)
@@ -308,13 +313,15 @@ class Decoder:
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        need = KVCache.nbytes_for(cfg.num_hidden_layers, self.max_batch, self.max_seq_len, kv_heads, head_dim, self.dtype)
+        need = KVCache.nbytes_for(
+            cfg.num_hidden_layers, self.max_batch, self.max_seq_len, kv_heads, head_dim, self.dtype
+        )
         if isinstance(value_source, Critic):
             c = value_source.model.config
             c_hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
             need += KVCache.nbytes_for(
-                c.num_hidden_layers, self.max_batch, self.max_seq_len, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                c_hd, self.dtype,
+                c.num_hidden_layers, self.max_batch, self.max_seq_len,
+                getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c_hd, self.dtype,
             )
         free, _ = torch.cuda.mem_get_info(self.device)
         if need > free:
@@ -337,7 +344,8 @@ class Decoder:
         if isinstance(self.value_source, ValueHead):
             values = self.value_source(hidden)
         elif self.critic is not None:
-            values = self.value_source.head(self.critic.forward(ids, positions, decode=decode, prefill=prefill, out_idx=out_idx))
+            hidden = self.critic.forward(ids, positions, decode=decode, prefill=prefill, out_idx=out_idx)
+            values = self.value_source.head(hidden)
         if select is not None:
             logits = logits[select]
             values = None if values is None else values[select]
@@ -427,7 +435,8 @@ class Decoder:
         """
         t0 = time.perf_counter()
         request = self._request(
-            prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values, rollout_seeds
+            prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values,
+            rollout_seeds,
         )
         run = _Run.of(request, self.max_seq_len)
         self.slots.reset()
@@ -447,7 +456,8 @@ class Decoder:
         return self._collect(run, time.perf_counter() - t0)
 
     def _request(
-        self, prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values, rollout_seeds
+        self, prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values,
+        rollout_seeds,
     ) -> "_Request":
         """``generate``'s arguments checked, each error naming what was wrong and how to fix it."""
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
@@ -483,7 +493,8 @@ class Decoder:
             if stopper.batch_size != self.max_batch:
                 raise ValueError(
                     f"stopper.batch_size ({stopper.batch_size}) must equal the decoder's max_batch ({self.max_batch}): "
-                    "the decoder gives each slot one stopper row; build it as espo.EarlyStopper(config, max_batch, device)"
+                    "the decoder gives each slot one stopper row; build it as "
+                    "espo.EarlyStopper(config, max_batch, device)"
                 )
             if stopper.device != self.device:  # espo.sample compares them as they are ("cuda" != "cuda:0")
                 raise ValueError(
@@ -495,7 +506,10 @@ class Decoder:
             eos_token_id = getattr(gc, "eos_token_id", None)
             if eos_token_id is None:
                 eos_token_id = getattr(self.model.config, "eos_token_id", None)
-        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
+        if eos_token_id is None:
+            eos = []
+        else:
+            eos = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
         for e in eos:
             if not is_integer(e) or e < 0:
                 raise ValueError(f"eos_token_id must be token ids >= 0, got {eos_token_id!r}")
@@ -534,7 +548,8 @@ class Decoder:
                 where = "decode"
                 self._release(self._step(run), bar)
         except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(_oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)) from err
+            message = _oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)
+            raise torch.OutOfMemoryError(message) from err
 
     def _sample(self, run: "_Run", logits, values, idx):
         """Draw for the slots ``idx`` (a slice or an index tensor); record; return the tokens and host finish codes."""

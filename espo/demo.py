@@ -111,8 +111,8 @@ def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> st
     lines = [
         "# espo demo report",
         "",
-        f"Built-in chained-arithmetic task and shipped tiny model; {cfg['steps']} steps x {cfg['prompts_per_step']} prompts "
-        f"x {cfg['group_size']} rollouts (CERO: the same total budget), {cfg['max_batch']} decoder slots, seed "
+        f"Built-in chained-arithmetic task and shipped tiny model; {cfg['steps']} steps x {cfg['prompts_per_step']} "
+        f"prompts x {cfg['group_size']} rollouts (CERO: the same total budget), {cfg['max_batch']} decoder slots, seed "
         f"{cfg['seed']}, device {cfg['device']}; {seconds:.0f} s in all, the algorithms' steps interleaved so that "
         f"their times are measured side by side. Stop settings: {cfg['espo']}.",
         "",
@@ -121,7 +121,8 @@ def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> st
     lines += [f"**{top}.**", ""] if top else []
     lines += [
         "| algo | rollout tokens | tokens saved | rollout s | rollout time saved | update s | step s | step time saved "
-        "| accuracy start -> end | stop rate | false-stop rate [95% CI] of checked | informative rollouts | measuring s |",
+        "| accuracy start -> end | stop rate | false-stop rate [95% CI] of checked | informative rollouts "
+        "| measuring s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for base, other in PAIRS:
@@ -179,13 +180,15 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
 
     fig, (acc, stops) = plt.subplots(1, 2, figsize=(12, 4.2))
     for algo, hist in histories.items():
-        acc.plot(*accuracy_points(hist), marker="o", ms=3, label=algo, linewidth=2.2 if algo in ("espo", "grpo-cero") else 1.4)
+        acc.plot(*accuracy_points(hist), marker="o", ms=3, label=algo,
+                 linewidth=2.2 if algo in ("espo", "grpo-cero") else 1.4)
         if any(h["stopped"] for h in hist) or algo in ("espo", "espo-cero"):
             steps = [h["step"] for h in hist]
             stops.plot(steps, [h["stop_rate"] for h in hist], marker="o", ms=3, label=f"{algo} stop rate")
             stops.plot(steps, [h["false_stops"] / max(h["rollouts"], 1) for h in hist], linestyle="--",
                        label=f"{algo} false stops / rollouts")
-    finish_axes(acc, "Accuracy against rollout tokens", "cumulative rollout tokens (thousands)", "held-out accuracy (sampled)")
+    finish_axes(acc, "Accuracy against rollout tokens", "cumulative rollout tokens (thousands)",
+                "held-out accuracy (sampled)")
     finish_axes(stops, "ESPO stops over training", "training step", "fraction of rollouts")
     fig.tight_layout()
     fig.savefig(out_dir / "demo.png", dpi=130)
@@ -199,9 +202,11 @@ def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("pp
     The algorithms advance one step each in turn, so that their times are measured side by side. A folder that
     already holds a report or a run is refused unless ``overwrite`` is given."""
     out_dir = Path(out_dir)
-    held = [p.name for p in (out_dir / "report.json", out_dir / "report.md", *(out_dir / a for a in algos)) if p.exists()]
+    held = [p.name for p in (out_dir / "report.json", out_dir / "report.md", *(out_dir / a for a in algos))
+            if p.exists()]
     if held and not overwrite:
-        raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): choose another --out or pass --overwrite")
+        raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): choose another --out "
+                         "or pass --overwrite")
     t0 = time.perf_counter()
     base = TrainConfig.from_preset("demo", **overrides)
     runs = {a: setup(dataclasses.replace(base, algo=a, out_dir=str(out_dir / a)), overwrite=overwrite) for a in algos}
@@ -248,5 +253,5 @@ def print_summary(summaries: dict[str, dict], out_dir: Path) -> None:
         print("  " + ceiling)
     for s in summaries.values():
         print(f"  {s['algo']:>9}: stop rate {_pct(s['stop_rate'])}, false-stop rate {_false_stops(s)}, "
-              f"{s['time_per_step_s']:.2f} s/step (rollout {s['rollout_time_s']:.1f} s, update {s['update_time_s']:.1f} s; "
-              f"measuring {s['measure_time_s'] + s['eval_time_s']:.1f} s apart)")
+              f"{s['time_per_step_s']:.2f} s/step (rollout {s['rollout_time_s']:.1f} s, "
+              f"update {s['update_time_s']:.1f} s; measuring {s['measure_time_s'] + s['eval_time_s']:.1f} s apart)")

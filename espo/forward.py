@@ -112,7 +112,8 @@ class TransformerForward:
             else:
                 window = None
             self.layers.append(
-                _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window, hasattr(attn, "q_norm"))
+                _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window,
+                           hasattr(attn, "q_norm"))
             )
         attn0 = self.layers[0].attn
         self.head_dim = int(attn0.head_dim)

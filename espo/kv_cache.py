@@ -79,7 +79,8 @@ class KVCache:
         self.v = _alloc(shape, dtype, device)
 
     @staticmethod
-    def nbytes_for(num_layers: int, slots: int, max_seq_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    def nbytes_for(num_layers: int, slots: int, max_seq_len: int, kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> int:
         """Bytes of K plus V for these sizes."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * slots * max_seq_len * kv_heads * head_dim * itemsize
@@ -135,8 +136,9 @@ def decode_attention(
     """One new token per row for rows 0..B-1 (= slots 0..B-1): store its k, v and attend over the cache.
 
     q [B, heads, D], k and v [B, kv_heads, D]; ``rows`` is arange(B) on the device; ``seqlens`` [B] (int64)
-    is each row's position, i.e. its cached length before this token (``seqlens_i32`` the same as int32). ``length`` bounds the positions read (SDPA; > max(seqlens)), and
-    ``mask`` is ``decode_mask(seqlens, length, window)``. Returns [B, heads, D].
+    is each row's position, i.e. its cached length before this token (``seqlens_i32`` the same as int32).
+    ``length`` bounds the positions read (SDPA; > max(seqlens)), and ``mask`` is
+    ``decode_mask(seqlens, length, window)``. Returns [B, heads, D].
     """
     B, H, D = q.shape
     if cache.layout == "flash":

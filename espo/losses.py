@@ -13,7 +13,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, clip: float = 0.2
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    clip: float = 0.2
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate, to minimise; also returns the clip fraction and the approximate KL."""
     log_ratio = logprobs - old_logprobs
@@ -30,7 +31,8 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, old_values: torch.Tensor | None = None, clip: float | None = None
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, old_values: torch.Tensor | None = None,
+    clip: float | None = None
 ) -> torch.Tensor:
     """Half the squared error to the returns; with ``clip``, PPO's pessimistic clipped variant."""
     err = (values - returns) ** 2

@@ -92,7 +92,9 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
         try:
             json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc}); repair it or re-save the model") from None
+            raise ValueError(
+                f"{path / 'config.json'} is not valid JSON ({exc}); repair it or re-save the model"
+            ) from None
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(

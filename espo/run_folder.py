@@ -52,8 +52,8 @@ def resume_state(cfg: TrainConfig, ckpt_path: Path) -> dict[str, Any]:
         raise ValueError(f"the run in {ckpt_path.parent} has already done {done} steps; resume with steps >= {done}")
     planned = int(state["config"]["steps"])
     if cfg.steps != planned and ALGOS[cfg.algo].allocates:
-        raise ValueError(f"{cfg.algo} spreads its rollout budget over the {planned} planned steps, so its run cannot be "
-                         f"extended to {cfg.steps}; start a new run folder with the longer plan")
+        raise ValueError(f"{cfg.algo} spreads its rollout budget over the {planned} planned steps, so its run "
+                         f"cannot be extended to {cfg.steps}; start a new run folder with the longer plan")
     return state
 
 
@@ -61,8 +61,8 @@ def claim_run_folder(out_dir: Path, overwrite: bool) -> None:
     """Make ``out_dir`` ready for a new run: refuse one that holds a run unless ``overwrite``; check it is writable."""
     held = [name for name in (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE) if (out_dir / name).exists()]
     if held and not overwrite:
-        raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --resume, choose another "
-                         "--out-dir, or pass --overwrite to replace it")
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --resume, choose "
+                         "another --out-dir, or pass --overwrite to replace it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".espo-write-check"
@@ -71,4 +71,5 @@ def claim_run_folder(out_dir: Path, overwrite: bool) -> None:
         for name in held:
             (out_dir / name).unlink()
     except OSError as err:
-        raise ValueError(f"cannot write the run folder {out_dir} ({err.strerror or err}); choose a writable --out-dir") from None
+        raise ValueError(f"cannot write the run folder {out_dir} ({err.strerror or err}); "
+                         "choose a writable --out-dir") from None

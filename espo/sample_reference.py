@@ -191,12 +191,12 @@ def sample_reference(
     valid = _has_mass(x) & _has_mass(y)
     x = torch.where(valid[:, None], x, torch.zeros_like(x))
     y = torch.where(valid[:, None], y, torch.zeros_like(y))
-    l = x * inv_t[:, None]
+    tempered = x * inv_t[:, None]
 
     # Shifted by the row max before the sum (as the kernels do), so that logits of huge magnitude keep log(V).
-    l_max = l.max(dim=1).values
-    log_s = torch.log(torch.exp(l - l_max[:, None]).sum(dim=1))
-    logp = (l - l_max[:, None]) - log_s[:, None]
+    l_max = tempered.max(dim=1).values
+    log_s = torch.log(torch.exp(tempered - l_max[:, None]).sum(dim=1))
+    logp = (tempered - l_max[:, None]) - log_s[:, None]
     p = torch.exp(logp)
     entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=1)
     x_max = x.max(dim=1).values
@@ -210,7 +210,7 @@ def sample_reference(
     argmax = torch.argmax((x == x.max(dim=1, keepdim=True).values).int(), dim=1)
     tokens = torch.where(greedy, argmax, drawn)
 
-    l_tok = l.gather(1, tokens[:, None])[:, 0]
+    l_tok = tempered.gather(1, tokens[:, None])[:, 0]
     zero = torch.zeros_like(l_tok)
     out = {
         "tokens": tokens,

@@ -59,7 +59,8 @@ def _row_arg(name: str, value: RowArg, B: int, device: torch.device, integer: bo
         if value.dim() == 0:
             value = value.expand(B)
         if value.shape != (B,):
-            raise ValueError(f"{name} must be a scalar or have one entry per row, shape ({B},); got {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a scalar or have one entry per row, shape ({B},); "
+                             f"got {tuple(value.shape)}")
         return value.to(device=device, dtype=torch.int64 if integer else torch.float32).contiguous()
     if integer:
         if not is_integer(value):
@@ -150,7 +151,8 @@ def sample(
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [B, V] (rank 2), got rank {logits.dim()} with shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must have shape [B, V] (rank 2), got rank {logits.dim()} "
+                         f"with shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.device.type == "meta":
@@ -187,7 +189,8 @@ def sample(
         if _can_check_values(stopper_rows, validate):
             in_range = bool(((stopper_rows >= 0) & (stopper_rows < stopper.batch_size)).all())
             if not in_range or stopper_rows.unique().numel() != B:
-                raise ValueError(f"stopper_rows must be distinct row indices in [0, {stopper.batch_size}), got {stopper_rows[:8].tolist()}")
+                raise ValueError(f"stopper_rows must be distinct row indices in [0, {stopper.batch_size}), "
+                                 f"got {stopper_rows[:8].tolist()}")
     if values is not None:
         if stopper is None:
             raise ValueError("values are only used by the stop rule: pass a stopper too, or drop values")
@@ -203,6 +206,7 @@ def sample(
     backend = resolve_backend(backend, device)
     if B == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        return SampleOutput(empty.long(), empty, empty, empty, empty, empty, empty.bool(), None if stopper is None else empty.bool())
+        return SampleOutput(empty.long(), empty, empty, empty, empty, empty, empty.bool(),
+                            None if stopper is None else empty.bool())
     stop = None if stopper is None else stopper.state(stopper_rows, values)
     return SampleOutput(**_IMPLEMENTATIONS[backend](logits, temperature, top_k, top_p, seed, offset, stop))

@@ -28,7 +28,8 @@ class Slots:
         self.size, self.device = size, device
         zeros = lambda dtype: torch.zeros(size, dtype=dtype, device=device)  # noqa: E731
         self.tok, self.seqlen, self.seqlen32 = zeros(torch.int64), zeros(torch.int64), zeros(torch.int32)
-        self.seed, self.gen, self.rid, self.srow = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
+        self.seed, self.gen = zeros(torch.int64), zeros(torch.int64)
+        self.rid, self.srow = zeros(torch.int64), zeros(torch.int64)
         self.pval = zeros(torch.float32)
         self._buffers = (self.tok, self.seqlen, self.seqlen32, self.seed, self.gen, self.rid, self.srow, self.pval)
         self.reset()

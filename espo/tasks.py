@@ -8,8 +8,8 @@ Any object with these two methods is a task (see :class:`Task`)::
 
 Optional attributes the trainer uses when present: ``name`` (for messages), ``max_new_tokens``
 (a generation budget) and ``first_mistake(problem, completion) -> int | None`` (where a wrong completion
-went wrong; it gives the oracle ceiling on what early stopping can save). Always call a task through :func:`score`, which turns a crash or a
-non-number into a :class:`TaskError` naming the task and the problem.
+went wrong; it gives the oracle ceiling on what early stopping can save). Always call a task through
+:func:`score`, which turns a crash or a non-number into a :class:`TaskError` naming the task and the problem.
 
 Built in: :class:`ChainArithmetic`, chained modular arithmetic written step by step::
 
@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .checks import is_integer
 from .models import builtin_card, checkpoint_card
 from .tokenizer import CharTokenizer
 
@@ -111,7 +112,9 @@ def task_problems(task: Any, n: int, seed: int) -> list[Problem]:
     try:
         problems = list(task.problems(n, seed=seed))
     except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise TaskError(f"task {_task_name(task)!r} raised {type(exc).__name__}: {exc} in problems({n}, seed={seed})") from exc
+        raise TaskError(
+            f"task {_task_name(task)!r} raised {type(exc).__name__}: {exc} in problems({n}, seed={seed})"
+        ) from exc
     if len(problems) != n:
         raise TaskError(f"task {_task_name(task)!r} returned {len(problems)} problems from problems({n}, seed={seed}); "
                         f"it must return exactly {n}")
@@ -169,7 +172,7 @@ def tokens_after_mistake(task: Any, tokenizer: Any, problem: Any, tokens: Sequen
                         f"{_short(problem)}") from exc
     if at is None:
         return 0
-    if isinstance(at, bool) or not isinstance(at, numbers.Integral) or at < 0:
+    if not is_integer(at) or at < 0:
         raise TaskError(f"task {_task_name(task)!r} returned {_short(at, 80)} from first_mistake for problem "
                         f"{_short(problem)}; it must return None or a character offset >= 0")
     if at >= len(text):

@@ -114,7 +114,8 @@ class CharTokenizer:
 
     # persistence -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "espo.CharTokenizer", "version": 1, "specials": list(self.SPECIALS), "chars": "".join(self.chars)}
+        return {"type": "espo.CharTokenizer", "version": 1, "specials": list(self.SPECIALS),
+                "chars": "".join(self.chars)}
 
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as JSON; ``path`` is a file, or a folder that gets ``char_tokenizer.json``."""

@@ -157,12 +157,14 @@ class Run:
         """``float(value)``, or TrainingDiverged naming ``what`` when it is NaN or infinite."""
         v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if not math.isfinite(v):
-            kept = (f"the last good checkpoint (after step {step - 1}) is kept at {self.ckpt_path}; resume from it "
-                    "with --resume and a lower --lr") if self.ckpt_path.is_file() else "no checkpoint had been written yet"
+            kept = "no checkpoint had been written yet"
+            if self.ckpt_path.is_file():
+                kept = (f"the last good checkpoint (after step {step - 1}) is kept at {self.ckpt_path}; resume from it "
+                        "with --resume and a lower --lr")
             raise TrainingDiverged(
-                f"training diverged at step {step}: {what} is not finite. The usual cause is a learning rate too high for "
-                f"this model (lr={self.cfg.lr}, max_grad_norm={self.cfg.max_grad_norm}); lower --lr. Nothing of this "
-                f"step was written: {kept}"
+                f"training diverged at step {step}: {what} is not finite. The usual cause is a learning rate too high "
+                f"for this model (lr={self.cfg.lr}, max_grad_norm={self.cfg.max_grad_norm}); lower --lr. Nothing of "
+                f"this step was written: {kept}"
             )
         return v
 
@@ -231,8 +233,8 @@ def setup(cfg: TrainConfig, *, task: Any = None, resume: bool = False, overwrite
               value_head=value_head, reference=reference, params=params, optimizer=optimizer, decoder=decoder,
               stopper=stopper, warmup=CriticWarmup(total_steps=cfg.steps), allocator=allocator, problems=problems,
               prompts=prompts, order=np.random.default_rng(cfg.seed).permutation(cfg.num_problems), max_new=max_new,
-              eos=tokenizer.eos_token_id, diagnostics=Diagnostics(eval_set, eval_prompts) if diagnostics else NoDiagnostics(),
-              history=[], start=0)
+              eos=tokenizer.eos_token_id, history=[], start=0,
+              diagnostics=Diagnostics(eval_set, eval_prompts) if diagnostics else NoDiagnostics())
     if state is not None:
         _restore(run, state)
     if rank == 0:
@@ -300,9 +302,9 @@ def generate_rollouts(run: Run, step: int, prompts: StepPrompts) -> Rollouts | N
     if run.algo.stops and not run.algo.critic:  # the posterior mean success rate stands in for V
         prompt_values = run.allocator.posterior_mean(np.array(prompt_ids)).tolist()
     rollouts = run.decoder.generate(
-        [run.prompts[i] for i in prompt_ids], [int(prompts.counts[j]) for j in prompts.local], max_new_tokens=run.max_new,
-        temperature=run.cfg.temperature, seed=_step_seed(run.cfg.seed, step, run.rank), stopper=run.stopper,
-        eos_token_id=run.eos, prompt_values=prompt_values, progress=False,
+        [run.prompts[i] for i in prompt_ids], [int(prompts.counts[j]) for j in prompts.local],
+        max_new_tokens=run.max_new, temperature=run.cfg.temperature, seed=_step_seed(run.cfg.seed, step, run.rank),
+        stopper=run.stopper, eos_token_id=run.eos, prompt_values=prompt_values, progress=False,
     )
     if all(r.finish_reason == "invalid" for r in rollouts):
         raise TrainingDiverged(f"every rollout of step {step} was invalid: the model's logits are NaN or infinite "
@@ -366,7 +368,8 @@ def update(run: Run, step: int, targets: Targets) -> dict[str, float]:
     perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, run.rank, salt=1))
     sums, updates = dict.fromkeys(STAT_KEYS, 0.0), 0
     for _ in range(cfg.ppo_epochs):
-        for rows in torch.randperm(len(targets.batch.rewards), generator=perm_gen).to(run.device).chunk(cfg.minibatches):
+        order = torch.randperm(len(targets.batch.rewards), generator=perm_gen).to(run.device)
+        for rows in order.chunk(cfg.minibatches):
             run.optimizer.zero_grad(set_to_none=True)
             terms = minibatch_backward(run.model, run.value_head, targets, rows, cfg)
             for name, what in LOSS_TERMS.items():

@@ -46,7 +46,8 @@ class Targets:
     ref_logprobs: torch.Tensor | None
 
 
-def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], pad_id: int, device) -> Batch:
+def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], pad_id: int,
+                device) -> Batch:
     kept = [i for i, r in enumerate(rollouts) if r.length > 0]
     seqs = [prompts[rollouts[i].prompt_index] + rollouts[i].tokens.tolist() for i in kept]
     N, S = len(kept), max(len(s) for s in seqs)

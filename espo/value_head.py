@@ -36,7 +36,8 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"ValueHead expects hidden states of size {self.hidden_size}, got shape {tuple(hidden.shape)}")
+            raise ValueError(f"ValueHead expects hidden states of size {self.hidden_size}, "
+                             f"got shape {tuple(hidden.shape)}")
         return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1).float()
 
 
@@ -53,7 +54,8 @@ class Critic:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
-            raise TypeError(f"Critic.model must be a torch module (a transformers model), got {type(self.model).__name__}")
+            raise TypeError(f"Critic.model must be a torch module (a transformers model), "
+                            f"got {type(self.model).__name__}")
         if not isinstance(self.head, ValueHead):
             raise TypeError(f"Critic.head must be an espo.ValueHead, got {type(self.head).__name__}")
 

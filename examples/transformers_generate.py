@@ -23,7 +23,8 @@ for step in range(3):
                                  stopper=stopper, prompt_values=[0.5, 0.5])  # per-prompt success estimates
     report = stopper.end_batch()  # once per rollout batch: token statistics and threshold
     stopper.arm()                 # nothing stops before the first end_batch; arm when your rule says so
-    print(f"batch {step}: {rollouts.finish_counts}, {rollouts.tokens_generated} tokens, stop rate {report['stop_rate']:.2f}")
+    print(f"batch {step}: {rollouts.finish_counts}, {rollouts.tokens_generated} tokens, "
+          f"stop rate {report['stop_rate']:.2f}")
 for r in rollouts.for_prompt(0):
     print(r.finish_reason, r.tokens.tolist(), f"sum logprob {r.logprobs.sum():.2f}, max regret {r.regret.max():.2f}")
 

@@ -64,7 +64,8 @@ def main(output_dir: str | None = None, steps: int = 3) -> GRPOTrainer:
     trainer.train()
     for log in trainer.state.log_history:
         if "espo/stop_rate" in log:
-            print(f"step {log['step']}: stop rate {log['espo/stop_rate']:.2f}, rollout tokens {log['espo/rollout_tokens']:.0f}, "
+            print(f"step {log['step']}: stop rate {log['espo/stop_rate']:.2f}, "
+                  f"rollout tokens {log['espo/rollout_tokens']:.0f}, "
                   f"tokens saved {log['espo/tokens_saved']:.0f}, decode {log['espo/decode_time_s']:.3f} s, "
                   f"clipped {log['completions/clipped_ratio']:.2f}, reward {log['reward']:.3f}")
     return trainer

@@ -33,7 +33,8 @@ def rollout_batch():
     scores[torch.arange(B), torch.tensor(lengths) - 1] = torch.tensor(rewards)
     return DataProto.from_dict(
         tensors={"response_mask": mask, "token_level_scores": scores},
-        non_tensors={"uid": np.array(["p0"] * 4 + ["p1"] * 4, dtype=object), "espo_stopped": np.array(stopped, dtype=object)},
+        non_tensors={"uid": np.array(["p0"] * 4 + ["p1"] * 4, dtype=object),
+                     "espo_stopped": np.array(stopped, dtype=object)},
     )
 
 
@@ -45,7 +46,8 @@ def estimator_demo() -> torch.Tensor:
 
     data = espo_verl.mark_stops(rollout_batch())  # rollout 1's outcome becomes r_fail
     data.batch["token_level_rewards"] = data.batch["token_level_scores"]  # as verl's trainer does without a KL reward
-    data = compute_advantage(data, adv_estimator=espo_verl.ESTIMATOR, config=AlgoConfig(adv_estimator=espo_verl.ESTIMATOR))
+    data = compute_advantage(data, adv_estimator=espo_verl.ESTIMATOR,
+                             config=AlgoConfig(adv_estimator=espo_verl.ESTIMATOR))
     advantages = data.batch["advantages"][:, 0]
     print("espo_grpo advantages through verl's compute_advantage:", [round(a, 3) for a in advantages.tolist()])
     return advantages

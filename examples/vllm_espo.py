@@ -13,7 +13,8 @@ import tempfile
 import time
 
 
-def make_tiny_model(folder: str, vocab_size: int = 64, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> tuple[str, str]:
+def make_tiny_model(folder: str, vocab_size: int = 64, seed: int = 0, hidden_size: int = 64,
+                    layers: int = 2) -> tuple[str, str]:
     """A random-initialised Qwen2 in ``folder/model`` and a word-level tokenizer (EOS = 1) in ``folder/tokenizer``.
 
     Heads are 32 wide (a size vLLM's CPU attention supports). The tokenizer lives apart because
@@ -34,7 +35,8 @@ def make_tiny_model(folder: str, vocab_size: int = 64, seed: int = 0, hidden_siz
     vocab = {"<bos>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="t2").save_pretrained(tok_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                            unk_token="t2").save_pretrained(tok_dir)
     return model_dir, tok_dir
 
 
@@ -52,13 +54,15 @@ def main() -> None:
         model=model_dir, tokenizer=tok_dir, dtype="float32", max_num_seqs=4, max_model_len=128, enforce_eager=True,
         kv_cache_memory_bytes=64 << 20,
         # Starting statistics make stopping possible at once; a trainer passes its own stopper's here.
-        **espo_vllm.engine_kwargs(update_every=len(prompts) * n, state={"mean": 0.0, "var": 1.0, "beta": 2.0}, record_dir=records),
+        **espo_vllm.engine_kwargs(update_every=len(prompts) * n, state={"mean": 0.0, "var": 1.0, "beta": 2.0},
+                                  record_dir=records),
     )
     requests, params = [], []
     for r in range(len(prompts) * n):  # one request per rollout, seeded as espo.Decoder seeds rollout r
         requests.append({"prompt_token_ids": prompts[r // n]})
         params.append(SamplingParams(max_tokens=32, temperature=1.0, logprobs=0,
-                                     extra_args=espo_vllm.request_args(espo.rollout_seed(run_seed, r), id=f"rollout-{r}")))
+                                     extra_args=espo_vllm.request_args(espo.rollout_seed(run_seed, r),
+                                                                       id=f"rollout-{r}")))
     t0 = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -67,8 +71,10 @@ def main() -> None:
     for r, out in enumerate(outputs):
         tokens, stopped = espo_vllm.keep_tokens(out.outputs[0].token_ids, stops.get(f"rollout-{r}"))
         generated += len(out.outputs[0].token_ids)
-        print(f"rollout {r:2d}: {'stopped' if stopped else out.outputs[0].finish_reason:7s} {len(tokens):2d} tokens {tokens[:10]}")
-    print(f"{len(stops)} of {len(outputs)} rollouts stopped; {generated} tokens in {elapsed:.2f} s = {generated / elapsed:.0f} tokens/s")
+        print(f"rollout {r:2d}: {'stopped' if stopped else out.outputs[0].finish_reason:7s} "
+              f"{len(tokens):2d} tokens {tokens[:10]}")
+    print(f"{len(stops)} of {len(outputs)} rollouts stopped; {generated} tokens in {elapsed:.2f} s = "
+          f"{generated / elapsed:.0f} tokens/s")
 
 
 if __name__ == "__main__":

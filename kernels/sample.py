@@ -56,7 +56,8 @@ def _exp2(d, INTERPRET: tl.constexpr):
     if INTERPRET:
         return tl.math.exp2(d.to(tl.float64)).to(tl.float32)
     else:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
 
 @triton.jit
@@ -177,8 +178,8 @@ def _finish_kernel(
     CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr,
     TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
     SEED_PER_ROW: tl.constexpr, OFFSET_PER_ROW: tl.constexpr,
-    NEED_RAW: tl.constexpr, MAY_BE_GREEDY: tl.constexpr, FILTER: tl.constexpr, STOPPER: tl.constexpr, HAS_VALUES: tl.constexpr,
-    HAS_STOPPER_ROWS: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr,
+    NEED_RAW: tl.constexpr, MAY_BE_GREEDY: tl.constexpr, FILTER: tl.constexpr, STOPPER: tl.constexpr,
+    HAS_VALUES: tl.constexpr, HAS_STOPPER_ROWS: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -305,7 +306,8 @@ def stop_update(
     else:
         value = value_floor
     position = tl.load(position_ptr + srow)
-    stop = counted & (armed > 0.0) & (ready > 0.0) & (position >= min_tokens) & (z > beta * tl.maximum(value, value_floor))
+    stop = (counted & (armed > 0.0) & (ready > 0.0) & (position >= min_tokens)
+            & (z > beta * tl.maximum(value, value_floor)))
     tl.store(z_ptr + srow, tl.where(counted, z, z_old))
     tl.store(sum_g_ptr + srow, tl.load(sum_g_ptr + srow) + g)
     tl.store(sum_g2_ptr + srow, tl.load(sum_g2_ptr + srow) + g * g)
@@ -375,8 +377,9 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
         CHUNK=chunk, C_BLOCK=triton.next_power_of_2(C), ROW_BLOCK=min(4096, triton.next_power_of_2(V)),
         TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
         SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],
-        NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy, FILTER=filtered, STOPPER=stop is not None, HAS_VALUES=values is not None,
-        HAS_STOPPER_ROWS=stop is not None and stop.rows is not None, TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
+        NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy, FILTER=filtered, STOPPER=stop is not None,
+        HAS_VALUES=values is not None, HAS_STOPPER_ROWS=stop is not None and stop.rows is not None, TWO_S=two_s,
+        INTERPRET=interpret, enable_fp_fusion=False,
     )
     out["stop"] = stop_mask if stop is not None else None
     return out

@@ -17,11 +17,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("check_triton_compile: unset TRITON_INTERPRET; it needs the real compiler")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import espo.kernels.sample as K  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import espo.kernels.sample as K  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 TWO_S = float(2**40)
 
@@ -59,7 +59,8 @@ def main() -> None:
     for everything in (False, True):
         flags = dict(CHUNK=4096, C_BLOCK=64, ROW_BLOCK=4096, TWO_S=TWO_S, INTERPRET=False, **{
             k: everything for k in ("TEMP_PER_ROW", "TOPK_PER_ROW", "TOPP_PER_ROW", "SEED_PER_ROW", "OFFSET_PER_ROW",
-                                    "NEED_RAW", "MAY_BE_GREEDY", "FILTER", "STOPPER", "HAS_VALUES", "HAS_STOPPER_ROWS")})
+                                    "NEED_RAW", "MAY_BE_GREEDY", "FILTER", "STOPPER", "HAS_VALUES",
+                                    "HAS_STOPPER_ROWS")})
         check(f"finish all-flags={everything}", compile_ptx(K._finish_kernel, types, flags))
     print("check_triton_compile: ok")
 

@@ -12,8 +12,8 @@ def kept_set(x: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.
         kth = np.sort(x)[::-1][top_k - 1]
         keep &= x >= kth
     if top_p < 1.0:
-        l = np.where(keep, x.astype(np.float64) / temperature, -np.inf)
-        p = np.exp(l - l.max())
+        logit = np.where(keep, x.astype(np.float64) / temperature, -np.inf)
+        p = np.exp(logit - logit.max())
         p /= p.sum()
         order = np.argsort(-x, kind="stable")
         cum = np.cumsum(p[order])
@@ -61,7 +61,8 @@ class SpecStopper:
             gn = min(max((g - self.mean) / math.sqrt(self.var + c.delta), -c.clip), c.clip)
             self.z[b] = c.alpha_s * self.z[b] + (1 - c.alpha_s) * gn
             v = c.value_floor if values is None else values[b]
-            stop = self.armed and self.ready and self.t[b] >= c.min_tokens and self.z[b] > self.beta * max(v, c.value_floor)
+            stop = (self.armed and self.ready and self.t[b] >= c.min_tokens
+                    and self.z[b] > self.beta * max(v, c.value_floor))
             self.t[b] += 1
             self.batch_g.append(g)
             self.stopped[b] = stop

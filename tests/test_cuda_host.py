@@ -42,7 +42,8 @@ int main() {
     } else if (std::strcmp(kind, "c") == 0) {
       long long v;
       if (std::scanf("%lld", &v) != 1) return 2;
-      std::printf("%lld %lld\n", static_cast<long long>(espo::chunk_size(v)), static_cast<long long>(espo::num_chunks(v)));
+      std::printf("%lld %lld\n", static_cast<long long>(espo::chunk_size(v)),
+                  static_cast<long long>(espo::num_chunks(v)));
     } else if (std::strcmp(kind, "s") == 0) {
       long long v;
       if (std::scanf("%lld", &v) != 1) return 2;
@@ -75,17 +76,20 @@ def host_program(tmp_path_factory):
     errors = []
     for cmd in _compilers():
         exe = tmp / "host"
-        proc = subprocess.run(cmd + [f"-I{CSRC}", str(src), "-o", str(exe)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd + [f"-I{CSRC}", str(src), "-o", str(exe)], capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode == 0:
             return exe
         errors.append(f"{cmd[0]}: {proc.stderr[-2000:]}")
     if not errors:
         pytest.skip("no C++ compiler (c++, g++, clang++ or nvcc) on this machine")
-    pytest.fail("the host program including csrc/philox.cuh and csrc/sample.cuh does not compile:\n" + "\n".join(errors))
+    pytest.fail("the host program including csrc/philox.cuh and csrc/sample.cuh does not compile:\n"
+                + "\n".join(errors))
 
 
 def _ask(exe, lines):
-    proc = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120, check=True)
+    proc = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120,
+                          check=True)
     return proc.stdout.split("\n")[: len(lines)]
 
 
@@ -93,7 +97,8 @@ def _ask(exe, lines):
 KAT = [
     ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
 
 
@@ -118,7 +123,8 @@ def test_cuda_philox_uniform_equals_espo_rng_bit_for_bit(host_program):
     got_bits = torch.tensor([int(x) for x in got], dtype=torch.int64)
     want_bits = uniform(seed, offset).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     mismatch = (got_bits != want_bits).nonzero().flatten()
-    assert mismatch.numel() == 0, f"{mismatch.numel()} uniforms differ, first at seed={seed[mismatch[0]]}, offset={offset[mismatch[0]]}"
+    assert mismatch.numel() == 0, (f"{mismatch.numel()} uniforms differ, first at seed={seed[mismatch[0]]}, "
+                                   f"offset={offset[mismatch[0]]}")
 
 
 def _triton_chunk_size():
@@ -131,7 +137,8 @@ def _triton_chunk_size():
 
 
 def test_cuda_chunk_size_equals_triton(host_program):
-    vocab = list(range(1, 5000)) + [32000, 32064, 49152, 50257, 65536, 128256, 151936, 196608, 196609, 256000, 10**6, 2**31 - 4097]
+    vocab = list(range(1, 5000)) + [32000, 32064, 49152, 50257, 65536, 128256, 151936, 196608, 196609, 256000, 10**6,
+                                    2**31 - 4097]
     got = _ask(host_program, [f"c {v}" for v in vocab])
     triton_chunk = _triton_chunk_size()
     for v, line in zip(vocab, got):

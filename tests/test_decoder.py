@@ -48,7 +48,8 @@ def tiny(family="qwen3", seed=0, **kw):
 
 def prompts_for(count, seed=0, lo=1, hi=9):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() for _ in range(count)]
+    return [torch.randint(0, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
 
 
 def hf_greedy(model, prompt, max_new_tokens, eos):
@@ -92,7 +93,8 @@ def test_sampled_logprobs_match_a_full_forward(family):
     """The decoder's logits at every position (prefill and decode, cache included) equal transformers'."""
     model = tiny(family, seed=1)
     prompts = prompts_for(3, seed=2)
-    ro = Decoder(model, max_batch=2, max_seq_len=40).generate(prompts, 2, max_new_tokens=12, temperature=0.8, seed=5, eos_token_id=[])
+    ro = Decoder(model, max_batch=2, max_seq_len=40).generate(prompts, 2, max_new_tokens=12, temperature=0.8, seed=5,
+                                                              eos_token_id=[])
     for r in ro:
         raw, lp, ent, logits = full_forward_stats(model, prompts[r.prompt_index], r.tokens.tolist(), 0.8)
         torch.testing.assert_close(r.raw_logprobs, raw, atol=2e-5, rtol=1e-5)
@@ -109,7 +111,8 @@ def test_sliding_window_and_scaled_rope_follow_transformers():
     llama = tiny("llama", seed=3, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
     prompts = prompts_for(3, seed=3, lo=8, hi=14)  # prompts longer than the window: the prefill masks too
     for model in (mistral, llama):
-        ro = Decoder(model, max_batch=2, max_seq_len=40).generate(prompts, max_new_tokens=14, temperature=0.0, eos_token_id=[])
+        ro = Decoder(model, max_batch=2, max_seq_len=40).generate(prompts, max_new_tokens=14, temperature=0.0,
+                                                                  eos_token_id=[])
         for r, p in zip(ro, prompts):
             assert r.tokens.tolist() == hf_greedy(model, p, 14, None)
         ro = Decoder(model, max_batch=3, max_seq_len=40).generate(prompts, max_new_tokens=10, seed=1, eos_token_id=[])
@@ -122,7 +125,8 @@ def test_loads_a_local_checkpoint(tmp_path):
     model = tiny("qwen2", seed=4)
     model.save_pretrained(tmp_path)
     prompts = prompts_for(2, seed=4)
-    ro = Decoder(str(tmp_path), max_batch=2, max_seq_len=32).generate(prompts, max_new_tokens=8, temperature=0.0, eos_token_id=[])
+    ro = Decoder(str(tmp_path), max_batch=2, max_seq_len=32).generate(prompts, max_new_tokens=8, temperature=0.0,
+                                                                      eos_token_id=[])
     assert [r.tokens.tolist() for r in ro] == [hf_greedy(model, p, 8, None) for p in prompts]
 
 
@@ -256,7 +260,8 @@ def test_slots_refill_and_the_pool_drains(monkeypatch):
     # the pool drained: a second call starts from an empty pool and gives the same rollouts,
     # as does decoding one rollout at a time (no refills, no moves)
     again = dec.generate(prompts, 2, max_new_tokens=20, seed=2, eos_token_id=EOS)
-    alone = Decoder(model, max_batch=1, max_seq_len=40).generate(prompts, 2, max_new_tokens=20, seed=2, eos_token_id=EOS)
+    alone = Decoder(model, max_batch=1, max_seq_len=40).generate(prompts, 2, max_new_tokens=20, seed=2,
+                                                                 eos_token_id=EOS)
     assert alone.slot_moves == 0
     for a, b, c in zip(ro, again, alone):
         assert a.tokens.tolist() == b.tokens.tolist() == c.tokens.tolist()
@@ -303,10 +308,12 @@ def _fake_flash_attn():
         out = []
         for b, n in enumerate(cache_seqlens.tolist()):
             k_cache[b, n], v_cache[b, n] = k[b, 0], v[b, 0]
-            out.append(attend(q[b], k_cache[b, : n + 1], v_cache[b, : n + 1], softmax_scale, torch.tensor([n]), window_size))
+            out.append(attend(q[b], k_cache[b, : n + 1], v_cache[b, : n + 1], softmax_scale, torch.tensor([n]),
+                              window_size))
         return torch.stack(out)
 
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, window_size=(-1, -1)):
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
+                               window_size=(-1, -1)):
         assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
         out = torch.empty_like(q)
         cu = cu_q.tolist()
@@ -314,7 +321,8 @@ def _fake_flash_attn():
             out[a:b] = attend(q[a:b], k[a:b], v[a:b], softmax_scale, torch.arange(b - a), window_size)
         return out
 
-    return types.SimpleNamespace(flash_attn_with_kvcache=flash_attn_with_kvcache, flash_attn_varlen_func=flash_attn_varlen_func)
+    return types.SimpleNamespace(flash_attn_with_kvcache=flash_attn_with_kvcache,
+                                 flash_attn_varlen_func=flash_attn_varlen_func)
 
 
 def test_flash_attn_path_against_transformers(monkeypatch):
@@ -460,7 +468,8 @@ def test_unsupported_architecture_is_named():
     with pytest.raises(ValueError, match="supports the llama, mistral, qwen2, qwen3 model families.*gpt2"):
         Decoder(gpt2, max_batch=2, max_seq_len=16)
     with pytest.raises(ValueError, match="rope_type 'dynamic'"):
-        Decoder(tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), max_batch=1, max_seq_len=8)
+        Decoder(tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), max_batch=1,
+                max_seq_len=8)
 
 
 def test_out_of_memory_names_the_settings_to_lower(monkeypatch):
@@ -479,14 +488,16 @@ def test_out_of_memory_during_prefill_names_the_settings_to_lower(decoder, monke
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(decoder.policy, "forward", oom)
-    with pytest.raises(torch.OutOfMemoryError, match=r"prefill.*lower prefill_tokens \(now 8192\) or max_batch \(now 2\)"):
+    with pytest.raises(torch.OutOfMemoryError,
+                       match=r"prefill.*lower prefill_tokens \(now 8192\) or max_batch \(now 2\)"):
         decoder.generate([[1, 2]], max_new_tokens=2)
 
 
 def test_public_names():
     assert Decoder.__module__ == "espo.decoder"
     fields = {f.name for f in dataclasses.fields(espo.decoder.Rollout)}
-    assert {"prompt_index", "tokens", "logprobs", "raw_logprobs", "entropy", "regret", "values", "finish_reason", "length"} <= fields
+    assert {"prompt_index", "tokens", "logprobs", "raw_logprobs", "entropy", "regret", "values", "finish_reason",
+            "length"} <= fields
     assert rollout_seed(0, 1) != rollout_seed(0, 2) != rollout_seed(1, 1)
     assert -(2**63) <= rollout_seed(2**64 - 1, 10**12) < 2**63
 
@@ -513,6 +524,7 @@ def test_gpu_graphs_match_eager_and_report_prefix_rate(family):
     assert agree >= 0.75, agree
     stopper = stopping_stopper(graphed_dec, prompts, kw, 8)
     ro = graphed_dec.generate(prompts, 2, stopper=stopper, **kw)
-    prefix = [r.tokens.tolist() == b.tokens[: r.length].tolist() for r, b in zip(ro, graphed) if r.finish_reason == "stopped"]
+    prefix = [r.tokens.tolist() == b.tokens[: r.length].tolist() for r, b in zip(ro, graphed)
+              if r.finish_reason == "stopped"]
     print(f"{family}: stopped {len(prefix)}/{len(ro)}, exact prefixes {np.mean(prefix) if prefix else 1.0:.3f}")
     assert not prefix or np.mean(prefix) >= 0.9

@@ -66,7 +66,8 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_a_diverging_cli_run_is_one_line_naming_the_learning_rate(tmp_path, capsys):
     run = tmp_path / "run"
-    line = one_line_failure(capsys, "train", "--algo", "ppo", "--lr", "10", "--steps", "6", *TINY_FLAGS, "--out-dir", run)
+    line = one_line_failure(capsys, "train", "--algo", "ppo", "--lr", "10", "--steps", "6", *TINY_FLAGS,
+                            "--out-dir", run)
     assert "diverged" in line and "lr=10.0" in line and "kept at" in line
     kept = espo.checkpoint.load_checkpoint(run / "checkpoint.pt")
     assert all(torch.isfinite(t).all() for t in kept["model"].values())
@@ -134,7 +135,8 @@ def test_a_crafted_pickle_is_refused_without_running(tmp_path, capsys, zip_forma
 
 def test_resume_from_the_folder_alone_however_it_is_spelled_or_moved(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _ = cli(capsys, "train", "--algo", "espo", "--steps", "1", "--lr", "5e-4", *TINY_FLAGS, "--out-dir", "runs/k9")
+    code, _ = cli(capsys, "train", "--algo", "espo", "--steps", "1", "--lr", "5e-4", *TINY_FLAGS,
+                  "--out-dir", "runs/k9")
     assert code == 0
     shutil.move("runs/k9", "moved")
     code, err = cli(capsys, "train", "--resume", "--out-dir", "./moved/", "--steps", "2", "--no-progress")

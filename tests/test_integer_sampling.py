@@ -15,8 +15,8 @@ import torch
 from conftest import backend_device_pairs
 
 import espo
-from espo.sample_reference import _draw_chunked, base2_logits, chunk_size, integer_masses, mass_shift
 from espo.philox import uniform
+from espo.sample_reference import _draw_chunked, base2_logits, chunk_size, integer_masses, mass_shift
 
 LOG2E_F32 = np.float32(math.log2(math.e))
 TRITON_CPU = [p for p in backend_device_pairs() if p.values == ("triton", "cpu")]
@@ -152,7 +152,8 @@ def test_reference_equals_the_transcription_filtered():
         top_k = int(g.choice([0, 1, 3, 20, V - 1, V]))
         top_p = float(g.choice([1.0, 0.95, 0.7, 0.3, 0.01]))
         seed = torch.tensor(g.integers(-(2**62), 2**62, size=B), dtype=torch.int64)
-        out = espo.sample(torch.from_numpy(x), temperature=T, top_k=top_k, top_p=top_p, seed=seed, offset=5, backend="torch")
+        out = espo.sample(torch.from_numpy(x), temperature=T, top_k=top_k, top_p=top_p, seed=seed, offset=5,
+                          backend="torch")
         u = uniform(seed, torch.full((B,), 5)).tolist()
         filtered = 0 < top_k < V or top_p < 1.0
         want = [

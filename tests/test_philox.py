@@ -10,7 +10,8 @@ from espo.philox import philox4x32, uniform
 KAT = [
     ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
 
 
@@ -31,14 +32,14 @@ def test_uniform_is_uniform_and_keyed_by_seed_and_offset():
     # neighbouring seeds and offsets give unrelated draws
     a = uniform(torch.arange(n), torch.zeros(n, dtype=torch.int64)).numpy()
     assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.02
-    assert not np.array_equal(uniform(torch.tensor([1]), torch.tensor([5])), uniform(torch.tensor([2]), torch.tensor([5])))
+    assert not np.array_equal(uniform(torch.tensor([1]), torch.tensor([5])),
+                              uniform(torch.tensor([2]), torch.tensor([5])))
 
 
 HAVE_TRITON = "triton" in available_backends()
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-
     from espo.kernels.philox import philox_uniform
 
     @triton.jit

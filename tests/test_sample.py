@@ -162,7 +162,8 @@ def test_reference_draws_follow_the_distribution(temperature, top_k, top_p):
     x[[3, 17]] = -torch.inf  # masked tokens are never drawn
     keep = torch.from_numpy(kept_set(x.numpy(), temperature, top_k, top_p))
     probs = torch.softmax(torch.where(keep, x.double() / temperature, -torch.inf), 0).numpy()
-    frequency_check(draw_many(x[None], 60_000, "torch", "cpu", temperature=temperature, top_k=top_k, top_p=top_p), probs)
+    frequency_check(draw_many(x[None], 60_000, "torch", "cpu", temperature=temperature, top_k=top_k, top_p=top_p),
+                    probs)
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
@@ -182,7 +183,8 @@ def test_backend_draws_follow_the_distribution(backend, device):
 def test_filtered_tokens_stay_in_the_kept_set(backend, device):
     B, V = 64, 200
     logits = torch.round(random_logits(B, V, seed=5) * 2) / 2  # many ties at the thresholds
-    tokens = espo.sample(logits.to(device), temperature=0.9, top_k=7, top_p=0.7, seed=1, offset=torch.arange(B, device=device), backend=backend).tokens.cpu()
+    tokens = espo.sample(logits.to(device), temperature=0.9, top_k=7, top_p=0.7, seed=1,
+                         offset=torch.arange(B, device=device), backend=backend).tokens.cpu()
     for b in range(B):
         assert kept_set(logits[b].numpy(), 0.9, 7, 0.7)[tokens[b]], f"row {b} drew a filtered token"
 
@@ -199,9 +201,11 @@ def test_a_row_samples_the_same_alone_or_in_any_batch(backend, device, top_p):
     offset = torch.arange(B, device=device) + 100
     batch = espo.sample(logits, temperature=0.9, top_p=top_p, seed=seed, offset=offset, backend=backend)
     perm = torch.randperm(B, generator=torch.Generator().manual_seed(0)).to(device)
-    shuffled = espo.sample(logits[perm], temperature=0.9, top_p=top_p, seed=seed[perm], offset=offset[perm], backend=backend)
+    shuffled = espo.sample(logits[perm], temperature=0.9, top_p=top_p, seed=seed[perm], offset=offset[perm],
+                           backend=backend)
     for i in (0, 4, 8):
-        alone = espo.sample(logits[i : i + 1], temperature=0.9, top_p=top_p, seed=int(seed[i]), offset=int(offset[i]), backend=backend)
+        alone = espo.sample(logits[i : i + 1], temperature=0.9, top_p=top_p, seed=int(seed[i]), offset=int(offset[i]),
+                            backend=backend)
         for a, b in zip(alone[:7], batch[:7]):
             torch.testing.assert_close(a[0], b[i], rtol=0, atol=0)
     for a, b in zip(shuffled[:7], batch[:7]):
@@ -255,8 +259,8 @@ def test_tempered_overflow_is_flagged_alike_on_every_backend(backend, device):
         (random_logits(1, V, seed=5)[0], 1e-30, True),
     ]
     logits = torch.stack([c[0] for c in cases]).to(device)
-    kw = dict(temperature=torch.tensor([c[1] for c in cases], device=device), seed=torch.arange(len(cases), device=device),
-              offset=3, validate=False)
+    kw = dict(temperature=torch.tensor([c[1] for c in cases], device=device),
+              seed=torch.arange(len(cases), device=device), offset=3, validate=False)
     for extra in (dict(), dict(top_k=4), dict(top_p=0.5)):
         out = espo.sample(logits, backend=backend, **kw, **extra)
         assert out.valid.tolist() == [c[2] for c in cases]
@@ -355,7 +359,8 @@ def test_empty_batch_returns_empty_outputs():
 )
 def test_reference_properties(B, V, temperature, top_k, top_p, seed, offset, data_seed):
     logits = random_logits(B, V, seed=data_seed)
-    out = espo.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset, backend="torch")
+    out = espo.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset,
+                      backend="torch")
     assert out.valid.all()
     assert ((out.tokens >= 0) & (out.tokens < V)).all()
     assert (out.regret >= 0).all() and (out.logprobs <= out.max_logprob + 1e-6).all()

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from test_sample import FLOAT_FIELDS, assert_matches  # noqa: E402  (one definition of "matches")
 
 import espo
-from test_sample import FLOAT_FIELDS, assert_matches  # noqa: E402  (one definition of "matches")
 
 INFO = espo.backends()
 CUDA_OK = torch.cuda.is_available() and INFO["cuda"].available
@@ -49,7 +49,8 @@ def test_cuda_matches_reference(dtype, B, V):
     logits = random_logits(B, V, dtype, seed=B * V)
     temperature = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.25][:B], device=DEV) if B > 1 else 0.9
     kw = dict(temperature=temperature, seed=torch.arange(B, device=DEV) * 977 - 5, offset=11)
-    assert_matches(espo.sample(logits, backend="cuda", **kw), espo.sample(logits, backend="torch", **kw), rtol=5e-5, atol=5e-5)
+    assert_matches(espo.sample(logits, backend="cuda", **kw), espo.sample(logits, backend="torch", **kw), rtol=5e-5,
+                   atol=5e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.1, 50.0])
@@ -58,7 +59,8 @@ def test_cuda_scalar_temperatures_match_reference(temperature, V):
     B = 8
     logits = random_logits(B, V, torch.bfloat16, seed=V)
     kw = dict(temperature=temperature, seed=3, offset=torch.arange(B, device=DEV))
-    assert_matches(espo.sample(logits, backend="cuda", **kw), espo.sample(logits, backend="torch", **kw), rtol=5e-5, atol=5e-5)
+    assert_matches(espo.sample(logits, backend="cuda", **kw), espo.sample(logits, backend="torch", **kw), rtol=5e-5,
+                   atol=5e-5)
 
 
 @pytest.mark.parametrize("V, dtype", [(300, torch.float32), (32000, torch.bfloat16), (4099, torch.float16)])
@@ -153,8 +155,9 @@ def _mismatches(V, dtype, draws, B, top_k=0, top_p=1.0, first="cuda", other="tri
         kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=step, validate=False)
         a = espo.sample(logits, backend=first, **kw)
         if other == "torch" and chunk_rows:  # the reference holds [B, V] float64 temporaries: a slice at a time
-            parts = [espo.sample(logits[i : i + chunk_rows], backend="torch", **{**kw, "temperature": temperature[i : i + chunk_rows],
-                                                                                 "seed": seed[i : i + chunk_rows]})
+            parts = [espo.sample(logits[i : i + chunk_rows], backend="torch",
+                                 **{**kw, "temperature": temperature[i : i + chunk_rows],
+                                    "seed": seed[i : i + chunk_rows]})
                      for i in range(0, B, chunk_rows)]
             b_tokens = torch.cat([p.tokens for p in parts])
             b_valid = torch.cat([p.valid for p in parts])
@@ -189,7 +192,8 @@ def test_gpu_backends_draw_the_reference_tokens(backend):
     """Against the reference only the rounding of exp2 differs (correctly rounded there, ex2.approx on the
     GPU): expected ~1e-4 of the draws at V = 151936."""
     mismatched, total = _mismatches(151936, torch.bfloat16, 262_144, 1024, first=backend, other="torch", chunk_rows=256)
-    print(f"\n{backend} vs reference, V=151936 bf16: {mismatched} of {total} tokens differ (rate {mismatched / total:.2e})")
+    print(f"\n{backend} vs reference, V=151936 bf16: {mismatched} of {total} tokens differ "
+          f"(rate {mismatched / total:.2e})")
     assert mismatched / total < 1e-3
 
 
@@ -199,7 +203,8 @@ def test_cuda_and_triton_agree_on_statistics(dtype):
     B, V = 64, 151936
     logits = random_logits(B, V, dtype, seed=11)
     kw = dict(temperature=torch.linspace(0, 2, B, device=DEV), seed=5, offset=torch.arange(B, device=DEV))
-    assert_matches(espo.sample(logits, backend="cuda", **kw), espo.sample(logits, backend="triton", **kw), rtol=1e-5, atol=1e-5)
+    assert_matches(espo.sample(logits, backend="cuda", **kw), espo.sample(logits, backend="triton", **kw), rtol=1e-5,
+                   atol=1e-5)
 
 
 # ---------------------------------------------------------------- the ESPO stop state
@@ -217,8 +222,8 @@ def _drive_stopper(backend, steps=12, slots=12, B=8, V=3000):
         if step == 3:
             logits[1, 7] = torch.nan  # an invalid row is ignored by the stop rule
         values = torch.rand(B, generator=g).to(DEV)
-        out = espo.sample(logits, temperature=1.3, seed=step, offset=torch.arange(B, device=DEV) + step, stopper=stopper,
-                          values=values, stopper_rows=rows, backend=backend)
+        out = espo.sample(logits, temperature=1.3, seed=step, offset=torch.arange(B, device=DEV) + step,
+                          stopper=stopper, values=values, stopper_rows=rows, backend=backend)
         history.append((out, {k: v.clone() for k, v in stopper.rows.items()}))
     return history
 
@@ -273,7 +278,8 @@ def test_cuda_sample_under_torch_compile():
     stopper = espo.EarlyStopper(batch_size=B, device=DEV)
 
     def step(logits, offset):
-        return espo.sample(logits, temperature=0.7, seed=3, offset=offset, stopper=stopper, backend="cuda", validate=False)
+        return espo.sample(logits, temperature=0.7, seed=3, offset=offset, stopper=stopper, backend="cuda",
+                           validate=False)
 
     logits = random_logits(B, V, seed=1)
     offset = torch.arange(B, device=DEV)

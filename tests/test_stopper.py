@@ -26,7 +26,8 @@ def run_batches(backend, device, cfg=CFG, batches=3, B=4, V=60, steps=8, resets=
         for step in range(steps):
             logits = (torch.randn(B, V, generator=g) * 2.5).to(device)
             values = torch.rand(B, generator=g).to(device)
-            out = espo.sample(logits, temperature=1.3, seed=batch, offset=step, stopper=stopper, values=values, backend=backend)
+            out = espo.sample(logits, temperature=1.3, seed=batch, offset=step, stopper=stopper, values=values,
+                              backend=backend)
             expected = spec.step(out.regret.tolist(), values.tolist())
             assert out.stop.tolist() == expected, f"batch {batch} step {step}"
             np.testing.assert_allclose(stopper.z.cpu().numpy(), spec.z, rtol=1e-5, atol=1e-6)
@@ -39,7 +40,8 @@ def run_batches(backend, device, cfg=CFG, batches=3, B=4, V=60, steps=8, resets=
         report = stopper.end_batch()
         spec.end_batch()
         assert stopper.ready and spec.ready
-        np.testing.assert_allclose([stopper.mean, stopper.var, stopper.beta], [spec.mean, spec.var, spec.beta], rtol=1e-5)
+        np.testing.assert_allclose([stopper.mean, stopper.var, stopper.beta], [spec.mean, spec.var, spec.beta],
+                                   rtol=1e-5)
         assert 0.0 <= report["stop_rate"] <= 1.0
     return stopper, spec, torch.stack(seen)
 

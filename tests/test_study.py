@@ -1,4 +1,5 @@
-"""bench/study_espo.py (verdicts, table, resume, stop overrides) and bench/regret_at_mistake.py, without a full study."""
+"""bench/study_espo.py (verdicts, table, resume, stop overrides) and bench/regret_at_mistake.py, without a full
+study."""
 import importlib
 import json
 import sys
@@ -19,7 +20,8 @@ def summary(tokens, accuracy, stopped=0.0, false_stops=None, informative=0.5, do
 
 
 def seed(ppo_tokens, espo_tokens, espo_false=0.02, ceiling=0.25):
-    return {"ppo": summary(ppo_tokens, 0.80, doomed=ceiling), "espo": summary(espo_tokens, 0.81, 0.2, espo_false, doomed=0.05),
+    return {"ppo": summary(ppo_tokens, 0.80, doomed=ceiling),
+            "espo": summary(espo_tokens, 0.81, 0.2, espo_false, doomed=0.05),
             "grpo": summary(1000, 0.70, informative=0.6), "grpo-cero": summary(1000, 0.72, informative=0.7)}
 
 
@@ -74,7 +76,8 @@ def test_stop_settings_override_the_demo_and_reject_unknown_keys():
     import argparse
 
     parser = argparse.ArgumentParser()
-    assert study.stop_settings(["eta_beta=1.5", "min_tokens=3"], parser) == {**study.DEMO_ESPO, "eta_beta": 1.5, "min_tokens": 3}
+    assert study.stop_settings(["eta_beta=1.5", "min_tokens=3"], parser) == {**study.DEMO_ESPO, "eta_beta": 1.5,
+                                                                             "min_tokens": 3}
     with pytest.raises(SystemExit):
         study.stop_settings(["eta=1"], parser)
 

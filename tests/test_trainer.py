@@ -122,7 +122,8 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tmp_path):
     b = torch.load(tmp_path / "b" / "espo-cero" / "checkpoint.pt", weights_only=False)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["allocator"] is not None and json.dumps(a["allocator"], default=str) == json.dumps(b["allocator"], default=str)
+    assert a["allocator"] is not None and (json.dumps(a["allocator"], default=str)
+                                           == json.dumps(b["allocator"], default=str))
     assert torch.equal(a["stopper"]["scalars"], b["stopper"]["scalars"])
 
 
@@ -180,7 +181,8 @@ def test_bad_tasks_fail_clearly(task, error, words, tmp_path):
 def test_a_checkpoint_made_for_the_builtin_task_brings_its_task(tmp_path):
     model_dir = tmp_path / "arith"
     shutil.copytree(builtin_model_path(), model_dir)
-    history = train(config(tmp_path, algo="grpo", steps=1, eval_problems=0, model=str(model_dir)), progress=False).history
+    history = train(config(tmp_path, algo="grpo", steps=1, eval_problems=0, model=str(model_dir)),
+                    progress=False).history
     assert history[0]["rollouts"] == 4 * 3
     (model_dir / "card.json").unlink()
     with pytest.raises(ValueError, match="no card.json naming its task"):

@@ -34,7 +34,8 @@ def test_micro_batched_update_has_the_padded_update_s_loss_and_gradients(tmp_pat
     head = ValueHead(model.config.hidden_size)
     prompts = [[1, 5, 6, 7, 8], [1, 9, 3], [1, 4, 4, 4, 4, 4, 4]]
     lengths = [1, 40, 3, 17, 2, 33, 9, 25, 5, 12, 40, 7]
-    rollouts = [SimpleNamespace(prompt_index=i % 3, length=L, tokens=torch.randint(3, 20, (L,))) for i, L in enumerate(lengths)]
+    rollouts = [SimpleNamespace(prompt_index=i % 3, length=L, tokens=torch.randint(3, 20, (L,)))
+                for i, L in enumerate(lengths)]
     batch = build_batch(prompts, rollouts, [float(i % 2) for i in range(len(lengths))], [0, 1, 2], 0, "cpu")
     cfg = TrainConfig(update_tokens=60, kl_coef=0.1, value_clip=0.2)
     old_logprobs, old_values = score_batch(model, head, batch, cfg.temperature, cfg.update_tokens)
@@ -53,7 +54,8 @@ def test_micro_batched_update_has_the_padded_update_s_loss_and_gradients(tmp_pat
         padded_old = torch.log_softmax(logits, -1).gather(2, batch.tokens[..., None])[..., 0] * batch.mask
     torch.testing.assert_close(old_logprobs * batch.mask, padded_old, rtol=1e-5, atol=1e-6)
 
-    loss = _padded_minibatch_loss(model, head, batch, rows, old_logprobs, old_values, advantages, returns, ref_logprobs, cfg)
+    loss = _padded_minibatch_loss(model, head, batch, rows, old_logprobs, old_values, advantages, returns,
+                                  ref_logprobs, cfg)
     loss.backward()
     expected = [p.grad.clone() for p in params]
     for p in params:

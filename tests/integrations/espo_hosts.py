@@ -19,4 +19,5 @@ def require(host: str, *modules: str) -> None:
     except Exception as err:
         if os.environ.get("ESPO_REQUIRE_HOST") == host:
             raise
-        pytest.skip(f"{host} is not installed here ({err!r:.120}); `bash scripts/host_envs.sh {host}` runs these", allow_module_level=True)
+        pytest.skip(f"{host} is not installed here ({err!r:.120}); `bash scripts/host_envs.sh {host}` runs these",
+                    allow_module_level=True)

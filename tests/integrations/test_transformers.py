@@ -54,7 +54,8 @@ def run_recorded(model, sampler, ids, max_new_tokens, **kwargs):
 def replay(scores, B, *, seeds, stopper=None, values=None, **params):
     """espo's torch reference over the recorded scores: per row the tokens, stats and how it ended."""
     live = list(range(B))
-    rows = {r: {"tokens": [], "logprobs": [], "raw": [], "entropy": [], "regret": [], "end": "length"} for r in range(B)}
+    rows = {r: {"tokens": [], "logprobs": [], "raw": [], "entropy": [], "regret": [], "end": "length"}
+            for r in range(B)}
     for t, s in enumerate(scores):
         if not live:
             break
@@ -94,7 +95,8 @@ def test_forced_tokens_and_statistics_equal_espo_sample(model, params):
         want = ref[r.rollout_id]
         assert r.tokens.tolist() == want["tokens"] and r.finish_reason == want["end"]
         assert sequences[r.rollout_id, ids.shape[1]: ids.shape[1] + r.length].tolist() == want["tokens"]
-        for got, key in ((r.logprobs, "logprobs"), (r.raw_logprobs, "raw"), (r.entropy, "entropy"), (r.regret, "regret")):
+        for got, key in ((r.logprobs, "logprobs"), (r.raw_logprobs, "raw"), (r.entropy, "entropy"),
+                         (r.regret, "regret")):
             assert got.tolist() == torch.tensor(want[key], dtype=torch.float32).tolist(), key
         assert (sequences[r.rollout_id, ids.shape[1] + r.length:] == PAD).all()  # an ended row is padded
 
@@ -123,7 +125,8 @@ def test_same_rollouts_as_espo_decoder(family):
     assert isinstance(got, espo.Rollouts) and len(got) == len(want) == 9
     assert got.prompts == PROMPTS and got.tokens_generated == want.tokens_generated
     for a, b in zip(got, want):
-        assert (a.rollout_id, a.prompt_index, a.sample_index, a.seed) == (b.rollout_id, b.prompt_index, b.sample_index, b.seed)
+        assert (a.rollout_id, a.prompt_index, a.sample_index, a.seed) == (b.rollout_id, b.prompt_index,
+                                                                          b.sample_index, b.seed)
         assert a.tokens.tolist() == b.tokens.tolist() and a.finish_reason == b.finish_reason
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
         torch.testing.assert_close(a.raw_logprobs, b.raw_logprobs, atol=1e-4, rtol=0)
@@ -161,7 +164,8 @@ def test_armed_stopper_ends_exactly_the_rows_whose_mask_fired(model):
 def test_stopper_that_never_fires_draws_the_tokens_of_none(model):
     B = 3 * len(PROMPTS)
     never = warmed_stopper(model, espo.ESPOConfig(beta=50.0), B)
-    with_stopper = generate_rollouts(model, PROMPTS, 3, max_new_tokens=14, seed=8, stopper=never, prompt_values=[1e3] * 3)
+    with_stopper = generate_rollouts(model, PROMPTS, 3, max_new_tokens=14, seed=8, stopper=never,
+                                     prompt_values=[1e3] * 3)
     without = generate_rollouts(model, PROMPTS, 3, max_new_tokens=14, seed=8)
     assert with_stopper.finish_counts["stopped"] == 0 and int(never.count.sum()) > 0  # it ran and did not fire
     assert [r.tokens.tolist() for r in with_stopper] == [r.tokens.tolist() for r in without]
@@ -198,7 +202,8 @@ def test_bad_input_names_the_setting(model):
         generate_rollouts(model, [[1, 2], []], max_new_tokens=4)
     sampler = ESPOSampler()
     with pytest.raises(RuntimeError, match="stopping_criteria"):
-        model.generate(left_padded(PROMPTS, 1), max_new_tokens=3, logits_processor=[sampler.logits_processor], do_sample=False)
+        model.generate(left_padded(PROMPTS, 1), max_new_tokens=3, logits_processor=[sampler.logits_processor],
+                       do_sample=False)
 
 
 def test_example_runs(capsys):

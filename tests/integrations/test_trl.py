@@ -163,5 +163,6 @@ def test_example_runs(tmp_path, capsys):
 
 
 def test_import_espo_imports_no_host():
-    code = "import sys, espo, espo.integrations; assert 'trl' not in sys.modules, sorted(m for m in sys.modules if 'trl' in m)"
+    code = ("import sys, espo, espo.integrations; "
+            "assert 'trl' not in sys.modules, sorted(m for m in sys.modules if 'trl' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

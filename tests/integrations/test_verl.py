@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from espo_hosts import require
 
 require("verl", "verl", "espo.integrations.verl")
@@ -55,7 +54,8 @@ def test_estimator_through_verls_compute_advantage_gives_stopped_rollouts_r_fail
     out = compute_advantage(data, adv_estimator=ev.ESTIMATOR, config=AlgoConfig(adv_estimator=ev.ESTIMATOR))
     expected = _group_normalised([1.0, -1.0, 0.0, 1.0, 0.0, 0.0, 1.0, -1.0])
     adv, mask = out.batch["advantages"], out.batch["response_mask"]
-    torch.testing.assert_close(adv[torch.arange(8), 0].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv[torch.arange(8), 0].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6,
+                               rtol=0)
     assert torch.equal(adv * (1 - mask), torch.zeros_like(adv))  # nothing on padding
     assert data.batch["token_level_scores"][5, 5].item() == 0.0  # the length-limited one kept its own outcome
 
@@ -66,11 +66,14 @@ def test_estimator_called_directly_with_the_stop_flag():
         data.batch["token_level_scores"], data.batch["response_mask"], index=data.non_tensor_batch["uid"],
         espo_stopped=[False, True, False, False], r_fail=-1.0,
     )
-    torch.testing.assert_close(adv[:, 0].double(), torch.tensor(_group_normalised([1.0, -1.0, 0.0, 1.0]), dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv[:, 0].double(),
+                               torch.tensor(_group_normalised([1.0, -1.0, 0.0, 1.0]), dtype=torch.float64),
+                               atol=1e-6, rtol=0)
 
 
 def test_batch_without_the_stop_flag_is_refused_naming_it():
-    with pytest.raises(ValueError, match=r"the batch has no stop flag 'espo_stopped': set data.non_tensor_batch\['espo_stopped'\]"):
+    with pytest.raises(ValueError,
+                       match=r"the batch has no stop flag 'espo_stopped': set data.non_tensor_batch\['espo_stopped'\]"):
         ev.mark_stops(_batch([3, 2, 3, 1], [1.0, 0.0, 0.0, 1.0]))
 
 
@@ -132,7 +135,8 @@ def test_use_espo_gae_swaps_verls_gae_in_compute_advantage(monkeypatch):
 
 
 def test_cut_at_stop_keeps_the_triggering_token_and_drops_the_forced_eos():
-    out = ev.cut_at_stop(TokenOutput(token_ids=[10, 11, 12, 13, 1], log_probs=[-0.1, -0.2, -0.3, -0.4, -0.5]), StopRecord("a", 7, 3))
+    out = ev.cut_at_stop(TokenOutput(token_ids=[10, 11, 12, 13, 1], log_probs=[-0.1, -0.2, -0.3, -0.4, -0.5]),
+                         StopRecord("a", 7, 3))
     assert out.token_ids == [10, 11, 12, 13] and out.log_probs == [-0.1, -0.2, -0.3, -0.4]
     assert ev.cut_at_stop(TokenOutput(token_ids=[10, 1]), None).token_ids == [10, 1]
     with pytest.raises(ValueError, match="at token 5, but the engine returned 2 tokens"):
@@ -157,9 +161,11 @@ def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab={"<bos>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 64)}}, unk_token="t2"))
+    tok = Tokenizer(models.WordLevel(vocab={"<bos>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 64)}},
+                                     unk_token="t2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="t2", pad_token="<bos>")
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="t2",
+                                pad_token="<bos>")
     t.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return t
 
@@ -186,7 +192,8 @@ def test_agent_loop_seeds_requests_and_applies_their_stops(tmp_path, stop_at):
         assert out.extra_fields["espo_stopped"] is False and out.extra_fields["espo_stop_index"] == -1
     else:
         assert out.response_ids == [10, 11, 12] and out.response_logprobs == [-1.0, -2.0, -3.0]
-        assert out.reward_score == -1.0 and out.extra_fields["espo_stopped"] is True and out.extra_fields["espo_stop_index"] == 2
+        assert (out.reward_score == -1.0 and out.extra_fields["espo_stopped"] is True
+                and out.extra_fields["espo_stop_index"] == 2)
 
 
 def test_registrations_and_config():
@@ -204,7 +211,8 @@ def test_registrations_and_config():
 def test_example_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "verl_espo.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "espo_grpo advantages through verl's compute_advantage: [0.905, -1.508, -0.302, 0.905, -1.0, -1.0, 1.0, 1.0]" in out
+    assert ("espo_grpo advantages through verl's compute_advantage: "
+            "[0.905, -1.508, -0.302, 0.905, -1.0, -1.0, 1.0, 1.0]") in out
 
 
 @pytest.fixture(autouse=True, scope="module")

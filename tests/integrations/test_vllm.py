@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from espo_hosts import require
 
 import espo
-
-from espo_hosts import require
 
 require("vllm", "vllm", "espo.integrations.vllm")
 
@@ -125,7 +124,8 @@ def test_returned_logprobs_are_espo_raw_logprobs(run, reference):
 def test_statistics_update_after_update_every_finished_requests(llm, run, record_dir, reference):
     outputs, stops = run
     # The batch's last requests leave the engine's batch on its next step: one more request flushes them.
-    llm.generate([{"prompt_token_ids": [0, 2]}], SamplingParams(max_tokens=1, extra_args=ev.request_args(1, id="flush")), use_tqdm=False)
+    llm.generate([{"prompt_token_ids": [0, 2]}],
+                 SamplingParams(max_tokens=1, extra_args=ev.request_args(1, id="flush")), use_tqdm=False)
     (update,) = ev.read_updates(record_dir)
     regrets = torch.cat([r.regret.double() for r in reference])
     assert update["finished"] == len(reference) and update["sequences"] == len(reference)
@@ -134,7 +134,8 @@ def test_statistics_update_after_update_every_finished_requests(llm, run, record
     assert update["stop_rate"] == pytest.approx(len(stops) / len(reference))
     assert update["mean"] == pytest.approx(0.99 * STATE["mean"] + 0.01 * update["batch_mean"], abs=1e-6)
     batch = update["batch"]  # the engine really moved rows, overwrote finished ones and split prefills
-    assert batch["added"] == len(reference) and batch["moved"] > 0 and batch["overwritten"] > 0 and batch["discarded"] > 0
+    assert (batch["added"] == len(reference) and batch["moved"] > 0 and batch["overwritten"] > 0
+            and batch["discarded"] > 0)
 
 
 def test_request_without_seed_is_refused_naming_extra_args(llm):
@@ -149,7 +150,8 @@ def test_request_without_seed_is_refused_naming_extra_args(llm):
 )
 def test_settings_the_processor_cannot_honour_are_refused(llm, kwargs, match):
     with pytest.raises(VLLMValidationError, match=match):
-        llm.generate([{"prompt_token_ids": [0, 5]}], SamplingParams(max_tokens=2, extra_args=ev.request_args(3), **kwargs), use_tqdm=False)
+        llm.generate([{"prompt_token_ids": [0, 5]}],
+                     SamplingParams(max_tokens=2, extra_args=ev.request_args(3), **kwargs), use_tqdm=False)
 
 
 # ------------------------------------------------- the processor on its own, fed real vLLM batch updates
@@ -227,17 +229,20 @@ def test_processor_refuses_a_device_espo_cannot_run_on(vllm_config):
 
 
 def test_verl_config_starts_engines_with_the_processor(model_dirs):
-    """examples/verl_espo.yaml's engine_kwargs.vllm, as verl's server passes them to `vllm serve` (list items, dict as JSON)."""
+    """examples/verl_espo.yaml's engine_kwargs.vllm, as verl's server passes them to `vllm serve` (list items, dict as
+    JSON)."""
     import json
 
     import yaml
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    kwargs = yaml.safe_load((ROOT / "examples" / "verl_espo.yaml").read_text())["actor_rollout_ref"]["rollout"]["engine_kwargs"]["vllm"]
+    kwargs = (yaml.safe_load((ROOT / "examples" / "verl_espo.yaml").read_text())
+              ["actor_rollout_ref"]["rollout"]["engine_kwargs"]["vllm"])
     argv = ["--model", model_dirs[0]]
     for k, v in kwargs.items():  # verl.workers.rollout.vllm_rollout.utils.build_cli_args_from_config's rule
-        argv += [f"--{k}", *map(str, v)] if isinstance(v, list) else [f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v)]
+        argv += ([f"--{k}", *map(str, v)] if isinstance(v, list)
+                 else [f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v)])
     args = EngineArgs.from_cli_args(EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(argv))
     assert args.logits_processors == [ev.PROCESSOR]
     settings = ev.ProcessorSettings.from_dict(args.additional_config["espo"])
@@ -248,3 +253,13 @@ def test_example_runs(model_dirs, capsys):
     runpy.run_path(str(ROOT / "examples" / "vllm_espo.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "stopped" in out and "tokens/s" in out
+
+
+def test_records_are_read_back_and_cleared(tmp_path):
+    recorder = ev.Recorder(str(tmp_path))
+    recorder.write({"event": "stop", "id": "a", "seed": 5, "index": 3})
+    recorder.write({"event": "update", "mean": 0.1})
+    assert ev.read_stops(str(tmp_path)) == {"a": ev.StopRecord("a", 5, 3)}
+    assert [u["mean"] for u in ev.read_updates(str(tmp_path))] == [0.1]
+    ev.clear_records(str(tmp_path))
+    assert ev.read_stops(str(tmp_path)) == {} and ev.read_updates(str(tmp_path)) == []
