@@ -435,8 +435,8 @@ class Decoder:
         """
         t0 = time.perf_counter()
         request = self._request(
-            prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values,
-            rollout_seeds,
+            prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stopper=stopper, eos_token_id=eos_token_id, prompt_values=prompt_values, rollout_seeds=rollout_seeds,
         )
         run = _Run.of(request, self.max_seq_len)
         self.slots.reset()
@@ -456,7 +456,7 @@ class Decoder:
         return self._collect(run, time.perf_counter() - t0)
 
     def _request(
-        self, prompts, n, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values,
+        self, prompts, n, *, max_new_tokens, temperature, top_k, top_p, seed, stopper, eos_token_id, prompt_values,
         rollout_seeds,
     ) -> "_Request":
         """``generate``'s arguments checked, each error naming what was wrong and how to fix it."""

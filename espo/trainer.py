@@ -453,7 +453,7 @@ def train_step(run: Run, step: int) -> dict:
     measured = run.diagnostics.after_rollouts(run, step, prompts, rollouts, rewards.wrong)  # timed apart
     t = time.perf_counter()
     batch = build_batch([run.prompts[i] for i in prompts.local_ids()], rollouts, rewards.rewards, prompts.local_ids(),
-                        run.eos if run.eos is not None else 0, run.device) if rollouts else None
+                        pad_id=run.eos if run.eos is not None else 0, device=run.device) if rollouts else None
     stats = update(run, step, advantages(run, batch)) if batch is not None else {}  # 4, 5
     if run.algo.critic and run.stopper is not None and run.warmup.update(stats.get("value_loss", 0.0), step):
         run.stopper.arm()

@@ -46,8 +46,10 @@ class Targets:
     ref_logprobs: torch.Tensor | None
 
 
-def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], pad_id: int,
-                device) -> Batch:
+def build_batch(prompts: list[list[int]], rollouts: Rollouts, rewards: list[float], prompt_ids: list[int], *,
+                pad_id: int, device) -> Batch:
+    """The rollouts (those with at least one token) as a right-padded ``Batch`` on ``device``: ``prompts[i]`` is
+    the prompt of rollouts with ``prompt_index`` i, ``prompt_ids[i]`` its id in the prompt set (the GRPO group)."""
     kept = [i for i, r in enumerate(rollouts) if r.length > 0]
     seqs = [prompts[rollouts[i].prompt_index] + rollouts[i].tokens.tolist() for i in kept]
     N, S = len(kept), max(len(s) for s in seqs)

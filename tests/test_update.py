@@ -36,7 +36,8 @@ def test_micro_batched_update_has_the_padded_update_s_loss_and_gradients(tmp_pat
     lengths = [1, 40, 3, 17, 2, 33, 9, 25, 5, 12, 40, 7]
     rollouts = [SimpleNamespace(prompt_index=i % 3, length=L, tokens=torch.randint(3, 20, (L,)))
                 for i, L in enumerate(lengths)]
-    batch = build_batch(prompts, rollouts, [float(i % 2) for i in range(len(lengths))], [0, 1, 2], 0, "cpu")
+    rewards = [float(i % 2) for i in range(len(lengths))]
+    batch = build_batch(prompts, rollouts, rewards, [0, 1, 2], pad_id=0, device="cpu")
     cfg = TrainConfig(update_tokens=60, kl_coef=0.1, value_clip=0.2)
     old_logprobs, old_values = score_batch(model, head, batch, cfg.temperature, cfg.update_tokens)
     N, T = batch.mask.shape
