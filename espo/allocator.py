@@ -114,7 +114,10 @@ import torch
 
 from .checks import check_int, is_real
 
-__all__ = ["UTILITIES", "CeroAllocator"]
+__all__ = [
+    "UTILITIES",
+    "CeroAllocator",
+]
 
 #: Names accepted by ``CeroAllocator(utility=...)``.
 UTILITIES = ("variance", "mixed")

@@ -21,7 +21,16 @@ from .trainer import setup, train_step
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
 DEMO, QUICK = PRESETS["demo"], PRESETS["quick"]
-__all__ = ["DEMO", "DEMO_ESPO", "PAIRS", "QUICK", "run_demo", "savings", "summarise", "wilson_interval"]
+__all__ = [
+    "DEMO",
+    "DEMO_ESPO",
+    "PAIRS",
+    "QUICK",
+    "run_demo",
+    "savings",
+    "summarise",
+    "wilson_interval",
+]
 TIMES = ("rollout_time_s", "update_time_s", "step_time_s", "measure_time_s", "eval_time_s")
 
 

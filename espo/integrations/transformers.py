@@ -43,7 +43,10 @@ from transformers import (
 from .. import EarlyStopper, Rollout, Rollouts, rollout_seed, sample
 from ..checks import is_integer, is_real
 
-__all__ = ["ESPOSampler", "generate_rollouts"]
+__all__ = [
+    "ESPOSampler",
+    "generate_rollouts",
+]
 
 _EOS, _STOP, _INVALID = 1, 2, 4
 _FIELDS = 7  # row, token, logprob, raw_logprob, entropy, regret, value
