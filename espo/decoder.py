@@ -284,6 +284,7 @@ class Decoder:
         self.vocab_size = self.policy.vocab_size
         S, dev = self.max_batch, self.device
         self.slots = Slots(S, dev)
+        self._caches = [m.cache for m in (self.policy, self.critic) if m is not None]  # what compact moves
         self._arange = torch.arange(max(self.max_seq_len, S), device=dev)
         self.cuda_graphs = bool(cuda_graphs) and dev.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
@@ -544,7 +545,7 @@ class Decoder:
                         self._release(self._admit(run), bar)
                     if not slots.live.any():
                         continue
-                slots.compact([m.cache for m in (self.policy, self.critic) if m is not None])
+                slots.compact(self._caches)
                 where = "decode"
                 self._release(self._step(run), bar)
         except torch.OutOfMemoryError as err:
@@ -610,18 +611,20 @@ class Decoder:
         parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, lens[ui], seeds, rid_arr, srows, cu]
         sizes = [len(a) for a in parts]
         flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)  # one transfer
-        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, *slot_rows, cu_t) = torch.split(flat, sizes)
+        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, len_t, seed_t, rid_t, srow_t, cu_t) = torch.split(
+            flat, sizes
+        )
 
         pvals = run.request.prompt_values
         values = None if pvals is None else pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
-        self.slots.admit(slots, rid_arr, lens[ui], srows, tuple(slot_rows), values)
+        self.slots.admit(slots, rid_arr, lens[ui], srows, (slots_t, len_t, seed_t, rid_t, srow_t), values)
         if run.request.stopper is not None:
             mask = torch.zeros(self.max_batch, dtype=torch.bool)
             mask[torch.from_numpy(srows)] = True
             run.request.stopper.reset_rows(mask.to(self.device))
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
         prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
-        return _Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slot_rows[0])
+        return _Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t)
 
     def _admitted(self, run: "_Run", adm: "_Admission") -> None:
         """The admitted rollouts drew their first tokens."""

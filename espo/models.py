@@ -45,7 +45,6 @@ def builtin_card() -> dict[str, Any]:
     return checkpoint_card(builtin_model_path())
 
 
-
 def _dtype_kwarg() -> str:
     """transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56."""
     import transformers
@@ -73,6 +72,13 @@ def _unreadable_weights(where: Path, exc: BaseException) -> ValueError:
                       "the files may be truncated or corrupt: re-save or re-copy the checkpoint")
 
 
+def _locate(path_or_name: str | Path) -> tuple[Path, str]:
+    """The path as given (user folder expanded) and what to pass transformers: the folder if it exists, else
+    the name (a model in the local HF cache)."""
+    path = Path(path_or_name).expanduser()
+    return path, str(path) if path.exists() else str(path_or_name)
+
+
 def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None):
     """A transformers causal LM from a local checkpoint folder (or a model already in the local HF cache), in
@@ -82,8 +88,7 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
     """
     from transformers import AutoModelForCausalLM
 
-    path = Path(path_or_name).expanduser()
-    where = str(path) if path.exists() else str(path_or_name)
+    path, where = _locate(path_or_name)
     if path.exists() and not path.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the checkpoint folder (with config.json)")
     if path.is_dir() and not (path / "config.json").is_file():
@@ -124,8 +129,7 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
     from transformers import AutoTokenizer
 
     model = load_causal_lm(path_or_name, device=device, dtype=dtype)
-    path = Path(path_or_name).expanduser()
-    where = str(path) if path.exists() else str(path_or_name)
+    path, where = _locate(path_or_name)
     if path.is_dir() and (path / TOKENIZER_FILE).is_file():
         tokenizer = CharTokenizer.load(path / TOKENIZER_FILE)
     else:
@@ -147,5 +151,3 @@ def load_builtin(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
             f"the built-in model is missing from {path}; rebuild it with `python scripts/make_tiny_model.py`"
         )
     return load_model(path, device=device, dtype=dtype)
-
-

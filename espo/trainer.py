@@ -43,23 +43,9 @@ from .checkpoint import save_atomic, write_text_atomic
 from .config import ALGOS, PRESETS, Algo, TrainConfig
 from .decoder import Decoder, Rollouts
 from .models import builtin_model_path, load_model
-from .run_folder import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    METRICS_FILE,
-    claim_run_folder,
-    resume_config,
-    resume_state,
-)
+from .run_folder import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, claim_run_folder, resume_config, resume_state
 from .stopper import CriticWarmup, EarlyStopper
-from .tasks import (
-    builtin_task,
-    check_task,
-    score,
-    task_from_checkpoint,
-    task_problems,
-    tokens_after_mistake,
-)
+from .tasks import builtin_task, check_task, score, task_from_checkpoint, task_problems, tokens_after_mistake
 from .tokenizer import CharTokenizer
 from .update import Batch, Targets, build_batch, minibatch_backward, score_batch
 from .value_head import ValueHead
@@ -273,6 +259,10 @@ class StepPrompts(NamedTuple):
     def local_ids(self) -> list[int]:
         """The prompt-set ids of this rank's prompts, in the decoder's prompt order."""
         return [int(self.ids[j]) for j in self.local]
+
+    def id_of(self, rollout) -> int:
+        """The prompt-set id of one of this rank's rollouts."""
+        return int(self.ids[self.local[rollout.prompt_index]])
 
 
 class Rewards(NamedTuple):
@@ -567,8 +557,8 @@ class Diagnostics(NoDiagnostics):
         false = self._count_false_stops(run, prompts, checked) if checked else 0
         doomed = None
         if callable(getattr(run.task, "first_mistake", None)):
-            problem = lambda r: run.problems[prompts.ids[prompts.local[r.prompt_index]]]  # noqa: E731
-            doomed = sum(tokens_after_mistake(run.task, run.tokenizer, problem(r), r.tokens.tolist()) for r in wrong)
+            doomed = sum(tokens_after_mistake(run.task, run.tokenizer, run.problems[prompts.id_of(r)],
+                                              r.tokens.tolist()) for r in wrong)
         return {"false_stops": false, "checked": len(checked), "doomed": doomed, "time_s": time.perf_counter() - t}
 
     @staticmethod
@@ -584,7 +574,7 @@ class Diagnostics(NoDiagnostics):
     @torch.no_grad()
     def _count_false_stops(run: Run, prompts: StepPrompts, checked: list) -> int:
         cfg = run.cfg
-        ids = [prompts.ids[prompts.local[r.prompt_index]] for r in checked]
+        ids = [prompts.id_of(r) for r in checked]
         redo = run.decoder.generate(
             [run.prompts[i] for i in ids], 1, max_new_tokens=run.max_new,
             temperature=cfg.temperature, rollout_seeds=[r.seed for r in checked], eos_token_id=run.eos, progress=False,

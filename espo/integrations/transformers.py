@@ -32,13 +32,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .. import EarlyStopper, Rollout, Rollouts, rollout_seed, sample
 from ..checks import is_integer, is_real

@@ -37,13 +37,7 @@ import torch
 
 from ..advantages import gae, group_advantages
 from ..stopper import ESPOConfig
-from .vllm import (
-    EXTRA_ARGS_KEY,
-    StopReader,
-    StopRecord,
-    default_record_dir,
-    request_args,
-)
+from .vllm import EXTRA_ARGS_KEY, StopReader, StopRecord, default_record_dir, request_args
 
 try:
     from verl import DataProto
