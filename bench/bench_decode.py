@@ -1,7 +1,8 @@
 """Benchmark espo.Decoder: decode throughput against transformers' generate, and what early stops save.
 
-Models are random-initialised with the shapes of Qwen2.5-0.5B (and 1.5B), in bf16 on the GPU: speed does
-not depend on the weights' values, and nothing is downloaded.
+Models are random-initialised with the shapes of Qwen2.5-0.5B (and 1.5B) and of SmolLM2-135M-Instruct (Llama,
+30 layers, 49,152-token vocabulary), in bf16 on the GPU: speed does not depend on the weights' values, and
+nothing is downloaded.
 
 1. Throughput: B prompts of --prompt-len random tokens, --new-tokens sampled tokens each (no EOS), at
    temperature 1. espo.Decoder (after a warm-up run that captures its CUDA graphs) against
@@ -44,27 +45,33 @@ SHAPES = {
                  num_key_value_heads=2),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2),
+    # SmolLM2-135M-Instruct (its config.json): Llama, tied embeddings
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3),
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2),
     # the CPU rows: a 4-layer, 256-wide model with a 32k vocabulary, in float32
     "cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2),
 }
-VOCAB = {"smoke": 256, "cpu": 32000}
+VOCAB = {"smoke": 256, "cpu": 32000, "smollm2": 49152}
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype):
     import transformers as T
 
     vocab = VOCAB.get(shape, 151936)
-    cfg = T.Qwen2Config(
-        vocab_size=vocab, max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        **SHAPES[shape],
+    llama = shape == "smollm2"
+    config_class, model_class = (T.LlamaConfig, T.LlamaForCausalLM) if llama else (T.Qwen2Config, T.Qwen2ForCausalLM)
+    cfg = config_class(
+        vocab_size=vocab, max_position_embeddings=8192 if llama else 32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e5 if llama else 1e6},
+        rms_norm_eps=1e-5 if llama else 1e-6, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, **SHAPES[shape],
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = T.Qwen2ForCausalLM(cfg)
+        model = model_class(cfg)
     model = model.to(dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -170,7 +177,7 @@ def stopping_rows_at(shape, model, args, device, per_slot):
     rows = []
     B = args.stop_slots
     R = B * per_slot
-    T = args.new_tokens
+    T = args.stop_new_tokens or args.new_tokens
     dec = ScheduledStops(model, max_batch=B, max_seq_len=args.prompt_len + T + 1)
     prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), B, dec.device)  # never armed: its update still runs
@@ -221,7 +228,8 @@ def fmt(v, f):
 def markdown(env, tput, stops) -> str:
     lines = [
         f"espo.Decoder on {env['device']}, {env['dtype']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"flash-attn {env['flash_attn'] or 'not installed'}, {env['date']}. Random-initialised Qwen2.5 shapes. "
+        f"flash-attn {env['flash_attn'] or 'not installed'}, {env['date']}. Random-initialised models of the named "
+        "shapes (0.5b: Qwen2.5-0.5B, smollm2: SmolLM2-135M). "
         f"Command: `{env['command']}`.",
         "",
         "Throughput (sampling at temperature 1, no EOS; HF = transformers' generate at the same batch and lengths; "
@@ -260,7 +268,11 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
     parser.add_argument("--cpu", action="store_true",
                         help="the CPU rows: a 4-layer 256-wide float32 model, 16 slots -> bench/results/decode-cpu.*")
-    parser.add_argument("--models", nargs="*", default=["0.5b"], choices=["0.5b", "1.5b"])
+    parser.add_argument("--models", nargs="*", default=["0.5b"], choices=["0.5b", "1.5b", "smollm2"])
+    parser.add_argument("--throughput-models", nargs="*", default=None,
+                        help="the models of --models that get the throughput rows (default: all)")
+    parser.add_argument("--stop-models", nargs="*", default=None,
+                        help="the models of --models that get the early-stopping rows (default: all)")
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -270,6 +282,8 @@ def main(argv=None):
         help="rollouts per slot in the stopping runs: a batch ends when its last rollout does, so the time saved "
         "approaches the tokens saved as more rollouts share the pool",
     )
+    parser.add_argument("--stop-new-tokens", type=int, default=None,
+                        help="new tokens per rollout in the early-stopping rows (default: --new-tokens)")
     parser.add_argument("--stop-fractions", type=float, nargs="*", default=[0.25, 0.5])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per stopping setting (median)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -292,8 +306,10 @@ def main(argv=None):
     for shape in args.models:
         model = build_model(shape, device, getattr(torch, args.dtype))
         with torch.no_grad():
-            tput += throughput_rows(shape, model, args, device, bandwidth)
-            stops += stopping_rows(shape, model, args, device)
+            if args.throughput_models is None or shape in args.throughput_models:
+                tput += throughput_rows(shape, model, args, device, bandwidth)
+            if args.stop_models is None or shape in args.stop_models:
+                stops += stopping_rows(shape, model, args, device)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

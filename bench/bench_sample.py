@@ -25,6 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FULL_B = [1, 8, 64, 256, 1024]
 FULL_V = [32000, 151936]
 # the exact top-k / top-p path (threshold searches, extra passes over the row): a few rows beside plain sampling
+# torch.compile builds anew for every shape (seconds each): the peer runs at these (B, dtype) unless --compile-all
+COMPILE_AT = {(1, "bfloat16"), (64, "bfloat16"), (256, "bfloat16")}
 FILTERED = [(B, 151936, "bfloat16", top_k, top_p) for B in (8, 256) for top_k, top_p in ((50, 1.0), (0, 0.95))]
 
 
@@ -82,10 +84,32 @@ def rotating(make, bytes_each, device, l2_bytes):
         state["i"] = (state["i"] + 1) % count
         return sets[state["i"]]
 
+    next_set.sets = sets
     return next_set
 
 
-def time_us(fn, device, graph=False):
+def graph_us(step, sets, most=200) -> float:
+    """Device time of one step without the host's launch cost: one CUDA graph runs the step over up to ``most``
+    of the rotating input sets in turn; the median replay time over the steps it holds."""
+    import triton.testing
+
+    sets = sets[:most]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the graph: compiles and loads the kernels
+        for x in sets[:2]:
+            step(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for x in sets:
+            step(x)
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    del graph
+    return ms * 1e3 / len(sets)
+
+
+def time_us(fn, device):
     if device == "cpu":
         import time
 
@@ -96,8 +120,6 @@ def time_us(fn, device, graph=False):
         return (time.perf_counter() - t) / 3 * 1e6
     import triton.testing
 
-    if graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
@@ -129,13 +151,12 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers, top_k=0, top_p=1.
                                validate=False, **filters)
 
         row[f"{backend}_us"] = time_us(lambda: step(next_logits()), device)
-        if device != "cpu" and B <= 8:
-            fixed = next_logits()
-            row[f"{backend}_graph_us"] = time_us(lambda: step(fixed), device, graph=True)
+        if device != "cpu":
+            row[f"{backend}_graph_us"] = graph_us(step, next_logits.sets)
     z = torch.zeros(B, device=device)
     scalars = stopper.scalars
     row["eager_us"] = time_us(lambda: eager_step(next_logits(), 0.8, z, scalars, **filters), device)
-    if "compile" in peers:
+    if "compile" in peers and ("compile-all" in peers or ((B, row["dtype"]) in COMPILE_AT and "filter" not in row)):
         torch._dynamo.reset()  # a fresh compile per shape: past dynamo's recompile limit it would run eager, silently
         compiled = torch.compile(eager_step, dynamic=False)
         try:
@@ -149,6 +170,9 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers, top_k=0, top_p=1.
     ours = min(row.get("cuda_us", math.inf), row.get("triton_us", math.inf))
     row["best_x_floor"] = ours / row["floor_us"]
     row["speedup_vs_eager"] = row["eager_us"] / ours
+    graphed = min(row.get("cuda_graph_us", math.inf), row.get("triton_graph_us", math.inf))
+    if graphed < math.inf:
+        row["graph_x_floor"] = graphed / row["floor_us"]
     return row
 
 
@@ -158,7 +182,8 @@ COLUMNS = [
     ("flashinfer_us", "flashinfer us", "{:.1f}"),
     ("triton_us", "triton us", "{:.1f}"), ("triton_graph_us", "triton graph us", "{:.1f}"),
     ("cuda_us", "cuda us", "{:.1f}"), ("cuda_graph_us", "cuda graph us", "{:.1f}"),
-    ("best_x_floor", "best / floor", "{:.2f}x"), ("speedup_vs_eager", "vs eager", "{:.0f}x"),
+    ("best_x_floor", "best / floor", "{:.2f}x"), ("graph_x_floor", "best graph / floor", "{:.2f}x"),
+    ("speedup_vs_eager", "vs eager", "{:.1f}x"),
 ]
 
 
@@ -166,7 +191,9 @@ def markdown(rows, env) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     lines = [
         f"Fused sample step on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; "
-        f"floor = one read of the logits at the measured copy bandwidth {env['copy_bandwidth_TBps']:.2f} TB/s. "
+        f"floor = one read of the logits at the measured copy bandwidth {env['copy_bandwidth_TBps']:.2f} TB/s; "
+        "us = one call from Python as a user makes it (host launch cost included); graph us = device time per step "
+        "in a CUDA graph over the rotating inputs (no host cost). "
         f"Command: `{env['command']}`.",
         "",
         "| " + " | ".join(c[1] for c in cols) + " |",
@@ -184,6 +211,7 @@ def main(argv=None):
     parser.add_argument("--V", type=int, nargs="*", default=FULL_V)
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--compile-all", action="store_true", help="the torch.compile peer at every row")
     parser.add_argument("--no-filtered", action="store_true", help="skip the top-k / top-p rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -197,7 +225,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu" and not args.smoke:
         parser.error("no CUDA GPU: run with --smoke to check the script on the CPU")
-    peers = set() if args.no_compile else {"compile"}
+    peers = set() if args.no_compile else {"compile"} | ({"compile-all"} if args.compile_all else set())
     try:
         import flashinfer  # noqa: F401
 

@@ -31,7 +31,7 @@ using Outputs7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tens
 using Outputs8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 void check_logits(const Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2, "espo::sample: logits must have shape [B, V], got ", logits.sizes());
+  TORCH_CHECK(logits.dim() == 2, "espo::sample: logits must have shape [B, V], got rank ", logits.dim());
   const auto dt = logits.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "espo::sample: logits must be float32, bfloat16 or float16, got ", dt);

@@ -345,7 +345,6 @@ __device__ __forceinline__ Partial chunk_stats(const typename Tag::storage* row,
   const float ymax = __fmul_rn(mx, a);
   const float ref = safe_reference(ceilf(ymax));
   const float mr_safe = mx == neg_inf() ? 0.0f : mx;
-  const float br = mr_safe * kLog2e;
 
   float acc[3] = {0.0f, 0.0f, 0.0f};  // sum f, sum f * d (log2 units), sum exp(x - mx)
   long long qsum = 0;
@@ -361,7 +360,8 @@ __device__ __forceinline__ Partial chunk_stats(const typename Tag::storage* row,
       // f * d, and 0 where f == 0 (d may be -inf there): ex2 flushes below 2**-126, so f > 0 implies
       // d > -127 and the clamp changes nothing else.
       acc[1] = fmaf(f, fmaxf(d, -256.0f), acc[1]);
-      if (need_raw) acc[2] += ex2(fmaf(xv, kLog2e, -br));
+      // (x - max) first: max * log2(e) alone leaves the float32 range for |max| > 2.36e38
+      if (need_raw) acc[2] += ex2((xv - mr_safe) * kLog2e);
       if (greedy) {
         const int le = local_index<Tag, CHUNK, false>(j) + k;
         if (xv == mx && le < CHUNK && start + le < V) idx = min(idx, le);

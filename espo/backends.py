@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -37,18 +38,21 @@ def register_checkout_kernels() -> None:
     The Triton kernels live in the top-level ``kernels/`` folder, which the wheel installs as ``espo.kernels``
     (pyproject's package-dir). Run from a checkout (``python -m pytest``, scripts), ``espo/kernels`` does not
     exist, so the folder is registered under that name once, when espo is imported; nothing else loads it.
+    The folder has no ``__init__.py`` on purpose: as a bare folder it is at most a namespace portion named
+    ``kernels``, which never shadows the ``kernels`` distribution that transformers imports, even from a
+    checkout's root (tests/test_package.py checks this).
     """
     package = sys.modules["espo"]
     if "espo.kernels" in sys.modules or importlib.util.find_spec("espo.kernels") is not None:
         return
     src = Path(__file__).resolve().parent.parent / "kernels"
-    if not (src / "__init__.py").is_file():
+    if not (src / "sample.py").is_file():
         return  # an installed package without its kernels: backends() reports triton unavailable
-    spec = importlib.util.spec_from_file_location("espo.kernels", src / "__init__.py",
-                                                  submodule_search_locations=[str(src)])
+    spec = importlib.machinery.ModuleSpec("espo.kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(src)]
     module = importlib.util.module_from_spec(spec)
+    module.__doc__ = "Triton kernels of espo (the checkout's kernels/ folder); espo.sample dispatches to them."
     sys.modules["espo.kernels"] = module
-    spec.loader.exec_module(module)
     package.kernels = module
 
 

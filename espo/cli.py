@@ -36,11 +36,14 @@ def example_logits(batch: int = 6, vocab: int = 1000, seed: int = 0) -> torch.Te
 def run_example(backend: str) -> None:
     from . import EarlyStopper, ESPOConfig, sample
 
-    logits = example_logits()
+    # the GPU backends run on the GPU where there is one; "torch" (and any backend without a GPU) on the CPU
+    device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
+    logits = example_logits().to(device)
     B = logits.shape[0]
-    stopper = EarlyStopper(ESPOConfig(beta=0.5), B)
-    kw = dict(temperature=torch.tensor([1.0, 0.7, 0.0, 1.0, 1.0, 1.3]), top_k=torch.tensor([0, 50, 0, 0, 20, 0]),
-              top_p=torch.tensor([1.0, 1.0, 1.0, 0.9, 1.0, 1.0]), seed=1234, backend=backend)
+    stopper = EarlyStopper(ESPOConfig(beta=0.5), B, device)
+    row = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    kw = dict(temperature=row([1.0, 0.7, 0.0, 1.0, 1.0, 1.3]), top_k=row([0, 50, 0, 0, 20, 0]),
+              top_p=row([1.0, 1.0, 1.0, 0.9, 1.0, 1.0]), seed=1234, backend=backend)
     for t in range(8):  # a first batch sets the regret statistics; nothing stops before they exist
         sample(logits, offset=t, stopper=stopper, **kw)
     print("first batch:", {k: round(v, 3) for k, v in stopper.end_batch().items()})

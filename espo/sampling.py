@@ -7,6 +7,8 @@ The public op: its checks and its dispatch. The op's other homes share its name:
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, NamedTuple, Union
 
 import torch
@@ -78,8 +80,12 @@ def _check(name: str, value: RowArg, ok, expected: str, validate: bool) -> None:
     if isinstance(value, torch.Tensor):
         if _can_check_values(value, validate) and not bool(ok(value).all()):
             raise ValueError(f"{name} must be {expected}; got {value[~ok(value)][:4].tolist()} in some rows")
-    elif not ok(torch.tensor(value)):
+    elif not ok(value):  # a Python number: checked without making a tensor (a fixed cost on every call)
         raise ValueError(f"{name} must be {expected}, got {value}")
+
+
+def _finite(t: RowArg):
+    return torch.isfinite(t) if isinstance(t, torch.Tensor) else math.isfinite(t)
 
 
 def _seed_int64(seed: RowArg) -> RowArg:
@@ -166,7 +172,7 @@ def sample(
     top_p = _row_arg("top_p", top_p, B, device, integer=False)
     seed = _seed_int64(_row_arg("seed", seed, B, device, integer=True))
     offset = _row_arg("offset", offset, B, device, integer=True)
-    _check("temperature", temperature, lambda t: ((t == 0) | (t >= MIN_TEMPERATURE)) & torch.isfinite(t),
+    _check("temperature", temperature, lambda t: ((t == 0) | (t >= MIN_TEMPERATURE)) & _finite(t),
            f"finite and 0 (greedy) or >= {MIN_TEMPERATURE:.4g} (so that 1 / T is a finite float32)", validate)
     _check("top_k", top_k, lambda k: k >= 0, ">= 0 (0 disables top-k)", validate)
     _check("top_p", top_p, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 disables top-p)", validate)

@@ -1,35 +1,76 @@
 #!/usr/bin/env bash
-# One device call that does every GPU check of the project: build the CUDA extension, run the whole test
-# suite on the GPU (gpu-marked tests included), then the benchmarks. Logs and results land in $OUT
-# (or ./gpu-out), ready to copy into bench/results/.
-#   bash scripts/gpu_suite.sh [tests|bench|all]      (default: all)
+# One device call that does every GPU check of the project: build the CUDA extension, the Triton compile
+# check, bench/bench_sample.py, the whole test suite on the GPU (gpu-marked tests included) and
+# bench/bench_decode.py. Each stage has its own time limit, so that a hang in one cannot eat the others;
+# after each stage everything so far is packed into $OUT/gpu-out.tar.gz (the device tool brings back at
+# most 8 files), ready to unpack and copy into bench/results/.
+#   bash scripts/gpu_suite.sh [build] [sample] [tests] [decode]     (default: all four, in that order)
+# DECODE_ARGS adds arguments to bench_decode.py. Stage limits in seconds: LIMIT_BUILD, LIMIT_SAMPLE, LIMIT_TESTS, LIMIT_DECODE; DEADLINE (seconds from the
+# start) cuts every stage short so that the whole run ends in time and packs what it has. It runs on the image's
+# own python3, torch, triton and nvcc: nothing here assumes the project's pins or a network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-what=${1:-all}
+WORK=/tmp/gpu-out
+rm -rf "$WORK"; mkdir -p "$OUT" "$WORK"
+stages=${*:-build sample tests decode}
 export PYTHONUNBUFFERED=1
+begin=$(date +%s)
+
+pack() { tar czf "$OUT/gpu-out.tar.gz" -C "$(dirname "$WORK")" "$(basename "$WORK")"; }
+
+stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log to $WORK/NAME.log, show its tail, pack
+  local name=$1 limit=$2 start rc left
+  shift 2
+  start=$(date +%s)
+  left=$(( ${DEADLINE:-100000} - (start - begin) - 5 ))
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  if [ "$limit" -lt 10 ]; then echo "stage $name: skipped, past DEADLINE" | tee -a "$WORK/stages.txt"; return 124; fi
+  timeout --kill-after=15 "$limit" "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  echo "stage $name: rc $rc, $(( $(date +%s) - start )) s (limit $limit), at $(( $(date +%s) - begin )) s" \
+    | tee -a "$WORK/stages.txt"
+  tail -n "${TAIL:-15}" "$WORK/$name.log"
+  pack
+  return $rc
+}
+
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
-if [ -f csrc/bindings.cpp ]; then
-  # in place: the tests import the source tree's espo, which must hold espo/_C*.so
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} python3 setup.py build_ext --inplace 2>&1 | tail -20 | tee "$OUT/build.log"
-fi
-env -u TRITON_INTERPRET python3 scripts/check_triton_compile.py | tail -1 | tee -a "$OUT/env.txt"
-python3 -m espo backends | tee -a "$OUT/env.txt"
-status=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  # no -x: a first run on a GPU should show every failure; a per-test limit keeps a hang from eating the call
-  limit=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=240")
-  python3 -m pytest -q -rfE -p no:cacheprovider $limit --junitxml="$OUT/tests.xml" tests 2>&1 | tee "$OUT/tests.log" | tail -40
-  status=${PIPESTATUS[0]}
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 bench/bench_sample.py --out "$OUT" 2>&1 | tee "$OUT/bench_sample.log" | tail -40
-  if [ -f bench/bench_decode.py ]; then
-    python3 bench/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
-  fi
-fi
-exit "$status"
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+  nvcc --version | tail -2
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__, 'transformers', transformers.__version__)"
+  python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
+  python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>&1 | tail -1
+  nproc
+} >"$WORK/env.txt" 2>&1
+cat "$WORK/env.txt"
+
+for what in $stages; do
+  case $what in
+    build)
+      # in place: the tests and benches import the source tree's espo, which must hold espo/_C*.so
+      stage build "${LIMIT_BUILD:-150}" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
+        python3 setup.py build_ext --inplace
+      TAIL=3 stage triton_compile 60 env -u TRITON_INTERPRET python3 scripts/check_triton_compile.py
+      TAIL=5 stage backends 30 python3 -m espo backends
+      ;;
+    sample)
+      stage bench_sample "${LIMIT_SAMPLE:-110}" python3 bench/bench_sample.py --out "$WORK"
+      ;;
+    tests)
+      # no -x: a first run on a GPU should show every failure; workers share the GPU, 2 CPU threads each
+      TAIL=40 stage tests "${LIMIT_TESTS:-150}" env OMP_NUM_THREADS=2 python3 -m pytest -q -rfE -p no:cacheprovider \
+        -n 8 --timeout=100 --durations=15 --junitxml="$WORK/tests.xml" tests
+      ;;
+    decode)
+      # shell-split on purpose: DECODE_ARGS="--throughput-models smollm2" runs a part of the table
+      # shellcheck disable=SC2086
+      TAIL=30 stage bench_decode "${LIMIT_DECODE:-150}" python3 bench/bench_decode.py --models 0.5b smollm2 \
+        --stop-models 0.5b --rollouts-per-slot 16 --stop-new-tokens 128 --repeats 2 ${DECODE_ARGS:-} --out "$WORK"
+      ;;
+    *) echo "gpu_suite: unknown stage '$what' (build, sample, tests, decode)" >&2; exit 2 ;;
+  esac
+done
+cat "$WORK/stages.txt"
