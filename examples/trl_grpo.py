@@ -3,7 +3,7 @@
 Runs on a CPU in seconds with a tiny random model and a character tokenizer built in memory (put your
 own checkpoint and tokenizer in their place):
 
-    pip install "espo-rl[trl]" && python examples/trl_grpo.py
+    pip install -c constraints/main.txt ".[trl]" && python examples/trl_grpo.py     # in a checkout
 """
 import os
 import random

@@ -7,6 +7,10 @@
 # env each, under $ESPO_HOST_ENVS (default: .host-envs in the checkout). An env whose pins are unchanged is
 # reused (espo itself is reinstalled every time); ESPO_HOST_ENVS_FRESH=1 rebuilds it. Tested on x86_64 Linux,
 # CPython 3.11, no GPU: torch 2.13.0+cpu (the CPU wheel pip finds on this machine's disk).
+#
+# Every install is held to constraints/<host>.txt, the versions these tests last passed with, so that an
+# upstream release cannot change what CI installs. ESPO_CONSTRAINTS=none installs the newest releases instead
+# (scripts/test_newest.sh does, to see drift before it reaches a constraints file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,14 +28,21 @@ VERL_PINS=("torch==2.13.0" "verl==0.9.1" "cachetools" "fastapi" "uvicorn")
 
 seconds() { date +%s; }
 
+constraint_args() {  # name -> pip's arguments for that host's constraints file (none with ESPO_CONSTRAINTS=none)
+    if [ "${ESPO_CONSTRAINTS:-}" != none ]; then echo "--constraint $ROOT/constraints/$1.txt"; fi
+}
+
 make_env() {  # name, pins...
     local name=$1; shift
-    local env=$ENVS/$name stamp="$*"
+    local env=$ENVS/$name cons stamp
+    cons=$(constraint_args "$name")
+    stamp="$* ${cons:+$(sha256sum "$ROOT/constraints/$name.txt" | cut -c1-16)}"
     if [ "${ESPO_HOST_ENVS_FRESH:-0}" = 1 ] || [ ! -x "$env/bin/python" ] || [ "$(cat "$env/.espo-pins" 2>/dev/null)" != "$stamp" ]; then
         local t0; t0=$(seconds)
         rm -rf "$env"
         "$PY" -m venv "$env"
-        "$env/bin/python" -m pip install --quiet "$@"
+        # shellcheck disable=SC2086
+        "$env/bin/python" -m pip install --quiet $cons "$@"
         if [ "$name" = vllm ]; then "$env/bin/python" -m pip uninstall --quiet --yes "${VLLM_DROP[@]}"; fi
         echo "$stamp" > "$env/.espo-pins"
         echo "host_envs: $name env built in $(( $(seconds) - t0 )) s ($*)"

@@ -1,5 +1,9 @@
 """The installed distribution: one top-level import, the Triton kernels inside it, a backend report."""
 import importlib.metadata as md
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +28,29 @@ def test_distribution_installs_only_espo():
     tops = {f.split("/")[0] for f in files if f.endswith(".py")}
     assert tops == {"espo"}, f"top-level modules installed: {tops}"
     assert "espo/kernels/sample.py" in files
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_checkout_never_shadows_the_kernels_distribution():
+    """transformers >= 5.25 imports the ``kernels`` distribution; the checkout's kernels/ folder must not win,
+    even from the repository root (where ``python -m pytest`` and scripts put the root first on sys.path)."""
+    assert not (REPO / "kernels" / "__init__.py").exists(), (
+        "kernels/__init__.py makes the folder a regular package that shadows the `kernels` distribution"
+    )
+    probe = (
+        "import importlib.util, json, espo.kernels.sample as k\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(json.dumps([k.__file__, spec.origin if spec else None]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(ours).resolve().parent.name == "kernels" and Path(ours).name == "sample.py"
+    try:
+        md.distribution("kernels")
+    except md.PackageNotFoundError:  # then `kernels` is at most the checkout's namespace portion: no module file
+        assert theirs is None, theirs
+    else:
+        assert theirs is not None and not Path(theirs).resolve().is_relative_to(REPO), theirs

@@ -49,7 +49,8 @@ from ..checks import is_integer
 try:
     from trl.data_utils import is_conversational
 except ImportError as err:  # pragma: no cover - exercised only where TRL is absent
-    raise ImportError("espo.integrations.trl needs TRL: pip install 'espo-rl[trl]'") from err
+    raise ImportError("espo.integrations.trl needs TRL: pip install '.[trl]' in an espo-rl checkout, or "
+                      "pip install 'trl>=1.16,<2' datasets accelerate") from err
 
 __all__ = ["ESPORollout"]
 
