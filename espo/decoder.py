@@ -205,6 +205,10 @@ class Decoder:
             "flash" or "sdpa".
         cuda_graphs: capture the decode forward in CUDA graphs (on a GPU only), one per bucket of live slots.
         prefill_tokens: most prompt tokens prefilled in one packed forward (one prompt always fits).
+        refill_batch: admit pending rollouts only once this many slots are free (or fewer are pending, or none
+            is live). Default: ``max(1, max_batch // 8)`` with CUDA graphs, where each admission is an eager
+            prefill forward of its own (rollouts that end at scattered steps would otherwise cost one per step);
+            1 without, where refills ride in the decode step's own forward.
         progress: default of ``generate(progress=...)``: a tqdm bar over finished rollouts.
 
     The model's modules are used as they are (not copied): updating its weights in place, as an
@@ -223,9 +227,11 @@ class Decoder:
         attention: str = "auto",
         cuda_graphs: bool = True,
         prefill_tokens: int = 8192,
+        refill_batch: int | None = None,
         progress: bool = False,
     ):
-        for name, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens)):
+        sizes = (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens))
+        for name, v in sizes + ((("refill_batch", refill_batch),) if refill_batch is not None else ()):
             if not is_integer(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if max_seq_len < 2:
@@ -290,6 +296,8 @@ class Decoder:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._graph_pool = None
         self._batch_buckets = _batch_buckets(S)
+        default_refill = max(1, S // 8) if self.cuda_graphs else 1
+        self.refill_batch = min(S, int(refill_batch) if refill_batch is not None else default_refill)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -540,7 +548,7 @@ class Decoder:
                 # Eager steps take refills into the decode step's own forward; the graphed step's shapes are
                 # fixed, so with CUDA graphs (and when no rollout is live) refills get a forward of their own.
                 if self.cuda_graphs or not slots.live.any():
-                    while run.pending and not slots.live.all():
+                    while self._may_refill(run):
                         where = "prefill"
                         self._release(self._admit(run), bar)
                     if not slots.live.any():
@@ -551,6 +559,14 @@ class Decoder:
         except torch.OutOfMemoryError as err:
             message = _oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)
             raise torch.OutOfMemoryError(message) from err
+
+    def _may_refill(self, run: "_Run") -> bool:
+        """Whether to admit pending rollouts now: enough slots are free (refill_batch, or all that are pending),
+        or no rollout is live."""
+        free = self.max_batch - self.slots.n_live
+        return bool(run.pending) and free > 0 and (
+            free >= min(self.refill_batch, len(run.pending)) or self.slots.n_live == 0
+        )
 
     def _sample(self, run: "_Run", logits, values, idx):
         """Draw for the slots ``idx`` (a slice or an index tensor); record; return the tokens and host finish codes."""
@@ -648,7 +664,7 @@ class Decoder:
         need = int(slots.length[:b].max()) + 1
         length = self._length_bucket(need)
         adm = None
-        if not self.cuda_graphs and run.pending and b < self.max_batch:
+        if not self.cuda_graphs and self._may_refill(run):
             adm = self._take_pending(run, np.arange(b, self.max_batch))
         if self.cuda_graphs:
             bb = next(s for s in self._batch_buckets if s >= b)

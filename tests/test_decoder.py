@@ -268,6 +268,39 @@ def test_slots_refill_and_the_pool_drains(monkeypatch):
         torch.testing.assert_close(a.logprobs, c.logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_refill_batch_waits_for_free_slots_and_changes_no_token(monkeypatch):
+    """refill_batch=k admits only once k slots are free (or fewer rollouts are pending, or none is live): the
+    same rollouts, with fewer admissions (with CUDA graphs each admission is a forward of its own)."""
+    model = tiny("qwen2", seed=8)
+    prompts = prompts_for(6, seed=8)
+    kw = dict(max_new_tokens=20, seed=2, eos_token_id=EOS)
+    admissions = []
+    take = Decoder._take_pending
+
+    def spy(self, run, holes):
+        free, pending = len(holes), len(run.pending)
+        adm = take(self, run, holes)
+        if adm is not None:
+            admissions.append((free, pending, int(self.slots.live.sum())))
+        return adm
+
+    monkeypatch.setattr(Decoder, "_take_pending", spy)
+    one = Decoder(model, max_batch=4, max_seq_len=40).generate(prompts, 3, **kw)
+    every_free_slot = len(admissions)
+    admissions.clear()
+    dec = Decoder(model, max_batch=4, max_seq_len=40, refill_batch=3)
+    assert dec.refill_batch == 3
+    three = dec.generate(prompts, 3, **kw)
+    assert [r.tokens.tolist() for r in one] == [r.tokens.tolist() for r in three]
+    assert len(admissions) < every_free_slot
+    for free, pending, live in admissions:
+        assert free >= min(3, pending) or live == 0, (free, pending, live)
+    assert Decoder(model, max_batch=4, max_seq_len=40).refill_batch == 1  # no CUDA graphs: refills ride along
+    assert Decoder(model, max_batch=4, max_seq_len=40, refill_batch=99).refill_batch == 4
+    with pytest.raises(ValueError, match="refill_batch"):
+        Decoder(model, max_batch=4, max_seq_len=40, refill_batch=0)
+
+
 def test_padded_graph_buckets_change_nothing(monkeypatch):
     """The GPU path pads live slots to a bucket and the cache length to a power of two: check that on the CPU."""
     model = tiny("mistral", seed=18, sliding_window=5)
