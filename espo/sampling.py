@@ -8,7 +8,6 @@ The public op: its checks and its dispatch. The op's other homes share its name:
 from __future__ import annotations
 
 import math
-
 from typing import Callable, NamedTuple, Union
 
 import torch
