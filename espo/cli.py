@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace the report and runs already in --out")
+    _add_threads_flag(demo)
     tr = sub.add_parser("train", help="one training run; metrics as JSON lines in --out-dir")
     tr.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="start from a named preset (espo.config.PRESETS: the demo's task-tuned settings); flags "
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                          "change them (--steps extends the run)")
     tr.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir")
     tr.add_argument("--no-progress", action="store_true")
+    _add_threads_flag(tr)
     ex = sub.add_parser("example", help="run the fused sample-and-score op on a built-in example")
     ex.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
     sub.add_parser("backends", help="list the backends and why any is unavailable")
@@ -172,7 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: the cores the machine's load average leaves free, at "
+                             "least 1; OMP_NUM_THREADS wins if set). Busy cores slow a run several-fold at torch's "
+                             "default of one thread per core")
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command in ("demo", "train") and str(getattr(args, "device", None) or "cpu").startswith("cpu"):
+        from .threads import use_cpu_threads
+
+        print(f"espo {args.command}: {use_cpu_threads(args.threads)}", file=sys.stderr)
     if args.command == "demo":
         from .demo import QUICK, print_summary, run_demo
 
