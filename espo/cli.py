@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("demo", "train") and str(getattr(args, "device", None) or "cpu").startswith("cpu"):
         from .threads import use_cpu_threads
 
-        print(f"espo {args.command}: {use_cpu_threads(args.threads)}", file=sys.stderr)
+        print(f"espo {args.command}: {use_cpu_threads(args.threads)}")
     if args.command == "demo":
         from .demo import QUICK, print_summary, run_demo
 

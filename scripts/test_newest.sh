@@ -42,7 +42,7 @@ if [ "$what" = main ] || [ "$what" = all ]; then
     rm -rf "$DIR/main"
     "$PY" -m venv "$DIR/main"
     "$DIR/main/bin/python" -m pip install --quiet "torch==$TORCH"
-    "$DIR/main/bin/python" -m pip install --quiet "$ROOT[test,trl]"
+    "$DIR/main/bin/python" -m pip install --quiet "$ROOT[test,trl,models]"
     freeze "$DIR/main/bin/python" | sed -E 's/^(torch==[^+]*)\+.*/\1/' > "$DIR/main.txt"
     compare main "$DIR/main.txt"
     "$DIR/main/bin/python" -m pytest -q -p no:cacheprovider
