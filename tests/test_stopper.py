@@ -178,3 +178,18 @@ def test_bad_stopper_arguments_are_refused():
     with pytest.raises(ValueError, match="distinct"):
         espo.sample(torch.zeros(2, 4), stopper=s, stopper_rows=torch.tensor([1, 1]))
     assert dataclasses.asdict(s.config) == dataclasses.asdict(espo.ESPOConfig())
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_the_stop_state_never_holds_an_autograd_graph(backend, device):
+    stopper = espo.EarlyStopper(CFG, 3, device)
+    stopper.set_statistics(0.0, 1.0)
+    stopper.arm()
+    logits = torch.randn(3, 50, device=device, requires_grad=True)  # no torch.no_grad(), as in the README's snippet
+    for step in range(3):
+        espo.sample(logits * 1.0, seed=step, offset=step, stopper=stopper, values=torch.ones(3, device=device,
+                    requires_grad=True), backend=backend)
+    held = [stopper.scalars, stopper._batch, *stopper.rows.values()]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in held)
+    stopper.end_batch()
+    assert not any(t.requires_grad for t in [stopper.scalars, stopper._batch, *stopper.rows.values()])
