@@ -33,7 +33,7 @@ from .checks import is_integer, is_real
 from .forward import DecodeRows, PrefillRows, TransformerForward, check_family
 from .kv_cache import KVCache, resolve_attention
 from .models import load_causal_lm
-from .sampling import sample
+from .sampling import MIN_TEMPERATURE, sample
 from .slots import Slots
 from .stopper import EarlyStopper
 from .value_head import Critic, ValueHead, check_value_source, prompt_values_tensor
@@ -480,8 +480,11 @@ class Decoder:
                 raise ValueError(f"n must be >= 1 for every prompt; got n={c!r} for prompt {i}")
         if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not is_real(temperature) or not (temperature >= 0 and np.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite float >= 0 (0 is greedy), got {temperature!r}")
+        if not is_real(temperature) or not np.isfinite(temperature) or not (
+            temperature == 0 or temperature >= MIN_TEMPERATURE
+        ):
+            raise ValueError(f"temperature must be finite and 0 (greedy) or >= {MIN_TEMPERATURE:.4g} (so that 1 / T "
+                             f"is a finite float32), got {temperature!r}")
         if not is_integer(top_k) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
         if not is_real(top_p) or not 0 < top_p <= 1:

@@ -461,6 +461,9 @@ def test_bad_arguments_get_clear_errors(decoder):
         decoder.generate([[1], [2]], max_new_tokens=2, prompt_values=[0.5])
     with pytest.raises(ValueError, match="temperature"):
         decoder.generate([[1]], max_new_tokens=2, temperature=-1.0)
+    for tiny_temperature in (1e-50, 1e-39):  # 0 < T < 2**-126: 1 / T is no finite float32
+        with pytest.raises(ValueError, match="temperature must be finite and 0"):
+            decoder.generate([[1]], max_new_tokens=2, temperature=tiny_temperature)
 
 
 def test_unsupported_architecture_is_named():
