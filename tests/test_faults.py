@@ -248,3 +248,24 @@ class DictProblems(ChainArithmetic):
 def test_a_task_breaking_the_problems_contract_is_named(task, words, tmp_path):
     with pytest.raises(TaskError, match=words):
         train(TrainConfig(**TINY, algo="grpo", out_dir=str(tmp_path / "run")), task=task, progress=False)
+
+
+# ------------------------------------------------------------------------------ issue 24: round two
+
+
+def _model_with_layers(tmp_path: Path, extra: int) -> Path:
+    """The built-in model's weights under a config.json naming ``extra`` more (or fewer) layers."""
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path(), model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] += extra
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("extra, words", [(1, "missing from the weights"), (-1, "in the weights but not in the model")])
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, capsys, extra, words):
+    model = _model_with_layers(tmp_path, extra)
+    line = one_line_failure(capsys, "train", "--model", model, "--steps", "1", *TINY_FLAGS,
+                            "--out-dir", tmp_path / "run")
+    assert words in line and "model.layers." in line and "config.json" in line, line
