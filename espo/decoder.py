@@ -258,6 +258,9 @@ class Decoder:
             raise ValueError("the model has no parameters")
         self.device = _device(device if device is not None else first.device)
         self.dtype = dtype if dtype is not None else first.dtype
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (what espo.sample reads), "
+                            f"got {self.dtype}: pass dtype=torch.float32")
         self._to(model)
         self.model = model
         self.max_batch, self.max_seq_len, self.prefill_tokens = int(max_batch), int(max_seq_len), int(prefill_tokens)

@@ -472,6 +472,8 @@ def test_bad_settings_name_the_argument(decoder):
         Decoder(model, max_batch=2, max_seq_len=12, device="tpu")
     with pytest.raises(ValueError, match="device is 'cuda:99'"):
         Decoder(model, max_batch=2, max_seq_len=12, device="cuda:99")
+    with pytest.raises(TypeError, match="dtype must be torch.float32, torch.bfloat16 or torch.float16"):
+        Decoder(model, max_batch=2, max_seq_len=12, dtype=torch.float64)  # espo.sample reads no float64 logits
     with pytest.raises(ValueError, match="eos_token_id must be token ids >= 0"):
         decoder.generate([[1]], max_new_tokens=2, eos_token_id=2**70)
     with pytest.raises(ValueError, match="eos_token_id must be token ids >= 0"):
