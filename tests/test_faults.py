@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -366,3 +368,20 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_with_a_plain_rerun(t
         train(TrainConfig(**TINY, algo="grpo", out_dir=str(other)), task=RaisingTask(), progress=False)
     assert [h["step"] for h in train(TrainConfig(**TINY, algo="grpo", out_dir=str(other)), progress=False).history] \
         == [0, 1]
+
+
+def test_a_folder_locked_by_another_process_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(  # another process holding the run folder's lock, as a running `espo train` does
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = one_line_failure(capsys, "train", "--steps", "1", *TINY_FLAGS, "--out-dir", run)
+        assert str(run) in line and "another run holds it" in line, line
+        assert list(run.iterdir()) == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
