@@ -127,6 +127,19 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: for a run, its last checkpoint or, before the first, nothing to resume."""
+    if args.command != "train":
+        return ""
+    from .config import TrainConfig
+    from .run_folder import CHECKPOINT_FILE
+
+    ckpt = Path(args.out_dir or TrainConfig.out_dir) / CHECKPOINT_FILE
+    if ckpt.is_file():
+        return f"; the last checkpoint is kept in {ckpt}: continue with --resume"
+    return " before the first checkpoint, so there is nothing to resume: rerun the command to start again"
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
     from .config import PRESETS, TrainConfig
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print(f"espo {args.command}: interrupted (the last checkpoint written is kept)", file=sys.stderr)
+        print(f"espo {args.command}: interrupted{_what_is_kept(args)}", file=sys.stderr)
         return 130
     except Exception as err:  # every failure is one line; ESPO_DEBUG=1 shows where
         if os.environ.get("ESPO_DEBUG"):

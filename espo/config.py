@@ -34,7 +34,7 @@ ALGOS = {
     "grpo-cero": Algo(critic=False, stops=False, allocates=True),
     "espo-cero": Algo(critic=False, stops=True, allocates=True),
 }
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPES = ("float32", "bfloat16", "float16")  # what espo.sample reads: a run in another dtype could not decode
 
 
 @dataclass
@@ -76,7 +76,7 @@ class TrainConfig:
                                        above=0.0, maximum=1.0)
     seed: int = setting(0, "the run's seed (prompts, rollouts, minibatches)", minimum=0)
     device: str = setting("cpu", "cpu, cuda or cuda:N")
-    dtype: str = setting("float32", "the model's dtype: float32, bfloat16, float16 or float64")
+    dtype: str = setting("float32", "the model's dtype: float32, bfloat16 or float16")
     max_batch: int = setting(128, "decoder slots per rank; fewer than a step's rollouts keeps the pool full, so "
                                   "the rollout time follows the tokens", minimum=1)
     update_tokens: int = setting(8192, "largest padded micro-batch (rows x longest row) of an update forward",

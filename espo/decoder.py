@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import is_integer, is_real
+from .checks import check_device, is_integer, is_real
 from .forward import DecodeRows, PrefillRows, TransformerForward, check_family
 from .kv_cache import KVCache, resolve_attention
 from .models import load_causal_lm
-from .sampling import sample
+from .sampling import MIN_TEMPERATURE, sample
 from .slots import Slots
 from .stopper import EarlyStopper
 from .value_head import Critic, ValueHead, check_value_source, prompt_values_tensor
@@ -140,6 +140,20 @@ def _device(device) -> torch.device:
     return device
 
 
+def _rollout_seeds(rollout_seeds: object, R: int) -> list[int]:
+    """``generate``'s rollout_seeds checked: one int64 per rollout (a float is refused, not truncated)."""
+    if isinstance(rollout_seeds, (str, bytes)) or not isinstance(rollout_seeds, (Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(f"rollout_seeds must be a list of ints, one per rollout ({R}), "
+                        f"got {type(rollout_seeds).__name__}")
+    seeds = rollout_seeds.tolist() if isinstance(rollout_seeds, (np.ndarray, torch.Tensor)) else list(rollout_seeds)
+    bad = [s for s in seeds if not is_integer(s)]
+    if bad:
+        raise TypeError(f"rollout_seeds must hold ints (each rollout's Rollout.seed), got {bad[:4]!r}")
+    if len(seeds) != R or not all(-(2**63) <= s < 2**63 for s in seeds):
+        raise ValueError(f"rollout_seeds must hold one int64 per rollout ({R}), got {len(seeds)} values")
+    return [int(s) for s in seeds]
+
+
 def _batch_buckets(max_batch: int) -> list[int]:
     sizes, p = {1, max_batch}, 1
     while p < max_batch:
@@ -238,6 +252,8 @@ class Decoder:
             raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a generated one), got {max_seq_len}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if device is not None:
+            check_device("device", device)
         if isinstance(model, (str, os.PathLike)):
             model = self._load(model, dtype)
         if not isinstance(model, nn.Module):
@@ -248,6 +264,9 @@ class Decoder:
             raise ValueError("the model has no parameters")
         self.device = _device(device if device is not None else first.device)
         self.dtype = dtype if dtype is not None else first.dtype
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (what espo.sample reads), "
+                            f"got {self.dtype}: pass dtype=torch.float32")
         self._to(model)
         self.model = model
         self.max_batch, self.max_seq_len, self.prefill_tokens = int(max_batch), int(max_seq_len), int(prefill_tokens)
@@ -488,8 +507,11 @@ class Decoder:
                 raise ValueError(f"n must be >= 1 for every prompt; got n={c!r} for prompt {i}")
         if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not is_real(temperature) or not (temperature >= 0 and np.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite float >= 0 (0 is greedy), got {temperature!r}")
+        if not is_real(temperature) or not np.isfinite(temperature) or not (
+            temperature == 0 or temperature >= MIN_TEMPERATURE
+        ):
+            raise ValueError(f"temperature must be finite and 0 (greedy) or >= {MIN_TEMPERATURE:.4g} (so that 1 / T "
+                             f"is a finite float32), got {temperature!r}")
         if not is_integer(top_k) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
         if not is_real(top_p) or not 0 < top_p <= 1:
@@ -520,8 +542,8 @@ class Decoder:
         else:
             eos = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
         for e in eos:
-            if not is_integer(e) or e < 0:
-                raise ValueError(f"eos_token_id must be token ids >= 0, got {eos_token_id!r}")
+            if not is_integer(e) or not 0 <= e < 2**63:
+                raise ValueError(f"eos_token_id must be token ids >= 0 (int64), got {eos_token_id!r}")
         pvals = None
         if prompt_values is not None:
             if self.value_source is not None:
@@ -531,9 +553,7 @@ class Decoder:
         if rollout_seeds is None:
             seeds = [rollout_seed(seed, r) for r in range(R)]
         else:
-            seeds = [int(s) for s in rollout_seeds]
-            if len(seeds) != R or not all(-(2**63) <= s < 2**63 for s in seeds):
-                raise ValueError(f"rollout_seeds must hold one int64 per rollout ({R}), got {len(seeds)} values")
+            seeds = _rollout_seeds(rollout_seeds, R)
         return _Request(
             prompts=plist, counts=counts, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
             top_k=int(top_k), top_p=float(top_p), seed=int(seed), seeds=seeds, stopper=stopper,

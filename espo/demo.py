@@ -234,6 +234,8 @@ def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("pp
     finally:
         if bar is not None:
             bar.close()
+        for run in runs.values():
+            run.close()
     histories = {a: run.history for a, run in runs.items()}
     summaries = {a: summarise(a, h) for a, h in histories.items()}
     seconds = time.perf_counter() - t0

@@ -55,14 +55,18 @@ def _dtype_kwarg() -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """transformers 5 draws a progress bar for every weights load: hide it (the trainer loads often)."""
+    """transformers 5 draws a progress bar for every weights load: hide it (the trainer loads often). Its load
+    report (missing and unexpected weights, many lines) is hidden too: ``load_causal_lm`` refuses such weights in
+    one error."""
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -70,6 +74,22 @@ def _quiet_transformers():
 def _unreadable_weights(where: Path, exc: BaseException) -> ValueError:
     return ValueError(f"could not load the model weights in {str(where)!r} ({' '.join(str(exc).split())[:300]}); "
                       "the files may be truncated or corrupt: re-save or re-copy the checkpoint")
+
+
+def _check_loading_info(path_or_name: str | Path, info: dict[str, Any]) -> None:
+    """Refuse weights that do not match the config: transformers would initialise a missing weight at random
+    (a model that trains without error but is not the checkpoint) and drop an unexpected one."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights (transformers would initialise them at random)"),
+                      ("unexpected_keys", "in the weights but not in the model that config.json describes"),
+                      ("mismatched_keys", "of another shape than config.json describes")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            problems.append(f"{len(names)} weight(s) {what}: {shown}")
+    if problems:
+        raise ValueError(f"the checkpoint {str(path_or_name)!r} does not match its config.json: {'; '.join(problems)}. "
+                         "Fix config.json (e.g. num_hidden_layers) or re-save the model")
 
 
 def _locate(path_or_name: str | Path) -> tuple[Path, str]:
@@ -102,8 +122,9 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
             ) from None
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
-                where, local_files_only=True, **{_dtype_kwarg(): dtype if dtype is not None else "auto"}
+            model, info = AutoModelForCausalLM.from_pretrained(
+                where, local_files_only=True, output_loading_info=True,
+                **{_dtype_kwarg(): dtype if dtype is not None else "auto"},
             )
     except OSError as exc:
         if path.is_dir():
@@ -115,6 +136,7 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
         ) from exc
     except Exception as exc:  # noqa: BLE001 - safetensors' and torch's errors for a bad weight file
         raise _unreadable_weights(path, exc) from None
+    _check_loading_info(path_or_name, info)
     if device is not None:
         model.to(device)
     return model.eval()

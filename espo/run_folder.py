@@ -4,19 +4,29 @@
     DIR/metrics.jsonl   one JSON record per finished step
     DIR/checkpoint.pt   everything needed to continue after the last finished step (tensors and plain data)
 
-Nothing here replaces a run without being asked (``overwrite``), and a checkpoint is read with
+Nothing here replaces a run without being asked (``overwrite``), nor touches a file that is not a run's own;
+a run locks its folder for its life (a second run there is refused); a checkpoint is read with
 ``weights_only=True`` and its configuration checked before any weights are used.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, write_text_atomic
 from .config import ALGOS, TrainConfig
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
 CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE = "checkpoint.pt", "config.json", "metrics.jsonl"
+RUN_FILES = (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE)
+WRITE_CHECK = ".espo-write-check"  # the probe that checks a new run's folder is writable
 # What a resumed run may change: where the folder is now, how long the run is, where it runs, its learning rate
 # (to recover from a divergence), diagnostics.
 RESUMABLE_CHANGES = ("out_dir", "steps", "device", "lr", "eval_every", "check_false_stops", "false_stop_sample")
@@ -57,19 +67,95 @@ def resume_state(cfg: TrainConfig, ckpt_path: Path) -> dict[str, Any]:
     return state
 
 
-def claim_run_folder(out_dir: Path, overwrite: bool) -> None:
-    """Make ``out_dir`` ready for a new run: refuse one that holds a run unless ``overwrite``; check it is writable."""
-    held = [name for name in (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE) if (out_dir / name).exists()]
-    if held and not overwrite:
+def _is_run_file(name: str) -> bool:
+    """A file a run writes: its three files and the temporaries an atomic write leaves when it is killed."""
+    if name in RUN_FILES or name == WRITE_CHECK:
+        return True
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+class RunFolderLock:
+    """An OS advisory lock (``flock``) on the run folder itself, held for the run's life: a second run on the
+    same folder is refused while the first holds it. The OS drops it when the process ends, however it ends.
+    (Where ``fcntl`` is missing, as on Windows, nothing is locked.)"""
+
+    def __init__(self, out_dir: Path):
+        self.fd: int | None = None
+        if fcntl is None:
+            return
+        fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return  # a file system without advisory locks (some network mounts): the run goes unlocked
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise ValueError(f"{out_dir} is in use: another run holds it (its lock); wait for that run to end, "
+                             "or choose another --out-dir") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def check_apart_from_model(out_dir: Path, model_dir: Path) -> None:
+    """Refuse a run folder that is the model's folder, lies inside it or holds it: the run would write (and
+    ``--overwrite`` delete) files beside or over the model's."""
+    if not model_dir.exists():
+        return
+    out, model = out_dir.expanduser().resolve(), model_dir.expanduser().resolve()
+    where = "is" if out == model else "is inside" if model in out.parents else "holds" if out in model.parents else ""
+    if where:
+        raise ValueError(f"--out-dir {out_dir} {where} the model folder {model_dir}: a run's folder must lie apart "
+                         "from its model; choose another --out-dir")
+
+
+def lock_run_folder(out_dir: Path, *, create: bool) -> RunFolderLock:
+    """Lock ``out_dir`` for this run (``create``: make it first and check it is writable); stale temporaries of
+    killed atomic writes are removed once the lock is held."""
+    if create:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / WRITE_CHECK
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"cannot write the run folder {out_dir} ({err.strerror or err}); "
+                             "choose a writable --out-dir") from None
+    elif not out_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {out_dir}: start without --resume, or point to the run's folder")
+    lock = RunFolderLock(out_dir)
+    for path in out_dir.iterdir():
+        if path.name.endswith(".tmp") and _is_run_file(path.name):
+            path.unlink(missing_ok=True)  # a temporary of a write that was killed (SIGKILL, power loss)
+    return lock
+
+
+def check_new_run_folder(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder for a new run when it holds a run's checkpoint (unless ``overwrite``) or anything but a
+    run's own files. A folder whose run wrote no checkpoint yet holds nothing to lose: a rerun starts afresh."""
+    foreign = sorted(p.name for p in out_dir.iterdir() if not _is_run_file(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ValueError(f"{out_dir} holds files that are not a run's ({shown}); a run needs a new or empty folder "
+                         "(or one of its own runs): choose another --out-dir")
+    if (out_dir / CHECKPOINT_FILE).exists() and not overwrite:
+        held = [name for name in (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE) if (out_dir / name).exists()]
         raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --resume, choose "
                          "another --out-dir, or pass --overwrite to replace it")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".espo-write-check"
-        probe.write_bytes(b"")
-        probe.unlink()
-        for name in held:
-            (out_dir / name).unlink()
-    except OSError as err:
-        raise ValueError(f"cannot write the run folder {out_dir} ({err.strerror or err}); "
-                         "choose a writable --out-dir") from None
+
+
+def start_run_folder(out_dir: Path, config: dict[str, Any], history: list[dict], *, new: bool) -> None:
+    """Write the run's config.json and metrics.jsonl (``history``); a ``new`` run first removes the checkpoint of
+    the run it replaces. Only a run's own files are touched."""
+    if new:
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    write_text_atomic(json.dumps(config, indent=2), out_dir / CONFIG_FILE)
+    write_text_atomic("".join(json.dumps(h) + "\n" for h in history), out_dir / METRICS_FILE)

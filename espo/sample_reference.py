@@ -226,6 +226,7 @@ def sample_reference(
     return out
 
 
+@torch.no_grad()  # the stop state never joins an autograd graph (logits that require grad would grow it forever)
 def stop_update_reference(regret: torch.Tensor, valid: torch.Tensor, state: StopState) -> torch.Tensor:
     """One ESPO step on the stop state, in place; returns the stop mask [B].
 

@@ -50,8 +50,9 @@ def _can_check_values(t: torch.Tensor, validate: bool) -> bool:
     return validate and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _row_arg(name: str, value: RowArg, B: int, device: torch.device, integer: bool) -> RowArg:
-    """A Python number (NumPy numbers accepted), or a [B] tensor moved to ``device`` as int64 or float32."""
+def _row_arg(name: str, value: RowArg, B: int, device: torch.device, integer: bool, validate: bool = True) -> RowArg:
+    """A Python number (NumPy numbers accepted), or a [B] tensor moved to ``device`` as int64 or float32 (a float64
+    value that float32 would round to 0 refused, when ``validate``)."""
     if isinstance(value, torch.Tensor):
         if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             raise TypeError(f"{name} must hold integers (e.g. torch.int64), got a {value.dtype} tensor")
@@ -62,7 +63,13 @@ def _row_arg(name: str, value: RowArg, B: int, device: torch.device, integer: bo
         if value.shape != (B,):
             raise ValueError(f"{name} must be a scalar or have one entry per row, shape ({B},); "
                              f"got {tuple(value.shape)}")
-        return value.to(device=device, dtype=torch.int64 if integer else torch.float32).contiguous()
+        converted = value.to(device=device, dtype=torch.int64 if integer else torch.float32).contiguous()
+        if not integer and value.dtype == torch.float64 and _can_check_values(value, validate):
+            flushed = (value != 0) & (converted == 0)  # e.g. 1e-50: non-zero in float64, 0 (greedy) in float32
+            if bool(flushed.any()):
+                raise ValueError(f"{name} holds {value[flushed][:4].tolist()}, which float32 rounds to 0: pass 0 or a "
+                                 f"value float32 holds as a normal number (>= {MIN_TEMPERATURE:.4g})")
+        return converted
     if integer:
         if not is_integer(value):
             raise TypeError(f"{name} must be an int or an integer tensor of shape ({B},), got {type(value).__name__}")
@@ -166,9 +173,9 @@ def sample(
     if V == 0:
         raise ValueError("logits has an empty vocabulary (V == 0): there is no token to sample")
     device = logits.device
-    temperature = _row_arg("temperature", temperature, B, device, integer=False)
+    temperature = _row_arg("temperature", temperature, B, device, integer=False, validate=validate)
     top_k = _row_arg("top_k", top_k, B, device, integer=True)
-    top_p = _row_arg("top_p", top_p, B, device, integer=False)
+    top_p = _row_arg("top_p", top_p, B, device, integer=False, validate=validate)
     seed = _seed_int64(_row_arg("seed", seed, B, device, integer=True))
     offset = _row_arg("offset", offset, B, device, integer=True)
     _check("temperature", temperature, lambda t: ((t == 0) | (t >= MIN_TEMPERATURE)) & _finite(t),

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .checks import check_fields, setting
+from .checks import check_device, check_fields, check_int, setting
 
 _ROW_FIELDS = {
     "z": torch.float32,
@@ -137,8 +137,11 @@ class EarlyStopper:
     """
 
     def __init__(self, config: ESPOConfig | None = None, batch_size: int = 1, device: torch.device | str = "cpu"):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"EarlyStopper batch_size must be a positive int, got {batch_size!r}")
+        if config is not None and not isinstance(config, ESPOConfig):
+            raise TypeError(f"EarlyStopper config must be an espo.ESPOConfig (e.g. ESPOConfig(beta=1.0)) or None, "
+                            f"got {type(config).__name__}")
+        batch_size = check_int("EarlyStopper batch_size", batch_size, minimum=1)
+        device = check_device("EarlyStopper device", device)
         self.config = config if config is not None else ESPOConfig()
         self.batch_size = batch_size
         self.rows = {k: torch.zeros(batch_size, dtype=dt, device=device) for k, dt in _ROW_FIELDS.items()}
@@ -262,6 +265,7 @@ class EarlyStopper:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict``; the config and batch size must match this stopper's."""
+        self._check_state(state)
         if state.get("config") != dataclasses.asdict(self.config):
             raise ValueError(
                 "EarlyStopper.load_state_dict: the saved config differs from this stopper's "
@@ -271,8 +275,33 @@ class EarlyStopper:
             raise ValueError(
                 f"EarlyStopper.load_state_dict: saved batch_size {state.get('batch_size')} != {self.batch_size}"
             )
+        self._check_shapes(state)  # before anything is copied
         for k, v in state["rows"].items():
             self.rows[k].copy_(v)
         self.scalars.copy_(state["scalars"])
         self._batch.copy_(state["batch"])
         self.batches_seen = int(state["batches_seen"])
+
+    @staticmethod
+    def _check_state(state: Any) -> None:
+        """Refuse a ``state`` that is not a dict with every entry of ``state_dict``'s."""
+        where = "EarlyStopper.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{where} needs the dict that state_dict() returns, got {type(state).__name__}")
+        missing = [k for k in ("config", "batch_size", "rows", "scalars", "batch", "batches_seen") if k not in state]
+        if missing:
+            raise ValueError(f"{where}: the state lacks {', '.join(missing)}; pass what state_dict() returned")
+
+    def _check_shapes(self, state: dict[str, Any]) -> None:
+        """Refuse a state whose tensors are not those of a stopper of this batch size."""
+        where = "EarlyStopper.load_state_dict"
+        rows = state["rows"]
+        if not isinstance(rows, dict) or set(rows) != set(_ROW_FIELDS):
+            got = sorted(rows) if isinstance(rows, dict) else type(rows).__name__
+            raise ValueError(f"{where}: state['rows'] must hold the tensors {', '.join(_ROW_FIELDS)}; got {got}")
+        shapes = {**{f"rows['{k}']": (rows[k], (self.batch_size,)) for k in _ROW_FIELDS},
+                  "scalars": (state["scalars"], (len(SCALARS),)), "batch": (state["batch"], (len(_BATCH_FIELDS),))}
+        for name, (value, shape) in shapes.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{where}: state {name} must be a tensor of shape {shape}, got {got}")

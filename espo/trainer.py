@@ -39,11 +39,21 @@ import torch.distributed as dist
 
 from .advantages import gae, group_advantages
 from .allocator import CeroAllocator
-from .checkpoint import save_atomic, write_text_atomic
+from .checkpoint import save_atomic
 from .config import ALGOS, PRESETS, Algo, TrainConfig
 from .decoder import Decoder, Rollouts
 from .models import builtin_model_path, load_model
-from .run_folder import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, claim_run_folder, resume_config, resume_state
+from .run_folder import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    RunFolderLock,
+    check_apart_from_model,
+    check_new_run_folder,
+    lock_run_folder,
+    resume_config,
+    resume_state,
+    start_run_folder,
+)
 from .stopper import CriticWarmup, EarlyStopper
 from .tasks import builtin_task, check_task, score, task_from_checkpoint, task_problems, tokens_after_mistake
 from .tokenizer import CharTokenizer
@@ -130,6 +140,13 @@ class Run:
     diagnostics: "NoDiagnostics"  # the optional hook: Diagnostics, or NoDiagnostics to measure nothing
     history: list[dict]
     start: int  # the first step to run (after a resume, the one after the checkpoint's)
+    lock: RunFolderLock | None = None  # rank 0 holds its folder's lock for the run's life (``close`` drops it)
+
+    def close(self) -> None:
+        """Drop the run folder's lock: another run may use the folder from then on."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +160,7 @@ class Run:
         """``float(value)``, or TrainingDiverged naming ``what`` when it is NaN or infinite."""
         v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if not math.isfinite(v):
-            kept = "no checkpoint had been written yet"
+            kept = "no checkpoint had been written yet (a rerun starts the run again)"
             if self.ckpt_path.is_file():
                 kept = (f"the last good checkpoint (after step {step - 1}) is kept at {self.ckpt_path}; resume from it "
                         "with --resume and a lower --lr")
@@ -169,17 +186,36 @@ def setup(cfg: TrainConfig, *, task: Any = None, resume: bool = False, overwrite
     """Build the run ``cfg`` describes: model, task and prompts, learner state, decoder, stopper, allocator.
 
     ``resume`` restores it from the checkpoint in ``cfg.out_dir`` (checked before any weights are loaded);
-    otherwise a folder that holds a run is refused unless ``overwrite``. ``diagnostics=False`` measures
-    nothing beside training (no false-stop checks, doomed tokens or held-out accuracy).
+    otherwise a folder that holds a run is refused unless ``overwrite``. The folder is locked for the run's life
+    (``Run.close`` drops the lock; ``train`` does so at its end) and written only once everything is built.
+    ``diagnostics=False`` measures nothing beside training (no false-stop checks, doomed tokens or held-out
+    accuracy).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig, got {type(cfg).__name__}")
     rank, world = _distributed(cfg.device)
+    out_dir, lock = Path(cfg.out_dir), None
+    if rank == 0:
+        check_apart_from_model(out_dir, Path(cfg.model) if cfg.model is not None else builtin_model_path())
+        lock = lock_run_folder(out_dir, create=not resume)
+    try:
+        run = _build(cfg, rank, world, task=task, resume=resume, overwrite=overwrite, diagnostics=diagnostics)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _build(cfg: TrainConfig, rank: int, world: int, *, task: Any, resume: bool, overwrite: bool,
+           diagnostics: bool) -> Run:
+    """``setup`` once the run folder is locked: everything is built and checked before the folder is written."""
     algo, device, dtype = ALGOS[cfg.algo], torch.device(cfg.device), getattr(torch, cfg.dtype)
     out_dir = Path(cfg.out_dir)
     state = resume_state(cfg, out_dir / CHECKPOINT_FILE) if resume else None
     if rank == 0 and state is None:
-        claim_run_folder(out_dir, overwrite)
+        check_new_run_folder(out_dir, overwrite)
     torch.manual_seed(cfg.seed)
 
     # policy, task, prompts
@@ -224,8 +260,7 @@ def setup(cfg: TrainConfig, *, task: Any = None, resume: bool = False, overwrite
     if state is not None:
         _restore(run, state)
     if rank == 0:
-        write_text_atomic(json.dumps(cfg.to_dict(), indent=2), out_dir / CONFIG_FILE)
-        write_text_atomic("".join(json.dumps(h) + "\n" for h in run.history), out_dir / METRICS_FILE)
+        start_run_folder(out_dir, cfg.to_dict(), run.history, new=state is None)
     run.diagnostics.initial = run.history[0]["initial_eval_accuracy"] if run.history else run.diagnostics.accuracy(run)
     return run
 
@@ -496,11 +531,11 @@ def train(
     """
     run = setup(cfg, task=task, resume=resume, overwrite=overwrite, diagnostics=diagnostics)
     bar = None
-    if progress and run.rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=run.start, desc=cfg.algo, unit="step")
     try:
+        if progress and run.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=run.start, desc=cfg.algo, unit="step")
         for step in range(run.start, cfg.steps):
             record = train_step(run, step)
             if bar is not None:
@@ -512,6 +547,7 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        run.close()
     return TrainResult(run.history, run.model, run.value_head, run.stopper, run.allocator)
 
 

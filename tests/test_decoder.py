@@ -494,6 +494,27 @@ def test_bad_arguments_get_clear_errors(decoder):
         decoder.generate([[1], [2]], max_new_tokens=2, prompt_values=[0.5])
     with pytest.raises(ValueError, match="temperature"):
         decoder.generate([[1]], max_new_tokens=2, temperature=-1.0)
+    for tiny_temperature in (1e-50, 1e-39):  # 0 < T < 2**-126: 1 / T is no finite float32
+        with pytest.raises(ValueError, match="temperature must be finite and 0"):
+            decoder.generate([[1]], max_new_tokens=2, temperature=tiny_temperature)
+
+
+def test_bad_settings_name_the_argument(decoder):
+    model = decoder.model
+    with pytest.raises(ValueError, match="device must be a device such as 'cpu' or 'cuda:0', got 'tpu'"):
+        Decoder(model, max_batch=2, max_seq_len=12, device="tpu")
+    with pytest.raises(ValueError, match="device is 'cuda:99'"):
+        Decoder(model, max_batch=2, max_seq_len=12, device="cuda:99")
+    with pytest.raises(TypeError, match="dtype must be torch.float32, torch.bfloat16 or torch.float16"):
+        Decoder(model, max_batch=2, max_seq_len=12, dtype=torch.float64)  # espo.sample reads no float64 logits
+    with pytest.raises(ValueError, match="eos_token_id must be token ids >= 0"):
+        decoder.generate([[1]], max_new_tokens=2, eos_token_id=2**70)
+    with pytest.raises(ValueError, match="eos_token_id must be token ids >= 0"):
+        decoder.generate([[1]], max_new_tokens=2, eos_token_id=[3, 2**63])
+    with pytest.raises(TypeError, match=r"rollout_seeds must hold ints .*\[1.7\]"):
+        decoder.generate([[1]], max_new_tokens=2, rollout_seeds=[1.7])
+    with pytest.raises(TypeError, match="rollout_seeds must be a list of ints"):
+        decoder.generate([[1]], max_new_tokens=2, rollout_seeds=7)
 
 
 def test_unsupported_architecture_is_named():

@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,138 @@ class DictProblems(ChainArithmetic):
 def test_a_task_breaking_the_problems_contract_is_named(task, words, tmp_path):
     with pytest.raises(TaskError, match=words):
         train(TrainConfig(**TINY, algo="grpo", out_dir=str(tmp_path / "run")), task=task, progress=False)
+
+
+# ------------------------------------------------------------------------------ issue 24: round two
+
+
+def _model_with_layers(tmp_path: Path, extra: int) -> Path:
+    """The built-in model's weights under a config.json naming ``extra`` more (or fewer) layers."""
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path(), model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] += extra
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("extra, words", [(1, "missing from the weights"), (-1, "in the weights but not in the model")])
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, capsys, extra, words):
+    model = _model_with_layers(tmp_path, extra)
+    line = one_line_failure(capsys, "train", "--model", model, "--steps", "1", *TINY_FLAGS,
+                            "--out-dir", tmp_path / "run")
+    assert words in line and "model.layers." in line and "config.json" in line, line
+
+
+def test_a_folder_a_run_holds_is_refused_to_a_second_run(tmp_path, capsys):
+    run, seen = tmp_path / "run", {}
+
+    def start_a_second_run(record):  # while the first run holds the folder
+        if "code" not in seen:
+            seen["code"], seen["err"] = cli(capsys, "train", "--algo", "grpo", "--steps", "2", *TINY_FLAGS,
+                                            "--out-dir", run, "--overwrite")
+
+    train(TrainConfig(**TINY, algo="grpo", out_dir=str(run)), progress=False, on_step=start_a_second_run)
+    assert seen["code"] == 2 and len(seen["err"]) == 1, seen
+    assert str(run) in seen["err"][0] and "another run holds it" in seen["err"][0]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1]  # each step once, of the one run
+    assert espo.checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 1
+    code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--steps", "3", "--no-progress")
+    assert code == 0, err  # the lock went with the run
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in sorted(folder.rglob("*"))}
+
+
+def test_overwrite_never_replaces_a_model_or_files_that_are_not_a_runs(tmp_path, capsys):
+    model = tmp_path / "models" / "mine"
+    shutil.copytree(builtin_model_path(), model)
+    before = _files(tmp_path / "models")
+    for out_dir, where in [(model, "is the model folder"), (model / "runs", "is inside the model folder"),
+                           (tmp_path / "models", "holds the model folder")]:
+        line = one_line_failure(capsys, "train", "--model", model, "--steps", "1", *TINY_FLAGS,
+                                "--out-dir", out_dir, "--overwrite")
+        assert where in line and "choose another --out-dir" in line, line
+    assert _files(tmp_path / "models") == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text("mine")
+    (notes / "todo.txt").write_text("mine too")
+    line = one_line_failure(capsys, "train", "--steps", "1", *TINY_FLAGS, "--out-dir", notes, "--overwrite")
+    assert "not a run's (todo.txt)" in line, line
+    assert _files(notes) == {"config.json": b"mine", "todo.txt": b"mine too"}
+    assets = _files(builtin_model_path())
+    line = one_line_failure(capsys, "train", "--steps", "1", *TINY_FLAGS, "--out-dir", builtin_model_path(),
+                            "--overwrite")
+    assert "is the model folder" in line and _files(builtin_model_path()) == assets
+
+
+def test_an_unsupported_dtype_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert main(["train", "--help"]) == 0
+    assert "float64" not in capsys.readouterr().out  # --help offers only what runs
+    line = one_line_failure(capsys, "train", "--dtype", "float64", "--steps", "1", *TINY_FLAGS,
+                            "--out-dir", tmp_path / "run")
+    assert "dtype must be one of float32, bfloat16, float16" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_removes_the_temporaries_of_a_killed_save(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(TrainConfig(**{**TINY, "steps": 1}, algo="grpo", out_dir=str(run)), progress=False)
+    for name in (".checkpoint.pt.k1ll3d.tmp", ".metrics.jsonl.x7y.tmp"):  # what SIGKILL during a save leaves
+        (run / name).write_bytes(b"half a file")
+    code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--steps", "2", "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+
+class RaisingTask(ChainArithmetic):
+    def reward(self, problem, completion):
+        raise RuntimeError("broken reward")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_with_a_plain_rerun(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    argv = ["train", "--algo", "grpo", "--steps", "1", *TINY_FLAGS, "--out-dir", run]
+    real_step = espo.trainer.train_step
+
+    def ctrl_c(run_, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(espo.trainer, "train_step", ctrl_c)
+    code, err = cli(capsys, *argv)
+    assert code == 130 and len(err) == 1 and "nothing to resume" in err[0] and "is kept" not in err[0], err
+    monkeypatch.setattr(espo.trainer, "train_step", real_step)
+    code, err = cli(capsys, *argv)
+    assert code == 0, err
+    code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--steps", "2", "--no-progress")
+    assert code == 0, err
+    monkeypatch.setattr(espo.trainer, "train_step", ctrl_c)
+    code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--steps", "3", "--no-progress")
+    assert code == 130 and "checkpoint is kept in" in err[0] and "--resume" in err[0], err
+
+    other = tmp_path / "other"
+    monkeypatch.setattr(espo.trainer, "train_step", real_step)
+    with pytest.raises(TaskError, match="broken reward"):  # a task that raises at step 0
+        train(TrainConfig(**TINY, algo="grpo", out_dir=str(other)), task=RaisingTask(), progress=False)
+    assert [h["step"] for h in train(TrainConfig(**TINY, algo="grpo", out_dir=str(other)), progress=False).history] \
+        == [0, 1]
+
+
+def test_a_folder_locked_by_another_process_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(  # another process holding the run folder's lock, as a running `espo train` does
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = one_line_failure(capsys, "train", "--steps", "1", *TINY_FLAGS, "--out-dir", run)
+        assert str(run) in line and "another run holds it" in line, line
+        assert list(run.iterdir()) == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

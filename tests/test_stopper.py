@@ -178,3 +178,42 @@ def test_bad_stopper_arguments_are_refused():
     with pytest.raises(ValueError, match="distinct"):
         espo.sample(torch.zeros(2, 4), stopper=s, stopper_rows=torch.tensor([1, 1]))
     assert dataclasses.asdict(s.config) == dataclasses.asdict(espo.ESPOConfig())
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_the_stop_state_never_holds_an_autograd_graph(backend, device):
+    stopper = espo.EarlyStopper(CFG, 3, device)
+    stopper.set_statistics(0.0, 1.0)
+    stopper.arm()
+    logits = torch.randn(3, 50, device=device, requires_grad=True)  # no torch.no_grad(), as in the README's snippet
+    for step in range(3):
+        espo.sample(logits * 1.0, seed=step, offset=step, stopper=stopper, values=torch.ones(3, device=device,
+                    requires_grad=True), backend=backend)
+    held = [stopper.scalars, stopper._batch, *stopper.rows.values()]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in held)
+    stopper.end_batch()
+    assert not any(t.requires_grad for t in [stopper.scalars, stopper._batch, *stopper.rows.values()])
+
+
+def _state_with(**changes):
+    state = espo.EarlyStopper(espo.ESPOConfig(), 2).state_dict()
+    rows = {**state["rows"], **changes.pop("rows", {})}
+    return {**state, "rows": rows, **changes}
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: espo.EarlyStopper({"beta": 1.0}), TypeError, "config must be an espo.ESPOConfig"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), True), TypeError, "batch_size must be an int"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), 2.0), TypeError, "batch_size must be an int"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), 2, "tpu"), ValueError, "device must be a device such as 'cpu'"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), 2, "cuda:99"), ValueError, "device is 'cuda:99'"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), 2).load_state_dict(None), TypeError, "needs the dict"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), 2).load_state_dict({"rows": {}}), ValueError, "lacks config"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), 2).load_state_dict(_state_with(rows={"z": torch.zeros(3)})),
+     ValueError, r"rows\['z'\] must be a tensor of shape \(2,\), got \(3,\)"),
+    (lambda: espo.EarlyStopper(espo.ESPOConfig(), 2).load_state_dict(_state_with(scalars=torch.zeros(4))),
+     ValueError, r"scalars must be a tensor of shape \(5,\)"),
+])
+def test_bad_stopper_arguments_name_the_argument(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
