@@ -343,11 +343,26 @@ def builtin_task() -> ChainArithmetic:
     return ChainArithmetic(**builtin_card()["task"])
 
 
-def task_from_checkpoint(path: str | Path) -> ChainArithmetic | None:
-    """The built-in task a checkpoint made by ``scripts/make_tiny_model.py`` was trained for (its card.json
-    records it), or None for any other checkpoint."""
+def task_from_checkpoint(path: str | Path) -> Any:
+    """The built-in task a checkpoint's card.json names, or None when it names none.
+
+    ``{"task": {"steps": 6, "modulus": 10, ...}}`` (as ``scripts/make_tiny_model.py`` writes) is
+    :class:`ChainArithmetic`; ``{"task": {"kind": "word-problems", "digits": 1, "steps": 1}}`` is
+    :class:`espo.word_problems.WordProblems` (what its ``config()`` returns).
+    """
     config = (checkpoint_card(path) or {}).get("task")
-    return ChainArithmetic(**config) if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return None
+    config = dict(config)
+    kind = config.pop("kind", "chain-arithmetic")
+    if kind == "word-problems":
+        from .word_problems import WordProblems  # imported here: word_problems imports this module
+
+        return WordProblems(**config)
+    if kind != "chain-arithmetic":
+        raise ValueError(f"{path}/card.json names the task kind {kind!r}; the built-in kinds are 'chain-arithmetic' "
+                         "and 'word-problems' (or pass your own task: train(cfg, task=...))")
+    return ChainArithmetic(**config)
 
 
 @torch.no_grad()
