@@ -43,6 +43,7 @@ from .checkpoint import save_atomic
 from .config import ALGOS, PRESETS, Algo, TrainConfig
 from .decoder import Decoder, Rollouts
 from .models import builtin_model_path, load_model
+from .prompting import encode_prompt, stop_token_ids
 from .run_folder import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -56,7 +57,6 @@ from .run_folder import (
 )
 from .stopper import CriticWarmup, EarlyStopper
 from .tasks import builtin_task, check_task, score, task_from_checkpoint, task_problems, tokens_after_mistake
-from .tokenizer import CharTokenizer
 from .update import Batch, Targets, build_batch, minibatch_backward, score_batch
 from .value_head import ValueHead
 
@@ -104,9 +104,8 @@ def _step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    if isinstance(tokenizer, CharTokenizer):
-        return tokenizer.encode(text, add_bos=True)
-    return list(tokenizer.encode(text))
+    """A prompt's ids: through the tokenizer's chat template when it has one (``espo.prompting``)."""
+    return encode_prompt(tokenizer, text)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -136,7 +135,7 @@ class Run:
     prompts: list[list[int]]
     order: np.ndarray  # the shuffled walk over the prompt set
     max_new: int
-    eos: int | None
+    eos: list[int]  # the ids that end a completion (espo.prompting.stop_token_ids); [] for none
     diagnostics: "NoDiagnostics"  # the optional hook: Diagnostics, or NoDiagnostics to measure nothing
     history: list[dict]
     start: int  # the first step to run (after a resume, the one after the checkpoint's)
@@ -255,7 +254,7 @@ def _build(cfg: TrainConfig, rank: int, world: int, *, task: Any, resume: bool, 
               value_head=value_head, reference=reference, params=params, optimizer=optimizer, decoder=decoder,
               stopper=stopper, warmup=CriticWarmup(total_steps=cfg.steps), allocator=allocator, problems=problems,
               prompts=prompts, order=np.random.default_rng(cfg.seed).permutation(cfg.num_problems), max_new=max_new,
-              eos=tokenizer.eos_token_id, history=[], start=0,
+              eos=stop_token_ids(tokenizer, model), history=[], start=0,
               diagnostics=Diagnostics(eval_set, eval_prompts) if diagnostics else NoDiagnostics())
     if state is not None:
         _restore(run, state)
@@ -478,7 +477,7 @@ def train_step(run: Run, step: int) -> dict:
     measured = run.diagnostics.after_rollouts(run, step, prompts, rollouts, rewards.wrong)  # timed apart
     t = time.perf_counter()
     batch = build_batch([run.prompts[i] for i in prompts.local_ids()], rollouts, rewards.rewards, prompts.local_ids(),
-                        pad_id=run.eos if run.eos is not None else 0, device=run.device) if rollouts else None
+                        pad_id=run.eos[0] if run.eos else 0, device=run.device) if rollouts else None
     stats = update(run, step, advantages(run, batch)) if batch is not None else {}  # 4, 5
     if run.algo.critic and run.stopper is not None and run.warmup.update(stats.get("value_loss", 0.0), step):
         run.stopper.arm()

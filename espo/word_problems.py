@@ -74,7 +74,9 @@ def extract_answer(completion: str) -> Decimal | None:
 class WordProblems:
     """Templated arithmetic word problems: a start amount, then ``steps`` additions or removals.
 
-    Operands have ``digits`` digits (1: 1-9, 2: 10-99, ...); removals never take the total below zero, so
+    Operands have ``digits`` digits (1: 1-9, 2: 10-99, ...). ``ops`` says which changes a problem makes:
+    ``"+"`` additions only (the easiest for small chat models), ``"-"`` removals (an addition where a removal
+    would go below zero), ``"+-"`` either at random. Removals never take the total below zero, so
     every intermediate amount and the answer are non-negative integers. ``problems(n, seed)`` is
     deterministic, and its first k problems are ``problems(k, seed)``. Reward: 1.0 when
     :func:`extract_answer` reads the answer's value from the completion, else 0.0.
@@ -82,6 +84,7 @@ class WordProblems:
 
     digits: int = 1
     steps: int = 1
+    ops: str = "+-"
     max_new_tokens: int = 96
     name: str = "word-problems"
 
@@ -92,12 +95,16 @@ class WordProblems:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"WordProblems {key} must be a positive int, got {value!r}")
+        if self.ops not in ("+", "-", "+-"):
+            raise ValueError(f"WordProblems ops must be '+', '-' or '+-' (the changes a problem may make), got "
+                             f"{self.ops!r}")
         if self.digits > 6:
             raise ValueError(f"WordProblems digits must be at most 6, got {self.digits}")
 
     def config(self) -> dict[str, Any]:
         """What card.json's ``task`` holds to name this task (see ``espo.tasks.task_from_checkpoint``)."""
-        return {"kind": self.KIND, "digits": self.digits, "steps": self.steps, "max_new_tokens": self.max_new_tokens}
+        return {"kind": self.KIND, "digits": self.digits, "steps": self.steps, "ops": self.ops,
+                "max_new_tokens": self.max_new_tokens}
 
     def _operand(self, rng: random.Random) -> int:
         lo = 1 if self.digits == 1 else 10 ** (self.digits - 1)
@@ -116,7 +123,7 @@ class WordProblems:
         ops = []
         for i in range(self.steps):
             n = self._operand(rng)
-            remove = n <= total and rng.random() < 0.5
+            remove = n <= total and (self.ops == "-" or (self.ops == "+-" and rng.random() < 0.5))
             template = rng.choice(_LESS if remove else _MORE)
             sentence = template.format(who=who, who_obj=who, n=n)
             if i > 0:  # "Then Tom loses 3." / "Then a friend gives Tom 4 more."

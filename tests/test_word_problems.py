@@ -60,9 +60,9 @@ def test_generation_is_deterministic_by_seed_and_prefix_stable():
     assert isinstance(task, Task) and check_task(task) is task
 
 
-@pytest.mark.parametrize("digits, steps", [(1, 1), (1, 3), (2, 1), (3, 2)])
-def test_problems_are_well_formed_and_their_answer_follows_from_the_text(digits, steps):
-    for p in WordProblems(digits=digits, steps=steps).problems(50, seed=0):
+@pytest.mark.parametrize("digits, steps, ops", [(1, 1, "+-"), (1, 3, "+-"), (2, 1, "+"), (3, 2, "-")])
+def test_problems_are_well_formed_and_their_answer_follows_from_the_text(digits, steps, ops):
+    for p in WordProblems(digits=digits, steps=steps, ops=ops).problems(50, seed=0):
         assert p.prompt.endswith("have now?")
         numbers = [int(n) for n in re.findall(r"\d+", p.prompt)]
         assert len(numbers) == steps + 1
@@ -73,6 +73,8 @@ def test_problems_are_well_formed_and_their_answer_follows_from_the_text(digits,
             total = total + n if op == "+" else total - n
             assert total >= 0
         assert str(total) == p.answer
+        if ops == "+":
+            assert all(op == "+" for op, _ in p.info["ops"])
 
 
 def test_rewards():
@@ -91,7 +93,7 @@ def test_no_first_mistake_so_no_doomed_tokens_are_claimed():
 
 
 @pytest.mark.parametrize("bad", [{"digits": 0}, {"steps": -1}, {"digits": 7}, {"max_new_tokens": 1.5},
-                                 {"steps": True}])
+                                 {"steps": True}, {"ops": "*"}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError, match="WordProblems"):
         WordProblems(**bad)

@@ -1,0 +1,99 @@
+"""Hugging Face tokenizers through the training path (issue 22): chat-template prompts, end-of-turn stop tokens,
+special tokens dropped before rewards, and a few training steps of a tiny random Llama with a real
+PreTrainedTokenizerFast (built here from a `tokenizers` WordLevel model: no downloads)."""
+import json
+
+import pytest
+import torch
+
+from espo.models import load_model
+from espo.prompting import encode_prompt, stop_token_ids
+from espo.tasks import task_from_checkpoint
+from espo.trainer import TrainConfig, train
+from espo.word_problems import WordProblems
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _words() -> list[str]:
+    task = WordProblems(digits=1, steps=2)
+    words = {w for p in task.problems(200, seed=0) for w in p.prompt.replace(".", " .").replace("?", " ?").split()}
+    words |= {str(d) for d in range(100)} | {"The", "answer", "is", "user", "assistant", "\n", ".", "?"}
+    return sorted(words)
+
+
+def make_tokenizer(chat_template: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + _words())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.WhitespaceSplit()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if chat_template:
+        fast.chat_template = TEMPLATE
+    return fast
+
+
+def make_model_folder(path, chat_template: bool = True, card: dict | None = None):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer(chat_template)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if card is not None:
+        (path / "card.json").write_text(json.dumps(card))
+    return tok
+
+
+def test_prompts_go_through_the_chat_template(tmp_path):
+    tok = make_tokenizer()
+    ids = encode_prompt(tok, "Tom has 3 apples .")
+    tokens = tok.convert_ids_to_tokens(ids)  # special tokens as themselves, not split; no second BOS
+    assert tokens == ["<|im_start|>", "user", "Tom", "has", "3", "apples", ".", "<|im_end|>", "<|im_start|>",
+                      "assistant"]
+    plain = make_tokenizer(chat_template=False)
+    assert plain.convert_ids_to_tokens(encode_prompt(plain, "Tom has 3 apples ."))[-4:] == ["has", "3", "apples", "."]
+
+
+def test_stop_tokens_are_the_eos_and_the_end_of_turn_token(tmp_path):
+    make_model_folder(tmp_path)
+    model, tok = load_model(tmp_path)
+    stops = stop_token_ids(tok, model)
+    assert stops[0] == tok.eos_token_id
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stops
+    assert tok.unk_token_id not in stops and len(set(stops)) == len(stops)
+
+
+def test_special_tokens_are_dropped_before_the_reward():
+    tok = make_tokenizer()
+    task = WordProblems()
+    p = task.problems(1, seed=0)[0]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok.encode(f"The answer is {p.answer} .", add_special_tokens=False) + [end]
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert "<|im_end|>" not in text and task.reward(p, text) == 1.0
+
+
+@pytest.mark.parametrize("algo", ["grpo", "espo"])
+def test_training_a_chat_model_with_a_hf_tokenizer_runs(tmp_path, algo):
+    folder = tmp_path / "model"
+    make_model_folder(folder, card={"task": WordProblems(max_new_tokens=12).config()})
+    assert task_from_checkpoint(folder) == WordProblems(max_new_tokens=12)
+    cfg = TrainConfig(algo=algo, model=str(folder), steps=2, prompts_per_step=2, group_size=2, num_problems=4,
+                      eval_problems=2, eval_every=2, max_batch=4, ppo_epochs=1, minibatches=1,
+                      out_dir=str(tmp_path / "run"))
+    result = train(cfg, progress=False)
+    assert len(result.history) == 2
+    assert 0.0 <= result.history[-1]["eval_accuracy"] <= 1.0
+    assert all(h["rollouts"] == 4 and h["tokens"] > 0 for h in result.history)
