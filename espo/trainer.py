@@ -175,8 +175,10 @@ def _task_for(cfg: TrainConfig, task: Any) -> Any:
     if task is None:
         task = builtin_task() if cfg.model is None else task_from_checkpoint(cfg.model)
         if task is None:
-            raise ValueError(f"{cfg.model} has no card.json naming its task (as scripts/make_tiny_model.py writes): "
-                             "a run on your own checkpoint needs your own task, train(cfg, task=...)")
+            raise ValueError(f"{cfg.model} has no card.json naming its task (as scripts/make_tiny_model.py writes, or "
+                             'add "task": {"kind": "word-problems", "digits": 1, "steps": 1, "ops": "+"} to its '
+                             "card.json): a run on your own checkpoint needs a named task, or your own, "
+                             "train(cfg, task=...)")
     return check_task(task)
 
 
