@@ -583,10 +583,9 @@ class Decoder:
     def _may_refill(self, run: "_Run") -> bool:
         """Whether to admit pending rollouts now: enough slots are free (refill_batch, or all that are pending),
         or no rollout is live."""
-        free = self.max_batch - self.slots.n_live
-        return bool(run.pending) and free > 0 and (
-            free >= min(self.refill_batch, len(run.pending)) or self.slots.n_live == 0
-        )
+        live = self.slots.n_live
+        free = self.max_batch - live
+        return bool(run.pending) and free > 0 and (live == 0 or free >= min(self.refill_batch, len(run.pending)))
 
     def _sample(self, run: "_Run", logits, values, idx):
         """Draw for the slots ``idx`` (a slice or an index tensor); record; return the tokens and host finish codes."""

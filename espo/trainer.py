@@ -103,11 +103,6 @@ def _step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729 + salt) % (2**62)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """A prompt's ids: through the tokenizer's chat template when it has one (``espo.prompting``)."""
-    return encode_prompt(tokenizer, text)
-
-
 # ---------------------------------------------------------------------------------------------- setup
 
 
@@ -226,8 +221,8 @@ def _build(cfg: TrainConfig, rank: int, world: int, *, task: Any, resume: bool, 
         raise ValueError(f"num_problems ({cfg.num_problems}) must be >= prompts_per_step ({cfg.prompts_per_step})")
     problems = task_problems(task, cfg.num_problems, seed=cfg.seed)
     eval_set = task_problems(task, cfg.eval_problems, seed=cfg.seed + 1_000_003) if cfg.eval_problems else []
-    prompts = [_encode(tokenizer, p.prompt) for p in problems]
-    eval_prompts = [_encode(tokenizer, p.prompt) for p in eval_set]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    eval_prompts = [encode_prompt(tokenizer, p.prompt) for p in eval_set]
     max_new = cfg.max_new_tokens or int(getattr(task, "max_new_tokens", 128))
     max_len = max(len(p) for p in prompts + eval_prompts) + max_new
 
