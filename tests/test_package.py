@@ -53,4 +53,5 @@ def test_the_checkout_never_shadows_the_kernels_distribution():
     except md.PackageNotFoundError:  # then `kernels` is at most the checkout's namespace portion: no module file
         assert theirs is None, theirs
     else:
-        assert theirs is not None and not Path(theirs).resolve().is_relative_to(REPO), theirs
+        # the distribution's own file (a venv may well live inside the checkout, as .venv/), not the kernels/ folder
+        assert theirs is not None and not Path(theirs).resolve().is_relative_to((REPO / "kernels").resolve()), theirs
