@@ -55,6 +55,8 @@ class TrainConfig:
     num_problems: int = setting(256, "the training prompt set's size", minimum=1)
     max_new_tokens: int = setting(0, "longest rollout; 0: the task's own limit (or 128)", minimum=0)
     temperature: float = setting(1.0, "sampling temperature of rollouts and evaluation", above=0.0)
+    top_p: float = setting(1.0, "nucleus sampling of rollouts and evaluation (1: the whole vocabulary); the update "
+                                "scores tokens under the same truncated distribution", above=0.0, maximum=1.0)
     lr: float = setting(2e-4, "AdamW learning rate", above=0.0)
     ppo_epochs: int = setting(2, "passes over each rollout batch", minimum=1)
     minibatches: int = setting(2, "optimizer steps per pass", minimum=1)

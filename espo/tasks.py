@@ -39,7 +39,6 @@ import torch
 
 from .checks import is_integer
 from .models import builtin_card, checkpoint_card
-from .tokenizer import CharTokenizer
 
 __all__ = [
     "ChainArithmetic",
@@ -367,44 +366,31 @@ def task_from_checkpoint(path: str | Path) -> Any:
 
 @torch.no_grad()
 def success_rate(model, tokenizer, task: Any, n: int = 200, seed: int = 0, temperature: float = 1.0,
-                 batch_size: int = 250, max_new_tokens: int | None = None, problems: Sequence[Problem] | None = None,
-                 return_completions: bool = False):
-    """Fraction of ``task.problems(n, seed)`` that ``model.generate`` solves (``temperature=0``: greedy).
+                 top_p: float = 1.0, batch_size: int = 256, max_new_tokens: int | None = None,
+                 problems: Sequence[Problem] | None = None, return_completions: bool = False):
+    """Fraction of ``task.problems(n, seed)`` (or ``problems``) that the model solves, sampled as the trainer
+    samples: through ``espo.Decoder`` (``temperature=0``: greedy; ``top_p < 1``: nucleus), prompts through the
+    tokenizer's chat template when it has one (``espo.prompting.encode_prompt``), each completion ending at the
+    model's end tokens (``stop_token_ids``) and decoded without special tokens before the reward.
 
-    Sampling is seeded from ``seed`` (torch.manual_seed), so a run is repeatable on one machine. Works
-    with a :class:`CharTokenizer` or a transformers tokenizer (left padding).
+    Works with a :class:`CharTokenizer` or a transformers tokenizer. Rollout ``i`` is drawn with
+    ``espo.rollout_seed(seed, i)``, so the rate is repeatable on any machine and batch size.
     """
+    from .decoder import Decoder
+    from .prompting import encode_prompt, stop_token_ids
+
     check_task(task)
     probs = list(problems) if problems is not None else task.problems(n, seed)
     if max_new_tokens is None:
         max_new_tokens = int(getattr(task, "max_new_tokens", 64))
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    if temperature > 0:
-        gen.update(do_sample=True, temperature=float(temperature), top_k=None, top_p=None)
-    else:
-        gen.update(do_sample=False)
-    if seed is not None:
-        torch.manual_seed(seed)
-    rewards: list[float] = []
-    texts: list[str] = []
-    for i in range(0, len(probs), batch_size):
-        chunk = probs[i:i + batch_size]
-        prompts = [p.prompt for p in chunk]
-        if isinstance(tokenizer, CharTokenizer):
-            ids, mask = tokenizer.batch_encode(prompts, add_bos=True, padding_side="left")
-        else:
-            tokenizer.padding_side = "left"
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen)
-        for p, row in zip(chunk, out[:, ids.shape[1]:].tolist()):
-            if eos in row:
-                row = row[: row.index(eos)]
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            texts.append(text)
-            rewards.append(score(task, p, text))
-    rate = sum(rewards) / max(len(rewards), 1)
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in probs]
+    if not prompts:
+        return (0.0, []) if return_completions else 0.0
+    param = next(model.parameters())
+    decoder = Decoder(model, max_batch=min(batch_size, len(prompts)), max_seq_len=max(map(len, prompts)) +
+                      max_new_tokens, device=param.device, dtype=param.dtype)
+    out = decoder.generate(prompts, 1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                           eos_token_id=stop_token_ids(tokenizer, model), progress=False)
+    texts = [tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True) for r in out]
+    rate = sum(score(task, p, text) for p, text in zip(probs, texts)) / len(probs)
     return (rate, texts) if return_completions else rate

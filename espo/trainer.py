@@ -324,8 +324,9 @@ def generate_rollouts(run: Run, step: int, prompts: StepPrompts) -> Rollouts | N
         prompt_values = run.allocator.posterior_mean(np.array(prompt_ids)).tolist()
     rollouts = run.decoder.generate(
         [run.prompts[i] for i in prompt_ids], [int(prompts.counts[j]) for j in prompts.local],
-        max_new_tokens=run.max_new, temperature=run.cfg.temperature, seed=_step_seed(run.cfg.seed, step, run.rank),
-        stopper=run.stopper, eos_token_id=run.eos, prompt_values=prompt_values, progress=False,
+        max_new_tokens=run.max_new, temperature=run.cfg.temperature, top_p=run.cfg.top_p,
+        seed=_step_seed(run.cfg.seed, step, run.rank), stopper=run.stopper, eos_token_id=run.eos,
+        prompt_values=prompt_values, progress=False,
     )
     if all(r.finish_reason == "invalid" for r in rollouts):
         raise TrainingDiverged(f"every rollout of step {step} was invalid: the model's logits are NaN or infinite "
@@ -365,10 +366,11 @@ def advantages(run: Run, batch: Batch) -> Targets:
     """4. What the update fits: the old policy's logprobs and values [N, T], the advantages [N, T], the returns
     (critic) and the reference logprobs (KL penalty)."""
     cfg = run.cfg
-    old_logprobs, old_values = score_batch(run.model, run.value_head, batch, cfg.temperature, cfg.update_tokens)
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.update_tokens)
+    old_logprobs, old_values = score_batch(run.model, run.value_head, batch, **sampling)
     ref_logprobs = None
     if run.reference is not None:
-        ref_logprobs = score_batch(run.reference, None, batch, cfg.temperature, cfg.update_tokens)[0]
+        ref_logprobs = score_batch(run.reference, None, batch, **sampling)[0]
     N, T = batch.mask.shape
     if run.algo.critic:
         last = batch.mask.sum(1) - 1  # the index of each rollout's final token
@@ -609,7 +611,8 @@ class Diagnostics(NoDiagnostics):
         ids = [prompts.id_of(r) for r in checked]
         redo = run.decoder.generate(
             [run.prompts[i] for i in ids], 1, max_new_tokens=run.max_new,
-            temperature=cfg.temperature, rollout_seeds=[r.seed for r in checked], eos_token_id=run.eos, progress=False,
+            temperature=cfg.temperature, top_p=cfg.top_p, rollout_seeds=[r.seed for r in checked], eos_token_id=run.eos,
+            progress=False,
         )
         false = 0
         for i, full in zip(ids, redo):
@@ -625,7 +628,7 @@ class Diagnostics(NoDiagnostics):
 
     @torch.no_grad()
     def accuracy(self, run: Run) -> float | None:
-        """Sampled (temperature cfg.temperature) accuracy on the held-out problems, the same seeds every time."""
+        """Sampled (cfg.temperature, cfg.top_p) accuracy on the held-out problems, the same seeds every time."""
         if not self.eval_set:
             return None
         cfg = run.cfg
@@ -633,8 +636,8 @@ class Diagnostics(NoDiagnostics):
         correct = 0.0
         if share:
             out = run.decoder.generate([self.eval_prompts[i] for i in share], 1, max_new_tokens=run.max_new,
-                                       temperature=cfg.temperature, seed=cfg.seed + 77, eos_token_id=run.eos,
-                                       progress=False)
+                                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 77,
+                                       eos_token_id=run.eos, progress=False)
             for i, r in zip(share, out):
                 text = run.tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True)
                 correct += score(run.task, self.eval_set[i], text) >= cfg.success_threshold

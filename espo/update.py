@@ -90,15 +90,43 @@ def micro_batches(batch: Batch, rows: torch.Tensor, max_tokens: int) -> list[tor
     return groups
 
 
-def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperature: float, rows: torch.Tensor):
-    """Tempered log-probabilities of the generated tokens [n, t] and, with a value head, V(s_t) [n, t], of the
-    rollouts ``rows``; t is their longest generation (the columns past it are padding for all of them)."""
+@torch.no_grad()
+def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean [..., V]: the smallest most-likely set of tokens whose probabilities ``probs`` [..., V] reach
+    ``top_p`` of the mass, every token tied with the least likely of them included (``espo.sample``'s rule)."""
+    ordered = probs.sort(dim=-1, descending=True).values
+    before = ordered.cumsum(-1) - ordered  # the mass of the more likely tokens
+    last_kept = (before < top_p).sum(-1, keepdim=True).clamp(min=1) - 1
+    return probs >= ordered.gather(-1, last_kept)
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                     top_p: float = 1.0) -> torch.Tensor:
+    """Log-probabilities [...] of ``tokens`` [...] under the distribution the rollouts were drawn from:
+    ``logits`` [..., V] tempered and, with ``top_p < 1``, truncated to ``top_p_mask`` and renormalised.
+
+    The kept set is chosen without gradient; the gradient flows through the renormalisation over it. A sampled
+    token that falls outside it here (the update's forward rounds differently from the decoder's) is added to
+    it, so that no log-probability is -inf."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    chosen = logp.gather(-1, tokens[..., None])[..., 0]
+    if top_p >= 1.0:
+        return chosen
+    kept = top_p_mask(logp.detach().exp(), top_p).scatter_(-1, tokens[..., None], True)
+    return chosen - torch.logsumexp(logp.masked_fill(~kept, float("-inf")), dim=-1)
+
+
+def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperature: float, rows: torch.Tensor,
+                   top_p: float = 1.0):
+    """Log-probabilities of the generated tokens [n, t] under the sampling distribution (``sampled_logprobs``)
+    and, with a value head, V(s_t) [n, t], of the rollouts ``rows``; t is their longest generation (the columns
+    past it are padding for all of them)."""
     S, T = int(batch.seq_lens[rows].max()), int(batch.lengths[rows].max())
     out = model(input_ids=batch.input_ids[rows, :S], attention_mask=batch.attention_mask[rows, :S],
                 output_hidden_states=value_head is not None)
     pos = batch.positions[rows, :T]
     logits = out.logits.gather(1, pos[..., None].expand(-1, -1, out.logits.shape[-1])).float()
-    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(2, batch.tokens[rows, :T][..., None])[..., 0]
+    logprobs = sampled_logprobs(logits, batch.tokens[rows, :T], temperature, top_p)
     values = None
     if value_head is not None:
         hidden = out.hidden_states[-1]
@@ -107,13 +135,14 @@ def policy_forward(model, value_head: ValueHead | None, batch: Batch, temperatur
 
 
 @torch.no_grad()
-def score_batch(model, value_head: ValueHead | None, batch: Batch, temperature: float, max_tokens: int):
+def score_batch(model, value_head: ValueHead | None, batch: Batch, temperature: float, max_tokens: int,
+                top_p: float = 1.0):
     """``policy_forward`` over the whole batch in micro-batches: logprobs [N, T] and values [N, T] (or None)."""
     N, T = batch.mask.shape
     logprobs = torch.zeros(N, T, device=batch.mask.device)
     values = torch.zeros(N, T, device=batch.mask.device) if value_head is not None else None
     for rows in micro_batches(batch, torch.arange(N, device=batch.mask.device), max_tokens):
-        lp, v = policy_forward(model, value_head, batch, temperature, rows)
+        lp, v = policy_forward(model, value_head, batch, temperature, rows, top_p)
         logprobs[rows, : lp.shape[1]] = lp
         if values is not None:
             values[rows, : v.shape[1]] = v
@@ -131,7 +160,7 @@ def minibatch_backward(model, value_head: ValueHead | None, targets: Targets, ro
     n_tokens = batch.mask[rows].sum().clamp(min=1)
     totals = dict.fromkeys(("policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl"), 0.0)
     for g in micro_batches(batch, rows, cfg.update_tokens):
-        logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, g)
+        logprobs, values = policy_forward(model, value_head, batch, cfg.temperature, g, cfg.top_p)
         t = logprobs.shape[1]
         m = batch.mask[g, :t]
         share = m.sum() / n_tokens

@@ -67,3 +67,71 @@ def test_micro_batched_update_has_the_padded_update_s_loss_and_gradients(tmp_pat
     assert total == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+
+
+def _top_p_reference(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Plain loop: walk each row's tokens from the most likely, keep until the kept mass reaches top_p, then keep
+    every token tied with the last one kept."""
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    for r, row in enumerate(probs.double()):
+        mass, last = 0.0, None
+        for i in torch.argsort(row, descending=True, stable=True).tolist():
+            if mass >= top_p:
+                break
+            mass, last = mass + float(row[i]), float(row[i])
+            keep[r, i] = True
+        keep[r] |= row.float() >= last
+    return keep
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_mask_keeps_the_smallest_likely_set_reaching_top_p(top_p):
+    from espo.update import top_p_mask
+
+    g = torch.Generator().manual_seed(int(top_p * 1000))
+    logits = torch.randn(7, 37, generator=g) * 3
+    logits[0, :5] = 2.0  # ties at the threshold are kept together
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.equal(top_p_mask(probs, top_p), _top_p_reference(probs, top_p))
+
+
+def test_sampled_logprobs_are_the_frequencies_espo_sample_draws_with_top_p():
+    """espo.sample with top_p draws only tokens of the kept set, at the renormalised tempered probabilities that
+    sampled_logprobs gives (the update scores tokens under the distribution the rollouts came from)."""
+    from espo import sample
+    from espo.update import sampled_logprobs
+
+    V, T, top_p, draws = 24, 0.7, 0.8, 20000
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) * 2
+    tokens = sample(logits.expand(draws, V).contiguous(), temperature=T, top_p=top_p, seed=torch.arange(draws),
+                    offset=0).tokens
+    counts = torch.bincount(tokens, minlength=V).double()
+    every = torch.arange(V)
+    expected = sampled_logprobs(logits.expand(V, V), every, T, top_p).exp().double()
+    kept = top_p_mask_of(logits, T, top_p)
+    assert counts[~kept].sum() == 0
+    assert expected[kept].sum() == pytest.approx(1.0, abs=1e-5)
+    observed = counts[kept] / draws
+    sigma = (expected[kept] * (1 - expected[kept]) / draws).sqrt()
+    assert ((observed - expected[kept]).abs() <= 5 * sigma + 1e-4).all()
+
+
+def top_p_mask_of(logits, temperature, top_p):
+    from espo.update import top_p_mask
+
+    return top_p_mask(torch.softmax(logits / temperature, dim=-1), top_p)[0]
+
+
+def test_sampled_logprobs_without_top_p_are_the_tempered_log_softmax_and_a_stray_token_stays_finite():
+    from espo.update import sampled_logprobs
+
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 5))
+    full = torch.log_softmax(logits / 0.6, dim=-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.equal(sampled_logprobs(logits, tokens, 0.6), full)
+    # a token outside the kept set (the update's forward rounded it out) is scored as if kept, never -inf
+    rare = torch.softmax(logits / 0.6, dim=-1).argmin(-1)
+    lp = sampled_logprobs(logits, rare, 0.6, top_p=0.5)
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
+    lp.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
