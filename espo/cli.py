@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 15 s on 2 "
                            "idle CPU cores; other processes using the cores slow it several-fold)")
     demo.add_argument("--steps", type=int, default=None)
+    demo.add_argument("--model", default=None, metavar="DIR",
+                      help="a local transformers checkpoint whose card.json names its task (default: the built-in "
+                           "model)")
+    demo.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="the runs' settings (default demo; quick with --quick; smollm2 for `espo model smollm2`'s "
+                           "folder)")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace the report and runs already in --out")
@@ -214,9 +220,11 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import QUICK, print_summary, run_demo
 
         settings = dict(QUICK) if args.quick else {}
-        if args.steps is not None:
-            settings["steps"] = args.steps
-        summaries = run_demo(args.out, device=args.device, seed=args.seed, overwrite=args.overwrite, **settings)
+        for name in ("steps", "model"):
+            if getattr(args, name) is not None:
+                settings[name] = getattr(args, name)
+        summaries = run_demo(args.out, device=args.device, seed=args.seed, overwrite=args.overwrite,
+                             preset=args.preset or "demo", **settings)
         print_summary(summaries, args.out)
     elif args.command == "train":
         from .trainer import train

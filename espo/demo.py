@@ -205,8 +205,10 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
 
 
 def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("ppo", "espo", "grpo", "grpo-cero"),
-             progress: bool = True, overwrite: bool = False, **overrides: Any) -> dict[str, dict]:
-    """Train each of ``algos`` with the same settings (``overrides`` go over the demo preset) and write the report.
+             progress: bool = True, overwrite: bool = False, preset: str = "demo",
+             **overrides: Any) -> dict[str, dict]:
+    """Train each of ``algos`` with the same settings (``overrides`` go over the named preset: ``model=DIR`` with
+    ``preset="smollm2"`` runs the demo on a real chat model) and write the report.
 
     The algorithms advance one step each in turn, so that their times are measured side by side. A folder that
     already holds a report or a run is refused unless ``overwrite`` is given."""
@@ -217,7 +219,7 @@ def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("pp
         raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): choose another --out "
                          "or pass --overwrite")
     t0 = time.perf_counter()
-    base = TrainConfig.from_preset("demo", **overrides)
+    base = TrainConfig.from_preset(preset, **overrides)
     runs = {a: setup(dataclasses.replace(base, algo=a, out_dir=str(out_dir / a)), overwrite=overwrite) for a in algos}
     bar = None
     if progress:

@@ -28,3 +28,20 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["train", "--model", str(bare), "--steps", "1", "--out-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("espo train: error: model folder") and "config.json" in err and "Traceback" not in err
+
+
+def test_demo_runs_on_a_chat_model_with_its_preset(tmp_path, capsys):
+    """`espo demo --model DIR --preset smollm2`: the four algorithms on a Hugging Face tokenizer and chat template,
+    the task from the folder's card, the preset's nucleus sampling."""
+    from test_hf_tokenizer import make_model_folder
+
+    from espo.word_problems import WordProblems
+
+    make_model_folder(tmp_path / "model", card={"task": WordProblems(max_new_tokens=8).config()})
+    argv = ["demo", "--model", str(tmp_path / "model"), "--preset", "smollm2", "--quick", "--steps", "2",
+            "--out", str(tmp_path / "demo")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["config"]["model"] == str(tmp_path / "model") and report["config"]["top_p"] == 0.95
+    assert set(report["summaries"]) == {"ppo", "espo", "grpo", "grpo-cero"}
+    assert all(s["steps"] == 2 for s in report["summaries"].values())
