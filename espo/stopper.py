@@ -15,6 +15,7 @@ At each batch boundary (``end_batch``) the token statistics and the threshold mo
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -79,7 +80,9 @@ class ESPOConfig:
                                  maximum=1.0)
     value_floor: float = setting(0.2, "lower bound on the critic value in the threshold (eps in the paper)",
                                  minimum=0.0)
-    clip: float = setting(3.0, "bound on the normalised regret (ours)", above=0.0)
+    clip: float = setting(10.0, "bound on the normalised regret; a stop needs clip > beta * max(V, value_floor), "
+                                "so 10 lets the paper's beta 7 fire at any V <= 1 (ours; 3 before, where it could not)",
+                          above=0.0)
     delta: float = setting(1e-6, "added to var before the square root (ours)", above=0.0)
     beta_min: float = setting(0.5, "lower bound of the threshold multiplier (ours)", minimum=0.0)
     beta_max: float = setting(50.0, "upper bound of the threshold multiplier (ours)")
@@ -92,6 +95,24 @@ class ESPOConfig:
             raise ValueError(
                 f"ESPOConfig needs beta_min <= beta <= beta_max, got {self.beta_min} <= {self.beta} <= {self.beta_max}"
             )
+        reason = self.never_fires()
+        if reason is not None:
+            warnings.warn(reason, stacklevel=3)
+
+    def stoppable_below(self, beta: float | None = None) -> float:
+        """The value under which a row can stop at multiplier ``beta`` (default: the initial one): z never
+        reaches ``clip`` (it averages clipped values), so a stop needs ``clip > beta * max(V, value_floor)``."""
+        return self.clip / (self.beta if beta is None else beta)
+
+    def never_fires(self) -> str | None:
+        """Why this rule can never stop anything, whatever the values; None when it can."""
+        name = "beta" if self.eta_beta == 0 else "beta_min"  # the controller may lower beta to beta_min
+        lowest = getattr(self, name)
+        if self.clip > lowest * self.value_floor:
+            return None
+        return (f"this ESPO setting can never stop a rollout: z stays below clip={self.clip}, and a stop needs "
+                f"z > beta * max(V, value_floor) >= {name} * value_floor = {lowest * self.value_floor:g}; raise clip "
+                f"or lower {name}")
 
 
 @dataclass

@@ -487,6 +487,7 @@ def train_step(run: Run, step: int) -> dict:
         "step": step, "algo": run.cfg.algo, **rollout_counts(run, rollouts, batch, measured, successes),
         "eval_accuracy": eval_accuracy, "armed": bool(run.stopper.armed) if run.stopper is not None else False,
         "beta": stop_report.get("beta"),
+        "stoppable_below_value": run.cfg.espo.stoppable_below(stop_report["beta"]) if "beta" in stop_report else None,
         # the step's own cost (what training needs) apart from what measuring it costs
         "rollout_time_s": t_rollout, "reward_time_s": t_reward, "update_time_s": t_update,
         "step_time_s": t_rollout + t_reward + t_update, "measure_time_s": measured["time_s"], "eval_time_s": t_eval,

@@ -8,6 +8,7 @@ from conftest import backend_device_pairs
 from reference_helpers import SpecStopper
 
 import espo
+from espo.sample_reference import stop_update_reference
 
 BACKENDS = backend_device_pairs() + [pytest.param("torch", "cpu", id="torch-cpu")]
 CFG = espo.ESPOConfig(beta=0.6, beta_min=0.1, eta_beta=0.5, min_tokens=2, alpha_s=0.7)
@@ -217,3 +218,27 @@ def _state_with(**changes):
 def test_bad_stopper_arguments_name_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+def test_a_setting_that_can_never_fire_says_so():
+    """z averages clipped values, so z < clip: a stop needs clip > beta * max(V, value_floor). The default clip
+    lets the paper's beta fire; a setting that cannot fire for any value warns, naming what to change."""
+    paper = espo.ESPOConfig()
+    assert paper.never_fires() is None and paper.stoppable_below() > 1.0  # beta 7 fires at every V <= 1
+    with pytest.warns(UserWarning, match="can never stop a rollout.*lower beta_min"):
+        espo.ESPOConfig(clip=3.0, beta=20.0, beta_min=20.0)
+    with pytest.warns(UserWarning, match="lower beta$"):
+        espo.ESPOConfig(clip=1.0, beta=5.0, eta_beta=0.0)
+    assert espo.ESPOConfig(clip=3.0).stoppable_below() == pytest.approx(3 / 7)  # the old default: V >= 3/7 never stops
+
+
+def test_no_state_at_or_above_the_stoppable_value_ever_stops():
+    """Whatever the regret, a row whose value is at least clip / beta never stops; just below it, one can."""
+    cfg = espo.ESPOConfig(alpha_s=0.0, beta=2.0, clip=3.0)
+    for value, stops in ((cfg.stoppable_below(), False), (cfg.stoppable_below() * 0.99, True)):
+        stopper = espo.EarlyStopper(cfg, 4)
+        stopper.scalars[1] = 1.0  # var
+        stopper.scalars[3:] = 1.0  # armed, ready
+        state = stopper.state(values=torch.full((4,), value))
+        stop = stop_update_reference(torch.full((4,), 1e6), torch.ones(4, dtype=torch.bool), state)
+        assert bool(stop.all()) is stops
