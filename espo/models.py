@@ -37,7 +37,13 @@ def checkpoint_card(path: str | Path) -> dict[str, Any] | None:
     """The card.json that scripts/make_tiny_model.py writes beside a checkpoint (its task, recipe and measured
     success rates), or None for a checkpoint without one."""
     card = Path(path).expanduser() / CARD_FILE
-    return json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None
+    if not card.is_file():
+        return None
+    try:
+        return json.loads(card.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{card} is not valid JSON ({err}): fix or remove it (it names the checkpoint's task and "
+                         "source)") from None
 
 
 def builtin_card() -> dict[str, Any]:

@@ -385,3 +385,15 @@ def test_a_folder_locked_by_another_process_is_refused(tmp_path, capsys):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+def test_a_malformed_card_is_one_line_naming_the_file(tmp_path, capsys):
+    from test_hf_tokenizer import make_model_folder
+
+    make_model_folder(tmp_path / "model")
+    (tmp_path / "model" / "card.json").write_text('{"task": {kind: 1}}')
+    capsys.readouterr()  # the folder's save prints its own progress
+    code = main(["train", "--model", str(tmp_path / "model"), "--steps", "1", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "model" / "card.json") in err and "not valid JSON" in err

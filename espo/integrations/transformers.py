@@ -227,8 +227,10 @@ class ESPOSampler:
         if self.stopper is not None:
             if self.stopper.batch_size != B:
                 raise ValueError(
-                    f"stopper.batch_size ({self.stopper.batch_size}) must equal generate's batch ({B} rows, "
-                    "prompts x num_return_sequences): build it as espo.EarlyStopper(config, batch_size=B)"
+                    f"stopper.batch_size ({self.stopper.batch_size}) must equal generate's batch ({B} rows: one "
+                    "per input_ids row; with do_sample=False generate refuses num_return_sequences > 1, so repeat "
+                    "each prompt n times in input_ids, as espo.integrations.transformers.generate_rollouts does): "
+                    "build it as espo.EarlyStopper(config, batch_size=B)"
                 )
             if self.stopper.device != device:
                 raise ValueError(f"the stopper lives on {self.stopper.device}, the logits on {device}: build it there")
@@ -434,7 +436,8 @@ def generate_rollouts(
 
     Arguments mean what they mean in ``espo.Decoder.generate``, and the result has its shape: rollout ids
     are prompt-major, ``Rollout.tokens`` ends with the EOS or the token that triggered the stop, and the
-    same seed draws the same tokens as the Decoder. ``stopper`` needs ``len(prompts) * n`` rows.
+    same seed draws the same tokens as the Decoder in float32 (in bfloat16 and float16 the two forwards round
+    differently, and rows part after some tokens). ``stopper`` needs ``len(prompts) * n`` rows.
     ``eos_token_id`` defaults to the model's generation config. Other keyword arguments go to
     ``generate``; ``do_sample=True``, beam search and processors that change the logits are refused.
 

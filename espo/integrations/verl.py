@@ -98,7 +98,9 @@ def espo_grpo_advantage(
     Registered in verl as ``"espo_grpo"``. A response's outcome is the sum of its token rewards; a stopped
     one's is ``r_fail``, written into its rewards by ``ESPOAgentLoop`` or ``mark_stops`` (the way verl's
     ``compute_advantage`` delivers it), or set here from ``espo_stopped`` (bool [B]) in a direct call.
-    The std is the group's population std (as in ``espo.advantages.group_advantages``); without
+    The std is the group's population std (as in ``espo.advantages.group_advantages``), where verl's own
+    ``grpo`` divides by the sample std (``torch.std``): a factor sqrt(n / (n - 1)) apart for groups of n
+    (1.15 at n = 4, 1.03 at n = 16), which changes the advantages' scale, not their signs or order; without
     ``norm_adv_by_std_in_grpo`` (default: ``config.norm_adv_by_std_in_grpo``, else True) the centred
     outcome is used. Returns (advantages, returns), both the advantage broadcast over ``response_mask``.
     """

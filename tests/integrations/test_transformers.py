@@ -210,3 +210,11 @@ def test_example_runs(capsys):
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     out = capsys.readouterr().out
     assert "batch 2:" in out and "stopped" in out
+
+
+def test_a_stopper_of_the_wrong_size_is_told_what_generate_accepts(model):
+    """The hint names what works with do_sample=False (one input row per rollout), not num_return_sequences."""
+    ids = torch.randint(3, 50, (2, 4))
+    sampler = ESPOSampler(seed=1, stopper=espo.EarlyStopper(espo.ESPOConfig(), batch_size=3))
+    with pytest.raises(ValueError, match="repeat each prompt n times in input_ids"):
+        model.generate(input_ids=ids, max_new_tokens=2, **sampler.generate_kwargs())
