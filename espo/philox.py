@@ -14,6 +14,7 @@ any device).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PHILOX_M0 = 0xD2511F53
@@ -46,10 +47,28 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
+def _uniform_numpy(seed: torch.Tensor, offset: torch.Tensor, stream: int) -> torch.Tensor:
+    """``uniform`` on the CPU in NumPy's uint64 arithmetic: the same bits, in a tenth of the time at small batches
+    (a torch op on a few rows costs microseconds of dispatch; Philox is ~100 of them)."""
+    s = seed.numpy().astype(np.uint64)
+    o = offset.numpy().astype(np.uint64)
+    m32, sh = np.uint64(_MASK32), np.uint64(32)
+    k0, k1 = s & m32, s >> sh
+    c0, c1, c2, c3 = o & m32, o >> sh, np.full_like(o, stream & _MASK32), np.zeros_like(o)
+    m0, m1, w0, w1 = (np.uint64(v) for v in (PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1))
+    for _ in range(PHILOX_ROUNDS):
+        p0, p1 = c0 * m0, c2 * m1  # < 2**64: exact in uint64
+        c0, c1, c2, c3 = (p1 >> sh) ^ c1 ^ k0, p1 & m32, (p0 >> sh) ^ c3 ^ k1, p0 & m32
+        k0, k1 = (k0 + w0) & m32, (k1 + w1) & m32
+    return torch.from_numpy(((c0 >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)).astype(np.float32))
+
+
 def uniform(seed: torch.Tensor, offset: torch.Tensor, stream: int = SAMPLE_STREAM) -> torch.Tensor:
     """float32 uniforms in [0, 1), one per (seed, offset) pair (int64 tensors of one shape)."""
     seed = seed.to(torch.int64)
     offset = offset.to(torch.int64)
+    if seed.device.type == "cpu" and offset.device.type == "cpu" and seed.shape == offset.shape:
+        return _uniform_numpy(seed.contiguous(), offset.contiguous(), stream)
     zero = torch.zeros_like(offset)
     r0, _, _, _ = philox4x32(seed, seed >> 32, offset, offset >> 32, zero + stream, zero)
     return (r0 >> 8).to(torch.float32) * (2.0**-24)

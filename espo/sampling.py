@@ -1,7 +1,8 @@
 """``espo.sample``: one decoding step's token, its statistics and the ESPO stop mask, from one read of the logits.
 
 The public op: its checks and its dispatch. The op's other homes share its name: ``espo.sample_reference``
-(the definition, and the "torch" backend ``sample_torch``), ``kernels/sample.py`` (Triton, ``espo.kernels.sample``),
+(the definition), ``espo.sample_torch`` (the "torch" backend: the reference's tokens in fewer passes),
+``kernels/sample.py`` (Triton, ``espo.kernels.sample``),
 ``csrc/sample.cu`` with ``espo.sample_cuda`` (CUDA) and ``tests/test_sample.py``. (This module is not named
 ``sample.py`` because the function ``espo.sample`` would hide it.)
 """
@@ -14,7 +15,7 @@ import torch
 
 from .backends import resolve_backend
 from .checks import is_integer, is_real
-from .sample_reference import sample_torch
+from .sample_torch import sample_torch
 from .stopper import EarlyStopper
 
 RowArg = Union[int, float, torch.Tensor]

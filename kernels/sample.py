@@ -318,7 +318,14 @@ def stop_update(
 
 
 def _pointer_and_scalar(value, dummy):
-    """A per-row argument is a tensor (pointer, unused scalar) or a Python number (dummy pointer, scalar)."""
+    """A per-row argument is a tensor (pointer, unused scalar) or a Python number (dummy pointer, scalar).
+
+    Triton types a Python int in [2**31, 2**32) as uint32, which the kernels' cast to int64 does not read as the
+    same number (a seed of 3144134225 drew other tokens than the reference): such a number is passed per row."""
+    if isinstance(value, int) and 2**31 <= value < 2**32:
+        import torch
+
+        value = torch.full(dummy.shape, value, dtype=torch.int64, device=dummy.device)
     if hasattr(value, "data_ptr"):
         return value, 0, True
     return dummy, value, False

@@ -66,6 +66,15 @@ def test_scalar_and_per_row_arguments_agree(backend, device, temperature):
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
+def test_scalar_seeds_and_offsets_at_32_bit_boundaries_match_reference(backend, device):
+    """Triton types a Python int in [2**31, 2**32) as uint32: such seeds and offsets must still key the draw."""
+    logits = random_logits(4, 300, device=device, seed=2)
+    for value in (2**31 - 1, 2**31, 3144134225, 2**32 - 1, 2**32, -(2**31) - 1, 2**63 - 1):
+        for kw in (dict(seed=value, offset=3), dict(seed=11, offset=abs(value))):
+            assert_matches(espo.sample(logits, backend=backend, **kw), espo.sample(logits, backend="torch", **kw))
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
 @pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.8), (20, 0.5), (299, 0.999), (1, 0.3)])
 def test_filtered_sampling_matches_reference(backend, device, top_k, top_p):
     B, V = 6, 300

@@ -1,0 +1,185 @@
+"""The "torch" backend of ``espo.sample``: ``espo.sample_reference``'s tokens, bit for bit, in fewer passes.
+
+The reference is written to read as the definition; this module computes the same tokens for the CPU (and any
+device without the Triton or CUDA kernels), where each pass over the [B, V] logits is what costs:
+
+* validity from the row maxima (a NaN or +inf propagates into ``max``; a row of -inf has max -inf), instead of
+  four passes per tensor, and logits are zeroed only in the rare batch that holds an invalid row;
+* each row's token is drawn once, by the rule its row needs (the unfiltered chunked walk, or the top-p walk),
+  instead of drawing every row both ways and picking one;
+* top-p (without top-k) finds its threshold among the ``m`` largest logits (``torch.topk``, m growing until
+  their mass reaches top_p) instead of sorting the whole vocabulary. The threshold is the same logit: tokens
+  with equal logits have equal integer masses, so the cumulative masses in descending order do not depend on
+  how ties are ordered. Rows that also use top-k take the reference's sort;
+* entropy from one exponential (``log s - sum(e * d) / s``), and the raw log-normaliser reused at T = 1.
+
+Statistics are float32 results: they match the reference within float tolerance (regret, max_logprob and
+logprobs bit for bit, as the stop rule reads regret), the entropy within rounding. ``tests/test_sample_torch.py``
+holds this module to the reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from .philox import uniform
+from .sample_reference import (
+    _chunked,
+    _draw_filtered,
+    base2_logits,
+    mass_shift,
+    stop_update_reference,
+)
+from .stopper import StopState
+
+_NEG_INF = float("-inf")
+_FIRST_TOP_P_CANDIDATES = 64
+
+
+def _integer_masses(y: torch.Tensor, ref: torch.Tensor, shift: int) -> torch.Tensor:
+    """``espo.sample_reference.integer_masses`` with its float64 temporaries reused (the same values)."""
+    ref = torch.where(ref == _NEG_INF, torch.zeros_like(ref), ref)
+    f = (y - ref).double()
+    torch.exp2(f, out=f)
+    return (f.float().mul_(float(2**shift))).to(torch.int64)
+
+
+def _draw_chunked(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``espo.sample_reference._draw_chunked`` (steps 1-4 of its module docstring) with the same arithmetic."""
+    B, V = y.shape
+    yc, chunk = _chunked(y, V)
+    r = torch.ceil(yc.amax(dim=2))  # [B, C]
+    q = _integer_masses(yc, r[:, :, None], mass_shift(V))  # [B, C, chunk]
+    R = r.amax(dim=1, keepdim=True)
+    shift = torch.where(r == _NEG_INF, torch.full_like(r, 63.0), (R - r).clamp(0.0, 63.0))
+    shift = torch.nan_to_num(shift, nan=63.0).to(torch.int64)
+    W = q.sum(dim=2) >> shift  # [B, C]
+    target = (u.double() * W.sum(dim=1).double()).to(torch.int64)
+    cum = torch.cumsum(W, dim=1)
+    c = (cum <= target[:, None]).sum(dim=1).clamp(max=W.shape[1] - 1)
+    t = target - (cum - W).gather(1, c[:, None])[:, 0]
+    rows = torch.arange(B, device=y.device)
+    inside = torch.cumsum(q[rows, c], dim=1) >> shift[rows, c][:, None]  # [B, chunk]
+    i = (inside <= t[:, None]).sum(dim=1).clamp(max=chunk - 1)
+    return (c * chunk + i).clamp(max=V - 1)
+
+
+def _top_p_threshold(x: torch.Tensor, qg: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """The logit at which the descending cumulative integer mass first reaches ``need`` [B] (the reference's
+    ``sorted_x[n]``), searched among the m largest logits with m growing fourfold."""
+    V = x.shape[1]
+    m = min(V, _FIRST_TOP_P_CANDIDATES)
+    while True:
+        top, order = torch.topk(x, m, dim=1)
+        cum = torch.cumsum(qg.gather(1, order), dim=1)
+        if m == V or bool((cum[:, -1] >= need).all()):
+            n = (cum < need[:, None]).sum(dim=1, keepdim=True).clamp(max=m - 1)
+            return top.gather(1, n)
+        m = min(V, 4 * m)
+
+
+def _draw_top_p(x: torch.Tensor, y: torch.Tensor, y_max: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor):
+    """Step 5 of the reference for rows with top-p only: global masses, exact threshold, one walk."""
+    ref = torch.ceil(y_max)[:, None]
+    qg = _integer_masses(y, ref, mass_shift(x.shape[1]))
+    need = torch.ceil(top_p.double() * qg.sum(dim=1).double()).to(torch.int64)
+    kept = torch.where(x >= _top_p_threshold(x, qg, need), qg, 0)
+    cum = torch.cumsum(kept, dim=1)
+    target = (u.double() * cum[:, -1].double()).to(torch.int64)
+    return (cum <= target[:, None]).sum(dim=1).clamp(max=x.shape[1] - 1)
+
+
+def _draw(x, y, y_max, greedy, top_k, top_p, u) -> torch.Tensor:
+    """Each sampled row's token by the rule it needs; greedy rows get 0 here (the caller picks the argmax)."""
+    B, V = x.shape
+    filtered = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    drawn = torch.zeros(B, dtype=torch.int64, device=x.device)
+    plain = ~greedy & ~filtered
+    for rows, draw in ((plain, "chunked"), (filtered, "filtered")):
+        n = int(rows.sum())
+        if n == 0:
+            continue
+        idx = None if n == B else rows.nonzero()[:, 0]
+        pick = (lambda t: t) if idx is None else (lambda t: t[idx])
+        if draw == "chunked":
+            tokens = _draw_chunked(pick(y), pick(u))
+        elif bool(((pick(top_k) > 0) & (pick(top_k) < V)).any()):
+            tokens = _draw_filtered(pick(x), pick(y), pick(top_k), pick(top_p), pick(u))
+        else:
+            tokens = _draw_top_p(pick(x), pick(y), pick(y_max), pick(top_p), pick(u))
+        if idx is None:
+            return tokens
+        drawn[idx] = tokens
+    return drawn
+
+
+def _per_row(value, dtype: torch.dtype, B: int, device: torch.device) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.full((B,), value, dtype=dtype, device=device)
+
+
+@torch.no_grad()  # like the kernels: statistics of a draw, never part of a graph (the trainer rescores tokens)
+def sample_torch(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor,
+    top_p: float | torch.Tensor,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor,
+    stop: StopState | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """The "torch" backend, under the backends' contract (that of ``espo.kernels.sample.sample_triton``): per-row
+    arguments are Python numbers or [B] tensors on the logits' device, already validated by ``espo.sample``;
+    returns the ``SampleOutput`` fields as a dict, with ``espo.sample_reference``'s tokens."""
+    B, V = logits.shape
+    device = logits.device
+    unit_temperature = not isinstance(temperature, torch.Tensor) and temperature == 1.0
+    temperature = _per_row(temperature, torch.float32, B, device)
+    top_k = _per_row(top_k, torch.int64, B, device)
+    top_p = _per_row(top_p, torch.float32, B, device)
+    x = logits.float()
+    greedy = temperature == 0
+    inv_t = (1.0 / torch.where(greedy, torch.ones_like(temperature), temperature).float()).float()
+    y = base2_logits(x, inv_t)
+    x_max, y_max = x.amax(dim=1), y.amax(dim=1)
+    valid = torch.isfinite(x_max) & torch.isfinite(y_max)  # the reference's _has_mass(x) & _has_mass(y)
+    all_valid = bool(valid.all())
+    if not all_valid:
+        x = torch.where(valid[:, None], x, torch.zeros_like(x))
+        y = torch.where(valid[:, None], y, torch.zeros_like(y))
+        x_max, y_max = x.amax(dim=1), y.amax(dim=1)
+
+    tempered = x if unit_temperature else x * inv_t[:, None]
+    l_max = x_max if unit_temperature else tempered.amax(dim=1)
+    d = tempered - l_max[:, None]
+    e = torch.exp(d)
+    s = e.sum(dim=1)
+    log_s = torch.log(s)
+    entropy = log_s - e.mul_(d).nan_to_num_(nan=0.0).sum(dim=1) / s  # e * d is 0 * -inf = NaN at -inf logits
+    if unit_temperature:
+        raw_log_s = log_s
+    else:
+        raw = x - x_max[:, None]
+        raw_log_s = torch.log(raw.exp_().sum(dim=1))
+
+    tokens = _draw(x, y, y_max, greedy, top_k, top_p, uniform(_per_row(seed, torch.int64, B, device),
+                                                                _per_row(offset, torch.int64, B, device)))
+    if bool(greedy.any()):
+        argmax = torch.argmax((x == x_max[:, None]).int(), dim=1)
+        tokens = torch.where(greedy, argmax, tokens)
+
+    l_tok = tempered.gather(1, tokens[:, None])[:, 0]
+    zero = torch.zeros_like(l_tok)
+    out = {
+        "tokens": tokens,
+        "logprobs": torch.where(greedy, zero, (l_tok - l_max) - log_s),
+        "raw_logprobs": (x.gather(1, tokens[:, None])[:, 0] - x_max) - raw_log_s,
+        "entropy": torch.where(greedy, zero, entropy),
+        "max_logprob": torch.where(greedy, zero, -log_s),
+        "regret": torch.where(greedy, zero, l_max - l_tok),
+    }
+    if not all_valid:
+        nan = torch.full_like(l_tok, torch.nan)
+        out = {k: torch.where(valid, v, torch.full_like(v, -1) if k == "tokens" else nan) for k, v in out.items()}
+    out["valid"] = valid
+    out["stop"] = None if stop is None else stop_update_reference(out["regret"], out["valid"], stop)
+    return out
+
