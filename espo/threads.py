@@ -2,9 +2,9 @@
 
 torch starts one intra-op thread per core. On a machine whose cores other processes already keep busy, those
 threads wait on each other at every op and a run slows several-fold (issue 26 measured 4 runs sharing 2 cores:
-12.7 s with 2 threads each, 1.4 s with 1). So a run takes the cores that the recent load leaves free, at least
-one, unless the user chose: ``--threads N`` on the command line, or OMP_NUM_THREADS / MKL_NUM_THREADS in the
-environment, always win.
+12.7 s with 2 threads each, 1.4 s with 1; not a committed results file). So a run takes the cores that the recent
+load leaves free, at least one, unless the user chose: ``--threads N`` on the command line, or OMP_NUM_THREADS /
+MKL_NUM_THREADS in the environment, always win.
 """
 from __future__ import annotations
 

@@ -13,13 +13,15 @@ So the way in is a pair sharing one state, :class:`ESPOSampler`:
 * ``sampler.stopping_criteria`` ends the rows whose ESPO mask fired, that drew EOS, or whose logits held
   NaN/inf, and checks that generate appended the forced tokens.
 
-``generate`` keeps computing a row after it has ended: its batch never shrinks, an ended row is padded
-(or, here, forced to the pad token) until the longest row ends, so an ESPO stop saves no compute in
-``generate``. ``espo.Decoder`` frees the row's slot at the step it ends. Measured on 2 CPU cores
-(``bench/bench_integrations_hf.py``, random Qwen2 hidden 128 x 4 layers, vocab 8192, 64 new tokens, half
-the rows stopped after about 16, a third of the tokens): per decode step, plain generate 4.95 ms, this
-adapter 4.97 ms, espo.Decoder 3.84 ms at B = 16 (14.5, 11.1, 9.3 ms at B = 64); the stops save generate
-7% (B = 16) and 11% (B = 64) of its time, the Decoder 8% and 26% (``bench/results/integrations-hf.md``).
+``generate`` keeps computing a row after it has ended: its batch never shrinks, an ended row is padded (or,
+here, forced to the pad token) until the longest row ends, so an ESPO stop saves no compute in ``generate``.
+``espo.Decoder`` frees the row's slot at the step it ends. Measured once on 2 CPU cores at load 0.6
+(``bench/bench_integrations_hf.py``, 2026-12-02, random Qwen2 hidden 128 x 4 layers, vocab 8192, 64 new tokens,
+pool = batch, half the rows stopped after about 16, a third of the tokens): per decode step, plain generate 4.95
+ms, this adapter 4.97 ms, espo.Decoder 3.84 ms at B = 16 (14.5, 11.1, 9.3 ms at B = 64); the stops save generate
+7% (B = 16) and 11% (B = 64) of its time, the Decoder 8% and 26% (``bench/results/integrations-hf.md``). The
+Decoder's speed against ``generate`` depends on the model and vocabulary (0.7-1.2x on a 32k-vocabulary model in
+``bench/results/decode-cpu.md``); the point here is the stopped rows' compute, not speed.
 
 :func:`generate_rollouts` calls ``generate`` with a sampler and returns ``espo.Rollouts``, the shape
 ``espo.Decoder.generate`` returns; with the same prompts, n, seed and settings it draws the same tokens.
