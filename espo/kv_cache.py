@@ -86,13 +86,21 @@ class KVCache:
         return 2 * num_layers * slots * max_seq_len * kv_heads * head_dim * itemsize
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [N, kv_heads, head_dim] at (slots[i], positions[i]) of ``layer``."""
-        if self.layout == "flash":
-            self.k[layer][slots, positions] = k
-            self.v[layer][slots, positions] = v
-        else:
-            self.k[layer][slots, :, positions] = k
-            self.v[layer][slots, :, positions] = v
+        """Store k, v [N, kv_heads, head_dim] at (slots[i], positions[i]) of ``layer`` (distinct pairs).
+
+        As one ``index_copy_`` of rows of the layer's flattened cache: the same values as
+        ``cache[layer][slots, :, positions] = k``, which the CPU runs several times slower (an advanced index split
+        by a slice)."""
+        H, L, D = self.kv_heads, self.max_seq_len, self.head_dim
+        if self.layout == "flash":  # [slots, max_seq_len, kv_heads, head_dim]: a row is one position's heads
+            rows = slots * L + positions
+            self.k[layer].view(-1, H * D).index_copy_(0, rows, k.reshape(-1, H * D))
+            self.v[layer].view(-1, H * D).index_copy_(0, rows, v.reshape(-1, H * D))
+        else:  # [slots, kv_heads, max_seq_len, head_dim]: a row is one position of one head
+            heads = torch.arange(H, device=slots.device)
+            rows = ((slots[:, None] * H + heads) * L + positions[:, None]).reshape(-1)
+            self.k[layer].view(-1, D).index_copy_(0, rows, k.reshape(-1, D))
+            self.v[layer].view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
 
     def move(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy the first ``length`` positions of slots ``src`` into slots ``dst`` (every layer)."""

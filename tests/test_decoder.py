@@ -582,3 +582,21 @@ def test_gpu_graphs_match_eager_and_report_prefix_rate(family):
               if r.finish_reason == "stopped"]
     print(f"{family}: stopped {len(prefix)}/{len(ro)}, exact prefixes {np.mean(prefix) if prefix else 1.0:.3f}")
     assert not prefix or np.mean(prefix) >= 0.9
+
+
+@pytest.mark.parametrize("layout", ["sdpa", "flash"])
+def test_kv_cache_write_stores_each_row_at_its_slot_and_position(layout):
+    from espo.kv_cache import KVCache
+
+    cache = KVCache(3, 5, 11, 2, 4, dtype=torch.float32, device=torch.device("cpu"), layout=layout)
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.randperm(5 * 11, generator=g)[:9]
+    slots, positions = pairs // 11, pairs % 11
+    k, v = torch.randn(9, 2, 4, generator=g), torch.randn(9, 2, 4, generator=g)
+    cache.write(1, slots, positions, k, v)
+    for i in range(9):
+        s, p = int(slots[i]), int(positions[i])
+        got_k = cache.k[1, s, p] if layout == "flash" else cache.k[1, s, :, p]
+        got_v = cache.v[1, s, p] if layout == "flash" else cache.v[1, s, :, p]
+        assert torch.equal(got_k, k[i]) and torch.equal(got_v, v[i])
+    assert int((cache.k != 0).sum()) == 9 * 2 * 4 and cache.k[0].eq(0).all() and cache.k[2].eq(0).all()
