@@ -88,13 +88,26 @@ def _draw_top_p(x: torch.Tensor, y: torch.Tensor, y_max: torch.Tensor, top_p: to
     return (cum <= target[:, None]).sum(dim=1).clamp(max=x.shape[1] - 1)
 
 
+def _per_row(value, dtype: torch.dtype, B: int, device: torch.device) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.full((B,), value, dtype=dtype, device=device)
+
+
 def _draw(x, y, y_max, greedy, top_k, top_p, u) -> torch.Tensor:
-    """Each sampled row's token by the rule it needs; greedy rows get 0 here (the caller picks the argmax)."""
+    """Each sampled row's token by the rule it needs; greedy rows get 0 here (the caller picks the argmax).
+
+    ``greedy`` is a [B] mask or None (no greedy row); ``top_k`` and ``top_p`` Python numbers (one rule for every
+    row, decided without touching a tensor) or [B] tensors."""
     B, V = x.shape
-    filtered = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    if greedy is None and not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor):
+        if not 0 < top_k < V and top_p >= 1.0:
+            return _draw_chunked(y, u)
+        k, p = _per_row(top_k, torch.int64, B, x.device), _per_row(top_p, torch.float32, B, x.device)
+        return _draw_filtered(x, y, k, p, u) if 0 < top_k < V else _draw_top_p(x, y, y_max, p, u)
+    top_k, top_p = _per_row(top_k, torch.int64, B, x.device), _per_row(top_p, torch.float32, B, x.device)
+    sampled = torch.ones(B, dtype=torch.bool, device=x.device) if greedy is None else ~greedy
+    filtered = sampled & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
     drawn = torch.zeros(B, dtype=torch.int64, device=x.device)
-    plain = ~greedy & ~filtered
-    for rows, draw in ((plain, "chunked"), (filtered, "filtered")):
+    for rows, draw in ((sampled & ~filtered, "chunked"), (filtered, "filtered")):
         n = int(rows.sum())
         if n == 0:
             continue
@@ -112,10 +125,6 @@ def _draw(x, y, y_max, greedy, top_k, top_p, u) -> torch.Tensor:
     return drawn
 
 
-def _per_row(value, dtype: torch.dtype, B: int, device: torch.device) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else torch.full((B,), value, dtype=dtype, device=device)
-
-
 @torch.no_grad()  # like the kernels: statistics of a draw, never part of a graph (the trainer rescores tokens)
 def sample_torch(
     logits: torch.Tensor,
@@ -131,13 +140,17 @@ def sample_torch(
     returns the ``SampleOutput`` fields as a dict, with ``espo.sample_reference``'s tokens."""
     B, V = logits.shape
     device = logits.device
-    unit_temperature = not isinstance(temperature, torch.Tensor) and temperature == 1.0
-    temperature = _per_row(temperature, torch.float32, B, device)
-    top_k = _per_row(top_k, torch.int64, B, device)
-    top_p = _per_row(top_p, torch.float32, B, device)
     x = logits.float()
-    greedy = temperature == 0
-    inv_t = (1.0 / torch.where(greedy, torch.ones_like(temperature), temperature).float()).float()
+    if isinstance(temperature, torch.Tensor):
+        greedy = temperature == 0
+        inv_t = (1.0 / torch.where(greedy, torch.ones_like(temperature), temperature).float()).float()
+        all_greedy = bool(greedy.all())
+        greedy = greedy if bool(greedy.any()) else None
+    else:  # one temperature: the same float32 1 / T for every row, decided in Python
+        all_greedy = temperature == 0
+        greedy = torch.ones(B, dtype=torch.bool, device=device) if all_greedy else None
+        inv_t = (1.0 / torch.full((B,), 1.0 if all_greedy else temperature, dtype=torch.float32, device=device))
+    unit_temperature = not isinstance(temperature, torch.Tensor) and temperature == 1.0
     y = base2_logits(x, inv_t)
     x_max, y_max = x.amax(dim=1), y.amax(dim=1)
     valid = torch.isfinite(x_max) & torch.isfinite(y_max)  # the reference's _has_mass(x) & _has_mass(y)
@@ -160,22 +173,28 @@ def sample_torch(
         raw = x - x_max[:, None]
         raw_log_s = torch.log(raw.exp_().sum(dim=1))
 
-    tokens = _draw(x, y, y_max, greedy, top_k, top_p, uniform(_per_row(seed, torch.int64, B, device),
-                                                                _per_row(offset, torch.int64, B, device)))
-    if bool(greedy.any()):
-        argmax = torch.argmax((x == x_max[:, None]).int(), dim=1)
-        tokens = torch.where(greedy, argmax, tokens)
+    argmax = None if greedy is None else torch.argmax((x == x_max[:, None]).int(), dim=1)
+    if all_greedy:
+        tokens = argmax
+    else:
+        u = uniform(_per_row(seed, torch.int64, B, device), _per_row(offset, torch.int64, B, device))
+        tokens = _draw(x, y, y_max, greedy, top_k, top_p, u)
+        if greedy is not None:
+            tokens = torch.where(greedy, argmax, tokens)
 
     l_tok = tempered.gather(1, tokens[:, None])[:, 0]
-    zero = torch.zeros_like(l_tok)
     out = {
         "tokens": tokens,
-        "logprobs": torch.where(greedy, zero, (l_tok - l_max) - log_s),
+        "logprobs": (l_tok - l_max) - log_s,
         "raw_logprobs": (x.gather(1, tokens[:, None])[:, 0] - x_max) - raw_log_s,
-        "entropy": torch.where(greedy, zero, entropy),
-        "max_logprob": torch.where(greedy, zero, -log_s),
-        "regret": torch.where(greedy, zero, l_max - l_tok),
+        "entropy": entropy,
+        "max_logprob": -log_s,
+        "regret": l_max - l_tok,
     }
+    if greedy is not None:  # the tempered policy of a greedy row is a point mass: its statistics are exactly 0
+        zero = torch.zeros_like(l_tok)
+        for k in ("logprobs", "entropy", "max_logprob", "regret"):
+            out[k] = torch.where(greedy, zero, out[k])
     if not all_valid:
         nan = torch.full_like(l_tok, torch.nan)
         out = {k: torch.where(valid, v, torch.full_like(v, -1) if k == "tokens" else nan) for k, v in out.items()}

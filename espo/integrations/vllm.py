@@ -545,8 +545,9 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
             floor = self.settings.config.value_floor
             values = torch.tensor([floor if r.args.value is None else r.args.value for r in reqs],
                                   dtype=torch.float32, device=dev)
+        every_row = len(draw) == logits.shape[0] and all(i == j for j, (i, _) in enumerate(draw))
         out = sample(
-            logits[rows],
+            logits if every_row else logits[rows],
             temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev),
             top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.int64, device=dev),
             top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev),
@@ -554,11 +555,11 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
             offset=torch.tensor(offsets, dtype=torch.int64, device=dev),
             stopper=self.stopper, values=values, stopper_rows=srows, backend=self.settings.backend, validate=False,
         )
-        valid = out.valid
-        forced = torch.full((len(reqs), logits.shape[1]), float("-inf"), dtype=logits.dtype, device=dev)
-        forced.scatter_(1, out.tokens.clamp_min(0)[:, None], 0.0)
-        # A row with NaN or +inf logits is not espo's to sample: vLLM gets it as it was.
-        logits[rows] = torch.where(valid[:, None], forced, logits[rows])
+        # Force each drawn token (one write over the rows). A row with NaN or +inf logits is not espo's to sample:
+        # vLLM gets it as it was.
+        forced, tokens = rows[out.valid], out.tokens[out.valid]
+        logits[forced] = float("-inf")
+        logits[forced, tokens] = 0.0
         stops = out.stop.tolist()
         for req, n, stop in zip(reqs, offsets, stops):
             req.drawn = n
