@@ -37,6 +37,7 @@ from common import environment  # first: puts this checkout's espo ahead of an i
 
 import espo  # noqa: E402
 from espo.decoder import _STOP, Decoder  # noqa: E402
+from espo.scheduler import Scheduler  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
@@ -78,8 +79,8 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
     return model
 
 
-class ScheduledStops(Decoder):
-    """A decoder whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there."""
+class ScheduledStops(Scheduler):
+    """A scheduler whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there."""
 
     schedule: np.ndarray | None = None
 
@@ -178,12 +179,13 @@ def stopping_rows_at(shape, model, args, device, per_slot):
     B = args.stop_slots
     R = B * per_slot
     T = args.stop_new_tokens or args.new_tokens
-    dec = ScheduledStops(model, max_batch=B, max_seq_len=args.prompt_len + T + 1)
+    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1)
+    dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch)
     prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), B, dec.device)  # never armed: its update still runs
 
     def run(schedule):
-        dec.schedule = schedule
+        dec.scheduler.schedule = schedule
         t, ro = time_espo(dec, prompts, T, device, stopper=stopper)
         stopper.end_batch()
         return t, ro

@@ -14,6 +14,8 @@ from conftest import requires_gpu
 
 import espo
 from espo.decoder import Decoder, Rollouts, rollout_seed
+from espo.model_runner import ModelRunner
+from espo.scheduler import Scheduler
 from espo.stopper import EarlyStopper, ESPOConfig
 from espo.value_head import Critic, ValueHead
 
@@ -234,14 +236,14 @@ def test_slots_refill_and_the_pool_drains(monkeypatch):
     prompts = prompts_for(6, seed=8)
     dec = Decoder(model, max_batch=4, max_seq_len=40)
     live_rows = []
-    step = Decoder._step
+    step = Scheduler._step
 
     def spy(self, run):
         live_rows.append(int(self.slots.live.sum()))
         assert self.slots.live[: live_rows[-1]].all(), "live rollouts occupy the leading slots"
         return step(self, run)
 
-    monkeypatch.setattr(Decoder, "_step", spy)
+    monkeypatch.setattr(Scheduler, "_step", spy)
     ro = dec.generate(prompts, 2, max_new_tokens=20, seed=2, eos_token_id=EOS)
     assert isinstance(ro, Rollouts) and len(ro) == 12
     assert all(r.finish_reason in ("eos", "length") for r in ro)
@@ -275,7 +277,7 @@ def test_refill_batch_waits_for_free_slots_and_changes_no_token(monkeypatch):
     prompts = prompts_for(6, seed=8)
     kw = dict(max_new_tokens=20, seed=2, eos_token_id=EOS)
     admissions = []
-    take = Decoder._take_pending
+    take = Scheduler._take_pending
 
     def spy(self, run, holes):
         free, pending = len(holes), len(run.pending)
@@ -284,7 +286,7 @@ def test_refill_batch_waits_for_free_slots_and_changes_no_token(monkeypatch):
             admissions.append((free, pending, int(self.slots.live.sum())))
         return adm
 
-    monkeypatch.setattr(Decoder, "_take_pending", spy)
+    monkeypatch.setattr(Scheduler, "_take_pending", spy)
     one = Decoder(model, max_batch=4, max_seq_len=40).generate(prompts, 3, **kw)
     every_free_slot = len(admissions)
     admissions.clear()
@@ -314,7 +316,7 @@ def test_padded_graph_buckets_change_nothing(monkeypatch):
         shapes.append((b, length))
         return self._decode_forward(b, length)
 
-    monkeypatch.setattr(Decoder, "_decode_graphed", padded)
+    monkeypatch.setattr(ModelRunner, "_decode_graphed", padded)
     dec.cuda_graphs = True
     bucketed = dec.generate(prompts, 2, **kw)
     assert {b for b, _ in shapes} <= {1, 2, 3, 4, 6} and {L for _, L in shapes} == {128}
@@ -362,14 +364,14 @@ def test_flash_attn_path_against_transformers(monkeypatch):
     """The flash-attn layout and calls, with flash-attn's functions written in torch, still match transformers."""
     import sys
 
-    import espo.decoder
+    import espo.model_runner
 
     model = tiny("mistral", seed=19, sliding_window=5)
     prompts = prompts_for(4, seed=19, lo=3, hi=9)
     expected = [hf_greedy(model, p, 12, EOS) for p in prompts]
     with monkeypatch.context() as m:  # transformers itself probes for flash_attn: patch around the decoder only
         m.setitem(sys.modules, "flash_attn", _fake_flash_attn())
-        m.setattr(espo.decoder, "resolve_attention", lambda *args: "flash")
+        m.setattr(espo.model_runner, "resolve_attention", lambda *args: "flash")
         dec = Decoder(model, max_batch=3, max_seq_len=32)
         assert dec.policy.cache.layout == "flash"
         greedy = dec.generate(prompts, max_new_tokens=12, temperature=0.0, eos_token_id=EOS)

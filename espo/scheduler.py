@@ -1,0 +1,314 @@
+"""The decoder's scheduler: which rollout runs in which slot, and when.
+
+``Scheduler`` drives one ``generate`` call over a ``ModelRunner`` (``espo.model_runner``): it keeps the
+pending rollouts, admits them into free slots (one packed prefill per admission, within prefill_tokens;
+with CUDA graphs only once refill_batch slots are free), steps the live slots, records why each rollout
+ended (EOS, its length limit, an ESPO stop, invalid logits), frees their slots, and gathers the drawn
+tokens into ``Rollouts``. The slot state itself lives in ``espo.slots.Slots``; the model's compute, and
+the draw, in the runner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .forward import PrefillRows
+from .model_runner import _EOS, _INVALID, _STOP, RECORD_COLUMNS, ModelRunner, oom_message
+from .stopper import EarlyStopper
+
+if TYPE_CHECKING:
+    from .decoder import Rollouts
+
+
+@dataclass
+class _Request:
+    """``generate``'s inputs, checked.
+
+    prompts: P token-id lists; counts: rollouts per prompt [P]; seeds: each rollout's sampling seed [R];
+    eos: the EOS ids on the device, or None; prompt_values: [P] constant values, or None; has_values: the
+    rollouts carry values (from the decoder's value source or ``prompt_values``).
+    """
+
+    prompts: list[list[int]]
+    counts: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    seeds: list[int]
+    stopper: EarlyStopper | None
+    eos: torch.Tensor | None
+    prompt_values: torch.Tensor | None
+    has_values: bool
+
+
+@dataclass
+class _Run:
+    """The host-side progress of one generate call, per rollout [R] (ids in prompt-major order).
+
+    prompt_of, sample_of: each rollout's prompt and its index among that prompt's rollouts; plen: prompt
+    lengths [P]; limit: the most tokens each may generate; gen: tokens generated so far; length, reason:
+    set when it ends; pending: rollouts not yet admitted; records: [tokens, len(RECORD_COLUMNS)] blocks.
+    """
+
+    request: _Request
+    prompt_of: np.ndarray
+    sample_of: np.ndarray
+    plen: np.ndarray
+    limit: np.ndarray
+    gen: np.ndarray
+    length: np.ndarray
+    reason: list[str]
+    pending: deque
+    records: list[torch.Tensor] = field(default_factory=list)
+    decode_steps: int = 0
+    prefill_tokens: int = 0
+
+    @property
+    def R(self) -> int:
+        return len(self.reason)
+
+    @classmethod
+    def of(cls, request: _Request, max_seq_len: int) -> "_Run":
+        counts = request.counts
+        R, P = sum(counts), len(counts)
+        prompt_of = np.repeat(np.arange(P, dtype=np.int64), counts)
+        plen = np.array([len(p) for p in request.prompts], dtype=np.int64)
+        return cls(
+            request=request,
+            prompt_of=prompt_of,
+            sample_of=np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if P else np.zeros(0, np.int64),
+            plen=plen,
+            limit=np.minimum(request.max_new_tokens, max_seq_len - plen[prompt_of]) if R else np.zeros(0, np.int64),
+            gen=np.zeros(R, dtype=np.int64),
+            length=np.zeros(R, dtype=np.int64),
+            reason=[""] * R,
+            pending=deque(range(R)),
+        )
+
+
+@dataclass
+class _Admission:
+    """Pending rollouts given free slots: their packed prompts (each prompt once) and where each one's K/V go.
+
+    rids, slots [k]: the rollouts and their slots (host); ids, positions [N]: the packed prompt tokens;
+    last_idx [U]: each prompt's last token in them; ui [k]: each rollout's prompt among the U; slots_t [k]:
+    the slots on the device.
+    """
+
+    rids: np.ndarray
+    slots: np.ndarray
+    ids: torch.Tensor
+    positions: torch.Tensor
+    prefill: PrefillRows
+    last_idx: torch.Tensor
+    ui: torch.Tensor
+    slots_t: torch.Tensor
+
+
+class Scheduler:
+    """Runs the rollouts of a ``_Run`` through the runner's ``max_batch`` slots (``runner.slots``).
+
+    prefill_tokens: most prompt tokens prefilled in one packed forward; refill_batch: admit pending
+    rollouts only once this many slots are free (see ``espo.Decoder``; None: its default).
+    """
+
+    def __init__(self, runner: ModelRunner, *, prefill_tokens: int, refill_batch: int | None = None):
+        self.runner, self.slots, self.device = runner, runner.slots, runner.device
+        self.max_batch, self.max_seq_len, self.prefill_tokens = runner.max_batch, runner.max_seq_len, prefill_tokens
+        S = self.max_batch
+        default_refill = max(1, S // 8) if runner.cuda_graphs else 1
+        self.refill_batch = min(S, int(refill_batch) if refill_batch is not None else default_refill)
+
+    def run(self, run: _Run, bar) -> None:
+        """Decode until every rollout of ``run`` has ended, from an empty pool; ``bar`` counts finished ones."""
+        self.slots.reset()
+        where, slots, runner = "prefill", self.slots, self.runner
+        try:
+            while run.pending or slots.live.any():
+                # Eager steps take refills into the decode step's own forward; the graphed step's shapes are
+                # fixed, so with CUDA graphs (and when no rollout is live) refills get a forward of their own.
+                if runner.cuda_graphs or not slots.live.any():
+                    while self._may_refill(run):
+                        where = "prefill"
+                        self._release(self._admit(run), bar)
+                    if not slots.live.any():
+                        continue
+                slots.compact(runner.caches)
+                where = "decode"
+                self._release(self._step(run), bar)
+        except torch.OutOfMemoryError as err:
+            message = oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)
+            raise torch.OutOfMemoryError(message) from err
+
+    def _may_refill(self, run: _Run) -> bool:
+        """Whether to admit pending rollouts now: enough slots are free (refill_batch, or all that are pending),
+        or no rollout is live."""
+        live = self.slots.n_live
+        free = self.max_batch - live
+        return bool(run.pending) and free > 0 and (live == 0 or free >= min(self.refill_batch, len(run.pending)))
+
+    def _take_pending(self, run: _Run, holes: np.ndarray) -> _Admission | None:
+        """Give pending rollouts the first of the free slots ``holes`` (one packed prefill, within prefill_tokens).
+
+        Sets the slots' state (prompt length, offset 0, seed, stopper row, value) for their first draw.
+        """
+        rids, uniq, budget = [], {}, 0
+        for _ in holes:
+            if not run.pending:
+                break
+            r = run.pending[0]
+            p = int(run.prompt_of[r])
+            if p not in uniq:
+                if uniq and budget + run.plen[p] > self.prefill_tokens:
+                    break
+                uniq[p] = len(uniq)
+                budget += int(run.plen[p])
+            rids.append(run.pending.popleft())
+        k = len(rids)
+        if k == 0:
+            return None
+        slots = holes[:k]
+        uprompts = list(uniq)
+        lens = run.plen[uprompts]
+        offs = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        ids = np.concatenate([np.asarray(run.request.prompts[p], dtype=np.int64) for p in uprompts])
+        positions = np.concatenate([np.arange(L, dtype=np.int64) for L in lens])
+        ui = np.array([uniq[int(run.prompt_of[r])] for r in rids], dtype=np.int64)
+        dst_slots = np.repeat(slots, lens[ui])
+        dst_pos = np.concatenate([np.arange(lens[u], dtype=np.int64) for u in ui])
+        src_idx = np.concatenate([offs[u] + np.arange(lens[u], dtype=np.int64) for u in ui])
+        last_idx = offs + lens - 1
+        srows = self.slots.take_stopper_rows(k)
+        seeds = np.array([run.request.seeds[r] for r in rids], dtype=np.int64)
+        rid_arr = np.asarray(rids, dtype=np.int64)
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, lens[ui], seeds, rid_arr, srows, cu]
+        sizes = [len(a) for a in parts]
+        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)  # one transfer
+        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, len_t, seed_t, rid_t, srow_t, cu_t) = torch.split(
+            flat, sizes
+        )
+
+        pvals = run.request.prompt_values
+        values = None if pvals is None else pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
+        self.slots.admit(slots, rid_arr, lens[ui], srows, (slots_t, len_t, seed_t, rid_t, srow_t), values)
+        if run.request.stopper is not None:
+            mask = torch.zeros(self.max_batch, dtype=torch.bool)
+            mask[torch.from_numpy(srows)] = True
+            run.request.stopper.reset_rows(mask.to(self.device))
+        segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
+        prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
+        return _Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t)
+
+    def _admitted(self, run: _Run, adm: _Admission) -> None:
+        """The admitted rollouts drew their first tokens."""
+        run.prefill_tokens += int(adm.ids.shape[0])
+        run.gen[adm.rids] += 1
+
+    def _admit(self, run: _Run) -> np.ndarray:
+        """Prefill pending rollouts into the lowest free slots in a forward of their own; draw their first tokens."""
+        adm = self._take_pending(run, np.flatnonzero(~self.slots.live))
+        logits, values = self.runner.forward(
+            adm.ids, adm.positions, prefill=adm.prefill, out_idx=adm.last_idx, select=adm.ui
+        )
+        tokens, code = self.runner.sample(run.request, run.records, logits, values, adm.slots_t)
+        self.slots.advance(adm.slots_t, tokens, decoded=0)
+        code = code.cpu().numpy()  # the one host sync of this prefill
+        self._admitted(run, adm)
+        return self._endings(run, adm.slots, code)
+
+    def _step(self, run: _Run) -> np.ndarray:
+        """One decode step over the live slots 0..b-1; eager, it also prefills pending rollouts into slots b..b+k-1."""
+        slots, runner = self.slots, self.runner
+        b = slots.n_live
+        need = int(slots.length[:b].max()) + 1
+        length = runner.length_bucket(need)
+        adm = None
+        if not runner.cuda_graphs and self._may_refill(run):
+            adm = self._take_pending(run, np.arange(b, self.max_batch))
+        logits, values = runner.decode(b, length, adm)
+        n = b + (0 if adm is None else len(adm.rids))
+        tokens, code = runner.sample(run.request, run.records, logits, values, slice(0, n))
+        slots.advance(slice(0, n), tokens, decoded=b)
+        code = code.cpu().numpy()  # the one host sync of this step
+        run.decode_steps += 1
+        run.gen[slots.rollout[:b]] += 1
+        if adm is not None:
+            self._admitted(run, adm)
+        return self._endings(run, np.arange(n), code)
+
+    def _endings(self, run: _Run, slots: np.ndarray, code: np.ndarray) -> np.ndarray:
+        """Record why the rollouts in ``slots`` ended, for those that did; return their slots."""
+        rids = self.slots.rollout[slots]
+        at_limit = run.gen[rids] >= run.limit[rids]
+        ended = (code != 0) | at_limit
+        for r, c in zip(rids[ended], code[ended]):
+            if c & _STOP:
+                reason, length = "stopped", run.gen[r]
+            elif c & _INVALID:
+                reason, length = "invalid", run.gen[r] - 1
+            elif c & _EOS:
+                reason, length = "eos", run.gen[r]
+            else:
+                reason, length = "length", run.gen[r]
+            run.reason[r], run.length[r] = reason, length
+        return slots[ended]
+
+    def _release(self, slots: np.ndarray, bar) -> None:
+        """Free the slots of rollouts that ended."""
+        if len(slots) == 0:
+            return
+        self.slots.free(slots)
+        if bar is not None:
+            bar.update(len(slots))
+
+    def collect(self, run: _Run, elapsed: float) -> "Rollouts":
+        """The ended run's rollouts, in rollout-id order, with its totals (``elapsed``: its wall time)."""
+        from .decoder import FINISH_REASONS, Rollout, Rollouts  # the result types are espo.decoder's (it imports us)
+
+        rec = torch.cat(run.records).cpu().numpy() if run.records else np.zeros((0, len(RECORD_COLUMNS)))
+        rid, token, logprob, raw_logprob, entropy, regret, value = range(len(RECORD_COLUMNS))
+        order = np.argsort(rec[:, rid], kind="stable")
+        rec = rec[order]
+        starts = np.searchsorted(rec[:, rid], np.arange(run.R))
+        req = run.request
+        out, counts = [], {k: 0 for k in FINISH_REASONS}
+        for r in range(run.R):
+            L = int(run.length[r])
+            block = rec[starts[r] : starts[r] + L]
+            f32 = lambda j: torch.from_numpy(block[:, j].astype(np.float32))  # noqa: E731
+            counts[run.reason[r]] += 1
+            out.append(
+                Rollout(
+                    rollout_id=r,
+                    prompt_index=int(run.prompt_of[r]),
+                    sample_index=int(run.sample_of[r]),
+                    seed=req.seeds[r],
+                    tokens=torch.from_numpy(block[:, token].astype(np.int64)),
+                    logprobs=f32(logprob),
+                    raw_logprobs=f32(raw_logprob),
+                    entropy=f32(entropy),
+                    regret=f32(regret),
+                    values=f32(value) if req.has_values else None,
+                    finish_reason=run.reason[r],
+                    length=L,
+                )
+            )
+        return Rollouts(
+            rollouts=out,
+            prompts=req.prompts,
+            tokens_generated=int(run.length.sum()),
+            decode_steps=run.decode_steps,
+            prefill_tokens=run.prefill_tokens,
+            time_s=elapsed,
+            seed=req.seed,
+            finish_counts=counts,
+            slot_moves=self.slots.moves,
+        )
