@@ -7,6 +7,7 @@ before any of it runs.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -16,14 +17,32 @@ from typing import Any, Callable, Iterable
 import torch
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> Path:
+class DiskWriteError(OSError):
+    """A run's file could not be written: the disk holding it is full or failing. The file it would have replaced
+    is kept as it was."""
+
+
+def _write_failed(what: str, path: Path, err: BaseException) -> DiskWriteError:
+    """The one error a failed write raises: it names the file and the disk, and says how to go on."""
+    cause = (err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())) or repr(err)
+    return DiskWriteError(
+        getattr(err, "errno", None) or errno.EIO,
+        f"could not write {what} {path}: the disk holding {path.parent} is full or failing ({cause}); "
+        "free space and rerun with --resume",
+    )
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as err:  # a full disk: ENOSPC, or torch's "unexpected pos" from its writer
+            raise _write_failed(what, path, err) from err
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,8 +51,10 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> Path:
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save ``state`` to ``path`` so that a crash leaves either the old file or the new one."""
-    return _write_atomic(Path(path), lambda f: torch.save(state, f))
+    """torch.save ``state`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    Raises DiskWriteError (an OSError naming the file and its disk) when the disk is full or failing."""
+    return _write_atomic(Path(path), lambda f: torch.save(state, f), what="checkpoint")
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailable
+from .checkpoint import DiskWriteError
 from .model_fetch import ModelFetchError
 from .tasks import TaskError
 from .trainer import TrainingDiverged
 
 # Errors that describe the user's input or situation: printed as they are. Others also name their type.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, TaskError, TrainingDiverged,
-               BackendUnavailable, ModelFetchError)
+               BackendUnavailable, ModelFetchError, DiskWriteError)
 
 
 def example_logits(batch: int = 6, vocab: int = 1000, seed: int = 0) -> torch.Tensor:

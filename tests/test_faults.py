@@ -397,3 +397,29 @@ def test_a_malformed_card_is_one_line_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert str(tmp_path / "model" / "card.json") in err and "not valid JSON" in err
+
+
+def test_a_full_disk_during_the_checkpoint_names_the_file_and_the_disk_and_keeps_no_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def full_disk_on_the_second_save(state, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # what torch's zip writer says when the disk fills under it
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4785664 vs 4785552")
+        return real_save(state, f, *args, **kwargs)
+
+    monkeypatch.setattr(espo.checkpoint.torch, "save", full_disk_on_the_second_save)
+    line = one_line_failure(capsys, "train", "--algo", "grpo", "--steps", "2", *TINY_FLAGS, "--out-dir", run)
+    assert f"could not write checkpoint {run / 'checkpoint.pt'}" in line, line
+    assert f"the disk holding {run} is full or failing" in line and "unexpected pos" in line, line
+    assert "free space and rerun with --resume" in line and "RuntimeError" not in line, line
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0]  # no line for the step whose checkpoint failed
+    assert espo.checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    monkeypatch.setattr(espo.checkpoint.torch, "save", real_save)
+    code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--no-progress")
+    assert code == 0, err
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
