@@ -32,6 +32,12 @@ def _write_failed(what: str, path: Path, err: BaseException) -> DiskWriteError:
     )
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,6 +49,7 @@ def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") 
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as err:  # a full disk: ENOSPC, or torch's "unexpected pos" from its writer
             raise _write_failed(what, path, err) from err
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it 0o600; a run's files follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -423,3 +423,14 @@ def test_a_full_disk_during_the_checkpoint_names_the_file_and_the_disk_and_keeps
     code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--no-progress")
     assert code == 0, err
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_a_runs_files_follow_the_umask(tmp_path):
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train(TrainConfig(**{**TINY, "steps": 1}, algo="grpo", out_dir=str(run)), progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run.iterdir()}
+    assert modes == dict.fromkeys(["checkpoint.pt", "config.json", "metrics.jsonl"], oct(0o644)), modes
