@@ -434,3 +434,23 @@ def test_a_runs_files_follow_the_umask(tmp_path):
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run.iterdir()}
     assert modes == dict.fromkeys(["checkpoint.pt", "config.json", "metrics.jsonl"], oct(0o644)), modes
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"hidden_size": 2}, "of another shape than config.json describes: model.embed_tokens.weight"),
+    ({"num_hidden_layers": 1}, "missing from the weights"),
+])
+def test_a_model_that_fails_to_load_is_one_line_from_the_cli_process(tmp_path, change, words):
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path(), model)
+    config = json.loads((model / "config.json").read_text())
+    for key, factor in change.items():
+        config[key] = config[key] * factor if key == "hidden_size" else config[key] + factor
+    (model / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(Path(espo.__file__).parents[1]), "TRANSFORMERS_VERBOSITY": "info"}
+    done = subprocess.run([sys.executable, "-m", "espo", "train", "--model", str(model), "--steps", "1", *TINY_FLAGS,
+                           "--out-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, (done.returncode, done.stderr[-3000:])
+    assert words in lines[0] and "above report" not in lines[0], lines[0]
+    assert "LOAD REPORT" not in done.stdout + done.stderr
