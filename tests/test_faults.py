@@ -454,3 +454,24 @@ def test_a_model_that_fails_to_load_is_one_line_from_the_cli_process(tmp_path, c
     assert done.returncode == 2 and len(lines) == 1, (done.returncode, done.stderr[-3000:])
     assert words in lines[0] and "above report" not in lines[0], lines[0]
     assert "LOAD REPORT" not in done.stdout + done.stderr
+
+
+def test_cli_wording_names_the_flag_and_the_help_of_the_command_that_ran(tmp_path, capsys):
+    line = one_line_failure(capsys, "demo", "--quick", "--out", _a_file(tmp_path))
+    assert "choose a writable --out" in line and "--out-dir" not in line, line
+    line = one_line_failure(capsys, "train", "--stpes", "3", "--out-dir", tmp_path / "run")
+    assert "unrecognized arguments: --stpes 3" in line and "(see espo train --help)" in line, line
+    line = one_line_failure(capsys, "frobnicate")
+    assert "(see espo --help)" in line, line
+
+
+def test_durations_in_the_demo_help_and_readme_are_for_idle_cores(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "about 3 minutes on 2 idle CPU cores; a loaded machine takes longer" in text
+    assert "about 15 s on 2 idle CPU cores; a loaded machine takes longer" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    import re
+
+    durations = re.findall(r"\((?:about )?[0-9-]+ (?:s|minutes) on 2 [^)]*\)", readme)
+    assert durations and all("idle" in d and "a loaded machine takes longer" in d for d in durations), durations
