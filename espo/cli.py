@@ -137,6 +137,9 @@ def _one_line(err: BaseException) -> str:
 
 def _what_is_kept(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: for a run, its last checkpoint or, before the first, nothing to resume."""
+    if args.command == "demo":
+        return f": continue it with the same command and --resume (each algorithm's run in {args.out} goes on " \
+               "from its last checkpoint)"
     if args.command != "train":
         return ""
     from .config import TrainConfig
@@ -174,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace the report and runs already in --out")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue the demo in --out (same flags as it started with): each algorithm's run goes on "
+                           "from its checkpoint, a finished one is reused, then the report is written")
     _add_threads_flag(demo)
     tr = sub.add_parser("train", help="one training run; metrics as JSON lines in --out-dir")
     tr.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -244,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 settings[name] = getattr(args, name)
         summaries = run_demo(args.out, device=args.device, seed=args.seed, overwrite=args.overwrite,
-                             preset=args.preset or "demo", **settings)
+                             resume=args.resume, preset=args.preset or "demo", **settings)
         print_summary(summaries, args.out)
     elif args.command == "train":
         from .trainer import train
