@@ -1,4 +1,5 @@
 """scripts/make_tiny_model.py: where it writes, what its card says, how it says that a model missed its band."""
+
 import json
 import subprocess
 import sys
@@ -7,13 +8,34 @@ from pathlib import Path
 from espo.models import builtin_card, builtin_model_path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
-SMALLEST = ["--train-steps", "2", "--batch-size", "4", "--warmup", "1", "--hidden", "16", "--layers", "1", "--heads",
-            "2", "--intermediate", "32", "--eval-n", "4", "--rounds", "1", "--threads", "1"]
+SMALLEST = [
+    "--train-steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--warmup",
+    "1",
+    "--hidden",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--intermediate",
+    "32",
+    "--eval-n",
+    "4",
+    "--rounds",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def script(*argv, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_help_shows_out_and_the_exit_codes_and_keeps_each_example_on_its_lines():
