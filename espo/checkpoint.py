@@ -32,6 +32,15 @@ def _write_failed(what: str, path: Path, err: BaseException) -> DiskWriteError:
     )
 
 
+# What torch's zip writer (caffe2's PyTorchStreamWriter) says when the disk under it fills or fails, e.g.
+# "[enforce fail at inline_container.cc:672] . unexpected pos 4785664 vs 4785552"
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter failed", "unexpected pos", "file write failed")
+
+
+def _is_torch_write_failure(err: RuntimeError) -> bool:
+    return any(marker in str(err) for marker in TORCH_WRITE_FAILURES)
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -47,7 +56,11 @@ def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") 
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        except (OSError, RuntimeError) as err:  # a full disk: ENOSPC, or torch's "unexpected pos" from its writer
+        except OSError as err:  # a full disk: ENOSPC, EDQUOT, EIO
+            raise _write_failed(what, path, err) from err
+        except RuntimeError as err:
+            if not _is_torch_write_failure(err):
+                raise  # not the disk: what could not be saved says so itself
             raise _write_failed(what, path, err) from err
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it 0o600; a run's files follow the umask
         os.replace(tmp, path)
