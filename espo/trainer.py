@@ -444,13 +444,12 @@ def rollout_counts(run: Run, rollouts: Rollouts | None, batch: Batch | None, mea
 
 
 def save_step(run: Run, step: int, record: dict) -> None:
-    """The step's metrics line and an atomic checkpoint, once every parameter is known to be finite."""
+    """An atomic checkpoint, then the step's metrics line, once every parameter is known to be finite: a checkpoint
+    that cannot be written (a full disk) leaves no line for its step, and the previous checkpoint is kept."""
     run.finite(torch.nn.utils.get_total_norm(run.params, norm_type=math.inf), "a parameter", step)
     run.history.append(record)
     if run.rank != 0:
         return
-    with open(run.out_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
     save_atomic({
         "config": run.cfg.to_dict(), "step": step, "history": run.history, "model": run.model.state_dict(),
         "value_head": run.value_head.state_dict() if run.value_head is not None else None,
@@ -459,6 +458,8 @@ def save_step(run: Run, step: int, record: dict) -> None:
         "allocator": run.allocator.state_dict() if run.allocator is not None else None,
         "warmup": dataclasses.asdict(run.warmup),
     }, run.ckpt_path)
+    with open(run.out_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- the loop

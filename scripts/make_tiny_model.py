@@ -1,4 +1,4 @@
-"""Build the tiny model the package ships: espo/assets/tiny-arith.
+r"""Build a tiny model for espo's built-in task (the recipe of the one the package ships, espo/assets/tiny-arith).
 
 Trains a small LlamaForCausalLM (random init, character-level vocabulary) on worked solutions of the
 built-in ChainArithmetic task, in which each step's result is, with probability --mistake-rate, replaced
@@ -15,9 +15,22 @@ falls outside [--band-low, --band-high] it re-tunes the mistake rate and trains 
 times). It saves the model (safetensors), the tokenizer (char_tokenizer.json) and card.json.
 Deterministic given --seed (on one machine, torch version and thread count).
 
-    PYTHONPATH=. python scripts/make_tiny_model.py            # about a few minutes on 2 CPU cores
+--out is required: the new model goes to a folder of your choosing, with its own name (--name, default the
+folder's name) and description in its card. The shipped model's folder is written only with --rebuild-shipped.
+
+    # a model of the shipped recipe in ./tiny-model (a few minutes on 2 idle CPU cores)
+    python scripts/make_tiny_model.py --out tiny-model
+
+    # the larger model of the GPU study
     python scripts/make_tiny_model.py --out /tmp/arith-big --name arith-big --device cuda \
-        --hidden 384 --layers 6 --heads 6 --intermediate 1152 --task-steps 8 --train-steps 3000   # GPU study
+        --hidden 384 --layers 6 --heads 6 --intermediate 1152 --task-steps 8 --train-steps 3000
+
+    # rebuild the model the package ships, in place
+    python scripts/make_tiny_model.py --out espo/assets/tiny-arith --rebuild-shipped
+
+Exit codes: 0 the model was written (or, with --dry-run, measured) and its sampled success rate is inside
+[--band-low, --band-high]; 2 a usage error, or the rate missed the band after --rounds rounds: the model is
+still written (its card says "in_band": false) and one line on stderr says so.
 """
 from __future__ import annotations
 
@@ -39,10 +52,19 @@ from espo.models import CARD_FILE, builtin_model_path  # noqa: E402
 from espo.tasks import ChainArithmetic, success_rate  # noqa: E402
 from espo.tokenizer import TOKENIZER_FILE, CharTokenizer  # noqa: E402
 
+SHIPPED_NAME = "tiny-arith"
+SHIPPED_DESCRIPTION = ("Tiny LlamaForCausalLM for espo's built-in ChainArithmetic task, trained on worked solutions "
+                       "with injected mistakes so that temperature-1 sampling succeeds only part of the time")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=builtin_model_path(), help="output folder")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="the folder to write the new model to (required unless --dry-run); the package's own "
+                        "espo/assets only with --rebuild-shipped")
+    p.add_argument("--rebuild-shipped", action="store_true",
+                   help="write into the package's espo/assets (the shipped model's folder), under its name and "
+                        "description")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-steps", type=int, default=6, help="operations per problem")
     p.add_argument("--modulus", type=int, default=10)
@@ -68,10 +90,31 @@ def parse_args(argv=None):
     p.add_argument("--eval-seed", type=int, default=12345, help="problems seed for the measurement (fresh)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="where to train (cuda for the larger models of the GPU study)")
-    p.add_argument("--name", default="tiny-arith", help="the model's name in its card")
+    p.add_argument("--name", default=None, help="the model's name in its card (default: the --out folder's name)")
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--dry-run", action="store_true", help="train and measure, do not write the assets")
-    return p.parse_args(argv)
+    p.add_argument("--dry-run", action="store_true", help="train and measure, do not write a model")
+    args = p.parse_args(argv)
+    check_out(p, args)
+    return args
+
+
+def _is_shipped_folder(out: Path) -> bool:
+    """Whether ``out`` is, or lies inside, the package's own assets folder (where the shipped model lives)."""
+    assets, where = builtin_model_path().parent.resolve(), out.expanduser().resolve()
+    return where == assets or assets in where.parents
+
+
+def check_out(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--out is required (but with --dry-run); the package's espo/assets is written only with --rebuild-shipped."""
+    if args.out is None and not args.dry_run:
+        p.error("--out DIR is required: the folder to write the new model to (e.g. --out tiny-model)")
+    if args.out is not None and _is_shipped_folder(args.out) != args.rebuild_shipped:
+        if args.rebuild_shipped:
+            p.error(f"--rebuild-shipped writes the shipped model's folder only: pass --out {builtin_model_path()}")
+        p.error(f"--out {args.out} is the package's own espo/assets, where the shipped model lives: choose another "
+                "folder, or pass --rebuild-shipped to rebuild the shipped model")
+    if args.name is None:
+        args.name = SHIPPED_NAME if args.rebuild_shipped or args.out is None else args.out.expanduser().resolve().name
 
 
 def build_model(tok: CharTokenizer, args):
@@ -187,16 +230,11 @@ def main(argv=None) -> int:
         mistake_rate = min(0.9, max(1e-3, mistake_rate * wanted_err / measured_err))
     total_s = time.time() - start
     ok = args.band_low <= sampled <= args.band_high
-    if not ok:
-        print(f"WARNING: sampled success {sampled:.3f} is outside [{args.band_low}, {args.band_high}]", flush=True)
 
     n_params = sum(p.numel() for p in model.parameters())
     card = {
         "name": args.name,
-        "description": "Tiny LlamaForCausalLM for espo's built-in ChainArithmetic task, trained on worked "
-                       "solutions with injected mistakes so that temperature-1 sampling succeeds only part of the time"
-                       + ("; after a mistake a demonstration loses the thread and runs on to the length limit."
-                          if task.lost_thread else "."),
+        "description": describe(args, task, n_params, sampled),
         "task": task.config(),
         "tokenizer": {"file": TOKENIZER_FILE, "vocab_size": tok.vocab_size, "chars": "".join(tok.chars)},
         "model": {"architecture": "LlamaForCausalLM", "hidden_size": args.hidden, "num_hidden_layers": args.layers,
@@ -216,11 +254,14 @@ def main(argv=None) -> int:
     print(f"total {total_s:.1f}s; parameters {n_params}")
     if args.dry_run:
         print(json.dumps(card["success"]))
-        return 0 if ok else 1
+        return 0 if ok else missed_band(args, sampled, None)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", "model.safetensors", TOKENIZER_FILE, CARD_FILE):
         (out / name).unlink(missing_ok=True)  # only what this script writes; anything else is left alone
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr keeps only what goes wrong
     model.cpu().save_pretrained(out)
     tok.save(out / TOKENIZER_FILE)
     for f in out.iterdir():
@@ -229,7 +270,27 @@ def main(argv=None) -> int:
     card["size_bytes"] = size
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} ({size / 1e6:.2f} MB): greedy {greedy:.3f}, sampled {sampled:.3f}")
-    return 0 if ok else 1
+    return 0 if ok else missed_band(args, sampled, out)
+
+
+def missed_band(args: argparse.Namespace, sampled: float, out: Path | None) -> int:
+    """Say in one line on stderr that the sampled rate missed its band (and where the model went); exit code 2."""
+    kept = f"the model was written to {out} anyway (its card says in_band: false)" if out else "nothing was written"
+    print(f"make_tiny_model.py: error: the sampled success rate {sampled:.3f} missed the band [{args.band_low}, "
+          f"{args.band_high}] after {args.rounds} round(s); {kept}: rerun with more --rounds, another --mistake-rate "
+          "or more --train-steps", file=sys.stderr)
+    return 2
+
+
+def describe(args: argparse.Namespace, task: ChainArithmetic, n_params: int, sampled: float) -> str:
+    """The card's description: the shipped model's own for a rebuild of it, else one of this model."""
+    if args.rebuild_shipped:
+        return SHIPPED_DESCRIPTION + ("; after a mistake a demonstration loses the thread and runs on to the length "
+                                      "limit." if task.lost_thread else ".")
+    return (f"{args.name}: a LlamaForCausalLM ({n_params} parameters) made by espo's scripts/make_tiny_model.py for "
+            f"ChainArithmetic(steps={task.steps}, modulus={task.modulus}, ops={task.ops!r}, "
+            f"lost_thread={task.lost_thread}), trained on worked solutions with injected mistakes; sampled success "
+            f"(T=1) {sampled:.3f}. Not the model espo ships.")
 
 
 if __name__ == "__main__":

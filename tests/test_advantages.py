@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from espo.advantages import gae, group_advantages, reverse_discounted_sum
+from espo.advantages import gae, group_advantages, response_gae, reverse_discounted_sum
 from espo.losses import kl_penalty, policy_loss, value_loss
 from espo.stopper import CriticWarmup
 
@@ -100,3 +100,71 @@ def test_critic_warmup_rules():
     assert settled.update(3.0, 0) is False and settled.update(2.95, 1) is True
     forced = CriticWarmup(total_steps=50)
     assert [forced.update(10.0 * (s % 2), s) for s in range(5)] == [False] * 4 + [True]
+
+
+def response_gae_loop(rewards, values, mask, gamma, lam):
+    """A plain GAE over each row's response tokens only (mask 1), skipping masked ones as verl's loop does;
+    NaN where the mask is 0 (a reference says nothing there)."""
+    adv = torch.full(rewards.shape, float("nan"), dtype=torch.float64)
+    for b in range(rewards.shape[0]):
+        idx = mask[b].nonzero().flatten().tolist()
+        last, next_v = 0.0, 0.0
+        for t in reversed(idx):
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t], next_v = last, values[b, t].item()
+    return adv
+
+
+def _holed_batch(B: int = 8, T: int = 30, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = (torch.arange(T)[None] < lengths[:, None]).double()
+    mask[:, T // 3 : T // 3 + 3] = 0  # a multi-turn loop's tool output inside the response: a hole
+    mask[:, 0] = 1
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)  # garbage where masked must not matter
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    return rewards, values, mask
+
+
+def test_response_gae_equals_a_plain_gae_on_response_tokens_and_writes_0_where_masked():
+    rewards, values, mask = _holed_batch()
+    adv, ret, kept = response_gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    ref, m = response_gae_loop(rewards, values, mask, 0.99, 0.95), mask.bool()
+    torch.testing.assert_close(adv[m], ref[m])
+    torch.testing.assert_close(ret[m], (ref + values)[m])
+    assert torch.equal(kept, mask)
+    assert (adv[~m] == 0).all() and (ret[~m] == 0).all()  # holes and padding: 0 (verl's loop leaves its estimate)
+
+
+def test_a_stopped_row_keeps_its_per_token_rewards_up_to_the_stop_which_gets_r_fail():
+    rewards, values, mask = _holed_batch(seed=1)
+    mask[:] = 1  # each row runs on past its stop (a trainer that kept the tokens after it)
+    kl = -0.01 * torch.rand(rewards.shape, dtype=torch.float64)  # a per-token KL penalty in the reward
+    rewards = kl.clone()
+    rewards[:, -1] += 1.0  # the task's outcome on the last token, which a stopped row never reaches
+    stop = torch.tensor([4, -1, 10, -1, 0, 29, 7, -1])
+    adv, ret, kept = response_gae(rewards, values, mask, gamma=1.0, lam=0.95, stop_index=stop, r_fail=-1.0)
+    for b, s in enumerate(stop.tolist()):
+        if s < 0:
+            expected = response_gae_loop(rewards[b : b + 1], values[b : b + 1], mask[b : b + 1], 1.0, 0.95)[0]
+            torch.testing.assert_close(adv[b], expected)
+            continue
+        cut = kl[b : b + 1, : s + 1].clone()  # the row cut at its stop: its own rewards, r_fail on the stop
+        cut[0, s] = -1.0
+        expected = response_gae_loop(cut, values[b : b + 1, : s + 1], torch.ones(1, s + 1), 1.0, 0.95)[0]
+        torch.testing.assert_close(adv[b, : s + 1], expected)
+        assert adv[b, s].item() == pytest.approx(-1.0 - values[b, s].item())  # r_fail - V: nothing after the stop
+        assert (adv[b, s + 1 :] == 0).all() and (ret[b, s + 1 :] == 0).all() and (kept[b, s + 1 :] == 0).all()
+        if s > 0:  # the per-token rewards before the stop count: not zeroed
+            zeroed = torch.zeros_like(cut)
+            zeroed[0, s] = -1.0
+            other = response_gae_loop(zeroed, values[b : b + 1, : s + 1], torch.ones(1, s + 1), 1.0, 0.95)[0]
+            assert not torch.allclose(adv[b, : s + 1], other)
+
+
+def test_response_gae_refuses_a_stop_index_of_another_length():
+    rewards, values, mask = _holed_batch()
+    with pytest.raises(ValueError, match=r"stop_index must hold one int per row \(8; -1 for no stop\), got \(3,\)"):
+        response_gae(rewards, values, mask, stop_index=torch.tensor([1, 2, 3]))

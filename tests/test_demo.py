@@ -1,6 +1,9 @@
 """The main job, shortened: `espo demo --quick` trains all four algorithms and writes its report."""
 import json
 
+import pytest
+import torch
+
 from espo.cli import main
 
 
@@ -45,3 +48,62 @@ def test_demo_runs_on_a_chat_model_with_its_preset(tmp_path, capsys):
     assert report["config"]["model"] == str(tmp_path / "model") and report["config"]["top_p"] == 0.95
     assert set(report["summaries"]) == {"ppo", "espo", "grpo", "grpo-cero"}
     assert all(s["steps"] == 2 for s in report["summaries"].values())
+
+
+def _without_times(report: dict) -> dict:
+    """The report's metrics: everything but the seconds, which differ between any two runs."""
+    def keep(d: dict) -> dict:
+        return {k: v for k, v in d.items() if not k.endswith("time_s") and k != "time_per_step_s"}
+
+    return {"summaries": {a: keep(s) for a, s in report["summaries"].items()},
+            "histories": {a: [keep(h) for h in hist] for a, hist in report["histories"].items()}}
+
+
+def test_an_interrupted_demo_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    tiny = dict(preset="quick", steps=2, eval_problems=8, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI does on a busy machine: torch's one thread per core is slower there
+    try:
+        _interrupt_and_resume(tmp_path, capsys, monkeypatch, tiny)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _interrupt_and_resume(tmp_path, capsys, monkeypatch, tiny: dict) -> None:
+    import espo.demo
+    from espo.demo import run_demo
+
+    run_demo(tmp_path / "whole", **tiny)
+    real_step, calls = espo.demo.train_step, []
+
+    def interrupted_after_five_steps(run, step):  # step 0 of all four, then step 1 of ppo, then Ctrl-C
+        calls.append((run.cfg.algo, step))
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(run, step)
+
+    monkeypatch.setattr(espo.demo, "train_step", interrupted_after_five_steps)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "cut", **tiny)
+    assert not (tmp_path / "cut" / "report.json").exists()
+    line = _one_line(capsys, ["demo", "--quick", "--out", str(tmp_path / "cut")])
+    assert "already holds a demo" in line and "continue it with --resume" in line, line
+    line = _one_line(capsys, ["demo", "--quick", "--out", str(tmp_path / "cut"), "--resume", "--overwrite"])
+    assert "pass one of them" in line, line
+    monkeypatch.setattr(espo.demo, "train_step", real_step)
+    run_demo(tmp_path / "cut", resume=True, **tiny)
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert _without_times(cut) == _without_times(whole)
+    monkeypatch.setattr(espo.demo, "train_step", None)  # a finished demo: its runs are reused, no step is run
+    run_demo(tmp_path / "cut", resume=True, **tiny)
+    again = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert _without_times(again) == _without_times(whole)
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    return err[0]

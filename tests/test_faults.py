@@ -397,3 +397,81 @@ def test_a_malformed_card_is_one_line_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert str(tmp_path / "model" / "card.json") in err and "not valid JSON" in err
+
+
+def test_a_full_disk_during_the_checkpoint_names_the_file_and_the_disk_and_keeps_no_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def full_disk_on_the_second_save(state, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # what torch's zip writer says when the disk fills under it
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4785664 vs 4785552")
+        return real_save(state, f, *args, **kwargs)
+
+    monkeypatch.setattr(espo.checkpoint.torch, "save", full_disk_on_the_second_save)
+    line = one_line_failure(capsys, "train", "--algo", "grpo", "--steps", "2", *TINY_FLAGS, "--out-dir", run)
+    assert f"could not write checkpoint {run / 'checkpoint.pt'}" in line, line
+    assert f"the disk holding {run} is full or failing" in line and "unexpected pos" in line, line
+    assert "free space and rerun with --resume" in line and "RuntimeError" not in line, line
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0]  # no line for the step whose checkpoint failed
+    assert espo.checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    monkeypatch.setattr(espo.checkpoint.torch, "save", real_save)
+    code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--no-progress")
+    assert code == 0, err
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_a_runs_files_follow_the_umask(tmp_path):
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train(TrainConfig(**{**TINY, "steps": 1}, algo="grpo", out_dir=str(run)), progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run.iterdir()}
+    assert modes == dict.fromkeys(["checkpoint.pt", "config.json", "metrics.jsonl"], oct(0o644)), modes
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"hidden_size": 2}, "of another shape than config.json describes: model.embed_tokens.weight"),
+    ({"num_hidden_layers": 1}, "missing from the weights"),
+])
+def test_a_model_that_fails_to_load_is_one_line_from_the_cli_process(tmp_path, change, words):
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path(), model)
+    config = json.loads((model / "config.json").read_text())
+    for key, factor in change.items():
+        config[key] = config[key] * factor if key == "hidden_size" else config[key] + factor
+    (model / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(Path(espo.__file__).parents[1]), "TRANSFORMERS_VERBOSITY": "info"}
+    done = subprocess.run([sys.executable, "-m", "espo", "train", "--model", str(model), "--steps", "1", *TINY_FLAGS,
+                           "--out-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, (done.returncode, done.stderr[-3000:])
+    assert words in lines[0] and "above report" not in lines[0], lines[0]
+    assert "LOAD REPORT" not in done.stdout + done.stderr
+
+
+def test_cli_wording_names_the_flag_and_the_help_of_the_command_that_ran(tmp_path, capsys):
+    line = one_line_failure(capsys, "demo", "--quick", "--out", _a_file(tmp_path))
+    assert "choose a writable --out" in line and "--out-dir" not in line, line
+    line = one_line_failure(capsys, "train", "--stpes", "3", "--out-dir", tmp_path / "run")
+    assert "unrecognized arguments: --stpes 3" in line and "(see espo train --help)" in line, line
+    line = one_line_failure(capsys, "frobnicate")
+    assert "(see espo --help)" in line, line
+
+
+def test_durations_in_the_demo_help_and_readme_are_for_idle_cores(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "about 3 minutes on 2 idle CPU cores; a loaded machine takes longer" in text
+    assert "about 15 s on 2 idle CPU cores; a loaded machine takes longer" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    import re
+
+    durations = re.findall(r"\((?:about )?[0-9-]+ (?:s|minutes) on 2 [^)]*\)", readme)
+    assert durations and all("idle" in d and "a loaded machine takes longer" in d for d in durations), durations

@@ -20,10 +20,11 @@ length limit keeps its task reward. ``ESPOAgentLoop`` writes it where rollouts c
 processor; ``mark_stops`` writes it into a ``DataProto`` whose batch carries the flag ``espo_stopped``
 (a custom rollout or reward pipeline).
 
-Actor-critic ESPO: ``espo_gae`` is verl's ``compute_gae_advantage_return`` (same arguments and results)
-vectorised over time, with optional stops. verl calls its GAE directly (``"gae"`` is not looked up in the
-registry), so it is swapped in by one line, ``core_algos.compute_gae_advantage_return = espo_gae``, which
-``use_espo_gae()`` does (and this module's import does when ``ESPO_VERL_GAE=1``).
+Actor-critic ESPO: ``espo_gae`` is verl's ``compute_gae_advantage_return`` (same arguments, and the same results
+on response tokens; 0 at masked positions) vectorised over time, with optional stops. verl calls its GAE
+directly (``"gae"`` is not looked up in the registry), so it is swapped in by one line,
+``core_algos.compute_gae_advantage_return = espo_gae``, which ``use_espo_gae()`` does (and this module's import
+does when ``ESPO_VERL_GAE=1``).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..advantages import gae, group_advantages
+from ..advantages import group_advantages, response_gae
 from ..stopper import ESPOConfig
 from .vllm import EXTRA_ARGS_KEY, StopReader, StopRecord, default_record_dir, request_args
 
@@ -170,10 +171,6 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- actor-critic: the GAE
 
 
-def _compact(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, order)
-
-
 def espo_gae(
     token_level_rewards: torch.Tensor,
     values: torch.Tensor,
@@ -185,43 +182,20 @@ def espo_gae(
     r_fail: float | None = None,
     whiten: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``compute_gae_advantage_return``, vectorised (``espo.advantages.gae``), with absorbing stops.
+    """verl's ``compute_gae_advantage_return``, vectorised (``espo.advantages.response_gae``), with absorbing stops.
 
-    Same arguments and results as verl's: advantages (whitened over ``response_mask`` unless
-    ``whiten=False``) and returns = advantages + values, before whitening; masked-out tokens inside a
-    response (a multi-turn loop's tool output) are skipped, as verl skips them. ``stop_index`` (int [B],
-    -1 where a row was not stopped) ends a row at its stop: tokens after it leave the mask, nothing is
-    bootstrapped past it, and with ``r_fail`` its reward becomes ``r_fail`` at the stop. Padding is 0.
+    Same arguments as verl's, and the same results on the response tokens: advantages (whitened over
+    ``response_mask`` unless ``whiten=False``) and returns = advantages + values, before whitening; masked-out
+    tokens inside a response (a multi-turn loop's tool output) are skipped, as verl skips them. At masked
+    positions (those holes and padding) it writes 0 where verl leaves its running estimate (the losses mask them).
+    ``stop_index`` (int [B], -1 where a row was not stopped) ends a row at its stop: tokens after it leave the
+    mask and nothing is bootstrapped past it; with ``r_fail`` the stop token's reward becomes ``r_fail`` and every
+    token before it keeps its own reward (a per-token KL penalty, say).
     """
-    rewards, mask = token_level_rewards, response_mask.to(values.dtype)
-    if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
-        raise ValueError(
-            f"token_level_rewards, values and response_mask must share one [B, T] shape, got {tuple(rewards.shape)}, "
-            f"{tuple(values.shape)}, {tuple(mask.shape)}"
-        )
-    if stop_index is not None:
-        stop_index = torch.as_tensor(stop_index, dtype=torch.int64, device=mask.device)
-        if stop_index.shape != (mask.shape[0],):
-            raise ValueError(f"stop_index must hold one int per row ({mask.shape[0]}; -1 for no stop), "
-                             f"got {tuple(stop_index.shape)}")
-        pos = torch.arange(mask.shape[1], device=mask.device)[None]
-        stopped = (stop_index >= 0)[:, None]
-        mask = mask * (~stopped | (pos <= stop_index[:, None])).to(mask.dtype)
-        if r_fail is not None:
-            at_stop = stopped & (pos == stop_index[:, None])
-            rewards = torch.where(at_stop, torch.full_like(rewards, r_fail),
-                                  torch.where(stopped, torch.zeros_like(rewards), rewards))
-    with torch.no_grad():
-        holes = bool((mask[:, 1:] > mask[:, :-1]).any())
-        if holes:  # gather each row's real tokens to its front, where espo's GAE wants them
-            order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
-            adv_c, _ = gae(_compact(rewards, order), _compact(values, order), _compact(mask, order),
-                           gamma=gamma, lam=lam)
-            advantages = torch.zeros_like(adv_c).scatter_(1, order, adv_c)
-        else:
-            advantages, _ = gae(rewards, values, mask, gamma=gamma, lam=lam)
-        returns = (advantages + values) * mask
-        if whiten:
+    advantages, returns, mask = response_gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam,
+                                             stop_index=stop_index, r_fail=r_fail)
+    if whiten:
+        with torch.no_grad():
             advantages = verl_F.masked_whiten(advantages, mask) * mask
     return advantages, returns
 

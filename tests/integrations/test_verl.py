@@ -117,11 +117,20 @@ def test_espo_gae_bootstraps_nothing_past_a_stop():
             continue
         assert adv[b, s].item() == pytest.approx(-1.0 - values[b, s].item(), abs=1e-6)  # r_fail - V(s): nothing after
         assert torch.equal(adv[b, s + 1 :], torch.zeros(29 - s)) and torch.equal(ret[b, s + 1 :], torch.zeros(29 - s))
-        cut_r = torch.zeros(1, s + 1)  # verl's GAE of the row cut at its stop, r_fail on the stop
-        cut_r[0, s] = -1.0
+        cut_r = rewards[b : b + 1, : s + 1].clone()  # verl's GAE of the row cut at its stop: its own per-token
+        cut_r[0, s] = -1.0  # rewards before the stop (a KL penalty, say) are kept, r_fail on the stop
         _, ref_ret = VERL_GAE(cut_r, values[b : b + 1, : s + 1], torch.ones(1, s + 1), 1.0, 0.95)
         torch.testing.assert_close(ret[b, : s + 1], ref_ret[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(adv[b, : s + 1], ref_ret[0] - values[b, : s + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_espo_gae_writes_0_at_masked_positions_where_verls_gae_leaves_its_estimate():
+    rewards, values, mask = _gae_inputs(16, 40, holes=True, seed=3)
+    ref_adv, _ = VERL_GAE(rewards, values, mask, 0.99, 0.95)
+    adv, ret = ev.espo_gae(rewards, values, mask, 0.99, 0.95)
+    masked = ~mask.bool()
+    assert (adv[masked] == 0).all() and (ret[masked] == 0).all()
+    assert not torch.equal(ref_adv[masked], torch.zeros_like(ref_adv[masked]))  # the documented difference
 
 
 def test_use_espo_gae_swaps_verls_gae_in_compute_advantage(monkeypatch):
