@@ -237,6 +237,19 @@ def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
                              "default of one thread per core")
 
 
+def _stops_never_fired(cfg: "typing.Any", history: list[dict]) -> str:
+    """What to tell a user whose ESPO run stopped no rollout at all ("" when it stopped some, or cannot stop)."""
+    from .config import ALGOS
+
+    if not ALGOS[cfg.algo].stops or not history or any(h.get("stop_rate", 0) > 0 for h in history):
+        return ""
+    e = cfg.espo
+    return (f"the stop rule stopped no rollout in {len(history)} steps (alpha_s {e.alpha_s}, clip {e.clip}, beta "
+            f"{e.beta}), so this run was {'PPO' if ALGOS[cfg.algo].critic else 'GRPO'} without early stopping; "
+            "settings that stop: --preset quick (built-in task), --preset smollm2 (SmolLM2), or yours from "
+            "bench/calibrate_stops.py (README: Your model, your task)")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("demo", "train") and str(getattr(args, "device", None) or "cpu").startswith("cpu"):
         from .threads import use_cpu_threads
@@ -260,6 +273,9 @@ def _run(args: argparse.Namespace) -> int:
         last = history[-1] if history else {}
         print(f"{cfg.algo}: {len(history)} steps, {last.get('cum_tokens', 0)} rollout tokens, "
               f"eval accuracy {last.get('eval_accuracy')}; metrics in {Path(cfg.out_dir) / 'metrics.jsonl'}")
+        never = _stops_never_fired(cfg, history)
+        if never:
+            print(f"espo train: warning: {never}", file=sys.stderr)
     elif args.command == "example":
         run_example(args.backend)
     elif args.command == "backends":

@@ -475,3 +475,14 @@ def test_durations_in_the_demo_help_and_readme_are_for_idle_cores(capsys):
 
     durations = re.findall(r"\((?:about )?[0-9-]+ (?:s|minutes) on 2 [^)]*\)", readme)
     assert durations and all("idle" in d and "a loaded machine takes longer" in d for d in durations), durations
+
+
+def test_an_espo_run_that_never_stopped_says_so_loudly():
+    from espo.cli import _stops_never_fired
+    from espo.config import TrainConfig
+
+    cfg = TrainConfig(algo="espo")
+    message = _stops_never_fired(cfg, [{"stop_rate": 0.0}, {"stop_rate": 0.0}])
+    assert "stopped no rollout in 2 steps" in message and "--preset quick" in message and "PPO" in message
+    assert _stops_never_fired(cfg, [{"stop_rate": 0.0}, {"stop_rate": 0.1}]) == ""
+    assert _stops_never_fired(TrainConfig(algo="ppo"), [{"stop_rate": 0.0}]) == ""
