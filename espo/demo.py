@@ -17,7 +17,7 @@ from typing import Any
 
 from .checkpoint import write_text_atomic
 from .config import DEMO_ESPO, PRESETS, TrainConfig
-from .run_folder import CHECKPOINT_FILE, WRITE_CHECK
+from .run_folder import CHECKPOINT_FILE, check_writable
 from .trainer import Run, setup, train_step
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
@@ -207,14 +207,7 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
 
 def _check_writable(out_dir: Path) -> None:
     """Refuse a demo folder that cannot be written, naming the demo's own flag (--out)."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / WRITE_CHECK
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"cannot write the demo folder {out_dir} ({err.strerror or err}); choose a writable --out") \
-            from None
+    check_writable(out_dir, "demo folder", "--out")
 
 
 def _setup_run(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Run:

@@ -117,18 +117,23 @@ def check_apart_from_model(out_dir: Path, model_dir: Path) -> None:
                          "from its model; choose another --out-dir")
 
 
+def check_writable(out_dir: Path, what: str, flag: str) -> None:
+    """Make ``out_dir`` and write a probe file there; refuse with a ValueError naming the command's ``flag``."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / WRITE_CHECK
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write the {what} {out_dir} ({err.strerror or err}); choose a writable {flag}") \
+            from None
+
+
 def lock_run_folder(out_dir: Path, *, create: bool) -> RunFolderLock:
     """Lock ``out_dir`` for this run (``create``: make it first and check it is writable); stale temporaries of
     killed atomic writes are removed once the lock is held."""
     if create:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe = out_dir / WRITE_CHECK
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise ValueError(f"cannot write the run folder {out_dir} ({err.strerror or err}); "
-                             "choose a writable --out-dir") from None
+        check_writable(out_dir, "run folder", "--out-dir")
     elif not out_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {out_dir}: start without --resume, or point to the run's folder")
     lock = RunFolderLock(out_dir)
