@@ -548,9 +548,9 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
         every_row = len(draw) == logits.shape[0] and all(i == j for j, (i, _) in enumerate(draw))
         out = sample(
             logits if every_row else logits[rows],
-            temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.int64, device=dev),
-            top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev),
+            temperature=_one_or_per_row([r.temperature for r in reqs], torch.float32, dev),
+            top_k=_one_or_per_row([r.top_k for r in reqs], torch.int64, dev),
+            top_p=_one_or_per_row([r.top_p for r in reqs], torch.float32, dev),
             seed=torch.tensor([r.args.seed for r in reqs], dtype=torch.int64, device=dev),
             offset=torch.tensor(offsets, dtype=torch.int64, device=dev),
             stopper=self.stopper, values=values, stopper_rows=srows, backend=self.settings.backend, validate=False,
@@ -566,6 +566,15 @@ class ESPOLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
             if stop:  # recorded at once: the drawn token may itself end the request, with no later step to see it
                 req.pending_stop = n
                 self.recorder.write({"event": "stop", "id": req.args.id, "seed": req.args.seed, "index": n})
+
+
+def _one_or_per_row(values: list, dtype: torch.dtype, device: torch.device):
+    """One Python number when every request shares it (espo.sample then decides its rule once, without a tensor
+    op), else a [B] tensor."""
+    first = values[0]
+    if all(v == first for v in values):
+        return first
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _check_device(device: torch.device, backend: str) -> None:
