@@ -79,7 +79,7 @@ def record(ctx: SimpleNamespace, out) -> list[dict]:
         text = ctx.tok.decode(tokens, skip_special_tokens=True)
         reward = score(ctx.task, ctx.probs[r.prompt_index], text)
         rows.append({"prompt": r.prompt_index, "reward": reward, "finish": r.finish_reason, "tokens": tokens,
-                     "regret": [round(float(g), 5) for g in r.regret], "text": text,
+                     "regret": [float(g) for g in r.regret], "text": text,
                      "wrong_step": wrong_step_tokens(ctx, r.prompt_index, tokens, text, reward >= 1.0)})
     return rows
 
@@ -132,7 +132,9 @@ def shares(s: np.ndarray) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"stop_rate": stops / n, "tokens_saved": 1 - kept / tokens,
                 "false_share": np.where(stops > 0, false / np.maximum(stops, 1), 0.0),
-                "right_lost": false / np.maximum(right, 1), "accuracy": (right - false) / n}
+                "right_lost": false / np.maximum(right, 1), "accuracy": (right - false) / n,
+                # a random stop's expected false-stop share is the success rate: below 0, fewer false stops than it
+                "false_share_vs_random": np.where(stops > 0, false / np.maximum(stops, 1), 0.0) - right / n}
 
 
 def metrics(a: SimpleNamespace, stopped: np.ndarray, kept: np.ndarray, rng: np.random.Generator | None) -> dict:
@@ -292,24 +294,31 @@ def time_decodes(ctx: SimpleNamespace, args, decs: dict, a: SimpleNamespace, exp
     return result
 
 
-def time_summary(timing: dict) -> list[dict]:
+def time_summary(timing: dict, exclude: tuple[int, ...] = ()) -> list[dict]:
+    """Per pool size: median and min-max seconds of each arm, time saved and its range over the repeats' pairwise
+    ratios; runs whose index in timing["runs"] is in ``exclude`` are left out (a repeat's pair with them)."""
     rows = []
+    kept = [r for i, r in enumerate(timing["runs"]) if i not in exclude]
     for pool in timing["pools"]:
-        runs = {arm: [r for r in timing["runs"] if r["pool"] == pool and r["arm"] == arm] for arm in ("none", "espo")}
-        sec = {arm: np.array([r["seconds"] for r in rs]) for arm, rs in runs.items()}
-        k = min(len(sec["none"]), len(sec["espo"]))
-        if k == 0:
+        runs = {arm: {r["rep"]: r for r in kept if r["pool"] == pool and r["arm"] == arm} for arm in ("none", "espo")}
+        if not runs["none"] or not runs["espo"]:
             continue
-        pair = 1 - sec["espo"][:k] / sec["none"][:k]
+        sec = {arm: np.array([r["seconds"] for r in rs.values()]) for arm, rs in runs.items()}
+        both = sorted(set(runs["none"]) & set(runs["espo"]))
+        pair = np.array([1 - runs["espo"][k]["seconds"] / runs["none"][k]["seconds"] for k in both])
         saved = 1 - np.median(sec["espo"]) / np.median(sec["none"])
-        tok = 1 - runs["espo"][0]["tokens"] / runs["none"][0]["tokens"]
-        rows.append({"pool": pool, "repeats": k, "none": [float(np.median(sec["none"])), float(sec["none"].min()),
-                     float(sec["none"].max())], "espo": [float(np.median(sec["espo"])), float(sec["espo"].min()),
-                     float(sec["espo"].max())], "time_saved": float(saved), "pairwise": [float(pair.min()),
-                     float(pair.max())], "tokens_saved": float(tok), "time_per_token_saved": float(saved / tok)
-                     if tok > 0 else None, "stops": [r["stops"] for r in runs["espo"]],
-                     "all_match_replay": all(r["matches_replay"] for rs in runs.values() for r in rs)})
+        tok = 1 - next(iter(runs["espo"].values()))["tokens"] / next(iter(runs["none"].values()))["tokens"]
+        rows.append({"pool": pool, "repeats": len(both), "none": span(sec["none"]), "espo": span(sec["espo"]),
+                     "time_saved": float(saved), "pairwise": [float(pair.min()), float(pair.max())] if len(pair)
+                     else [float("nan")] * 2, "tokens_saved": float(tok),
+                     "time_per_token_saved": float(saved / tok) if tok > 0 else None,
+                     "stops": [r["stops"] for r in runs["espo"].values()],
+                     "all_match_replay": all(r["matches_replay"] for rs in runs.values() for r in rs.values())})
     return rows
+
+
+def span(x: np.ndarray) -> list[float]:
+    return [float(np.median(x)), float(x.min()), float(x.max())]
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -364,7 +373,16 @@ def time_lines(summary: list[dict], timing: dict, replay_stops: int) -> list[str
     return lines
 
 
-def verdict(arms: dict, summary: list[dict]) -> list[str]:
+def runs_lines(timing: dict, exclude: tuple[int, ...]) -> list[str]:
+    lines = ["| run | repeat | slots | stopper | seconds | tokens | stops | left out |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(timing["runs"]):
+        lines.append(f"| {i} | {r['rep']} | {r['pool']} | {r['arm']} | {r['seconds']:.1f} | {r['tokens']} | "
+                     f"{r['stops']} | {'yes' if i in exclude else ''} |")
+    return lines
+
+
+def verdict(arms: dict, summary: list[dict], off: dict) -> list[str]:
     c, d = arms["c"], arms["d"]
     lines = [f"- False stops <= 5% of stops? (b): {pct(arms['b']['false_share'])} of {arms['b']['stops']} stops; "
              f"(c): {pct(c['false_share'])} of {c['stops']} (bootstrap 95% {pct(c['ci']['false_share'][0])}-"
@@ -372,12 +390,25 @@ def verdict(arms: dict, summary: list[dict]) -> list[str]:
              f"{pct(c['wilson_false_share'][1])}): "
              + ("yes." if c["ci"]["false_share"][1] <= 0.05 else
                 "not shown: the interval reaches above 5%." if c["false_share"] <= 0.05 else "no.")]
-    ahead = c["ci"]["false_share"][1] < d["false_share"]
+    lo, hi = c["ci"]["false_share_vs_random"]
+    ahead = hi < 0
     lines.append(f"- ESPO (c) ahead of random stopping at the same rate? false-stop share {pct(c['false_share'])} "
                  f"against {pct(d['false_share'])} (random draws' 95% range {pct(d['ci']['false_share'][0])}-"
                  f"{pct(d['ci']['false_share'][1])}); accuracy after stopping {pct(c['accuracy'])} against "
-                 f"{pct(d['accuracy'])}; tokens saved {pct(c['tokens_saved'])} against {pct(d['tokens_saved'])}: "
-                 + ("yes, (c)'s upper bound is below random's mean." if ahead else "not shown at this size."))
+                 f"{pct(d['accuracy'])}; tokens saved {pct(c['tokens_saved'])} against {pct(d['tokens_saved'])}. "
+                 f"(c)'s false-stop share minus the success rate (a random stop's expected false-stop share): "
+                 f"{c['false_share_vs_random']:+.1%}, bootstrap 95% [{lo:+.1%}, {hi:+.1%}]: "
+                 + ("ESPO stops fewer right rollouts than random stopping would, beyond the bootstrap's noise."
+                    if ahead else "not shown beyond noise at this size."))
+    lines.append(f"- Accuracy: {pct(arms['a']['accuracy'])} without stopping; after stopping (b) "
+                 f"{pct(arms['b']['accuracy'])}, (c) {pct(c['accuracy'])}, (d) {pct(d['accuracy'])}, (e) "
+                 f"{pct(arms['e']['accuracy'])}.")
+    for ref, title in (("new_number", "first new wrong number"), ("final_answer", "wrong final answer")):
+        e = off[ref]["events"]["stop (c) = z crossing"]
+        if e["n"]:
+            lines.append(f"- Of the {e['n']} wrong rollouts that (c) stops and that have a {title}, {e['before']} stop "
+                         f"before it, {e['at']} at it and {e['after']} after it (median offset "
+                         f"{e['median_offset']:+.0f} tokens).")
     for s in summary:
         noise = s["pairwise"][0] <= 0 <= s["pairwise"][1]
         ratio = "" if s["time_per_token_saved"] is None else f" (ratio {s['time_per_token_saved']:.2f})"
@@ -393,8 +424,9 @@ def markdown(data: dict, args) -> str:
     lines = [
         f"# ESPO on {data['model_name']}'s rollouts, on evaluation prompts: stops, false stops and time",
         "",
-        f"{env['date']}, {env['device']}, torch {env['torch']}, {env['threads']} torch threads, load average before "
-        f"{env['load']}. Command: `{env['command']}`.",
+        f"{env['date']}, {env.get('cpu', env['device'])} ({env.get('cores')} cores), torch {env['torch']}, "
+        f"{env['threads']} torch threads, niceness {env.get('nice')}, load average before {env['load']}. "
+        f"Command: `{env['command']}`.",
         "",
         f"{stats['rollouts']} rollouts: {data['problems']} evaluation problems x {data['samples']} samples, problem "
         f"seed {data['problem_seed']} (the calibration that chose SMOLLM2_ESPO used seed "
@@ -436,11 +468,19 @@ def markdown(data: dict, args) -> str:
                   "decode's). Time saved = 1 - median(ESPO) / median(none); the range is over the repeats' pairwise "
                   "ratios. Random stopping is not timed (the stopper's decision is inside espo.sample; timing it would "
                   "need changes to espo/): it is compared in tokens only.", ""]
+        excluded = data.get("excluded")
+        if excluded:
+            lines += [f"Every run (table below): {excluded['why']}", ""]
+            lines += time_lines(summary, data["timing"], arms["c"]["stops"])
+            summary = time_summary(data["timing"], tuple(excluded["runs"]))
+            lines += ["", f"Without the runs {excluded['runs']} (left out: {excluded['why']}):", ""]
         lines += time_lines(summary, data["timing"], arms["c"]["stops"])
+        lines += ["", "Each timed run, in the order run:", ""] + runs_lines(data["timing"],
+                                                                           tuple((excluded or {}).get("runs", ())))
     else:
         summary = []
         lines += ["", "Rollout time: not measured in this run."]
-    lines += ["", "## What holds", ""] + verdict(arms, summary) + [
+    lines += ["", "## What holds", ""] + verdict(arms, summary, data["wrong_step"]) + [
         "", f"What this does not show: other sampling seeds or models, a trained critic's values (V is a constant "
             f"{data['value']} here), the controller over many batches, or time on a GPU."]
     return "\n".join(lines) + "\n"
@@ -466,7 +506,8 @@ def plot(data: dict, out: Path) -> None:
     ax.set_ylabel("false stops: share of stops that were of right rollouts")
     ax.set_title("Evaluation prompts, 95% intervals")
     ax.legend(fontsize=7)
-    summary = time_summary(data["timing"]) if data.get("timing") else []
+    summary = time_summary(data["timing"], tuple(data.get("excluded", {}).get("runs", ()))) if data.get("timing") \
+        else []
     for i, s in enumerate(summary):
         for j, arm in enumerate(("none", "espo")):
             med, lo, hi = s[arm]
@@ -495,6 +536,13 @@ def analyse(data: dict, rows: list[dict]) -> tuple[SimpleNamespace, np.ndarray]:
     return a, kept_tokens(stops["c"], a.lengths)
 
 
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a local checkpoint folder whose card.json names its task")
@@ -507,6 +555,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per arm and pool size (0: no timing)")
     ap.add_argument("--out", type=Path, required=True, help="the results' stem: OUT.json, OUT.md and OUT.png")
     ap.add_argument("--replay", action="store_true", help="rebuild the report from OUT.json (no decoding)")
+    ap.add_argument("--exclude-runs", type=int, nargs="*", default=None,
+                    help="with --replay: timed runs (their index) to leave out of the time summary, e.g. ones another "
+                         "process disturbed; both summaries are reported")
+    ap.add_argument("--exclude-why", default="", help="why those runs are left out (shown in the report)")
     args = ap.parse_args()
     path = args.out.with_suffix(".json")
     if path.exists() and not args.replay:
@@ -519,10 +571,12 @@ def main() -> None:
     if args.replay:
         data = json.loads(path.read_text())
         analyse(data, data["rollouts"])
+        if args.exclude_runs is not None:
+            data["excluded"] = {"runs": args.exclude_runs, "why": args.exclude_why} if args.exclude_runs else None
     else:
         cfg = TrainConfig.from_preset(args.preset, model=args.model)
         env = {**common.environment("cpu"), "load": [round(x, 2) for x in os.getloadavg()],
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu_model(), "nice": os.nice(0)}
         ctx = context(args.model, cfg, args.problems, args.problem_seed)
         n = args.problems * args.samples
         decs = {p: decoder(ctx, p) for p in (max(1, n // 4), n)}  # a full pool, and pool = batch
