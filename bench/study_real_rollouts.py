@@ -272,12 +272,14 @@ def armed_stopper(espo: dict, slots: int, mean: float, var: float) -> EarlyStopp
     return stopper
 
 
-def time_decodes(ctx: SimpleNamespace, args, decs: dict, a: SimpleNamespace, expected: np.ndarray, save) -> dict:
+def time_decodes(ctx: SimpleNamespace, args, decs: dict, a: SimpleNamespace, expected: np.ndarray, save,
+                 result: dict | None = None) -> dict:
     """Interleaved repeats (none, espo, none, espo, ...) at each pool size; checks every stopped run against the
-    replay (stop count and each rollout's length)."""
+    replay (stop count and each rollout's length). Appends to ``result``'s runs when given."""
     pools = list(decs)
-    result = {"pools": pools, "load_before": [round(x, 2) for x in os.getloadavg()], "runs": []}
-    for rep in range(args.repeats):
+    result = result or {"pools": pools, "load_before": [round(x, 2) for x in os.getloadavg()], "runs": []}
+    first = 1 + max((r["rep"] for r in result["runs"]), default=-1)
+    for rep in range(first, first + args.repeats):
         for pool in pools:
             for arm in ("none", "espo"):
                 stopper = armed_stopper(SMOLLM2_ESPO, pool, a.mean, a.var) if arm == "espo" else None
@@ -370,6 +372,10 @@ def time_lines(summary: list[dict], timing: dict, replay_stops: int) -> list[str
                      f"({pct(s['pairwise'][0])} to {pct(s['pairwise'][1])}){noise} | {pct(s['tokens_saved'])} | "
                      f"{ratio} | {s['stops']} | {s['all_match_replay']} |")
     lines += ["", f"Load average before {timing['load_before']}, after {timing.get('load_after')}."]
+    if "load_before_more" in timing:
+        lines[-1] += (" The repeats after the first run's were timed in a second process (`--replay --more-repeats`) "
+                      f"after an untimed warm-up decode of 8 prompts; load average before them "
+                      f"{timing['load_before_more']}.")
     return lines
 
 
@@ -536,6 +542,19 @@ def analyse(data: dict, rows: list[dict]) -> tuple[SimpleNamespace, np.ndarray]:
     return a, kept_tokens(stops["c"], a.lengths)
 
 
+def more_repeats(data: dict, args, save) -> None:
+    """More timed repeats of OUT.json's rollouts in a new process (after an untimed warm-up decode)."""
+    cfg = TrainConfig.from_preset(data["preset"], model=args.model)
+    ctx = context(args.model, cfg, data["problems"], data["problem_seed"])
+    args.samples, args.seed, args.value = data["samples"], data["seed"], data["value"]
+    a, expected = analyse(data, data["rollouts"])
+    decs = {p: decoder(ctx, p) for p in data["timing"]["pools"]}
+    warm = SimpleNamespace(**{**vars(ctx), "prompts": ctx.prompts[:8]})
+    generate(warm, next(iter(decs.values())), args.samples, args.seed)
+    data["timing"]["load_before_more"] = [round(x, 2) for x in os.getloadavg()]
+    data["timing"] = time_decodes(ctx, args, decs, a, expected, lambda t: save({**data, "timing": t}), data["timing"])
+
+
 def cpu_model() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -558,6 +577,8 @@ def main() -> None:
     ap.add_argument("--exclude-runs", type=int, nargs="*", default=None,
                     help="with --replay: timed runs (their index) to leave out of the time summary, e.g. ones another "
                          "process disturbed; both summaries are reported")
+    ap.add_argument("--more-repeats", action="store_true",
+                    help="with --replay: time --repeats more interleaved repeats and add them to OUT.json's")
     ap.add_argument("--exclude-why", default="", help="why those runs are left out (shown in the report)")
     args = ap.parse_args()
     path = args.out.with_suffix(".json")
@@ -573,6 +594,8 @@ def main() -> None:
         analyse(data, data["rollouts"])
         if args.exclude_runs is not None:
             data["excluded"] = {"runs": args.exclude_runs, "why": args.exclude_why} if args.exclude_runs else None
+        if args.more_repeats:
+            more_repeats(data, args, save)
     else:
         cfg = TrainConfig.from_preset(args.preset, model=args.model)
         env = {**common.environment("cpu"), "load": [round(x, 2) for x in os.getloadavg()],
