@@ -476,10 +476,11 @@ def markdown(data: dict, args) -> str:
                   "need changes to espo/): it is compared in tokens only.", ""]
         excluded = data.get("excluded")
         if excluded:
-            lines += [f"Every run (table below): {excluded['why']}", ""]
+            lines += [f"With every run, runs {excluded['runs']} included (they are suspect: {excluded['why']}):", ""]
             lines += time_lines(summary, data["timing"], arms["c"]["stops"])
             summary = time_summary(data["timing"], tuple(excluded["runs"]))
-            lines += ["", f"Without the runs {excluded['runs']} (left out: {excluded['why']}):", ""]
+            lines += ["", f"Without runs {excluded['runs']} ('repeats' counts the repeats whose two runs are both "
+                          "kept; medians use every kept run):", ""]
         lines += time_lines(summary, data["timing"], arms["c"]["stops"])
         lines += ["", "Each timed run, in the order run:", ""] + runs_lines(data["timing"],
                                                                            tuple((excluded or {}).get("runs", ())))
