@@ -98,7 +98,7 @@ def bench_generate(a, num_prompts: int) -> list[dict]:
         return lambda: decoder.generate(prompts, n, **common, **kw)
 
     logits = torch.randn(B, a.vocab, generator=g)
-    draws = {"espo.sample alone (torch reference)": lambda: espo.sample(logits, seed=torch.arange(B), offset=3),
+    draws = {"espo.sample alone (torch backend)": lambda: espo.sample(logits, seed=torch.arange(B), offset=3),
              "softmax + multinomial alone (HF's draw)": lambda: torch.multinomial(torch.softmax(logits, -1), 1)}
     runs = {"generate (do_sample=True)": plain, "generate + ESPOSampler": adapter(False),
             "generate + ESPOSampler, stopper": adapter(True), "espo.Decoder": dec(False),
