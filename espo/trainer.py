@@ -244,8 +244,9 @@ def _build(cfg: TrainConfig, rank: int, world: int, *, task: Any, resume: bool, 
     budget = cfg.cero_budget or cfg.steps * cfg.prompts_per_step * cfg.group_size
     if algo.allocates and budget < 2:
         raise ValueError(f"cero_budget ({budget}) is smaller than one group (2 rollouts): raise it or use algo=grpo")
+    # CERO's Beta posteriors also give the critic-free ESPO modes their per-prompt value (grpo-espo: posteriors only)
     allocator = CeroAllocator(cfg.num_problems, budget, cfg.steps * cfg.prompts_per_step / cfg.num_problems,
-                              n_min=2, n_max=2 * cfg.group_size) if algo.allocates else None
+                              n_min=2, n_max=2 * cfg.group_size) if algo.allocates or _posterior_values(algo) else None
 
     run = Run(cfg=cfg, algo=algo, rank=rank, world=world, out_dir=out_dir, model=model, tokenizer=tokenizer, task=task,
               value_head=value_head, reference=reference, params=params, optimizer=optimizer, decoder=decoder,
@@ -309,9 +310,14 @@ def choose_prompts(run: Run, step: int) -> StepPrompts:
     cfg = run.cfg
     first = step * cfg.prompts_per_step
     ids = run.order[np.arange(first, first + cfg.prompts_per_step) % cfg.num_problems]
-    counts = run.allocator.allocate(ids).numpy() if run.allocator is not None else np.full(len(ids), cfg.group_size)
+    counts = run.allocator.allocate(ids).numpy() if run.algo.allocates else np.full(len(ids), cfg.group_size)
     local = [j for j in range(len(ids)) if j % run.world == run.rank and counts[j] > 0]
     return StepPrompts(ids, counts, local)
+
+
+def _posterior_values(algo) -> bool:
+    """Critic-free ESPO: each prompt's posterior mean success rate is the value in the stop threshold."""
+    return algo.stops and not algo.critic
 
 
 def generate_rollouts(run: Run, step: int, prompts: StepPrompts) -> Rollouts | None:
@@ -320,7 +326,7 @@ def generate_rollouts(run: Run, step: int, prompts: StepPrompts) -> Rollouts | N
         return None
     prompt_ids = prompts.local_ids()
     prompt_values = None
-    if run.algo.stops and not run.algo.critic:  # the posterior mean success rate stands in for V
+    if _posterior_values(run.algo):  # the posterior mean success rate stands in for V
         prompt_values = run.allocator.posterior_mean(np.array(prompt_ids)).tolist()
     rollouts = run.decoder.generate(
         [run.prompts[i] for i in prompt_ids], [int(prompts.counts[j]) for j in prompts.local],
@@ -382,6 +388,19 @@ def advantages(run: Run, batch: Batch) -> Targets:
         adv = group_advantages(batch.rewards, batch.group)[:, None].expand(N, T) * batch.mask
         returns = None
     return Targets(batch, old_logprobs, old_values, adv, returns, ref_logprobs)
+
+
+def value_fit(targets: Targets) -> dict[str, float]:
+    """How well the value head (before this step's update) predicted the returns: explained variance
+    1 - Var(returns - values) / Var(returns) over the batch's tokens (1 perfect, 0 no better than their mean), and
+    the mean value at a rollout's first token (what scales the stop threshold at the start). Empty without a critic."""
+    if targets.returns is None or targets.old_values is None:
+        return {}
+    m = targets.batch.mask
+    returns, values = targets.returns[m].double(), targets.old_values[m].double()
+    var = returns.var(unbiased=False)
+    explained = float(1 - (returns - values).var(unbiased=False) / var) if var > 0 else float("nan")
+    return {"explained_variance": explained, "value_at_start": float(targets.old_values[:, 0].double().mean())}
 
 
 def update(run: Run, step: int, targets: Targets) -> dict[str, float]:
@@ -478,7 +497,8 @@ def train_step(run: Run, step: int) -> dict:
     t = time.perf_counter()
     batch = build_batch([run.prompts[i] for i in prompts.local_ids()], rollouts, rewards.rewards, prompts.local_ids(),
                         pad_id=run.eos[0] if run.eos else 0, device=run.device) if rollouts else None
-    stats = update(run, step, advantages(run, batch)) if batch is not None else {}  # 4, 5
+    targets = advantages(run, batch) if batch is not None else None  # 4
+    stats = {**update(run, step, targets), **value_fit(targets)} if targets is not None else {}  # 5
     if run.algo.critic and run.stopper is not None and run.warmup.update(stats.get("value_loss", 0.0), step):
         run.stopper.arm()
     t_update = time.perf_counter() - t

@@ -46,6 +46,31 @@ def test_every_algorithm_runs_and_logs(algo, tmp_path):
     for h in history:
         assert 0 <= h["false_stops"] <= h["stopped"] <= h["rollouts"]
         assert 0 <= h["doomed_tokens"] <= h["tokens"]  # the built-in task says where a wrong rollout went wrong
+        assert ("explained_variance" in h) == ALGOS[algo].critic and ("value_at_start" in h) == ALGOS[algo].critic
+
+
+def test_value_fit_is_the_explained_variance_of_the_returns_over_response_tokens():
+    from espo.trainer import value_fit
+    from espo.update import Targets
+
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    returns = torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0]])
+    values = torch.tensor([[0.5, 2.5, -7.0], [3.0, 3.0, 5.5]])
+    batch = type("Batch", (), {"mask": mask})()
+    fit = value_fit(Targets(batch, None, values, None, returns, None))
+    r, v = returns[mask].double(), values[mask].double()
+    expected = 1 - ((r - v) - (r - v).mean()).pow(2).mean() / (r - r.mean()).pow(2).mean()
+    assert fit["explained_variance"] == pytest.approx(float(expected))
+    assert fit["value_at_start"] == pytest.approx(1.75)
+    assert value_fit(Targets(batch, None, None, None, None, None)) == {}
+
+
+def test_grpo_espo_uses_each_prompts_posterior_mean_as_its_value_and_no_allocation(tmp_path):
+    result = train(config(tmp_path, algo="grpo-espo", steps=3, espo=QUICK_STOPS), progress=False)
+    assert all(h["rollouts"] == 4 * 3 for h in result.history)  # group_size per prompt: no CERO allocation
+    assert sum(h["stopped"] for h in result.history) > 0
+    posterior = result.allocator.state_dict()
+    assert float((posterior["alpha"] + posterior["beta"]).sum()) > 2 * 16  # the posteriors saw the outcomes
 
 
 def test_without_diagnostics_a_run_trains_the_same_and_measures_nothing(tmp_path):
