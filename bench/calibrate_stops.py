@@ -45,7 +45,7 @@ MIN_TOKENS = (0, 8)
 
 def decode(model_dir: str, cfg: TrainConfig, problems: int, samples: int, seed: int) -> dict:
     """Calibration rollouts without a stopper: per rollout its regrets [length], reward and finish reason."""
-    model, tok = load_model(model_dir)
+    model, tok = load_model(model_dir, device=cfg.device)
     task = task_from_checkpoint(model_dir)
     probs = task.problems(problems, seed=CALIBRATION_SEED)
     prompts = [encode_prompt(tok, p.prompt) for p in probs]
@@ -210,6 +210,7 @@ def main() -> None:
     ap.add_argument("model", help="a local checkpoint folder whose card.json names its task")
     ap.add_argument("--preset", default="smollm2", choices=sorted(PRESETS), help="sampling settings")
     ap.add_argument("--problems", type=int, default=96)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model and the decoder)")
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--seed", type=int, default=11, help="the sampling seed")
     ap.add_argument("--value", type=float, default=0.5, help="V at which the table gives beta")
@@ -219,7 +220,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.out.with_suffix(".json").exists() and not args.replay:
         ap.error(f"{args.out.with_suffix('.json')} exists: choose another --out, or --replay its rollouts")
-    args.cfg = TrainConfig.from_preset(args.preset, model=args.model)
+    args.cfg = TrainConfig.from_preset(args.preset, model=args.model, device=args.device)
     args.model_name = checkpoint_card(args.model).get("description", Path(args.model).name)
     env = {**common.environment("cpu"), "load": [round(x, 2) for x in os.getloadavg()],
            "threads": torch.get_num_threads()}

@@ -31,6 +31,7 @@ import torch
 
 from espo import Decoder  # noqa: E402
 from espo.config import PRESETS, SMOLLM2_ESPO, TrainConfig  # noqa: E402
+from espo.demo import wilson_interval  # noqa: E402
 from espo.models import checkpoint_card, load_model  # noqa: E402
 from espo.prompting import encode_prompt, stop_token_ids  # noqa: E402
 from espo.stopper import EarlyStopper, ESPOConfig  # noqa: E402
@@ -48,7 +49,7 @@ BOOTSTRAP = 2000
 
 def context(model_dir: str, cfg: TrainConfig, problems: int, problem_seed: int) -> SimpleNamespace:
     """The model, its tokenizer and task, the evaluation problems and their encoded prompts."""
-    model, tok = load_model(model_dir)
+    model, tok = load_model(model_dir, device=cfg.device)
     task = task_from_checkpoint(model_dir)
     probs = task.problems(problems, seed=problem_seed)
     prompts = [encode_prompt(tok, p.prompt) for p in probs]
@@ -147,16 +148,8 @@ def metrics(a: SimpleNamespace, stopped: np.ndarray, kept: np.ndarray, rng: np.r
         idx = rng.integers(0, len(s), (BOOTSTRAP, len(s)))
         boot = shares(s[idx].sum(1))
         out["ci"] = {k: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] for k, v in boot.items()}
-        out["wilson_false_share"] = wilson(out["false_stops"], out["stops"])
+        out["wilson_false_share"] = list(wilson_interval(out["false_stops"], out["stops"]) or (0.0, 1.0))
     return out
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    mid, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [float((mid - half) / (1 + z * z / n)), float((mid + half) / (1 + z * z / n))]
 
 
 def random_control(a: SimpleNamespace, n_stop: int, rng: np.random.Generator) -> dict:
@@ -264,9 +257,9 @@ def offsets_table(rows: list[dict], stops: dict, a: SimpleNamespace) -> dict:
 # ---------------------------------------------------------------------------------------------- time
 
 
-def armed_stopper(espo: dict, slots: int, mean: float, var: float) -> EarlyStopper:
+def armed_stopper(espo: dict, slots: int, mean: float, var: float, device: str = "cpu") -> EarlyStopper:
     """The setting's stopper, its statistics set from the unstopped run (as the replay does), armed."""
-    stopper = EarlyStopper(ESPOConfig(**espo), slots)
+    stopper = EarlyStopper(ESPOConfig(**espo), slots, device=device)
     stopper.set_statistics(mean, var)
     stopper.arm()
     return stopper
@@ -282,7 +275,7 @@ def time_decodes(ctx: SimpleNamespace, args, decs: dict, a: SimpleNamespace, exp
     for rep in range(first, first + args.repeats):
         for pool in pools:
             for arm in ("none", "espo"):
-                stopper = armed_stopper(SMOLLM2_ESPO, pool, a.mean, a.var) if arm == "espo" else None
+                stopper = armed_stopper(SMOLLM2_ESPO, pool, a.mean, a.var, ctx.cfg.device) if arm == "espo" else None
                 out, secs = generate(ctx, decs[pool], args.samples, args.seed, stopper, args.value)
                 lengths = np.array([r.length for r in out])
                 stops = sum(r.finish_reason == "stopped" for r in out)
@@ -545,7 +538,7 @@ def analyse(data: dict, rows: list[dict]) -> tuple[SimpleNamespace, np.ndarray]:
 
 def more_repeats(data: dict, args, save) -> None:
     """More timed repeats of OUT.json's rollouts in a new process (after an untimed warm-up decode)."""
-    cfg = TrainConfig.from_preset(data["preset"], model=args.model)
+    cfg = TrainConfig.from_preset(data["preset"], model=args.model, device=args.device)
     ctx = context(args.model, cfg, data["problems"], data["problem_seed"])
     args.samples, args.seed, args.value = data["samples"], data["seed"], data["value"]
     a, expected = analyse(data, data["rollouts"])
@@ -568,6 +561,7 @@ def main() -> None:
     ap.add_argument("model", help="a local checkpoint folder whose card.json names its task")
     ap.add_argument("--preset", default="smollm2", choices=sorted(PRESETS), help="sampling settings")
     ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model and the decoder)")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--problem-seed", type=int, default=EVAL_SEED, help="the evaluation problems' seed")
     ap.add_argument("--seed", type=int, default=11, help="the sampling seed")
@@ -598,7 +592,7 @@ def main() -> None:
         if args.more_repeats:
             more_repeats(data, args, save)
     else:
-        cfg = TrainConfig.from_preset(args.preset, model=args.model)
+        cfg = TrainConfig.from_preset(args.preset, model=args.model, device=args.device)
         env = {**common.environment("cpu"), "load": [round(x, 2) for x in os.getloadavg()],
                "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu_model(), "nice": os.nice(0)}
         ctx = context(args.model, cfg, args.problems, args.problem_seed)
