@@ -87,3 +87,19 @@ def test_regret_at_mistakes_on_the_shipped_model():
     rate, r = regret.regrets_at_mistakes(builtin_model_path(), n=40, seed=3)
     assert 0 < rate < 1 and 0 < len(r) <= 40 * (1 - rate) + 1e-9
     assert bool((r >= 0).all()) and float(r.median()) > 1  # the shipped model's mistakes are unlikely tokens
+
+
+def test_study_real_training_runs_resumes_and_reports(tmp_path, monkeypatch):
+    """bench/study_real_training.py (the training stage of scripts/gpu_study.sh) on the tiny model: every
+    algorithm pair runs, a rerun reuses the finished runs, and the report pairs each algorithm with its ESPO form."""
+    training = importlib.import_module("study_real_training")
+    argv = ["study_real_training.py", "--preset", "quick", "--algos", "grpo", "grpo-espo", "--steps", "1",
+            "--seeds", "0", "--eval-problems", "4", "--out", str(tmp_path / "rt")]
+    monkeypatch.setattr(sys, "argv", argv)
+    training.main()
+    first = json.loads((tmp_path / "rt.json").read_text())["results"]
+    assert set(first) == {"grpo", "grpo-espo"}
+    assert all(0 <= r["mean_final_accuracy"] <= 1 for r in first.values())
+    assert "grpo-espo vs grpo" in (tmp_path / "rt.md").read_text()
+    training.main()  # the finished runs are read back, not trained again
+    assert json.loads((tmp_path / "rt.json").read_text())["results"] == first
