@@ -22,25 +22,42 @@ import sys
 from pathlib import Path
 
 import common
+from tqdm.auto import tqdm
 
 from espo.config import ALGOS, PRESETS, TrainConfig
 from espo.demo import wilson_interval
-from espo.trainer import train
+from espo.run_folder import CHECKPOINT_FILE
+from espo.trainer import setup, train_step
 
 PAIRS = (("grpo", "grpo-espo"), ("ppo", "espo"))
 
 
-def run_one(args, algo: str, seed: int) -> list[dict]:
-    out_dir = Path(f"{args.out}-runs") / f"{algo}-seed{seed}"
-    changes = dict(algo=algo, seed=seed, steps=args.steps, model=args.model, eval_problems=args.eval_problems,
-                   eval_every=args.steps, out_dir=str(out_dir), device=args.device)
-    cfg = TrainConfig.from_preset(args.preset, **changes)
-    finished = (out_dir / "metrics.jsonl").is_file() and len((out_dir / "metrics.jsonl").read_text().splitlines()) \
-        >= args.steps
-    if finished:
-        return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    resume = (out_dir / "checkpoint.pt").is_file()
-    return train(cfg, resume=resume, progress=True).history
+def run_seed(args, seed: int, bar) -> dict[str, list[dict]]:
+    """Every algorithm at ``seed``, their steps interleaved (each algorithm's step k, then each one's step k + 1),
+    so that their times are measured side by side under the same load. Each run folder resumes (a finished run is
+    reused); the load average at each step is appended to OUT-runs/load.jsonl."""
+    runs = {}
+    try:
+        for algo in args.algos:
+            out_dir = Path(f"{args.out}-runs") / f"{algo}-seed{seed}"
+            cfg = TrainConfig.from_preset(args.preset, algo=algo, seed=seed, steps=args.steps, model=args.model,
+                                          eval_problems=args.eval_problems, eval_every=args.steps,
+                                          out_dir=str(out_dir), device=args.device)
+            runs[algo] = setup(cfg, resume=(out_dir / CHECKPOINT_FILE).is_file())
+        for step in range(args.steps):
+            for algo, run in runs.items():
+                if step < run.start:
+                    continue
+                load = [round(x, 2) for x in os.getloadavg()]
+                record = train_step(run, step)
+                with open(Path(f"{args.out}-runs") / "load.jsonl", "a") as f:
+                    f.write(json.dumps({"seed": seed, "algo": algo, "step": step, "load_before": load}) + "\n")
+                bar.update(1)
+                bar.set_postfix(seed=seed, algo=algo, stop=f"{record['stop_rate']:.2f}")
+    finally:
+        for run in runs.values():
+            run.close()
+    return {algo: run.history for algo, run in runs.items()}
 
 
 def summarise(algo: str, runs: dict[int, list[dict]], eval_problems: int) -> dict:
@@ -114,9 +131,10 @@ def main() -> None:
            "command": "python3 " + " ".join(sys.argv), "model": args.model or "the built-in tiny model",
            "load_before": [round(x, 2) for x in os.getloadavg()]}
     runs: dict[str, dict[int, list[dict]]] = {algo: {} for algo in args.algos}
-    for seed in args.seeds:  # seeds outermost: a study cut short still has every algorithm at the first seed
-        for algo in args.algos:
-            runs[algo][seed] = run_one(args, algo, seed)
+    with tqdm(total=len(args.seeds) * len(args.algos) * args.steps, desc="study", unit="step") as bar:
+        for seed in args.seeds:  # seeds outermost: a study cut short still has every algorithm at the first seed
+            for algo, history in run_seed(args, seed, bar).items():
+                runs[algo][seed] = history
     env["load_after"] = [round(x, 2) for x in os.getloadavg()]
     results = {algo: summarise(algo, r, args.eval_problems) for algo, r in runs.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
