@@ -99,7 +99,35 @@ def test_study_real_training_runs_resumes_and_reports(tmp_path, monkeypatch):
     training.main()
     first = json.loads((tmp_path / "rt.json").read_text())["results"]
     assert set(first) == {"grpo", "grpo-espo"}
-    assert all(0 <= r["mean_final_accuracy"] <= 1 for r in first.values())
+    assert all(0 <= r["pooled_accuracy"] <= 1 for r in first.values())
     assert "grpo-espo vs grpo" in (tmp_path / "rt.md").read_text()
+    assert (tmp_path / "rt.png").stat().st_size > 0
+    assert len((tmp_path / "rt-runs" / "load.jsonl").read_text().splitlines()) == 2  # one line per step run
     training.main()  # the finished runs are read back, not trained again
     assert json.loads((tmp_path / "rt.json").read_text())["results"] == first
+
+
+def test_study_real_training_newcombe_interval_matches_the_published_example():
+    """Newcombe (1998), method 10: 56/70 - 48/80 = 0.200, 95% interval 0.0524 to 0.3339."""
+    training = importlib.import_module("study_real_training")
+    lo, hi = training.difference_interval(48, 80, 56, 70)
+    assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)
+
+
+def test_study_real_training_pairs_steps_and_calls_a_saving_inside_its_noise_none():
+    training = importlib.import_module("study_real_training")
+
+    def step(k, tokens, rollout, stopped=0):
+        return {"step": k, "tokens": tokens, "rollout_time_s": rollout, "update_time_s": 10.0,
+                "step_time_s": rollout + 10.0, "stopped": stopped}
+
+    base = {0: [step(0, 100, 10.0), step(1, 100, 10.0), step(2, 100, 10.0)]}
+    faster = {0: [step(0, 100, 10.5), step(1, 50, 6.0, 5), step(2, 60, 7.0, 4)]}
+    p = training.paired_savings(base, faster)
+    assert p["tokens"] == pytest.approx(1 - 210 / 300)
+    assert p["rollout_time_s"] == pytest.approx(1 - 23.5 / 30)
+    assert p["verdict"]["rollout_time_s"]["range_with_stops"] == pytest.approx((0.3, 0.4))
+    assert p["verdict"]["rollout_time_s"]["same_work_noise"] == pytest.approx(0.05)
+    assert p["verdict"]["rollout_time_s"]["beyond_noise"]
+    mixed = {0: [step(0, 100, 10.0), step(1, 50, 6.0, 5), step(2, 60, 11.0, 4)]}  # one stopped step was slower
+    assert not training.paired_savings(base, mixed)["verdict"]["rollout_time_s"]["beyond_noise"]
