@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from espo.config import ALGOS, PRESETS, TrainConfig
-from espo.demo import wilson_interval
+from espo.demo import paired_saving, wilson_interval
 from espo.run_folder import CHECKPOINT_FILE
 from espo.trainer import setup, train_step
 
@@ -105,27 +105,24 @@ SAVED = ("tokens", "rollout_time_s", "update_time_s", "step_time_s")
 
 
 def paired_savings(base: dict[int, list[dict]], other: dict[int, list[dict]]) -> dict:
-    """What ``other`` saved against ``base``: in total (1 - sum other / sum base over every seed and step), per
-    seed, and per paired step (same seed, same step, run one after the other). The steps where ``other`` stopped
-    nothing (its first: the stopper's statistics are not set yet) did the same work as ``base``'s: their spread is
-    the timing noise. A time saving counts only if every paired step with stops saved time."""
+    """What ``other`` saved against ``base``: in total over every seed and step, per seed, and per paired step (same
+    seed, same step, run one after the other), each time saving with espo.demo's 95% bootstrap interval over the
+    paired steps. The steps where ``other`` stopped nothing (its first: the stopper's statistics are not set yet)
+    did the same work as ``base``'s: their differences show the timing noise."""
     seeds = sorted(set(base) & set(other))
     steps = [(s, b, o) for s in seeds for b, o in zip(base[s], other[s])]
-    out: dict = {"per_seed": {}, "per_step": [], "verdict": {}}
+    out: dict = {"per_seed": {}, "per_step": [], "interval": {}, "beyond_noise": {}, "same_work_noise": {}}
     for key in SAVED:
-        out[key] = 1 - sum(o[key] for _, _, o in steps) / sum(b[key] for _, b, _ in steps)
+        out[key], out["interval"][key] = paired_saving([b[key] for _, b, _ in steps], [o[key] for _, _, o in steps])
+        lo_hi = out["interval"][key]
+        out["beyond_noise"][key] = lo_hi is not None and (lo_hi[0] > 0 or lo_hi[1] < 0)
     for s in seeds:
         out["per_seed"][s] = {k: 1 - sum(o[k] for o in other[s]) / sum(b[k] for b in base[s]) for k in SAVED}
     for s, b, o in steps:
         out["per_step"].append({"seed": s, "step": b["step"], "stops": o["stopped"],
                                 **{k: 1 - o[k] / b[k] for k in SAVED}})
-    with_stops = [r for r in out["per_step"] if r["stops"]]
-    same_work = [r for r in out["per_step"] if not r["stops"]]
     for key in SAVED[1:]:
-        lo, hi = (min(r[key] for r in with_stops), max(r[key] for r in with_stops)) if with_stops else (None, None)
-        noise = max((abs(r[key]) for r in same_work), default=None)
-        out["verdict"][key] = {"range_with_stops": (lo, hi), "same_work_noise": noise,
-                               "beyond_noise": bool(with_stops) and lo > 0}
+        out["same_work_noise"][key] = max((abs(r[key]) for r in out["per_step"] if not r["stops"]), default=None)
     return out
 
 
@@ -163,7 +160,7 @@ def markdown(results: dict[str, dict], pairs: dict[str, dict], env: dict, args) 
            "= rollouts + rewards + update; evaluation and false-stop checks are timed apart.", "",
            "## Each algorithm with stops against the same algorithm without", "",
            "| pair | accuracy after (points) [95% Newcombe] | tokens saved (per seed) | rollout time saved "
-           "(per seed; paired steps with stops, min-max) | update time saved | step time saved | timing noise "
+           "(per seed) [95% interval over paired steps] | update time saved | step time saved | timing noise "
            "(same work) |", "|---|---|---|---|---|---|---|"]
     for name, p in pairs.items():
         base, other = name.split(" vs ")[1], name.split(" vs ")[0]
@@ -174,18 +171,17 @@ def markdown(results: dict[str, dict], pairs: dict[str, dict], env: dict, args) 
         for key in SAVED:
             per_seed = ", ".join(_pct(s[key]) for s in p["per_seed"].values())
             cell = f"{p[key]:.1%} ({per_seed})"
-            if key != "tokens":
-                v = p["verdict"][key]
-                lo_s, hi_s = v["range_with_stops"]
-                cell += "" if lo_s is None else f"; {lo_s:.1%} to {hi_s:.1%}"
-                cell += "" if v["beyond_noise"] else ": none beyond noise"
+            if key != "tokens" and p["interval"][key] is not None:
+                lo_s, hi_s = p["interval"][key]
+                cell += f" [{lo_s:.1%}, {hi_s:.1%}]" + ("" if p["beyond_noise"][key] else ": none beyond noise")
             cells.append(cell)
-        noise = p["verdict"]["step_time_s"]["same_work_noise"]
+        noise = p["same_work_noise"]["step_time_s"]
         md.append(f"| {name} | {100 * gain:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {' | '.join(cells)} | "
                   f"{'-' if noise is None else f'+-{noise:.1%}'} |")
-    md += ["", "A time saving counts only when every paired step with stops saved time; 'timing noise' is the largest "
-           "step-time difference between paired steps that did the same work (the first step, before the stopper "
-           "has its statistics). An accuracy difference whose interval holds 0 is no difference.", ""]
+    md += ["", "Intervals: 95% bootstrap over the paired steps (every seed's), espo.demo.paired_saving; a saving whose "
+           "interval holds 0 is none. 'Timing noise' is the largest step-time difference between paired steps that "
+           "did the same work (the first step, before the stopper has its statistics). An accuracy difference whose "
+           "interval holds 0 is no difference.", ""]
     for algo, r in results.items():
         if ALGOS[algo].critic:
             for seed, s in r["per_seed"].items():

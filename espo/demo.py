@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import write_text_atomic
 from .config import ALGOS, DEMO_ESPO, PRESETS, TrainConfig
 from .run_folder import CHECKPOINT_FILE, check_writable
@@ -27,6 +29,7 @@ __all__ = [
     "DEMO_ESPO",
     "PAIRS",
     "QUICK",
+    "paired_saving",
     "run_demo",
     "savings",
     "summarise",
@@ -68,6 +71,7 @@ def summarise(algo: str, history: list[dict]) -> dict[str, Any]:
         "informative_fraction": sum(h["informative_fraction"] * h["rollouts"] for h in history) / max(rollouts, 1),
         # seconds over the run: the step's own parts, and what measuring it cost (never inside the step time)
         **{t: sum(h.get(t, 0.0) for h in history) for t in TIMES},
+        "per_step": {t: [h[t] for h in history] for t in ("rollout_time_s", "step_time_s")},
         "time_per_step_s": sum(h["step_time_s"] for h in history) / max(len(history), 1),
         # tokens after the first mistake of wrong rollouts that ran on: in a run without stopping, the share
         # of its tokens that a perfect stopper would have cut (None when the task cannot say where it went wrong)
@@ -76,13 +80,45 @@ def summarise(algo: str, history: list[dict]) -> dict[str, Any]:
     }
 
 
-def savings(base: dict, other: dict) -> dict[str, float]:
-    """What ``other`` saves against ``base``: shares of rollout tokens, rollout time and step time."""
+def paired_saving(base: list[float], other: list[float], resamples: int = 2000,
+                  seed: int = 0) -> tuple[float, tuple[float, float] | None]:
+    """``1 - sum(other) / sum(base)`` over paired repeats (step k of one run against step k of the other, run one
+    after the other, so a change of load falls on both), with its 95% bootstrap interval over the pairs (None with
+    fewer than 2 pairs). A saving whose interval holds 0 is inside its noise."""
+    n = min(len(base), len(other))
+    if n == 0 or sum(base[:n]) <= 0:
+        return 0.0, None
+    b, o = np.asarray(base[:n], dtype=float), np.asarray(other[:n], dtype=float)
+    saving = float(1 - o.sum() / b.sum())
+    if n < 2:
+        return saving, None
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    draws = 1 - o[idx].sum(axis=1) / b[idx].sum(axis=1)
+    return saving, (float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)))
+
+
+def savings(base: dict, other: dict) -> dict[str, Any]:
+    """What ``other`` saves against ``base`` (two ``summarise`` results): shares of rollout tokens, rollout time and
+    step time; each time saving with its 95% interval over the paired steps and whether it is beyond that noise."""
     def saved(key: str) -> float:
         return 1 - other[key] / base[key] if base[key] else 0.0
 
-    return {"tokens_saved": saved("rollout_tokens"), "rollout_time_saved": saved("rollout_time_s"),
-            "step_time_saved": saved("step_time_s")}
+    out: dict[str, Any] = {"tokens_saved": saved("rollout_tokens")}
+    for key, name in (("rollout_time_s", "rollout_time"), ("step_time_s", "step_time")):
+        out[f"{name}_saved"] = saved(key)
+        _, interval = paired_saving(base["per_step"][key], other["per_step"][key])
+        out[f"{name}_interval"] = interval
+        out[f"{name}_beyond_noise"] = interval is not None and (interval[0] > 0 or interval[1] < 0)
+    return out
+
+
+def _time_saved(sv: dict, name: str) -> str:
+    """A time saving with its interval; one inside its noise is reported as none."""
+    interval = sv.get(f"{name}_interval")
+    if interval is None:
+        return _pct(sv.get(f"{name}_saved"))
+    text = f"{_pct(sv[f'{name}_saved'])} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+    return text if sv[f"{name}_beyond_noise"] else f"none beyond noise ({text})"
 
 
 def ceiling_line(summaries: dict[str, dict]) -> str | None:
@@ -113,8 +149,8 @@ def headline(summaries: dict[str, dict]) -> str | None:
     if "ppo" not in summaries or "espo" not in summaries:
         return None
     sv = savings(summaries["ppo"], summaries["espo"])
-    return (f"ESPO vs PPO: {sv['tokens_saved']:.1%} tokens saved, {sv['rollout_time_saved']:.1%} rollout time saved, "
-            f"{sv['step_time_saved']:.1%} step time saved")
+    return (f"ESPO vs PPO: {sv['tokens_saved']:.1%} tokens saved, rollout time saved "
+            f"{_time_saved(sv, 'rollout_time')}, step time saved {_time_saved(sv, 'step_time')}")
 
 
 def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> str:
@@ -145,14 +181,18 @@ def report_markdown(summaries: dict[str, dict], cfg: dict, seconds: float) -> st
                 sv = savings(summaries[base], s)
             lines.append(
                 f"| {algo} | {s['rollout_tokens']} | {_pct(sv.get('tokens_saved'))} | {s['rollout_time_s']:.1f} | "
-                f"{_pct(sv.get('rollout_time_saved'))} | {s['update_time_s']:.1f} | {s['step_time_s']:.1f} | "
-                f"{_pct(sv.get('step_time_saved'))} | {_pct(s['initial_accuracy'])} -> {_pct(s['final_accuracy'])} | "
+                f"{_time_saved(sv, 'rollout_time')} | {s['update_time_s']:.1f} | {s['step_time_s']:.1f} | "
+                f"{_time_saved(sv, 'step_time')} | {_pct(s['initial_accuracy'])} -> {_pct(s['final_accuracy'])} | "
                 f"{_pct(s['stop_rate'])} | {_false_stops(s)} | {_pct(s['informative_fraction'])} | "
                 f"{s['measure_time_s'] + s['eval_time_s']:.1f} |"
             )
     ceiling = ceiling_line(summaries)
     lines += ["", ceiling] if ceiling else []
     lines += [
+        "",
+        "Time saved: 1 - (the run's time / its partner's), with a 95% bootstrap interval over the paired steps "
+        "(each step of one run against the same step of the other, run one after it); a saving whose interval "
+        "holds 0 is reported as none beyond noise.",
         "",
         "Step time = rollout + rewards + update, the cost of training; measuring (false-stop continuation, the "
         "doomed-token oracle, held-out evaluation) is timed apart and never inside it. Accuracy: sampled at the "

@@ -53,7 +53,7 @@ def test_demo_runs_on_a_chat_model_with_its_preset(tmp_path, capsys):
 def _without_times(report: dict) -> dict:
     """The report's metrics: everything but the seconds, which differ between any two runs."""
     def keep(d: dict) -> dict:
-        return {k: v for k, v in d.items() if not k.endswith("time_s") and k != "time_per_step_s"}
+        return {k: v for k, v in d.items() if not k.endswith("time_s") and k not in ("time_per_step_s", "per_step")}
 
     return {"summaries": {a: keep(s) for a, s in report["summaries"].items()},
             "histories": {a: [keep(h) for h in hist] for a, hist in report["histories"].items()}}
@@ -107,3 +107,26 @@ def _one_line(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, (code, err)
     return err[0]
+
+
+def test_a_time_saving_is_given_with_its_interval_and_one_inside_its_noise_is_none():
+    """Paired steps: a run slower or faster at random (the same work under a varying load) saves nothing beyond
+    noise, however large its total; one faster at every step does."""
+    from espo.demo import _time_saved, paired_saving, savings
+
+    base = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    same_work = [4.0, 14.0, 5.0, 13.0, 4.5, 12.0]  # 13% "saved" in total
+    saving, (lo, hi) = paired_saving(base, same_work)
+    assert saving == pytest.approx(1 - 52.5 / 60) and lo < 0 < hi
+    saving, (lo, hi) = paired_saving(base, [7.0, 7.5, 6.5, 7.2, 7.1, 6.9])
+    assert saving == pytest.approx(1 - 42.2 / 60) and 0.25 < lo <= saving <= hi < 0.35
+    assert paired_saving(base[:1], [5.0]) == (0.5, None)  # one pair: no interval
+
+    def summary(times: list[float]) -> dict:
+        return {"rollout_tokens": 100, "rollout_time_s": sum(times), "step_time_s": sum(times),
+                "per_step": {"rollout_time_s": times, "step_time_s": times}}
+
+    sv = savings(summary(base), summary(same_work))
+    assert not sv["rollout_time_beyond_noise"] and _time_saved(sv, "rollout_time").startswith("none beyond noise")
+    sv = savings(summary(base), summary([7.0, 7.5, 6.5, 7.2, 7.1, 6.9]))
+    assert sv["step_time_beyond_noise"] and _time_saved(sv, "step_time").startswith("29.7% [")

@@ -121,13 +121,17 @@ def test_study_real_training_pairs_steps_and_calls_a_saving_inside_its_noise_non
         return {"step": k, "tokens": tokens, "rollout_time_s": rollout, "update_time_s": 10.0,
                 "step_time_s": rollout + 10.0, "stopped": stopped}
 
-    base = {0: [step(0, 100, 10.0), step(1, 100, 10.0), step(2, 100, 10.0)]}
-    faster = {0: [step(0, 100, 10.5), step(1, 50, 6.0, 5), step(2, 60, 7.0, 4)]}
+    base = {0: [step(0, 100, 10.0), step(1, 100, 10.0), step(2, 100, 10.0)],
+            1: [step(0, 100, 10.0), step(1, 100, 12.0), step(2, 100, 10.0)]}
+    faster = {0: [step(0, 100, 10.5), step(1, 50, 6.0, 5), step(2, 60, 7.0, 4)],
+              1: [step(0, 100, 9.8), step(1, 50, 7.0, 5), step(2, 60, 6.5, 4)]}
     p = training.paired_savings(base, faster)
-    assert p["tokens"] == pytest.approx(1 - 210 / 300)
-    assert p["rollout_time_s"] == pytest.approx(1 - 23.5 / 30)
-    assert p["verdict"]["rollout_time_s"]["range_with_stops"] == pytest.approx((0.3, 0.4))
-    assert p["verdict"]["rollout_time_s"]["same_work_noise"] == pytest.approx(0.05)
-    assert p["verdict"]["rollout_time_s"]["beyond_noise"]
-    mixed = {0: [step(0, 100, 10.0), step(1, 50, 6.0, 5), step(2, 60, 11.0, 4)]}  # one stopped step was slower
-    assert not training.paired_savings(base, mixed)["verdict"]["rollout_time_s"]["beyond_noise"]
+    assert p["tokens"] == pytest.approx(1 - 420 / 600)
+    assert p["rollout_time_s"] == pytest.approx(1 - 46.8 / 62)
+    assert p["per_seed"][1]["rollout_time_s"] == pytest.approx(1 - 23.3 / 32)
+    assert p["same_work_noise"]["rollout_time_s"] == pytest.approx(0.05)
+    assert p["beyond_noise"]["rollout_time_s"] and p["interval"]["rollout_time_s"][0] > 0
+    assert not p["beyond_noise"]["update_time_s"]  # every update took the same time
+    noisy = {0: [step(0, 100, 10.0), step(1, 50, 6.0, 5), step(2, 60, 15.0, 4)],
+             1: [step(0, 100, 10.0), step(1, 50, 13.0, 5), step(2, 60, 7.0, 4)]}
+    assert not training.paired_savings(base, noisy)["beyond_noise"]["rollout_time_s"]
