@@ -43,7 +43,8 @@ def run_seed(args, seed: int, bar) -> dict[str, list[dict]]:
             out_dir = Path(f"{args.out}-runs") / f"{algo}-seed{seed}"
             cfg = TrainConfig.from_preset(args.preset, algo=algo, seed=seed, steps=args.steps, model=args.model,
                                           eval_problems=args.eval_problems, eval_every=args.steps,
-                                          out_dir=str(out_dir), device=args.device)
+                                          out_dir=str(out_dir), device=args.device,
+                                          **({} if args.value_lr is None else {"value_lr": args.value_lr}))
             runs[algo] = setup(cfg, resume=(out_dir / CHECKPOINT_FILE).is_file())
         for step in range(args.steps):
             for algo, run in runs.items():
@@ -131,15 +132,16 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(results: dict[str, dict], pairs: dict[str, dict], env: dict, args) -> list[str]:
-    cfg = TrainConfig.from_preset(args.preset)
+    cfg = TrainConfig.from_preset(args.preset, **({} if args.value_lr is None else {"value_lr": args.value_lr}))
     md = [f"# Training with and without ESPO's stops on {env['model']}", "",
           f"{env['date']}, {env['device']}, torch {env['torch']}, {env['threads']} torch threads. Command: "
           f"`{env['command']}`. Load average (1, 5, 15 min) before {env['load_before']}, after {env['load_after']}; "
           f"at each step: {env['load_per_step']}.", "",
           f"Preset {args.preset}: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts a step in "
           f"{cfg.max_batch} decoder slots (pool = batch: a step's rollouts all start together and the step waits "
-          f"for its longest), T {cfg.temperature}, top_p {cfg.top_p}, lr {cfg.lr}, stop settings {cfg.espo}. "
-          f"{args.steps} steps, seeds {args.seeds}; at each seed the four algorithms' steps are interleaved "
+          f"for its longest), T {cfg.temperature}, top_p {cfg.top_p}, lr {cfg.lr}, value head's lr "
+          f"{cfg.value_lr or cfg.lr}, stop settings {cfg.espo}. "
+          f"{args.steps} steps, seeds {args.seeds}; at each seed the algorithms' steps are interleaved "
           f"(each one's step k, then each one's step k + 1), on the same training prompts. Held-out accuracy: "
           f"{args.eval_problems} problems per seed (the trainer's evaluation seed, seed + 1000003: never the "
           "calibration prompts that chose the stop settings), sampled at the training temperature before the first "
@@ -235,6 +237,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval-problems", type=int, default=512)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--value-lr", type=float, default=None, help="the value head's lr (default: the preset's; 0: lr)")
     ap.add_argument("--out", type=Path, required=True,
                     help="the results' stem: OUT.json, OUT.md, OUT.png; runs in OUT-runs/")
     args = ap.parse_args()

@@ -87,9 +87,11 @@ def load_checkpoint(
     *,
     expected_config: dict[str, Any] | None = None,
     may_differ: Iterable[str] = (),
+    missing_as: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint of tensors and plain data; with ``expected_config``, refuse one written under another
-    configuration (fields named in ``may_differ`` excepted).
+    configuration (fields named in ``may_differ`` excepted; a field that the saved configuration lacks, written
+    before the field existed, is compared as its value in ``missing_as``).
 
     Raises FileNotFoundError when there is no file, ValueError when it is corrupt, holds anything but tensors
     and plain data, or was written under another configuration.
@@ -115,7 +117,8 @@ def load_checkpoint(
         saved = state.get("config")
         if not isinstance(saved, dict):
             raise ValueError(f"checkpoint {path} has no configuration: it was not written by espo's trainer")
-        skip = set(may_differ)
+        skip, older = set(may_differ), missing_as or {}
+        saved = {**{k: v for k, v in older.items() if k not in saved}, **saved}
         diff = sorted(k for k in set(saved) | set(expected_config)
                       if k not in skip and saved.get(k) != expected_config.get(k))
         if diff:

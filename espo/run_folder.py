@@ -30,13 +30,17 @@ WRITE_CHECK = ".espo-write-check"  # the probe that checks a new run's folder is
 # What a resumed run may change: where the folder is now, how long the run is, where it runs, its learning rate
 # (to recover from a divergence), diagnostics.
 RESUMABLE_CHANGES = ("out_dir", "steps", "device", "lr", "eval_every", "check_false_stops", "false_stop_sample")
+# Settings added after checkpoints were first written, with the value that reproduces the older runs: a checkpoint
+# that lacks one is read as holding that value.
+SETTINGS_ADDED = {"value_lr": 0.0}
 CHECKPOINT_KEYS = ("config", "step", "history", "model", "value_head", "optimizer", "stopper", "allocator", "warmup")
 
 
 def read_checkpoint(ckpt_path: Path, expected_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """A run's checkpoint, refused when it was not written by the trainer or (with ``expected_config``) under
     other settings than ``RESUMABLE_CHANGES``."""
-    state = load_checkpoint(ckpt_path, expected_config=expected_config, may_differ=RESUMABLE_CHANGES)
+    state = load_checkpoint(ckpt_path, expected_config=expected_config, may_differ=RESUMABLE_CHANGES,
+                            missing_as=SETTINGS_ADDED)
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint {ckpt_path} lacks {', '.join(missing)}: it was not written by espo's trainer")

@@ -232,7 +232,10 @@ def _build(cfg: TrainConfig, rank: int, world: int, *, task: Any, resume: bool, 
         torch.nn.init.zeros_(value_head.proj.weight)
         torch.nn.init.constant_(value_head.proj.bias, 0.5)
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    groups = [{"params": params}]
+    if value_head is not None and cfg.value_lr > 0:  # its own group only then: older checkpoints have one
+        groups = [{"params": list(model.parameters())}, {"params": list(value_head.parameters()), "lr": cfg.value_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     reference = copy.deepcopy(model).requires_grad_(False) if cfg.kl_coef > 0 else None
 
     # rollouts: the decoder, the stopper and its arming rule, the allocator
@@ -267,8 +270,8 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     if run.value_head is not None:
         run.value_head.load_state_dict(state["value_head"])
     run.optimizer.load_state_dict(state["optimizer"])
-    for group in run.optimizer.param_groups:
-        group["lr"] = run.cfg.lr  # a resumed run may lower it
+    for i, group in enumerate(run.optimizer.param_groups):  # a resumed run may lower lr
+        group["lr"] = run.cfg.value_lr if i == 1 else run.cfg.lr
     if run.stopper is not None:
         run.stopper.load_state_dict(state["stopper"])
     if run.allocator is not None:

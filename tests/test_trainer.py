@@ -65,6 +65,39 @@ def test_value_fit_is_the_explained_variance_of_the_returns_over_response_tokens
     assert value_fit(Targets(batch, None, None, None, None, None)) == {}
 
 
+def test_value_lr_gives_the_value_head_its_own_rate_and_survives_a_resume(tmp_path):
+    """At a policy's small lr the value head barely moves; value_lr moves it at its own rate, and a resumed run
+    keeps both rates."""
+    from espo.trainer import setup
+
+    def head_change(**kw) -> float:
+        cfg = config(tmp_path / str(len(kw)), algo="ppo", steps=1, lr=1e-6, eval_problems=0, **kw)
+        result = train(cfg, progress=False)
+        return float(result.value_head.proj.weight.detach().abs().max())  # the head starts at weight 0
+
+    shared, own = head_change(), head_change(value_lr=1e-3)
+    assert shared < 1e-5 < 1e-4 < own
+    cfg = config(tmp_path / "1", algo="ppo", steps=2, lr=1e-6, eval_problems=0, value_lr=1e-3)
+    run = setup(cfg, resume=True)
+    try:
+        assert [g["lr"] for g in run.optimizer.param_groups] == [1e-6, 1e-3]
+    finally:
+        run.close()
+
+
+def test_a_checkpoint_written_before_value_lr_existed_still_resumes(tmp_path):
+    cfg = config(tmp_path, algo="ppo", steps=1, eval_problems=0)
+    train(cfg, progress=False)
+    ckpt = tmp_path / "ppo" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["value_lr"]
+    torch.save(state, ckpt)
+    history = train(dataclasses.replace(cfg, steps=2), resume=True, progress=False).history
+    assert [h["step"] for h in history] == [0, 1]
+    with pytest.raises(ValueError, match="value_lr: saved 0.0 vs now 0.001"):
+        train(dataclasses.replace(cfg, steps=3, value_lr=1e-3), resume=True, progress=False)
+
+
 def test_grpo_espo_uses_each_prompts_posterior_mean_as_its_value_and_no_allocation(tmp_path):
     result = train(config(tmp_path, algo="grpo-espo", steps=3, espo=QUICK_STOPS), progress=False)
     assert all(h["rollouts"] == 4 * 3 for h in result.history)  # group_size per prompt: no CERO allocation
