@@ -106,7 +106,8 @@ def savings(base: dict, other: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens_saved": saved("rollout_tokens")}
     for key, name in (("rollout_time_s", "rollout_time"), ("step_time_s", "step_time")):
         out[f"{name}_saved"] = saved(key)
-        _, interval = paired_saving(base["per_step"][key], other["per_step"][key])
+        paired = "per_step" in base and "per_step" in other  # summaries from before per-step times: no interval
+        _, interval = paired_saving(base["per_step"][key], other["per_step"][key]) if paired else (None, None)
         out[f"{name}_interval"] = interval
         out[f"{name}_beyond_noise"] = interval is not None and (interval[0] > 0 or interval[1] < 0)
     return out
