@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from espo.config import ALGOS, PRESETS, TrainConfig
-from espo.demo import paired_saving, wilson_interval
+from espo.demo import beyond_noise, paired_saving, wilson_interval
 from espo.run_folder import CHECKPOINT_FILE
 from espo.trainer import setup, train_step
 
@@ -66,12 +66,12 @@ def summarise(algo: str, runs: dict[int, list[dict]], eval_problems: int) -> dic
     per_seed = {}
     for seed, hist in runs.items():
         final = hist[-1]["eval_accuracy"]
+        hits = round(final * eval_problems)
         stopped, false = sum(h["stopped"] for h in hist), sum(h["false_stops"] for h in hist)
         checked = sum(h.get("false_stop_checked", h["stopped"]) for h in hist)
         per_seed[seed] = {
             "initial_accuracy": hist[0].get("initial_eval_accuracy"), "final_accuracy": final,
-            "final_hits": round(final * eval_problems), "final_interval": wilson_interval(round(final * eval_problems),
-                                                                                          eval_problems),
+            "final_hits": hits, "final_interval": wilson_interval(hits, eval_problems),
             "tokens": hist[-1]["cum_tokens"],
             "rollout_time_s": sum(h["rollout_time_s"] for h in hist),
             "update_time_s": sum(h["update_time_s"] for h in hist),
@@ -115,8 +115,7 @@ def paired_savings(base: dict[int, list[dict]], other: dict[int, list[dict]]) ->
     out: dict = {"per_seed": {}, "per_step": [], "interval": {}, "beyond_noise": {}, "same_work_noise": {}}
     for key in SAVED:
         out[key], out["interval"][key] = paired_saving([b[key] for _, b, _ in steps], [o[key] for _, _, o in steps])
-        lo_hi = out["interval"][key]
-        out["beyond_noise"][key] = lo_hi is not None and (lo_hi[0] > 0 or lo_hi[1] < 0)
+        out["beyond_noise"][key] = beyond_noise(out["interval"][key])
     for s in seeds:
         out["per_seed"][s] = {k: 1 - sum(o[k] for o in other[s]) / sum(b[k] for b in base[s]) for k in SAVED}
     for s, b, o in steps:

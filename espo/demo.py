@@ -29,6 +29,7 @@ __all__ = [
     "DEMO_ESPO",
     "PAIRS",
     "QUICK",
+    "beyond_noise",
     "paired_saving",
     "run_demo",
     "savings",
@@ -97,6 +98,11 @@ def paired_saving(base: list[float], other: list[float], resamples: int = 2000,
     return saving, (float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)))
 
 
+def beyond_noise(interval: tuple[float, float] | None) -> bool:
+    """Whether a saving's interval (``paired_saving``'s) lies wholly on one side of 0."""
+    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+
 def savings(base: dict, other: dict) -> dict[str, Any]:
     """What ``other`` saves against ``base`` (two ``summarise`` results): shares of rollout tokens, rollout time and
     step time; each time saving with its 95% interval over the paired steps and whether it is beyond that noise."""
@@ -109,7 +115,7 @@ def savings(base: dict, other: dict) -> dict[str, Any]:
         paired = "per_step" in base and "per_step" in other  # summaries from before per-step times: no interval
         _, interval = paired_saving(base["per_step"][key], other["per_step"][key]) if paired else (None, None)
         out[f"{name}_interval"] = interval
-        out[f"{name}_beyond_noise"] = interval is not None and (interval[0] > 0 or interval[1] < 0)
+        out[f"{name}_beyond_noise"] = beyond_noise(interval)
     return out
 
 
