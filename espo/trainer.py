@@ -51,6 +51,7 @@ from .run_folder import (
     check_apart_from_model,
     check_new_run_folder,
     lock_run_folder,
+    rerun_hint,
     resume_config,
     resume_state,
     start_run_folder,
@@ -479,7 +480,7 @@ def save_step(run: Run, step: int, record: dict) -> None:
         "stopper": run.stopper.state_dict() if run.stopper is not None else None,
         "allocator": run.allocator.state_dict() if run.allocator is not None else None,
         "warmup": dataclasses.asdict(run.warmup),
-    }, run.ckpt_path)
+    }, run.ckpt_path, then=rerun_hint(run.out_dir))
     with open(run.out_dir / METRICS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
 

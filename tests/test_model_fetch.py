@@ -297,3 +297,61 @@ def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         model_fetch.fetch_model("smollm2", tmp_path / "x")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_killed_conversions_partial_folder_is_removed_by_the_next_run(source, tmp_path):
+    stale = tmp_path / ".x.partial-k1ll3d"  # what a SIGKILL part-way leaves
+    (stale / ".download").mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    other = tmp_path / ".xy.partial-keep"  # another folder's: not this conversion's to remove
+    other.mkdir()
+    lines = []
+    assert not model_fetch.fetch_model("smollm2", tmp_path / "x", log=lines.append).reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".xy.partial-keep", "x"]
+    assert any(".x.partial-k1ll3d" in line and "interrupted" in line for line in lines), lines
+
+
+def test_concurrent_conversions_into_one_folder_wait_and_reuse(source, tmp_path, monkeypatch):
+    import threading
+
+    real, started, release = model_fetch.convert_gguf, threading.Event(), threading.Event()
+
+    def slow_convert(gguf_path, out):
+        started.set()
+        assert release.wait(60)
+        return real(gguf_path, out)
+
+    monkeypatch.setattr(model_fetch, "convert_gguf", slow_convert)
+    dest, results, second_log = tmp_path / "x", {}, []
+
+    def fetch(key, log):
+        try:
+            results[key] = model_fetch.fetch_model("smollm2", dest, log=log)
+        except BaseException as err:  # noqa: BLE001 - checked below
+            results[key] = err
+
+    first = threading.Thread(target=fetch, args=("first", None))
+    first.start()
+    assert started.wait(60)
+    second = threading.Thread(target=fetch, args=("second", second_log.append))
+    second.start()
+    second.join(1.0)
+    assert second.is_alive() and any("waiting for it" in line for line in second_log), second_log
+    release.set()
+    first.join(120)
+    second.join(120)
+    assert not results["first"].reused and results["second"].reused, results
+    assert source[1] == ["tiny-llm"] and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_a_full_disk_names_the_folder_in_one_line(source, tmp_path, monkeypatch, capsys):
+    def full_disk(gguf_path, out):
+        (out / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_fetch, "convert_gguf", full_disk)
+    dest = tmp_path / "models" / "x"
+    assert main(["model", "smollm2", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"could not write the model into {dest.parent}" in err and "full" in err, err
+    assert list((tmp_path / "models").iterdir()) == []  # the partial folder is gone

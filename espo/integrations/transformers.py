@@ -38,6 +38,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from .. import EarlyStopper, Rollout, Rollouts, rollout_seed, sample
 from ..checks import is_integer, is_real
+from ..value_head import prompt_values_tensor
 
 __all__ = [
     "ESPOSampler",
@@ -468,15 +469,16 @@ def generate_rollouts(
     plist = _check_prompts(prompts, vocab)
     gc = getattr(model, "generation_config", None)
     eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gc, "eos_token_id", None), "eos_token_id")
+    outside = [e for e in eos if e >= vocab] if eos_token_id is not None else []
+    if outside:
+        raise ValueError(f"eos_token_id {outside[0]} is outside the model's vocabulary [0, {vocab}): no rollout could "
+                         "end with it; pass ids of the model's own end tokens")
     if pad_token_id is None:
         pad_token_id = getattr(gc, "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     values = None
     if prompt_values is not None:
-        if len(prompt_values) != len(plist):
-            raise ValueError(f"prompt_values holds {len(prompt_values)} floats for {len(plist)} prompts: "
-                             "give one per prompt")
-        values = torch.tensor([float(v) for v in prompt_values for _ in range(n)], dtype=torch.float32)
+        values = prompt_values_tensor(prompt_values, len(plist)).repeat_interleave(int(n))  # Decoder.generate's check
     sampler = ESPOSampler(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, rollout_seeds=rollout_seeds, stopper=stopper,
         values=values, eos_token_id=eos, pad_token_id=pad_token_id, vocab_size=vocab, backend=backend,
