@@ -27,7 +27,7 @@ class DiskWriteError(OSError):
 RESUME_HINT = "free space and rerun with --resume"
 
 
-def _write_failed(what: str, path: Path, err: BaseException, then: str) -> DiskWriteError:
+def disk_write_error(what: str, path: Path, err: BaseException, then: str = RESUME_HINT) -> DiskWriteError:
     """The one error a failed write raises: it names the file and the disk, and says how to go on (``then``)."""
     cause = (err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())) or repr(err)
     return DiskWriteError(
@@ -61,11 +61,11 @@ def _write_atomic(path: Path, write: Callable[[Any], None], what: str = "file", 
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:  # a full disk: ENOSPC, EDQUOT, EIO
-            raise _write_failed(what, path, err, then) from err
+            raise disk_write_error(what, path, err, then) from err
         except RuntimeError as err:
             if not _is_torch_write_failure(err):
                 raise  # not the disk: what could not be saved says so itself
-            raise _write_failed(what, path, err, then) from err
+            raise disk_write_error(what, path, err, then) from err
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it 0o600; a run's files follow the umask
         os.replace(tmp, path)
     except BaseException:

@@ -25,9 +25,9 @@ __all__ = [
     "CARD_FILE",
     "WEIGHT_DTYPES",
     "CustomCodeRefused",
-    "check_weight_dtypes",
     "builtin_card",
     "builtin_model_path",
+    "check_weight_dtypes",
     "checkpoint_card",
     "load_builtin",
     "load_causal_lm",
@@ -145,8 +145,17 @@ def _is_custom_code_error(exc: BaseException) -> bool:
 
 
 def _stored_dtypes(folder: Path) -> dict[str, str]:
-    """``{weight name: stored dtype}`` of the folder's safetensors files, read from their headers only."""
+    """``{weight name: stored dtype}`` of the folder's weight files: safetensors from their headers, pytorch
+    ``.bin`` files mapped (``weights_only``; their data is not read)."""
     found: dict[str, str] = {}
+    for file in sorted(folder.glob("*.bin")):
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - transformers reports an unreadable file when it loads it
+            continue
+        for name, tensor in state.items() if isinstance(state, dict) else ():
+            if isinstance(tensor, torch.Tensor):
+                found[name] = str(tensor.dtype).removeprefix("torch.")
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with open(file, "rb") as f:

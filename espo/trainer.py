@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .advantages import gae, group_advantages
 from .allocator import CeroAllocator
-from .checkpoint import save_atomic
+from .checkpoint import disk_write_error, save_atomic
 from .config import ALGOS, PRESETS, Algo, TrainConfig
 from .decoder import Decoder, Rollouts
 from .models import builtin_model_path, load_model
@@ -481,8 +481,11 @@ def save_step(run: Run, step: int, record: dict) -> None:
         "allocator": run.allocator.state_dict() if run.allocator is not None else None,
         "warmup": dataclasses.asdict(run.warmup),
     }, run.ckpt_path, then=rerun_hint(run.out_dir))
-    with open(run.out_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(run.out_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # the checkpoint holds the step: a resumed run rewrites metrics.jsonl from it
+        raise disk_write_error("metrics", run.out_dir / METRICS_FILE, err) from err
 
 
 # ------------------------------------------------------------------------------------------- the loop

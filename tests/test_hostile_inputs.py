@@ -181,6 +181,22 @@ def test_a_full_disk_while_starting_a_run_folder_says_there_is_nothing_to_resume
     assert main(["train", "--steps", "1", *TINY_FLAGS, "--out-dir", str(run_dir)]) == 0
 
 
+def test_a_full_disk_for_the_metrics_line_keeps_the_step_for_resume(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            raise OSError(28, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(espo.trainer, "open", full_disk, raising=False)
+    line = one_line_failure(capsys, "train", "--steps", "1", *TINY_FLAGS, "--out-dir", run_dir)
+    assert f"could not write metrics {run_dir / 'metrics.jsonl'}" in line and "rerun with --resume" in line, line
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--steps", "2", "--no-progress", "--out-dir", str(run_dir)]) == 0
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
 # -------------------------------------------------------------------- 7: resumable from any directory
 
 
@@ -292,7 +308,7 @@ def test_a_chat_template_that_loops_for_ever_is_stopped(monkeypatch):
     assert isinstance(_encode_in_a_thread(tok, 60), list)
 
 
-def _int8_weight_folder(tmp_path) -> tuple[Path, str]:
+def _int8_weight_folder(tmp_path, file_format: str) -> tuple[Path, str]:
     from safetensors.torch import load_file, save_file
 
     model = tmp_path / "model"
@@ -300,13 +316,18 @@ def _int8_weight_folder(tmp_path) -> tuple[Path, str]:
     weights = load_file(model / "model.safetensors")
     name = sorted(k for k in weights if k.endswith("up_proj.weight"))[0]
     weights[name] = (weights[name] * 100).round().clamp(-128, 127).to(torch.int8)
-    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    if file_format == "bin":
+        (model / "model.safetensors").unlink()
+        torch.save(weights, model / "pytorch_model.bin")
+    else:
+        save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     return model, name
 
 
-def test_int8_weights_in_a_model_folder_are_refused_by_name(tmp_path, capsys):
-    model, name = _int8_weight_folder(tmp_path)
-    with pytest.raises(ValueError, match=f"{name} \\(I8\\)") as err:
+@pytest.mark.parametrize("file_format, stored", [("safetensors", "I8"), ("bin", "int8")])
+def test_int8_weights_in_a_model_folder_are_refused_by_name(tmp_path, capsys, file_format, stored):
+    model, name = _int8_weight_folder(tmp_path, file_format)
+    with pytest.raises(ValueError, match=f"{name} \\({stored}\\)") as err:
         load_model(model)
     assert "float32, float16, bfloat16" in str(err.value)
     line = one_line_failure(capsys, "train", "--model", model, "--steps", "1", "--out-dir", tmp_path / "run")
