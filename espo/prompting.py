@@ -51,6 +51,8 @@ def _bounded_render(render: Callable[[], str]) -> str:
         finally:
             with lock:
                 state["done"] = True
+                if state["fired"]:  # clear the exception if it is still pending (NULL clears it)
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
             watchdog.cancel()
     except _RenderTimeout:
         text = None
