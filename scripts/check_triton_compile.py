@@ -53,11 +53,12 @@ def main() -> None:
         offset_ptr="*i64", offset_scalar="i64", tokens_ptr="*i64", logp_ptr="*fp32", raw_logp_ptr="*fp32",
         entropy_ptr="*fp32", max_logp_ptr="*fp32", regret_ptr="*fp32", valid_ptr="*i1", z_ptr="*fp32",
         sum_g_ptr="*fp32", sum_g2_ptr="*fp32", count_ptr="*i32", position_ptr="*i32", stopped_ptr="*i1",
-        scalars_ptr="*fp32", stopper_rows_ptr="*i64", values_ptr="*fp32", stop_ptr="*i1", alpha_s="fp32",
+        scalars_ptr="*fp32", stopper_rows_ptr="*i64", values_ptr="*fp32", stop_ptr="*i1", cand_ptr="*i32", alpha_s="fp32",
         one_minus_alpha_s="fp32", clip="fp32", delta="fp32", value_floor="fp32",
     )
     for everything in (False, True):
-        flags = dict(CHUNK=4096, C_BLOCK=64, ROW_BLOCK=4096, TWO_S=TWO_S, INTERPRET=False, **{
+        flags = dict(CHUNK=4096, C_BLOCK=64, ROW_BLOCK=4096, PASS_BLOCK=256, PIVOTS=K._PIVOTS,
+                     CAND=K.CANDIDATES["gpu"], TWO_S=TWO_S, INTERPRET=False, **{
             k: everything for k in ("TEMP_PER_ROW", "TOPK_PER_ROW", "TOPP_PER_ROW", "SEED_PER_ROW", "OFFSET_PER_ROW",
                                     "NEED_RAW", "MAY_BE_GREEDY", "FILTER", "STOPPER", "HAS_VALUES",
                                     "HAS_STOPPER_ROWS")})
