@@ -6,11 +6,12 @@ key >= t hold integer mass >= ``need = ceil(double(p) * double(Z_k))``. Both are
 
 1. An interval [lo, hi) of keys holds the threshold: ``stat(lo) >= goal > stat(hi)``, where stat is the count
    (top-k) or the integer mass qg (top-p) of the tokens with key >= the given key.
-2. While more than CAND tokens lie in the interval and it spans more than one key, one pass over the row
-   computes stat at P pivots at once ([block, P] compares) and keeps the sub-interval where stat crosses the goal.
-   The first pass puts its pivots at fixed base-2 distances below the row's max (0.25 to 45 units: where
-   thresholds lie for peaked and flat rows alike); later passes split the key interval evenly, so each pass
-   narrows it at least (P + 1)-fold and the loop ends within ~8 passes even for adversarial rows.
+2. The first pass runs on the whole grid (``pivot_stats_kernel``: one program per chunk of the row): stat at P
+   pivots at fixed base-2 distances below the row's max (0.25 to 45 units: where thresholds lie for peaked and
+   flat rows alike), one [chunk, P] compare per program; the row's program sums the chunks' stats. Only while more
+   than CAND tokens remain in the interval and it spans more than one key does the row's program make another
+   pass, with P pivots splitting the key interval evenly (at least P-fold narrower each time: ~8 passes at most,
+   even for adversarial rows).
 3. One pass gathers the (at most CAND) keys of the interval, which are sorted in registers; the threshold is
    read off the sorted keys (the (k - count above)-th, or where the cumulative mass reaches the goal). An
    interval of a single key (more than CAND tied logits) is its own threshold.
@@ -67,6 +68,58 @@ def _pivot_pass(row_ptr, V, a, R, piv, P: tl.constexpr, BLOCK: tl.constexpr, TWO
 
 
 @triton.jit
+def first_pivots(Mx, a, P: tl.constexpr):
+    """The first pass's pivot keys, ascending: INT32_MIN (every token), then 45 .. 0.25 base-2 units below the max
+    logit Mx (where top-k and top-p thresholds lie for peaked and flat rows alike)."""
+    j = tl.arange(0, P)
+    dist = tl.math.exp2(((P - 1 - j).to(tl.float32) * (7.5 / (P - 2))) - 2.0)
+    piv = order_key(Mx - dist / a).to(tl.int64)
+    return tl.where(j == 0, _INT32_MIN, piv)
+
+
+@triton.jit
+def pivot_stats_kernel(
+    logits_ptr, stride_row, V, C, part_ptr, part_plane, temp_ptr, temp_scalar, topk_ptr, topk_scalar, topp_ptr,
+    topp_scalar, cnt_ptr, mass_ptr,
+    CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, TEMP_PER_ROW: tl.constexpr,
+    TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grid (B, C): the first pivot pass of a filtered row, one chunk per program (the row split across programs):
+    per pivot, the count and integer mass qg of the chunk's tokens with key >= it, at cnt_ptr/mass_ptr[row, c, :]."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    if TEMP_PER_ROW:
+        temp = tl.load(temp_ptr + row)
+    else:
+        temp = tl.cast(temp_scalar, tl.float32)
+    if TOPK_PER_ROW:
+        k = tl.load(topk_ptr + row)
+    else:
+        k = tl.cast(topk_scalar, tl.int64)
+    if TOPP_PER_ROW:
+        p = tl.load(topp_ptr + row)
+    else:
+        p = tl.cast(topp_scalar, tl.float32)
+    if (temp != 0.0) & (((k > 0) & (k < V)) | (p < 1.0)):
+        t = tl.where(temp == 0.0, 1.0, temp)
+        a = tl.math.div_rn(tl.full(t.shape, 1.0, tl.float32), t) * 1.44269502162933349609375
+        cidx = tl.arange(0, C_BLOCK)
+        cmask = cidx < C
+        Mx = tl.max(tl.load(part_ptr + row * C + cidx, mask=cmask, other=float("-inf")), axis=0)
+        R = tl.math.ceil(tl.max(tl.load(part_ptr + 3 * part_plane + row * C + cidx, mask=cmask,
+                                        other=float("-inf")), axis=0))
+        R = tl.where(R == float("-inf"), 0.0, R)  # an invalid row: its stats are never read
+        piv = first_pivots(Mx, a, P)
+        # the chunk's [CHUNK] logits in blocks of BLOCK: [BLOCK, P] compares at a time (registers on a GPU)
+        end = tl.minimum(c * CHUNK + CHUNK, V)
+        cnt, mass = _pivot_pass(logits_ptr + row.to(tl.int64) * stride_row + c * CHUNK, end - c * CHUNK, a, R, piv,
+                                P, BLOCK, TWO_S, INTERPRET)
+        out = (row * C + c) * P + tl.arange(0, P)
+        tl.store(cnt_ptr + out, cnt)
+        tl.store(mass_ptr + out, mass)
+
+
+@triton.jit
 def _gather(row_ptr, V, lo, hi, cand_ptr, BLOCK: tl.constexpr):
     """Store the keys of the tokens with lo <= key < hi (at most CAND of them) at cand_ptr, in any order."""
     n = tl.zeros((), tl.int32)
@@ -81,44 +134,43 @@ def _gather(row_ptr, V, lo, hi, cand_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, cand_ptr, MASS: tl.constexpr,
-                     P: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr, TWO_S: tl.constexpr,
-                     INTERPRET: tl.constexpr):
+def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, pre_cnt, pre_mass, cand_ptr,
+                     MASS: tl.constexpr, P: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
+                     TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
     """The threshold key t >= lo and the count and integer mass of the tokens with key >= t.
 
     Top-k (MASS False): t is the largest key with count >= goal. Top-p (MASS True): ``goal`` is ignored; the goal
-    is ceil(double(p) * double(mass above lo)) and t is the largest key whose mass reaches it. ``cnt_lo`` and
-    ``mass_lo`` describe lo when known (mass_lo < 0: not known yet; the first pass or the gather finds it)."""
+    is ceil(double(p) * double(mass above lo)), and t is the largest key whose mass reaches it. ``cnt_lo`` and
+    ``mass_lo`` describe lo (mass_lo < 0: not known, then lo is INT32_MIN). ``pre_cnt``/``pre_mass`` [P] are the
+    stats at ``first_pivots`` (``pivot_stats_kernel``), which stand in for the first pass."""
     hi = tl.full((), _KEY_END, tl.int64)
     cnt_hi = tl.zeros((), tl.int64)
     mass_hi = tl.zeros((), tl.int64)
+    piv = first_pivots(Mx, a, P)
+    mass_lo = tl.where(mass_lo < 0, tl.max(pre_mass, axis=0), mass_lo)  # pivot 0 is INT32_MIN: every token
     if MASS:
-        goal = tl.where(mass_lo >= 0, tl.math.ceil(p.to(tl.float64) * mass_lo.to(tl.float64)).to(tl.int64), -1)
+        goal = tl.math.ceil(p.to(tl.float64) * mass_lo.to(tl.float64)).to(tl.int64)
     j = tl.arange(0, P)
+    cnt = pre_cnt
+    mass = pre_mass
     it = 0
-    while ((cnt_lo - cnt_hi) > CAND) & ((hi - lo) > 1):
-        if it == 0:  # pivots 0.25 .. 45 base-2 units below the max; pivot 0 is lo itself (its mass: the goal)
-            dist = tl.math.exp2(((P - 1 - j).to(tl.float32) * (7.5 / (P - 2))) - 2.0)
-            piv = order_key(Mx - dist / a).to(tl.int64)
-            piv = tl.minimum(tl.maximum(piv, lo + 1), hi - 1)
-        else:
+    while (it == 0) | (((cnt_lo - cnt_hi) > CAND) & ((hi - lo) > 1)):
+        if it > 0:
             piv = lo + ((hi - lo) * j) // P
-        piv = tl.where(j == 0, lo, piv)
-        cnt, mass = _pivot_pass(row_ptr, V, a, R, piv, P, BLOCK, TWO_S, INTERPRET)
+            cnt, mass = _pivot_pass(row_ptr, V, a, R, piv, P, BLOCK, TWO_S, INTERPRET)
+        inside = (piv >= lo) & (piv < hi)
         if MASS:
-            goal = tl.where(goal < 0, tl.math.ceil(p.to(tl.float64) * tl.max(mass, axis=0).to(tl.float64)).to(
-                tl.int64), goal)
-            ok = mass >= goal
+            ok = inside & (mass >= goal)
         else:
-            ok = cnt >= goal
-        # stat falls as the pivot rises, so ok holds for a prefix of the (ascending) pivots, pivot 0 always
-        new_hi = tl.min(tl.where(ok, hi, piv), axis=0)
-        cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
-        mass_hi = tl.max(tl.where(ok, mass_hi, mass), axis=0)
+            ok = inside & (cnt >= goal)
+        below = inside & (ok == 0)
+        # stat falls as the pivot rises: the ok pivots come first, then the others
         lo = tl.max(tl.where(ok, piv, lo), axis=0)
         cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
-        mass_lo = tl.min(tl.where(ok, mass, tl.full((P,), 2**62, tl.int64)), axis=0)
-        hi = new_hi
+        mass_lo = tl.min(tl.where(ok, mass, mass_lo), axis=0)
+        hi = tl.min(tl.where(below, piv, hi), axis=0)
+        cnt_hi = tl.max(tl.where(below, cnt, cnt_hi), axis=0)
+        mass_hi = tl.max(tl.where(below, mass, mass_hi), axis=0)
         it += 1
     t = lo
     cnt_t = cnt_lo
@@ -127,14 +179,11 @@ def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, cand_pt
         _gather(row_ptr, V, lo, hi, cand_ptr, BLOCK)
         n = (cnt_lo - cnt_hi).to(tl.int32)
         idx = tl.arange(0, CAND)
-        keys = tl.load(cand_ptr + idx, mask=idx < n, other=_INT32_MIN)
-        keys = tl.sort(keys, descending=True)
         live = idx < n
+        keys = tl.sort(tl.load(cand_ptr + idx, mask=live, other=_INT32_MIN), descending=True)
         q = tl.where(live, global_masses(key_value(tl.where(live, keys, 0)), a, R, TWO_S, INTERPRET), 0)
-        cum = mass_hi + tl.cumsum(q, axis=0)
         if MASS:
-            goal = tl.where(goal < 0, tl.math.ceil(p.to(tl.float64) * (mass_hi + tl.sum(q, axis=0)).to(
-                tl.float64)).to(tl.int64), goal)
+            cum = mass_hi + tl.cumsum(q, axis=0)
             pos = tl.min(tl.where(live & (cum >= goal), idx, CAND), axis=0)
         else:
             pos = (goal - cnt_hi - 1).to(tl.int32)

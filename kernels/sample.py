@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..sample_reference import LOG2E_F32, chunk_size, mass_shift
-from .filter import global_masses, order_key, threshold_search
+from .filter import global_masses, order_key, pivot_stats_kernel, threshold_search
 from .philox import philox_uniform
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton once, at import
@@ -106,18 +106,21 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
-def _sample_filtered(row_ptr, V, a, R, Mx, k, p, u, cand_ptr, ROW_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr,
-                     PIVOTS: tl.constexpr, CAND: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
+def _sample_filtered(row_ptr, V, a, R, Mx, k, p, u, pre_cnt, pre_mass, cand_ptr, ROW_BLOCK: tl.constexpr,
+                     PASS_BLOCK: tl.constexpr, PIVOTS: tl.constexpr, CAND: tl.constexpr, TWO_S: tl.constexpr,
+                     INTERPRET: tl.constexpr):
     """Exact top-k then top-p on the global integer masses qg (reference step 5), then one inverse-CDF walk."""
     key_floor = tl.full((), _INT32_MIN, tl.int64)
     count = V.to(tl.int64)
     total = tl.full((), -1, tl.int64)  # not known yet
     if (k > 0) & (k < V):
         key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, k.to(tl.int64), p, key_floor, count, total,
-                                                   cand_ptr, False, PIVOTS, CAND, PASS_BLOCK, TWO_S, INTERPRET)
+                                                   pre_cnt, pre_mass, cand_ptr, False, PIVOTS, CAND, PASS_BLOCK, TWO_S,
+                                                   INTERPRET)
     if p < 1.0:
         key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, total, p, key_floor, count, total,
-                                                   cand_ptr, True, PIVOTS, CAND, PASS_BLOCK, TWO_S, INTERPRET)
+                                                   pre_cnt, pre_mass, cand_ptr, True, PIVOTS, CAND, PASS_BLOCK, TWO_S,
+                                                   INTERPRET)
     target = (u.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
     acc = tl.zeros((), tl.int64)
     token = tl.full((), _BIG, tl.int32)
@@ -141,7 +144,7 @@ def _finish_kernel(
     seed_ptr, seed_scalar, offset_ptr, offset_scalar,
     tokens_ptr, logp_ptr, raw_logp_ptr, entropy_ptr, max_logp_ptr, regret_ptr, valid_ptr,
     z_ptr, sum_g_ptr, sum_g2_ptr, count_ptr, position_ptr, stopped_ptr, scalars_ptr, stopper_rows_ptr,
-    values_ptr, stop_ptr, cand_ptr,
+    values_ptr, stop_ptr, cand_ptr, piv_cnt_ptr, piv_mass_ptr,
     alpha_s, one_minus_alpha_s, clip, delta, value_floor, min_tokens,
     CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr, CAND: tl.constexpr,
@@ -223,8 +226,13 @@ def _finish_kernel(
         k = _row_value(topk_ptr, row, topk_scalar, TOPK_PER_ROW, tl.int64)
         p = _row_value(topp_ptr, row, topp_scalar, TOPP_PER_ROW, tl.float32)
         if valid & (greedy == 0) & (((k > 0) & (k < V)) | (p < 1.0)):
-            token = _sample_filtered(row_ptr, V, a, R_safe, Mx, k, p, u, cand_ptr + row * CAND, ROW_BLOCK,
-                                     PASS_BLOCK, PIVOTS, CAND, TWO_S, INTERPRET)
+            # the first pivot pass, done by pivot_stats_kernel over the row's chunks: sum its [C, P] partials
+            jp = tl.arange(0, PIVOTS)
+            pre = (row * C + cidx[:, None]) * PIVOTS + jp[None, :]
+            pre_cnt = tl.sum(tl.load(piv_cnt_ptr + pre, mask=cmask[:, None], other=0), axis=0)
+            pre_mass = tl.sum(tl.load(piv_mass_ptr + pre, mask=cmask[:, None], other=0), axis=0)
+            token = _sample_filtered(row_ptr, V, a, R_safe, Mx, k, p, u, pre_cnt, pre_mass, cand_ptr + row * CAND,
+                                     ROW_BLOCK, PASS_BLOCK, PIVOTS, CAND, TWO_S, INTERPRET)
 
     token = tl.where(valid, token, 0)
     x_tok = tl.load(row_ptr + token).to(tl.float32)
@@ -343,7 +351,6 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
     }
     dummy = floats[4]
     cand = CANDIDATES["interpreter" if interpret else "gpu"]
-    candidates = torch.empty((B, cand), dtype=torch.int32, device=dev) if filtered else dummy
     temp_arg = _pointer_and_scalar(temperature, dummy)
     _chunk_stats_kernel[(B, C)](
         logits, logits.stride(0), V, C, temp_arg[0], temp_arg[1], parts, qsum, argmax, B * C,
@@ -351,6 +358,18 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
         TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
     )
     args = [_pointer_and_scalar(v, dummy) for v in (top_k, top_p, seed, offset)]
+    if filtered:
+        candidates = torch.empty((B, cand), dtype=torch.int32, device=dev)
+        piv_stats = torch.empty((2, B, C, _PIVOTS), dtype=torch.int64, device=dev)
+        pivot_stats_kernel[(B, C)](
+            logits, logits.stride(0), V, C, parts, B * C, temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2],
+            piv_stats[0], piv_stats[1], CHUNK=chunk, C_BLOCK=c_block, P=_PIVOTS, BLOCK=min(pass_block, chunk),
+            TEMP_PER_ROW=temp_arg[2],
+            TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2], TWO_S=two_s, INTERPRET=interpret,
+            enable_fp_fusion=False,
+        )
+    else:
+        candidates, piv_stats = dummy, (dummy, dummy)
     if stop is not None:
         state = [stop.z, stop.sum_g, stop.sum_g2, stop.count, stop.position, stop.stopped, stop.scalars]
         state.append(dummy if stop.rows is None else stop.rows)
@@ -363,7 +382,7 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
         logits, logits.stride(0), V, C, parts, qsum, argmax, B * C,
         temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2], *args[2][:2], *args[3][:2],
         out["tokens"], *floats, out["valid"], *state, dummy if values is None else values, stop_mask, candidates,
-        *params,
+        piv_stats[0], piv_stats[1], *params,
         CHUNK=chunk, C_BLOCK=c_block, ROW_BLOCK=row_block, PASS_BLOCK=pass_block, PIVOTS=_PIVOTS, CAND=cand,
         TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
         SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],
