@@ -136,7 +136,7 @@ def _gather(row_ptr, V, lo, hi, cand_ptr, BLOCK: tl.constexpr):
 @triton.jit
 def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, pre_cnt, pre_mass, cand_ptr,
                      MASS: tl.constexpr, P: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
-                     TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
+                     GATHER_BLOCK: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
     """The threshold key t >= lo and the count and integer mass of the tokens with key >= t.
 
     Top-k (MASS False): t is the largest key with count >= goal. Top-p (MASS True): ``goal`` is ignored; the goal
@@ -176,7 +176,7 @@ def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, pre_cnt
     cnt_t = cnt_lo
     mass_t = mass_lo
     if (cnt_lo - cnt_hi) <= CAND:
-        _gather(row_ptr, V, lo, hi, cand_ptr, BLOCK)
+        _gather(row_ptr, V, lo, hi, cand_ptr, GATHER_BLOCK)  # cheap per element: bigger blocks
         n = (cnt_lo - cnt_hi).to(tl.int32)
         idx = tl.arange(0, CAND)
         live = idx < n

@@ -115,12 +115,12 @@ def _sample_filtered(row_ptr, V, a, R, Mx, k, p, u, pre_cnt, pre_mass, cand_ptr,
     total = tl.full((), -1, tl.int64)  # not known yet
     if (k > 0) & (k < V):
         key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, k.to(tl.int64), p, key_floor, count, total,
-                                                   pre_cnt, pre_mass, cand_ptr, False, PIVOTS, CAND, PASS_BLOCK, TWO_S,
-                                                   INTERPRET)
+                                                   pre_cnt, pre_mass, cand_ptr, False, PIVOTS, CAND, PASS_BLOCK,
+                                                   ROW_BLOCK, TWO_S, INTERPRET)
     if p < 1.0:
         key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, total, p, key_floor, count, total,
-                                                   pre_cnt, pre_mass, cand_ptr, True, PIVOTS, CAND, PASS_BLOCK, TWO_S,
-                                                   INTERPRET)
+                                                   pre_cnt, pre_mass, cand_ptr, True, PIVOTS, CAND, PASS_BLOCK,
+                                                   ROW_BLOCK, TWO_S, INTERPRET)
     target = (u.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
     acc = tl.zeros((), tl.int64)
     token = tl.full((), _BIG, tl.int32)
