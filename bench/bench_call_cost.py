@@ -6,7 +6,7 @@ graph pays), and the share of it spent in espo.sample's own argument checks (the
 by a function that returns preallocated outputs). The peer is torch's softmax + multinomial on the same logits.
 Each figure is the median of --repeats runs (the min and max beside it), with the machine's load average.
 
-    python bench/bench_call_cost.py --out bench/results            # -> call-cost.{json,md}
+    python bench/bench_call_cost.py --out bench/results   # -> call-cost.{json,md} on a GPU, call-cost-cpu.* on the CPU
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def per_call_us(fn, device, calls: int, repeats: int) -> dict:
             "calls": calls}
 
 
-def measure(B: int, V: int, device: torch.device, calls: int, repeats: int) -> list[dict]:
+def measure(B: int, V: int, device: torch.device, calls: int, repeats: int, checks_only: bool = False) -> list[dict]:
     logits = torch.randn(B, V, device=device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     kw = dict(temperature=0.7, seed=1, offset=5)
     rows = []
@@ -52,7 +52,7 @@ def measure(B: int, V: int, device: torch.device, calls: int, repeats: int) -> l
     for backend, info in espo.backends().items():
         if not info.available or (backend != "torch" and interpreted):
             continue
-        for validate in (True, False):
+        for validate in () if checks_only else (True, False):
             timing = per_call_us(lambda: espo.sample(logits, backend=backend, validate=validate, **kw), device, calls,
                                  repeats)
             rows.append({"what": f"espo.sample backend={backend} validate={validate}", **timing})
@@ -76,22 +76,24 @@ def main(argv=None):
     parser.add_argument("--V", type=int, default=None, help="151936 on a GPU, 1000 on the CPU")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--checks-only", action="store_true", help="only the checks-and-dispatch rows and the peer")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     V = args.V or (151936 if device.type == "cuda" else 1000)
     load_before = os.getloadavg()
-    rows = measure(args.B, V, device, args.calls, args.repeats)
+    rows = measure(args.B, V, device, args.calls, args.repeats, args.checks_only)
     env = {**environment(device.type), "B": args.B, "V": V, "loadavg_before": load_before,
            "loadavg_after": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "call-cost.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    stem = "call-cost" if device.type == "cuda" else "call-cost-cpu"
+    (args.out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     lines = [f"# One call of espo.sample from Python (B = {args.B}, V = {V}, {device})", "",
              f"`python bench/bench_call_cost.py` (median of {args.repeats} runs of {args.calls} back-to-back calls, "
              f"one sync at the end); load average {load_before[0]:.2f} before, {env['loadavg_after'][0]:.2f} after.",
              "", "| what | median us/call | min | max |", "|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['median_us']:.2f} | {r['min_us']:.2f} | {r['max_us']:.2f} |" for r in rows]
-    (args.out / "call-cost.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
