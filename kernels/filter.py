@@ -6,12 +6,13 @@ key >= t hold integer mass >= ``need = ceil(double(p) * double(Z_k))``. Both are
 
 1. An interval [lo, hi) of keys holds the threshold: ``stat(lo) >= goal > stat(hi)``, where stat is the count
    (top-k) or the integer mass qg (top-p) of the tokens with key >= the given key.
-2. The first pass runs on the whole grid (``pivot_stats_kernel``: one program per chunk of the row): stat at P
-   pivots at fixed base-2 distances below the row's max (0.25 to 45 units: where thresholds lie for peaked and
-   flat rows alike), one [chunk, P] compare per program; the row's program sums the chunks' stats. Only while more
-   than CAND tokens remain in the interval and it spans more than one key does the row's program make another
-   pass, with P pivots splitting the key interval evenly (at least P-fold narrower each time: ~8 passes at most,
-   even for adversarial rows).
+2. The first two passes run on the whole grid (``pivot_stats_kernel``, one program per chunk of the row, [block, P]
+   compares): round 1 at P pivots at fixed base-2 distances below the row's max (0.25 to 45 units: where
+   thresholds lie for peaked and flat rows alike); round 2, where the first search (top-k if on, else top-p) still
+   has more than CAND tokens in its interval, at P pivots splitting that interval's keys evenly. The row's program
+   sums the chunks' stats. Only while more than CAND tokens remain and the interval spans more than one key does
+   the row's program make a pass of its own, again splitting the keys evenly (at least P-fold narrower each
+   time: ~8 passes at most, even for adversarial rows).
 3. One pass gathers the (at most CAND) keys of the interval, which are sorted in registers; the threshold is
    read off the sorted keys (the (k - count above)-th, or where the cumulative mass reaches the goal). An
    interval of a single key (more than CAND tied logits) is its own threshold.
@@ -80,12 +81,17 @@ def first_pivots(Mx, a, P: tl.constexpr):
 @triton.jit
 def pivot_stats_kernel(
     logits_ptr, stride_row, V, C, part_ptr, part_plane, temp_ptr, temp_scalar, topk_ptr, topk_scalar, topp_ptr,
-    topp_scalar, cnt_ptr, mass_ptr,
-    CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, TEMP_PER_ROW: tl.constexpr,
-    TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr,
+    topp_scalar, prev_cnt_ptr, prev_mass_ptr, cnt_ptr, mass_ptr,
+    CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, CAND: tl.constexpr,
+    ROUND: tl.constexpr, TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
+    TWO_S: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Grid (B, C): the first pivot pass of a filtered row, one chunk per program (the row split across programs):
-    per pivot, the count and integer mass qg of the chunk's tokens with key >= it, at cnt_ptr/mass_ptr[row, c, :]."""
+    """Grid (B, C): a pivot pass of a filtered row, one chunk per program (the row split across programs): per
+    pivot, the count and integer mass qg of the chunk's tokens with key >= it, at cnt_ptr/mass_ptr[row, c, :].
+
+    ROUND 1 uses ``first_pivots``. ROUND 2 sums round 1's stats (prev_*), narrows the row's first search (top-k
+    where it is on, else top-p) as ``threshold_search`` does, and, if more than CAND tokens are left in its
+    interval, counts at the pivots that search's second pass would use; otherwise it writes nothing."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     if TEMP_PER_ROW:
@@ -110,13 +116,46 @@ def pivot_stats_kernel(
                                         other=float("-inf")), axis=0))
         R = tl.where(R == float("-inf"), 0.0, R)  # an invalid row: its stats are never read
         piv = first_pivots(Mx, a, P)
-        # the chunk's [CHUNK] logits in blocks of BLOCK: [BLOCK, P] compares at a time (registers on a GPU)
-        end = tl.minimum(c * CHUNK + CHUNK, V)
-        cnt, mass = _pivot_pass(logits_ptr + row.to(tl.int64) * stride_row + c * CHUNK, end - c * CHUNK, a, R, piv,
-                                P, BLOCK, TWO_S, INTERPRET)
-        out = (row * C + c) * P + tl.arange(0, P)
-        tl.store(cnt_ptr + out, cnt)
-        tl.store(mass_ptr + out, mass)
+        go = True
+        if ROUND == 2:
+            pre = (row * C + cidx[:, None]) * P + tl.arange(0, P)[None, :]
+            pre_cnt = tl.sum(tl.load(prev_cnt_ptr + pre, mask=cmask[:, None], other=0), axis=0)
+            pre_mass = tl.sum(tl.load(prev_mass_ptr + pre, mask=cmask[:, None], other=0), axis=0)
+            lo = tl.full((), _INT32_MIN, tl.int64)
+            hi = tl.full((), _KEY_END, tl.int64)
+            zero = tl.zeros((), tl.int64)
+            mass_all = tl.max(pre_mass, axis=0)
+            if (k > 0) & (k < V):
+                lo, hi, cnt_lo, mass_lo, cnt_hi, mass_hi = _narrow(piv, pre_cnt, pre_mass, k, lo, hi, V.to(tl.int64),
+                                                                   mass_all, zero, zero, False)
+            else:
+                goal = tl.math.ceil(p.to(tl.float64) * mass_all.to(tl.float64)).to(tl.int64)
+                lo, hi, cnt_lo, mass_lo, cnt_hi, mass_hi = _narrow(piv, pre_cnt, pre_mass, goal, lo, hi,
+                                                                   V.to(tl.int64), mass_all, zero, zero, True)
+            go = ((cnt_lo - cnt_hi) > CAND) & ((hi - lo) > 1)
+            piv = lo + ((hi - lo) * tl.arange(0, P)) // P
+        if go:  # the chunk's logits in blocks of BLOCK: [BLOCK, P] compares at a time (registers on a GPU)
+            end = tl.minimum(c * CHUNK + CHUNK, V)
+            cnt, mass = _pivot_pass(logits_ptr + row.to(tl.int64) * stride_row + c * CHUNK, end - c * CHUNK, a, R,
+                                    piv, P, BLOCK, TWO_S, INTERPRET)
+            out = (row * C + c) * P + tl.arange(0, P)
+            tl.store(cnt_ptr + out, cnt)
+            tl.store(mass_ptr + out, mass)
+
+
+@triton.jit
+def _narrow(piv, cnt, mass, goal, lo, hi, cnt_lo, mass_lo, cnt_hi, mass_hi, MASS: tl.constexpr):
+    """One step of the search: from the stats at the pivots, the sub-interval of [lo, hi) where stat crosses
+    the goal (stat falls as the pivot rises: the pivots inside that reach the goal come first, then the others)."""
+    inside = (piv >= lo) & (piv < hi)
+    if MASS:
+        ok = inside & (mass >= goal)
+    else:
+        ok = inside & (cnt >= goal)
+    below = inside & (ok == 0)
+    return (tl.max(tl.where(ok, piv, lo), axis=0), tl.min(tl.where(below, piv, hi), axis=0),
+            tl.min(tl.where(ok, cnt, cnt_lo), axis=0), tl.min(tl.where(ok, mass, mass_lo), axis=0),
+            tl.max(tl.where(below, cnt, cnt_hi), axis=0), tl.max(tl.where(below, mass, mass_hi), axis=0))
 
 
 @triton.jit
@@ -134,7 +173,8 @@ def _gather(row_ptr, V, lo, hi, cand_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, pre_cnt, pre_mass, cand_ptr,
+def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, pre_cnt, pre_mass, pre2_cnt, pre2_mass, use2,
+                     cand_ptr,
                      MASS: tl.constexpr, P: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
                      GATHER_BLOCK: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
     """The threshold key t >= lo and the count and integer mass of the tokens with key >= t.
@@ -142,7 +182,8 @@ def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, pre_cnt
     Top-k (MASS False): t is the largest key with count >= goal. Top-p (MASS True): ``goal`` is ignored; the goal
     is ceil(double(p) * double(mass above lo)), and t is the largest key whose mass reaches it. ``cnt_lo`` and
     ``mass_lo`` describe lo (mass_lo < 0: not known, then lo is INT32_MIN). ``pre_cnt``/``pre_mass`` [P] are the
-    stats at ``first_pivots`` (``pivot_stats_kernel``), which stand in for the first pass."""
+    stats at ``first_pivots`` (``pivot_stats_kernel`` round 1), which stand in for the first pass; where ``use2``,
+    ``pre2_*`` (round 2) stand in for the second pass, which round 2 made for this very search."""
     hi = tl.full((), _KEY_END, tl.int64)
     cnt_hi = tl.zeros((), tl.int64)
     mass_hi = tl.zeros((), tl.int64)
@@ -157,20 +198,13 @@ def threshold_search(row_ptr, V, a, R, Mx, goal, p, lo, cnt_lo, mass_lo, pre_cnt
     while (it == 0) | (((cnt_lo - cnt_hi) > CAND) & ((hi - lo) > 1)):
         if it > 0:
             piv = lo + ((hi - lo) * j) // P
-            cnt, mass = _pivot_pass(row_ptr, V, a, R, piv, P, BLOCK, TWO_S, INTERPRET)
-        inside = (piv >= lo) & (piv < hi)
-        if MASS:
-            ok = inside & (mass >= goal)
-        else:
-            ok = inside & (cnt >= goal)
-        below = inside & (ok == 0)
-        # stat falls as the pivot rises: the ok pivots come first, then the others
-        lo = tl.max(tl.where(ok, piv, lo), axis=0)
-        cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
-        mass_lo = tl.min(tl.where(ok, mass, mass_lo), axis=0)
-        hi = tl.min(tl.where(below, piv, hi), axis=0)
-        cnt_hi = tl.max(tl.where(below, cnt, cnt_hi), axis=0)
-        mass_hi = tl.max(tl.where(below, mass, mass_hi), axis=0)
+            if (it == 1) & use2:
+                cnt = pre2_cnt
+                mass = pre2_mass
+            else:
+                cnt, mass = _pivot_pass(row_ptr, V, a, R, piv, P, BLOCK, TWO_S, INTERPRET)
+        lo, hi, cnt_lo, mass_lo, cnt_hi, mass_hi = _narrow(piv, cnt, mass, goal, lo, hi, cnt_lo, mass_lo, cnt_hi,
+                                                           mass_hi, MASS)
         it += 1
     t = lo
     cnt_t = cnt_lo

@@ -106,21 +106,23 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
-def _sample_filtered(row_ptr, V, a, R, Mx, k, p, u, pre_cnt, pre_mass, cand_ptr, ROW_BLOCK: tl.constexpr,
+def _sample_filtered(row_ptr, V, a, R, Mx, k, p, u, pre_cnt, pre_mass, pre2_cnt, pre2_mass, cand_ptr,
+                     ROW_BLOCK: tl.constexpr,
                      PASS_BLOCK: tl.constexpr, PIVOTS: tl.constexpr, CAND: tl.constexpr, TWO_S: tl.constexpr,
                      INTERPRET: tl.constexpr):
     """Exact top-k then top-p on the global integer masses qg (reference step 5), then one inverse-CDF walk."""
     key_floor = tl.full((), _INT32_MIN, tl.int64)
     count = V.to(tl.int64)
     total = tl.full((), -1, tl.int64)  # not known yet
-    if (k > 0) & (k < V):
+    topk_on = (k > 0) & (k < V)
+    if topk_on:  # round 2 of pivot_stats_kernel served the first search: top-k where it is on, else top-p
         key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, k.to(tl.int64), p, key_floor, count, total,
-                                                   pre_cnt, pre_mass, cand_ptr, False, PIVOTS, CAND, PASS_BLOCK,
-                                                   ROW_BLOCK, TWO_S, INTERPRET)
+                                                   pre_cnt, pre_mass, pre2_cnt, pre2_mass, True, cand_ptr, False,
+                                                   PIVOTS, CAND, PASS_BLOCK, ROW_BLOCK, TWO_S, INTERPRET)
     if p < 1.0:
         key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, total, p, key_floor, count, total,
-                                                   pre_cnt, pre_mass, cand_ptr, True, PIVOTS, CAND, PASS_BLOCK,
-                                                   ROW_BLOCK, TWO_S, INTERPRET)
+                                                   pre_cnt, pre_mass, pre2_cnt, pre2_mass, topk_on == 0, cand_ptr, True,
+                                                   PIVOTS, CAND, PASS_BLOCK, ROW_BLOCK, TWO_S, INTERPRET)
     target = (u.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
     acc = tl.zeros((), tl.int64)
     token = tl.full((), _BIG, tl.int32)
@@ -144,7 +146,7 @@ def _finish_kernel(
     seed_ptr, seed_scalar, offset_ptr, offset_scalar,
     tokens_ptr, logp_ptr, raw_logp_ptr, entropy_ptr, max_logp_ptr, regret_ptr, valid_ptr,
     z_ptr, sum_g_ptr, sum_g2_ptr, count_ptr, position_ptr, stopped_ptr, scalars_ptr, stopper_rows_ptr,
-    values_ptr, stop_ptr, cand_ptr, piv_cnt_ptr, piv_mass_ptr,
+    values_ptr, stop_ptr, cand_ptr, piv_ptr, B_ROWS,
     alpha_s, one_minus_alpha_s, clip, delta, value_floor, min_tokens,
     CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr, CAND: tl.constexpr,
@@ -229,9 +231,13 @@ def _finish_kernel(
             # the first pivot pass, done by pivot_stats_kernel over the row's chunks: sum its [C, P] partials
             jp = tl.arange(0, PIVOTS)
             pre = (row * C + cidx[:, None]) * PIVOTS + jp[None, :]
-            pre_cnt = tl.sum(tl.load(piv_cnt_ptr + pre, mask=cmask[:, None], other=0), axis=0)
-            pre_mass = tl.sum(tl.load(piv_mass_ptr + pre, mask=cmask[:, None], other=0), axis=0)
-            token = _sample_filtered(row_ptr, V, a, R_safe, Mx, k, p, u, pre_cnt, pre_mass, cand_ptr + row * CAND,
+            plane = B_ROWS * C * PIVOTS  # piv_stats is [4, B, C, PIVOTS]: round 1's count, mass, round 2's
+            pre_cnt = tl.sum(tl.load(piv_ptr + pre, mask=cmask[:, None], other=0), axis=0)
+            pre_mass = tl.sum(tl.load(piv_ptr + plane + pre, mask=cmask[:, None], other=0), axis=0)
+            pre2_cnt = tl.sum(tl.load(piv_ptr + 2 * plane + pre, mask=cmask[:, None], other=0), axis=0)
+            pre2_mass = tl.sum(tl.load(piv_ptr + 3 * plane + pre, mask=cmask[:, None], other=0), axis=0)
+            token = _sample_filtered(row_ptr, V, a, R_safe, Mx, k, p, u, pre_cnt, pre_mass, pre2_cnt, pre2_mass,
+                                     cand_ptr + row * CAND,
                                      ROW_BLOCK, PASS_BLOCK, PIVOTS, CAND, TWO_S, INTERPRET)
 
     token = tl.where(valid, token, 0)
@@ -360,16 +366,17 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
     args = [_pointer_and_scalar(v, dummy) for v in (top_k, top_p, seed, offset)]
     if filtered:
         candidates = torch.empty((B, cand), dtype=torch.int32, device=dev)
-        piv_stats = torch.empty((2, B, C, _PIVOTS), dtype=torch.int64, device=dev)
-        pivot_stats_kernel[(B, C)](
-            logits, logits.stride(0), V, C, parts, B * C, temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2],
-            piv_stats[0], piv_stats[1], CHUNK=chunk, C_BLOCK=c_block, P=_PIVOTS, BLOCK=min(pass_block, chunk),
-            TEMP_PER_ROW=temp_arg[2],
-            TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2], TWO_S=two_s, INTERPRET=interpret,
-            enable_fp_fusion=False,
-        )
+        piv_stats = torch.empty((4, B, C, _PIVOTS), dtype=torch.int64, device=dev)
+        for rnd in (1, 2):  # the first two pivot passes of the search, split across the row's chunks
+            pivot_stats_kernel[(B, C)](
+                logits, logits.stride(0), V, C, parts, B * C, temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2],
+                piv_stats[0], piv_stats[1], piv_stats[2 * rnd - 2], piv_stats[2 * rnd - 1], CHUNK=chunk,
+                C_BLOCK=c_block, P=_PIVOTS, BLOCK=min(pass_block, chunk), CAND=cand, ROUND=rnd,
+                TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2], TWO_S=two_s,
+                INTERPRET=interpret, enable_fp_fusion=False,
+            )
     else:
-        candidates, piv_stats = dummy, (dummy, dummy)
+        candidates, piv_stats = dummy, dummy
     if stop is not None:
         state = [stop.z, stop.sum_g, stop.sum_g2, stop.count, stop.position, stop.stopped, stop.scalars]
         state.append(dummy if stop.rows is None else stop.rows)
@@ -382,7 +389,7 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
         logits, logits.stride(0), V, C, parts, qsum, argmax, B * C,
         temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2], *args[2][:2], *args[3][:2],
         out["tokens"], *floats, out["valid"], *state, dummy if values is None else values, stop_mask, candidates,
-        piv_stats[0], piv_stats[1], *params,
+        piv_stats, B, *params,
         CHUNK=chunk, C_BLOCK=c_block, ROW_BLOCK=row_block, PASS_BLOCK=pass_block, PIVOTS=_PIVOTS, CAND=cand,
         TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
         SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],

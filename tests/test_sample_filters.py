@@ -116,6 +116,16 @@ def test_the_gpu_gather_size_gives_the_same_tokens(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
+def test_searches_that_need_the_second_round_and_passes_of_their_own(backend, device):
+    """Wide rows whose thresholds round 1 leaves among thousands of tokens: round 2 (split across the chunks) and
+    the row program's own passes decide them (a round-2 kernel that wrote wrong stats failed this test)."""
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(4, 20000, generator=g) * 3.0).to(torch.bfloat16).to(device)
+    assert_same_tokens(logits, temperature=0.8, top_k=torch.tensor([2000, 2000, 0, 0], device=device),
+                       top_p=torch.tensor([1.0, 0.9, 0.95, 0.5], device=device))
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
 def test_qwen_vocabulary_matches_reference(backend, device):
     """V = 151936 (Qwen2.5's vocabulary), bf16, top-k 50 then top-p 0.95 and top-p alone."""
     g = torch.Generator().manual_seed(11)
