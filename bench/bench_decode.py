@@ -127,9 +127,13 @@ def time_espo(dec, prompts, new_tokens, device, **kw):
     return time.perf_counter() - t, ro
 
 
-def time_hf(model, prompts, new_tokens, device):
+def time_hf(model, prompts, new_tokens, device, cache="dynamic"):
+    """Seconds of ``model.generate`` for new_tokens tokens; cache "static" preallocates the KV cache (which lets
+    transformers compile the decoding step where it can), the peer that is not host-bound."""
     ids = torch.tensor(prompts, device=device)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
     sync(device)
     t = time.perf_counter()
@@ -161,8 +165,13 @@ def throughput_rows(shape, model, args, device, bandwidth):
             row["floor_ms"] = weight_bytes / bandwidth * 1e3
             row["step_x_floor"] = step_ms / row["floor_ms"]
         if not args.no_hf:
-            t_hf = time_hf(model, prompts, args.new_tokens, device)
-            row.update(hf_s=t_hf, hf_tok_s=B * args.new_tokens / t_hf, speedup=t_hf / t_full)
+            t_hf = time_hf(model, prompts, args.new_tokens, device, args.hf_cache)
+            row.update(hf_s=t_hf, hf_tok_s=B * args.new_tokens / t_hf, speedup=t_hf / t_full, hf_cache=args.hf_cache)
+            if args.hf_step:  # the peer's step time by the same difference of two lengths, against the same floor
+                t_hf_half = time_hf(model, prompts, args.new_tokens // 2, device, args.hf_cache)
+                row["hf_step_ms"] = (t_hf - t_hf_half) / steps * 1e3
+                if "floor_ms" in row:
+                    row["hf_step_x_floor"] = row["hf_step_ms"] / row["floor_ms"]
         rows.append(row)
         print(row, flush=True)
         del dec
@@ -179,7 +188,7 @@ def stopping_rows_at(shape, model, args, device, per_slot):
     B = args.stop_slots
     R = B * per_slot
     T = args.stop_new_tokens or args.new_tokens
-    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1)
+    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch)
     dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch)
     prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), B, dec.device)  # never armed: its update still runs
@@ -217,6 +226,7 @@ def stopping_rows_at(shape, model, args, device, per_slot):
             "stop_fraction": frac, "tokens": ro.tokens_generated, "tokens_no_stop": tok0, "s": t, "s_no_stop": t0,
             "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
+            "refill_batch": dec.refill_batch,
         }
         rows.append(row)
         print(row, flush=True)
@@ -238,14 +248,16 @@ def markdown(env, tput, stops) -> str:
         "step = one decode step, floor = weights read once at the measured copy bandwidth):",
         "",
         "| model | batch | prompt | new | espo tok/s | HF tok/s | speedup | step ms | floor ms | step / floor | "
-        "attention | graphs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "HF cache | HF step ms | HF step / floor | attention | graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tput:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {r['espo_tok_s']:.0f} | "
             f"{fmt(r.get('hf_tok_s'), '{:.0f}')} | {fmt(r.get('speedup'), '{:.1f}x')} | {r['step_ms']:.2f} | "
-            f"{fmt(r.get('floor_ms'), '{:.3f}')} | {fmt(r.get('step_x_floor'), '{:.1f}x')} | {r['attention']} | "
+            f"{fmt(r.get('floor_ms'), '{:.3f}')} | {fmt(r.get('step_x_floor'), '{:.1f}x')} | "
+            f"{r.get('hf_cache', '')} | {fmt(r.get('hf_step_ms'), '{:.2f}')} | "
+            f"{fmt(r.get('hf_step_x_floor'), '{:.1f}x')} | {r['attention']} | "
             f"{r['cuda_graphs']} |"
         )
     lines += [
@@ -253,12 +265,14 @@ def markdown(env, tput, stops) -> str:
         "Early stopping (rollouts through a pool of slots; a fraction of them stopped at uniformly random points; "
         "ratio = time saved / tokens saved, target >= 0.8):",
         "",
-        "| model | slots | rollouts | new | stopped | tokens saved | time saved | ratio | steps (no stop -> stop) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | slots | refill_batch | rollouts | new | stopped | tokens saved | time saved | ratio | "
+        "steps (no stop -> stop) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stops:
         lines.append(
-            f"| {r['model']} | {r['slots']} | {r['rollouts']} | {r['new_tokens']} | {r['stop_fraction']:.0%} | "
+            f"| {r['model']} | {r['slots']} | {r.get('refill_batch', '')} | {r['rollouts']} | {r['new_tokens']} | "
+            f"{r['stop_fraction']:.0%} | "
             f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
             f"{r['decode_steps_no_stop']} -> {r['decode_steps']} |"
         )
@@ -290,6 +304,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per stopping setting (median)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
+                        help="generate's KV cache; static lets transformers compile the decoding step")
+    parser.add_argument("--hf-step", action="store_true", help="also time generate at half length: its step time")
+    parser.add_argument("--refill-batch", type=int, default=None,
+                        help="the decoder's refill_batch in the early-stopping rows (default: the decoder's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 

@@ -88,17 +88,22 @@ def backends() -> dict[str, BackendInfo]:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend to run for tensors on ``device``: ``backend`` itself, checked, or the fastest for "auto"."""
+    return _resolve(backend, device.type, _interpreting())
+
+
+@lru_cache(maxsize=64)  # on every call of espo.sample: what runs where does not change within a process
+def _resolve(backend: str, device_type: str, interpreting: bool) -> str:
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     info = backends()
     if backend == "auto":
-        if device.type != "cuda":
+        if device_type != "cuda":
             return "torch"
         return next((b for b in ("cuda", "triton") if info[b].available), "torch")
     if not info[backend].available:
         raise BackendUnavailable(f"backend {backend!r} is not available: {info[backend].reason}")
-    if backend != "torch" and device.type != "cuda" and not (backend == "triton" and _interpreting()):
-        raise ValueError(f"backend {backend!r} needs CUDA tensors, got tensors on {device}; use backend='torch'")
+    if backend != "torch" and device_type != "cuda" and not (backend == "triton" and interpreting):
+        raise ValueError(f"backend {backend!r} needs CUDA tensors, got tensors on {device_type}; use backend='torch'")
     return backend
 
 

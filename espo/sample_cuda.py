@@ -27,6 +27,13 @@ def load_extension():
     return importlib.import_module("espo._C")
 
 
+@lru_cache(maxsize=None)
+def _ops():
+    """The two ops' overloads, resolved once (calling an overload skips the packet's per-call overload lookup)."""
+    load_extension()
+    return torch.ops.espo.sample.default, torch.ops.espo.sample_stop.default
+
+
 def _split(value, default):
     """A per-row argument as the op takes it: (tensor or None, the scalar used when the tensor is None)."""
     if isinstance(value, torch.Tensor):
@@ -36,9 +43,9 @@ def _split(value, default):
 
 def sample_cuda(logits, temperature, top_k, top_p, seed, offset, stop: StopState | None = None):
     """Run the fused op; returns tokens, logprobs, raw_logprobs, entropy, max_logprob, regret, valid, stop."""
-    load_extension()
+    sample_op, sample_stop_op = _ops()
     args = (
-        logits.detach(),
+        logits.detach() if logits.requires_grad else logits,
         *_split(temperature, 1.0),
         *_split(top_k, 0),
         *_split(top_p, 1.0),
@@ -46,10 +53,10 @@ def sample_cuda(logits, temperature, top_k, top_p, seed, offset, stop: StopState
         *_split(offset, 0),
     )
     if stop is None:
-        out = dict(zip(_FIELDS, torch.ops.espo.sample(*args)))
+        out = dict(zip(_FIELDS, sample_op(*args)))
         out["stop"] = None
         return out
-    res = torch.ops.espo.sample_stop(
+    res = sample_stop_op(
         *args,
         stop.z, stop.sum_g, stop.sum_g2, stop.count, stop.position, stop.stopped, stop.scalars, stop.rows, stop.values,
         stop.alpha_s, stop.clip, stop.delta, stop.value_floor, stop.min_tokens,

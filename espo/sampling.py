@@ -54,6 +54,11 @@ def _can_check_values(t: torch.Tensor, validate: bool) -> bool:
 def _row_arg(name: str, value: RowArg, B: int, device: torch.device, integer: bool, validate: bool = True) -> RowArg:
     """A Python number (NumPy numbers accepted), or a [B] tensor moved to ``device`` as int64 or float32 (a float64
     value that float32 would round to 0 refused, when ``validate``)."""
+    kind = type(value)  # the common case first: a plain Python number (a fixed cost on every call)
+    if kind is float and not integer:
+        return value
+    if kind is int and (not integer or (_INT64_MIN <= value < 2**63 or name == "seed")):
+        return value if integer else float(value)
     if isinstance(value, torch.Tensor):
         if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             raise TypeError(f"{name} must hold integers (e.g. torch.int64), got a {value.dtype} tensor")

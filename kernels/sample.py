@@ -12,22 +12,27 @@ batch it is in). Sampling follows the exact integer rule of ``espo.sample_refere
 2. ``_finish_kernel``, grid (B,): merges a row's C partials (floats scaled by 2**(r_c - R); integers
    shifted right by R - r_c), draws one uniform, picks the chunk where the integer cumulative mass crosses
    the integer target and re-reads only that chunk (1/C of the row) to find the token, then writes the
-   statistics and updates the ESPO stop state. Rows with top-k/top-p find their exact thresholds by
-   bisection on an order-preserving integer key of the logits (integer masses for top-p), then walk the
-   row once to sample.
+   statistics and updates the ESPO stop state. Rows with top-k/top-p find their exact thresholds by a
+   multi-pivot search on an order-preserving integer key of the logits (``kernels/filter.py``: a few passes
+   over the row, then a sort of the few candidates left), then walk the row once to sample.
 
 Bit-exactness: both kernels are launched with ``enable_fp_fusion=False`` (no FMA contraction), divide
 with ``div_rn`` and exponentiate with ``ex2.approx.ftz.f32`` (inline PTX, the instruction the CUDA backend
 uses), so the chunk re-read reproduces the stats pass's q bit for bit and tokens equal the CUDA backend's.
 Under the interpreter (no inline PTX there) exp2 is computed in float64 and rounded, as the reference does.
 """
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 from ..sample_reference import LOG2E_F32, chunk_size, mass_shift
+from .filter import global_masses, order_key, pivot_stats_kernel, threshold_search
 from .philox import philox_uniform
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton once, at import
 
 _INT32_MIN = tl.constexpr(-2147483648)  # constexpr: Triton 3.9 refuses plain globals inside @jit code
 _BIG = tl.constexpr(2147483647)
@@ -69,13 +74,6 @@ def _masses(x, a, ref, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _order_key(x):
-    """int32 key with the order of the float32 values x (-0 and +0 share a key)."""
-    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
 def _chunk_stats_kernel(
     logits_ptr, stride_row, V, C,
     temp_ptr, temp_scalar,
@@ -108,48 +106,23 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
-def _sum_above(row_ptr, V, a, ref, floor, MASS: tl.constexpr, ROW_BLOCK: tl.constexpr, TWO_S: tl.constexpr,
-               INTERPRET: tl.constexpr):
-    """Over the tokens whose order key is >= floor: their count (MASS False) or integer mass qg (int64)."""
-    total = tl.zeros((), tl.int64)
-    for start in range(0, V, ROW_BLOCK):
-        offs = start + tl.arange(0, ROW_BLOCK)
-        inb = offs < V
-        x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        sel = inb & (_order_key(x).to(tl.int64) >= floor)
-        if MASS:
-            _d, _f, q = _masses(x, a, ref, TWO_S, INTERPRET)
-            total += tl.sum(tl.where(sel, q, 0), axis=0)
-        else:
-            total += tl.sum(sel.to(tl.int64), axis=0)
-    return total
-
-
-@triton.jit
-def _threshold_bisect(row_ptr, V, a, ref, k_or_need, key_floor, MASS: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                      TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
-    """Largest integer key t >= key_floor whose ``_sum_above`` is >= k_or_need: 32 halvings of the int32 keys."""
-    lo = key_floor.to(tl.int64)
-    hi = tl.full((), 2147483648, tl.int64)
-    for _it in range(32):
-        mid = lo + (hi - lo) // 2
-        ok = _sum_above(row_ptr, V, a, ref, mid, MASS, ROW_BLOCK, TWO_S, INTERPRET) >= k_or_need
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    return lo
-
-
-@triton.jit
-def _sample_filtered(row_ptr, V, a, R, k, p, u, ROW_BLOCK: tl.constexpr, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
+def _sample_filtered(row_ptr, V, a, R, Mx, k, p, u, pre_cnt, pre_mass, pre2_cnt, pre2_mass, cand_ptr,
+                     ROW_BLOCK: tl.constexpr,
+                     PASS_BLOCK: tl.constexpr, PIVOTS: tl.constexpr, CAND: tl.constexpr, TWO_S: tl.constexpr,
+                     INTERPRET: tl.constexpr):
     """Exact top-k then top-p on the global integer masses qg (reference step 5), then one inverse-CDF walk."""
     key_floor = tl.full((), _INT32_MIN, tl.int64)
-    if (k > 0) & (k < V):
-        key_floor = _threshold_bisect(row_ptr, V, a, R, k, key_floor, False, ROW_BLOCK, TWO_S, INTERPRET)
-    total = _sum_above(row_ptr, V, a, R, key_floor, True, ROW_BLOCK, TWO_S, INTERPRET)
+    count = V.to(tl.int64)
+    total = tl.full((), -1, tl.int64)  # not known yet
+    topk_on = (k > 0) & (k < V)
+    if topk_on:  # round 2 of pivot_stats_kernel served the first search: top-k where it is on, else top-p
+        key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, k.to(tl.int64), p, key_floor, count, total,
+                                                   pre_cnt, pre_mass, pre2_cnt, pre2_mass, True, cand_ptr, False,
+                                                   PIVOTS, CAND, PASS_BLOCK, ROW_BLOCK, TWO_S, INTERPRET)
     if p < 1.0:
-        need = tl.math.ceil(p.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
-        key_floor = _threshold_bisect(row_ptr, V, a, R, need, key_floor, True, ROW_BLOCK, TWO_S, INTERPRET)
-        total = _sum_above(row_ptr, V, a, R, key_floor, True, ROW_BLOCK, TWO_S, INTERPRET)
+        key_floor, count, total = threshold_search(row_ptr, V, a, R, Mx, total, p, key_floor, count, total,
+                                                   pre_cnt, pre_mass, pre2_cnt, pre2_mass, topk_on == 0, cand_ptr, True,
+                                                   PIVOTS, CAND, PASS_BLOCK, ROW_BLOCK, TWO_S, INTERPRET)
     target = (u.to(tl.float64) * total.to(tl.float64)).to(tl.int64)
     acc = tl.zeros((), tl.int64)
     token = tl.full((), _BIG, tl.int32)
@@ -157,8 +130,8 @@ def _sample_filtered(row_ptr, V, a, R, k, p, u, ROW_BLOCK: tl.constexpr, TWO_S: 
         if token == _BIG:
             offs = start + tl.arange(0, ROW_BLOCK)
             x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            _d, _f, q = _masses(x, a, R, TWO_S, INTERPRET)
-            mass = tl.where(_order_key(x).to(tl.int64) >= key_floor, q, 0)
+            q = global_masses(x, a, R, TWO_S, INTERPRET)
+            mass = tl.where(order_key(x).to(tl.int64) >= key_floor, q, 0)
             cum = tl.cumsum(mass, axis=0) + acc
             token = tl.min(tl.where(cum > target, offs, _BIG), axis=0)
             acc += tl.sum(mass, axis=0)
@@ -173,9 +146,10 @@ def _finish_kernel(
     seed_ptr, seed_scalar, offset_ptr, offset_scalar,
     tokens_ptr, logp_ptr, raw_logp_ptr, entropy_ptr, max_logp_ptr, regret_ptr, valid_ptr,
     z_ptr, sum_g_ptr, sum_g2_ptr, count_ptr, position_ptr, stopped_ptr, scalars_ptr, stopper_rows_ptr,
-    values_ptr, stop_ptr,
+    values_ptr, stop_ptr, cand_ptr, piv_ptr, B_ROWS,
     alpha_s, one_minus_alpha_s, clip, delta, value_floor, min_tokens,
-    CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, C_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr,
+    PIVOTS: tl.constexpr, CAND: tl.constexpr,
     TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
     SEED_PER_ROW: tl.constexpr, OFFSET_PER_ROW: tl.constexpr,
     NEED_RAW: tl.constexpr, MAY_BE_GREEDY: tl.constexpr, FILTER: tl.constexpr, STOPPER: tl.constexpr,
@@ -254,7 +228,17 @@ def _finish_kernel(
         k = _row_value(topk_ptr, row, topk_scalar, TOPK_PER_ROW, tl.int64)
         p = _row_value(topp_ptr, row, topp_scalar, TOPP_PER_ROW, tl.float32)
         if valid & (greedy == 0) & (((k > 0) & (k < V)) | (p < 1.0)):
-            token = _sample_filtered(row_ptr, V, a, R_safe, k, p, u, ROW_BLOCK, TWO_S, INTERPRET)
+            # the first pivot pass, done by pivot_stats_kernel over the row's chunks: sum its [C, P] partials
+            jp = tl.arange(0, PIVOTS)
+            pre = (row * C + cidx[:, None]) * PIVOTS + jp[None, :]
+            plane = B_ROWS * C * PIVOTS  # piv_stats is [4, B, C, PIVOTS]: round 1's count, mass, round 2's
+            pre_cnt = tl.sum(tl.load(piv_ptr + pre, mask=cmask[:, None], other=0), axis=0)
+            pre_mass = tl.sum(tl.load(piv_ptr + plane + pre, mask=cmask[:, None], other=0), axis=0)
+            pre2_cnt = tl.sum(tl.load(piv_ptr + 2 * plane + pre, mask=cmask[:, None], other=0), axis=0)
+            pre2_mass = tl.sum(tl.load(piv_ptr + 3 * plane + pre, mask=cmask[:, None], other=0), axis=0)
+            token = _sample_filtered(row_ptr, V, a, R_safe, Mx, k, p, u, pre_cnt, pre_mass, pre2_cnt, pre2_mass,
+                                     cand_ptr + row * CAND,
+                                     ROW_BLOCK, PASS_BLOCK, PIVOTS, CAND, TWO_S, INTERPRET)
 
     token = tl.where(valid, token, 0)
     x_tok = tl.load(row_ptr + token).to(tl.float32)
@@ -323,44 +307,56 @@ def _pointer_and_scalar(value, dummy):
     Triton types a Python int in [2**31, 2**32) as uint32, which the kernels' cast to int64 does not read as the
     same number (a seed of 3144134225 drew other tokens than the reference): such a number is passed per row."""
     if isinstance(value, int) and 2**31 <= value < 2**32:
-        import torch
-
         value = torch.full(dummy.shape, value, dtype=torch.int64, device=dummy.device)
     if hasattr(value, "data_ptr"):
         return value, 0, True
     return dummy, value, False
 
 
+@functools.lru_cache(maxsize=1024)
+def _plan(V: int, interpret: bool) -> tuple:
+    """What a launch needs that depends on V alone: chunk, C, C_BLOCK, ROW_BLOCK, PASS_BLOCK, 2**S."""
+    chunk = chunk_size(V)
+    C = triton.cdiv(V, chunk)
+    row_block = min(4096, triton.next_power_of_2(V))
+    # the pivot passes hold [block, PIVOTS] compares in registers on a GPU; the interpreter prefers few big blocks
+    pass_block = row_block if interpret else min(256, row_block)
+    return chunk, C, triton.next_power_of_2(C), row_block, pass_block, float(2 ** mass_shift(V))
+
+
+_PIVOTS = 16
+# Candidates sorted in registers once the pivot passes have narrowed a threshold's interval to this many tokens.
+# Any power of two gives the same thresholds; the interpreter's sort is slow, so it gathers fewer.
+CANDIDATES = {"gpu": 1024, "interpreter": 64}
+
+
 def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
     """Launch the two kernels. Per-row arguments are Python numbers or [B] tensors on the logits' device
     (float32 temperature/top_p, int64 top_k/seed/offset), already validated by ``espo.sample``; ``stop`` is an
     ``espo.stopper.StopState`` or None. Returns the ``SampleOutput`` fields as a dict."""
-    import torch
-
     B, V = logits.shape
     dev = logits.device
-    chunk = chunk_size(V)
-    C = triton.cdiv(V, chunk)
+    interpret = _INTERPRET or dev.type != "cuda"
+    chunk, C, c_block, row_block, pass_block, two_s = _plan(V, interpret)
     per_row_temperature = hasattr(temperature, "data_ptr")
     need_raw = per_row_temperature or temperature not in (0.0, 1.0)
     may_be_greedy = per_row_temperature or temperature == 0.0
     filtered = hasattr(top_k, "data_ptr") or hasattr(top_p, "data_ptr") or 0 < top_k < V or top_p < 1.0
     parts = torch.empty((5 if need_raw else 4, B, C), dtype=torch.float32, device=dev)
     qsum = torch.empty((B, C), dtype=torch.int64, device=dev)
-    two_s = float(2 ** mass_shift(V))
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or dev.type != "cuda"
     argmax = torch.empty((B, C) if may_be_greedy else (1,), dtype=torch.int32, device=dev)
-    f32 = dict(dtype=torch.float32, device=dev)
+    floats = torch.empty((5, B), dtype=torch.float32, device=dev)  # one allocation for the five float outputs
     out = {
         "tokens": torch.empty(B, dtype=torch.int64, device=dev),
-        "logprobs": torch.empty(B, **f32),
-        "raw_logprobs": torch.empty(B, **f32),
-        "entropy": torch.empty(B, **f32),
-        "max_logprob": torch.empty(B, **f32),
-        "regret": torch.empty(B, **f32),
+        "logprobs": floats[0],
+        "raw_logprobs": floats[1],
+        "entropy": floats[2],
+        "max_logprob": floats[3],
+        "regret": floats[4],
         "valid": torch.empty(B, dtype=torch.bool, device=dev),
     }
-    dummy = out["regret"]
+    dummy = floats[4]
+    cand = CANDIDATES["interpreter" if interpret else "gpu"]
     temp_arg = _pointer_and_scalar(temperature, dummy)
     _chunk_stats_kernel[(B, C)](
         logits, logits.stride(0), V, C, temp_arg[0], temp_arg[1], parts, qsum, argmax, B * C,
@@ -368,6 +364,19 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
         TWO_S=two_s, INTERPRET=interpret, enable_fp_fusion=False,
     )
     args = [_pointer_and_scalar(v, dummy) for v in (top_k, top_p, seed, offset)]
+    if filtered:
+        candidates = torch.empty((B, cand), dtype=torch.int32, device=dev)
+        piv_stats = torch.empty((4, B, C, _PIVOTS), dtype=torch.int64, device=dev)
+        for rnd in (1, 2):  # the first two pivot passes of the search, split across the row's chunks
+            pivot_stats_kernel[(B, C)](
+                logits, logits.stride(0), V, C, parts, B * C, temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2],
+                piv_stats[0], piv_stats[1], piv_stats[2 * rnd - 2], piv_stats[2 * rnd - 1], CHUNK=chunk,
+                C_BLOCK=c_block, P=_PIVOTS, BLOCK=min(pass_block, chunk), CAND=cand, ROUND=rnd,
+                TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2], TWO_S=two_s,
+                INTERPRET=interpret, enable_fp_fusion=False,
+            )
+    else:
+        candidates, piv_stats = dummy, dummy
     if stop is not None:
         state = [stop.z, stop.sum_g, stop.sum_g2, stop.count, stop.position, stop.stopped, stop.scalars]
         state.append(dummy if stop.rows is None else stop.rows)
@@ -379,9 +388,9 @@ def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
     _finish_kernel[(B,)](
         logits, logits.stride(0), V, C, parts, qsum, argmax, B * C,
         temp_arg[0], temp_arg[1], *args[0][:2], *args[1][:2], *args[2][:2], *args[3][:2],
-        out["tokens"], out["logprobs"], out["raw_logprobs"], out["entropy"], out["max_logprob"], out["regret"],
-        out["valid"], *state, dummy if values is None else values, stop_mask, *params,
-        CHUNK=chunk, C_BLOCK=triton.next_power_of_2(C), ROW_BLOCK=min(4096, triton.next_power_of_2(V)),
+        out["tokens"], *floats, out["valid"], *state, dummy if values is None else values, stop_mask, candidates,
+        piv_stats, B, *params,
+        CHUNK=chunk, C_BLOCK=c_block, ROW_BLOCK=row_block, PASS_BLOCK=pass_block, PIVOTS=_PIVOTS, CAND=cand,
         TEMP_PER_ROW=temp_arg[2], TOPK_PER_ROW=args[0][2], TOPP_PER_ROW=args[1][2],
         SEED_PER_ROW=args[2][2], OFFSET_PER_ROW=args[3][2],
         NEED_RAW=need_raw, MAY_BE_GREEDY=may_be_greedy, FILTER=filtered, STOPPER=stop is not None,

@@ -44,5 +44,5 @@ fi
 (cd "$work" && unzip -q -o "$wheel" "$so")  # next to the sources, as build_ext --inplace puts it
 echo "check_cuda_ext_build: $so built for $(strings "$work/$so" | grep -o 'sm_[0-9]*a\?' | sort -u | grep -v 'sm_3[0-9]' | tr '\n' ' ')"
 (cd "$work" && "$VENV/bin/python" -c 'import espo._C')  # an import error fails here, not as a skip below
-(cd "$work" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py)
+(cd "$work" && "$VENV/bin/python" -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py)
 echo "check_cuda_ext_build: ok"

@@ -53,15 +53,24 @@ def main() -> None:
         offset_ptr="*i64", offset_scalar="i64", tokens_ptr="*i64", logp_ptr="*fp32", raw_logp_ptr="*fp32",
         entropy_ptr="*fp32", max_logp_ptr="*fp32", regret_ptr="*fp32", valid_ptr="*i1", z_ptr="*fp32",
         sum_g_ptr="*fp32", sum_g2_ptr="*fp32", count_ptr="*i32", position_ptr="*i32", stopped_ptr="*i1",
-        scalars_ptr="*fp32", stopper_rows_ptr="*i64", values_ptr="*fp32", stop_ptr="*i1", alpha_s="fp32",
+        scalars_ptr="*fp32", stopper_rows_ptr="*i64", values_ptr="*fp32", stop_ptr="*i1", cand_ptr="*i32",
+        piv_ptr="*i64", alpha_s="fp32",
         one_minus_alpha_s="fp32", clip="fp32", delta="fp32", value_floor="fp32",
     )
     for everything in (False, True):
-        flags = dict(CHUNK=4096, C_BLOCK=64, ROW_BLOCK=4096, TWO_S=TWO_S, INTERPRET=False, **{
+        flags = dict(CHUNK=4096, C_BLOCK=64, ROW_BLOCK=4096, PASS_BLOCK=256, PIVOTS=K._PIVOTS,
+                     CAND=K.CANDIDATES["gpu"], TWO_S=TWO_S, INTERPRET=False, **{
             k: everything for k in ("TEMP_PER_ROW", "TOPK_PER_ROW", "TOPP_PER_ROW", "SEED_PER_ROW", "OFFSET_PER_ROW",
                                     "NEED_RAW", "MAY_BE_GREEDY", "FILTER", "STOPPER", "HAS_VALUES",
                                     "HAS_STOPPER_ROWS")})
         check(f"finish all-flags={everything}", compile_ptx(K._finish_kernel, types, flags))
+    pivot_types = {n: types[n] for n in ("logits_ptr", "part_ptr", "temp_ptr", "temp_scalar", "topk_ptr", "topk_scalar",
+                                         "topp_ptr", "topp_scalar")}
+    pivot_types.update(prev_cnt_ptr="*i64", prev_mass_ptr="*i64", cnt_ptr="*i64", mass_ptr="*i64")
+    for per_row, rnd in product((False, True), (1, 2)):
+        flags = dict(CHUNK=4096, C_BLOCK=64, P=K._PIVOTS, BLOCK=256, CAND=K.CANDIDATES["gpu"], ROUND=rnd,
+                     TEMP_PER_ROW=per_row, TOPK_PER_ROW=per_row, TOPP_PER_ROW=per_row, TWO_S=TWO_S, INTERPRET=False)
+        check(f"pivot stats round {rnd} per-row={per_row}", compile_ptx(K.pivot_stats_kernel, pivot_types, flags))
     print("check_triton_compile: ok")
 
 

@@ -5,6 +5,12 @@
 # after each stage everything so far is packed into $OUT/gpu-out.tar.gz (the device tool brings back at
 # most 8 files), ready to unpack and copy into bench/results/.
 #   bash scripts/gpu_suite.sh [build] [sample] [tests] [decode]     (default: all four, in that order)
+#   DEADLINE=470 bash scripts/gpu_suite.sh issue36   # issue 36's run, ~8 min: build meta sample36 callcost optests decode36
+#     meta: tests/test_cuda_ops.py alone under faulthandler (and gdb's backtrace where gdb exists): the rank-1 meta crash;
+#     optests: the op's GPU tests (sample, filters, cuda, integer sampling); sample36: B = 1 and 256, V = 151936, bf16,
+#     unfiltered, top-k 50, top-p 0.95 beside torch's sorting filter and FlashInfer; callcost: one call at B = 1 from
+#     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, and 25%/50% stops
+#     through a full pool (16 rollouts a slot, the decoder's refill_batch; DECODE36_ARGS adds arguments).
 # DECODE_ARGS adds arguments to bench_decode.py. Stage limits in seconds: LIMIT_BUILD, LIMIT_SAMPLE, LIMIT_TESTS, LIMIT_DECODE; DEADLINE (seconds from the
 # start) cuts every stage short so that the whole run ends in time and packs what it has. It runs on the image's
 # own python3, torch, triton and nvcc: nothing here assumes the project's pins or a network.
@@ -14,6 +20,7 @@ OUT=${OUT:-$PWD/gpu-out}
 WORK=/tmp/gpu-out
 rm -rf "$WORK"; mkdir -p "$OUT" "$WORK"
 stages=${*:-build sample tests decode}
+stages=${stages/issue36/build meta sample36 callcost optests decode36}
 export PYTHONUNBUFFERED=1
 begin=$(date +%s)
 
@@ -70,7 +77,35 @@ for what in $stages; do
       TAIL=30 stage bench_decode "${LIMIT_DECODE:-150}" python3 bench/bench_decode.py --models 0.5b smollm2 \
         --stop-models 0.5b --rollouts-per-slot 16 --stop-new-tokens 128 --repeats 2 ${DECODE_ARGS:-} --out "$WORK"
       ;;
-    *) echo "gpu_suite: unknown stage '$what' (build, sample, tests, decode)" >&2; exit 2 ;;
+    meta)
+      TAIL=30 stage meta 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py
+      if grep -q "Fatal Python error\|Segmentation" "$WORK/meta.log" && command -v gdb >/dev/null; then
+        TAIL=60 stage meta_gdb 60 gdb -batch -ex run -ex bt --args python3 -m pytest -q -p no:cacheprovider \
+          "tests/test_cuda_ops.py::test_meta_rejects_bad_logits"
+      fi
+      ;;
+    optests)
+      TAIL=30 stage optests "${LIMIT_OPTESTS:-90}" env OMP_NUM_THREADS=2 python3 -m pytest -q -rfE -p no:cacheprovider \
+        -n 8 --timeout=100 --junitxml="$WORK/optests.xml" tests/test_sample.py tests/test_sample_filters.py \
+        tests/test_sample_cuda.py tests/test_sample_torch.py tests/test_cuda_host.py tests/test_cuda_ops.py \
+        tests/test_integer_sampling.py tests/test_triton_compile.py
+      ;;
+    sample36)
+      TAIL=12 stage bench_sample "${LIMIT_SAMPLE:-100}" python3 bench/bench_sample.py --B 1 256 --V 151936 \
+        --dtypes bfloat16 --filtered-B 256 --no-compile --out "$WORK"
+      ;;
+    callcost)
+      TAIL=10 stage callcost 40 python3 bench/bench_call_cost.py --out "$WORK"
+      ;;
+    decode36)
+      # shellcheck disable=SC2086
+      TAIL=20 stage bench_decode "${LIMIT_DECODE:-200}" python3 bench/bench_decode.py --models 0.5b --batch 64 \
+        --new-tokens 128 --hf-cache static --hf-step --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
+        --repeats 2 ${DECODE36_ARGS:-} --out "$WORK"
+      ;;
+    *) echo "gpu_suite: unknown stage '$what' (build, sample, tests, decode, meta, optests, sample36, callcost," \
+         "decode36, issue36)" >&2; exit 2 ;;
   esac
 done
 cat "$WORK/stages.txt"
+cp "$WORK"/*.json "$WORK"/*.md "$OUT"/ 2>/dev/null || true  # the tables themselves, beside the archive

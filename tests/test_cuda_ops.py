@@ -64,3 +64,27 @@ def test_meta_outputs_have_the_documented_shapes(dtype, B, V):
 def test_meta_rejects_bad_logits(shape, dtype, words):
     with pytest.raises(RuntimeError, match=words):
         torch.ops.espo.sample(*row_args(torch.empty(shape, dtype=dtype, device="meta")))
+
+
+def test_meta_rank_errors_raise_in_a_fresh_process():
+    """Issue 36: on the first GPU run a rank-1 meta tensor killed its pytest worker (a segfault, not an error).
+    Run the bad ranks in a child process under faulthandler, so that a crash fails this test with its native
+    stack instead of killing the run; with or without CUDA, each rank must raise the documented RuntimeError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, espo._C\n"
+        "for shape in [(3,), (), (2, 3, 4)]:\n"
+        "    x = torch.empty(shape, device='meta')\n"
+        "    try:\n"
+        "        torch.ops.espo.sample(x, None, 0.7, None, 0, None, 1.0, None, 0, None, 0)\n"
+        "    except RuntimeError as e:\n"
+        "        assert 'shape [B, V]' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit(f'rank {len(shape)} meta logits were accepted')\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-2000:] + run.stderr[-4000:]
