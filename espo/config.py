@@ -62,6 +62,9 @@ class TrainConfig:
     lr: float = setting(2e-4, "AdamW learning rate", above=0.0)
     value_lr: float = setting(0.0, "the value head's AdamW learning rate (0: lr); a head reading a large model's "
                                    "hidden state learns nothing at a policy's small lr", minimum=0.0)
+    value_head: str = setting("auto", "the value head a critic algorithm starts from: a folder or file written by "
+                                      "`espo value fit`; auto: the model folder's value_head.safetensors when it has "
+                                      "one; none: a new head at 0.5")
     ppo_epochs: int = setting(2, "passes over each rollout batch", minimum=1)
     minibatches: int = setting(2, "optimizer steps per pass", minimum=1)
     clip: float = setting(0.2, "PPO ratio clip", above=0.0)

@@ -1,0 +1,509 @@
+"""Which stop rule stops wrong rollouts and leaves right ones alone, on a real model, against length-aware controls.
+
+    python bench/study_stop_rules.py collect MODEL_DIR --work /tmp/stop-rules      # decode every set (resumable)
+    python bench/study_stop_rules.py choose --work /tmp/stop-rules                 # fit V, pick settings -> committed file
+    python bench/study_stop_rules.py evaluate --work /tmp/stop-rules --out bench/results/stop-rules
+
+The protocol (issue 32):
+* Four sets of problems, every problem text in one set only: ``fit`` (training prompts: the value head is fitted
+  on their rollouts), ``calibration`` (every rule's threshold is chosen there), and ``evaluation`` (decoded with
+  three sampling seeds, none used elsewhere). Each set's rollouts are decoded once, unstopped, with the preset's
+  sampling; a stopped rollout's tokens up to its stop are exactly the unstopped rollout's (each token is drawn from
+  (rollout seed, index) only), so replaying a rule over the recorded per-token signals gives exactly where it stops.
+* ``choose`` fits the value on ``fit`` and, on ``calibration`` only, picks each rule's threshold for each target
+  token saving, and writes them with the head to bench/results/stop-rules-settings.json before ``evaluate`` runs.
+* ``evaluate`` replays every rule at its committed settings on the evaluation rollouts, beside the controls that
+  know about length (random stops at a constant per-token hazard; random stops at the rule's own positions among
+  rollouts long enough; a length cap), with bootstrap intervals over prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import common  # noqa: F401  (puts the checkout first on sys.path)
+import numpy as np
+import torch
+
+from espo.config import TrainConfig
+from espo.models import load_model
+from espo.sample_reference import stop_update_reference
+from espo.stopper import EarlyStopper, ESPOConfig
+from espo.tasks import task_from_checkpoint
+from espo.value_fit import FittedValue, RolloutFeatures, decode_features, fit_value_head, value_report
+
+PRESET = "smollm2"
+# (problem seed, problems, samples per problem, sampling seeds); none of these seeds is used by any other study.
+SETS = {
+    "fit": (4_000_037, 512, 4, (21,)),
+    "calibration": (5_000_011, 256, 4, (31,)),
+    "evaluation": (6_000_001, 256, 4, (41, 42, 43)),
+}
+TARGETS = (0.10, 0.15, 0.20)  # token savings at which the rules are compared
+BOOTSTRAP = 2000
+CONFIDENCE_TOP_K = 20  # DeepConf's token confidence: minus the mean log-probability of the top-k tokens
+
+
+def fresh_problems(task, n: int, seed: int, exclude: set[str]) -> list:
+    """``n`` problems of ``seed`` with distinct texts, none in ``exclude`` (texts of the other sets)."""
+    out, seen, pool = [], set(exclude), 0
+    while len(out) < n:
+        pool = max(2 * n, 2 * pool)
+        out, seen = [], set(exclude)
+        for p in task.problems(pool, seed=seed):
+            if p.prompt not in seen:
+                seen.add(p.prompt)
+                out.append(p)
+                if len(out) == n:
+                    break
+        if pool > 64 * n:
+            raise RuntimeError(f"fewer than {n} fresh problems at seed {seed}")
+    return out
+
+
+@torch.no_grad()
+def token_confidence(model, hidden: np.ndarray, temperature: float, k: int = CONFIDENCE_TOP_K) -> np.ndarray:
+    """DeepConf's token confidence [M] from the final hidden states [M, H]: -mean(top-k log-softmax(logits / T))."""
+    out = []
+    for start in range(0, len(hidden), 2048):
+        logits = model.lm_head(torch.from_numpy(hidden[start:start + 2048]).float()) / temperature
+        out.append((-torch.log_softmax(logits, -1).topk(k, -1).values.mean(-1)).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def collect(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig.from_preset(PRESET, model=args.model)
+    model, tok = load_model(args.model)
+    task = task_from_checkpoint(args.model)
+    max_new = int(getattr(task, "max_new_tokens", 128))
+    texts: set[str] = set()
+    for name, (problem_seed, n, samples, seeds) in SETS.items():
+        n = min(n, args.limit) if args.limit else n
+        probs = fresh_problems(task, n, problem_seed, texts)
+        texts |= {p.prompt for p in probs}
+        (work / f"{name}-problems.json").write_text(json.dumps([{"prompt": p.prompt, "answer": p.answer}
+                                                                for p in probs]))
+        for seed in seeds:
+            path = work / f"{name}-{seed}.npz"
+            if path.exists():
+                print(f"{path} exists: reused")
+                continue
+            got = decode_features(model, tok, task, probs, samples, seed=seed, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, max_new_tokens=max_new, slots=args.slots)
+            feats = got.features
+            t1 = time.perf_counter()
+            conf = token_confidence(model, feats.hidden, cfg.temperature)
+            tmp = path.with_suffix(".partial.npz")
+            feats.save(tmp)
+            with np.load(tmp) as z:
+                arrays = dict(z)
+            np.savez(tmp, confidence=conf, seed=np.array(got.seeds), **arrays)
+            tmp.rename(path)
+            (work / f"{name}-{seed}.json").write_text(json.dumps({
+                "set": name, "problem_seed": problem_seed, "sampling_seed": seed, "samples": samples,
+                "slots": args.slots, "decode_seconds": got.seconds, "confidence_seconds": time.perf_counter() - t1,
+                "max_new_tokens": max_new, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "texts": got.texts, "tokens": got.tokens}))
+            print(f"{name} seed {seed}: {len(feats.lengths)} rollouts, {int(feats.lengths.sum())} tokens, success "
+                  f"{feats.right.mean():.3f}, decode {got.seconds:.0f} s", flush=True)
+
+
+def load_set(work: Path, name: str, seed: int) -> tuple[RolloutFeatures, np.ndarray]:
+    """A decoded set's features and its DeepConf token confidence [M]."""
+    path = work / f"{name}-{seed}.npz"
+    with np.load(path) as z:
+        conf = z["confidence"]
+    return RolloutFeatures.load(path), conf
+
+
+# ------------------------------------------------------------------------------------------- the rules
+#
+# Every rule stops a rollout at its first token index t >= min_tokens where its per-token score crosses the
+# threshold c (score > c); the token that triggers the stop is kept. Scores [N, L] are nan past a rollout's end.
+
+
+@dataclass
+class Signals:
+    """A set's rollouts as padded per-token arrays [N, L] (nan past each rollout's end), and per rollout [N]."""
+
+    g: np.ndarray          # regret (max log-prob - the sampled token's) at the sampling temperature
+    conf: np.ndarray       # DeepConf's token confidence
+    value: np.ndarray      # the fitted value of the prefix each token is drawn from
+    lengths: np.ndarray
+    right: np.ndarray
+    prompt: np.ndarray     # problem index (shared across sampling seeds of one set)
+
+    @classmethod
+    def build(cls, feats: RolloutFeatures, conf: np.ndarray, value: np.ndarray, prompt_offset: int = 0) -> "Signals":
+        n, width = len(feats.lengths), int(feats.lengths.max())
+        pad = lambda x: _pad(x, feats.rollout, feats.position, n, width)  # noqa: E731
+        return cls(g=pad(feats.regret), conf=pad(conf), value=pad(value), lengths=feats.lengths.copy(),
+                   right=feats.right.copy(), prompt=feats.prompt + prompt_offset)
+
+    @classmethod
+    def concat(cls, parts: list["Signals"]) -> "Signals":
+        width = max(p.g.shape[1] for p in parts)
+        widen = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=np.nan)  # noqa: E731
+        return cls(**{k: np.concatenate([widen(getattr(p, k)) if getattr(p, k).ndim == 2 else getattr(p, k)
+                                         for p in parts]) for k in ("g", "conf", "value", "lengths", "right",
+                                                                    "prompt")})
+
+
+def _pad(x: np.ndarray, rollout: np.ndarray, position: np.ndarray, n: int, width: int) -> np.ndarray:
+    out = np.full((n, width), np.nan, dtype=np.float64)
+    out[rollout, position] = x
+    return out
+
+
+def espo_z(g: np.ndarray, alpha: float, mean: float, var: float, clip: float = 10.0, delta: float = 1e-6):
+    """ESPO's smoothed normalised regret z [N, L] (espo.sample_reference.stop_update_reference's recursion)."""
+    z = np.zeros(g.shape[0])
+    out = np.full_like(g, np.nan)
+    for t in range(g.shape[1]):
+        live = ~np.isnan(g[:, t])
+        gn = np.clip((np.nan_to_num(g[:, t]) - mean) / np.sqrt(var + delta), -clip, clip)
+        z = np.where(live, alpha * z + (1 - alpha) * gn, z)
+        out[:, t] = np.where(live, z, np.nan)
+    return out
+
+
+def window_mean(x: np.ndarray, w: int) -> np.ndarray:
+    """Mean of x over the last w tokens (fewer at the start), nan past the end."""
+    c = np.nancumsum(np.nan_to_num(x), axis=1)
+    shifted = np.pad(c, ((0, 0), (w, 0)))[:, : c.shape[1]]
+    count = np.minimum(np.arange(1, x.shape[1] + 1), w)
+    return np.where(np.isnan(x), np.nan, (c - shifted) / count)
+
+
+# name -> (what it is, its hyper-parameter grid, score(signals, stats, **params) [N, L])
+RULES = {
+    "espo-constant-v": (
+        "ESPO, V constant (0.5, today's preset form): z > beta * 0.5",
+        {"alpha_s": (0.5, 0.7, 0.9)},
+        lambda s, st, alpha_s: espo_z(s.g, alpha_s, st["mean"], st["var"]) / 0.5),
+    "espo-fitted-v": (
+        "ESPO, V per token from the fitted value head: z > beta * max(V, value_floor)",
+        {"alpha_s": (0.5, 0.7, 0.9), "value_floor": (0.05, 0.1, 0.2)},
+        lambda s, st, alpha_s, value_floor: espo_z(s.g, alpha_s, st["mean"], st["var"])
+        / np.maximum(s.value, value_floor)),
+    "regret-token": ("one token's regret > c", {}, lambda s, st: s.g),
+    "regret-cumulative": ("cumulative regret > c", {}, lambda s, st: np.nancumsum(s.g, axis=1)
+                          + np.where(np.isnan(s.g), np.nan, 0)),
+    "deepconf": ("DeepConf: the mean token confidence over the last w tokens < c", {"window": (4, 8, 16)},
+                 lambda s, st, window: -window_mean(s.conf, window)),
+    "value-below": ("ARRoL-style: the fitted value (mean over the last w tokens) < c", {"window": (1, 4)},
+                    lambda s, st, window: -window_mean(s.value, window)),
+}
+MIN_TOKENS = (2, 4, 8)  # part of every rule's setting: no stop before token index min_tokens (0-based)
+
+
+def stop_at(score: np.ndarray, c: float, min_tokens: int) -> np.ndarray:
+    """First t >= min_tokens with score > c, per rollout (-1: never)."""
+    hit = np.nan_to_num(score[:, min_tokens:], nan=-np.inf) > c
+    first = hit.argmax(1)
+    return np.where(hit.any(1), first + min_tokens, -1)
+
+
+def outcome(at: np.ndarray, s: Signals) -> dict[str, float]:
+    stopped = at >= 0
+    saved = np.where(stopped, s.lengths - at - 1, 0)
+    n_stop = int(stopped.sum())
+    return {"stops": n_stop, "false": int((stopped & s.right).sum()),
+            "false_share": float((stopped & s.right).sum() / n_stop) if n_stop else 0.0,
+            "stop_rate": float(stopped.mean()), "tokens_saved": float(saved.sum() / s.lengths.sum()),
+            "right_lost": float((stopped & s.right).sum() / max(s.right.sum(), 1)),
+            "accuracy_after": float((s.right & ~stopped).mean())}
+
+
+def threshold_for(score: np.ndarray, s: Signals, min_tokens: int, target: float) -> float:
+    """The smallest threshold whose tokens saved is at most ``target`` (bisection over the score's values)."""
+    values = np.unique(score[~np.isnan(score)])
+    lo, hi = 0, len(values) - 1  # saved(values[hi]) == 0 <= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if outcome(stop_at(score, values[mid], min_tokens), s)["tokens_saved"] <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(values[lo])
+
+
+# ---------------------------------------------------------------------------------------------- controls
+
+
+def hazard_control(s: Signals, h: float, min_tokens: int) -> dict[str, np.ndarray]:
+    """Random stops at a constant per-token hazard h from token min_tokens on, in expectation per rollout:
+    P(stopped) and expected tokens saved [N] (exact, no sampling)."""
+    L = s.lengths.astype(np.float64)
+    k = np.maximum(L - min_tokens, 0)  # tokens at which a stop may fire
+    q = 1.0 - h
+    p_stop = 1.0 - q ** k
+    # the eligible token j (0-based) is cut when the stop fired at an earlier one: 1 - q^j; summed over j < k
+    saved = np.where(k > 0, k - p_stop / h, 0.0) if h > 0 else np.zeros_like(L)
+    return {"p_stop": p_stop, "saved": saved}
+
+
+def hazard_for(s: Signals, tokens_saved: float, min_tokens: int) -> float:
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        got = hazard_control(s, mid, min_tokens)["saved"].sum() / s.lengths.sum()
+        lo, hi = (mid, hi) if got < tokens_saved else (lo, mid)
+    return (lo + hi) / 2
+
+
+def own_positions_control(at: np.ndarray, s: Signals) -> np.ndarray:
+    """Random stops at the rule's own stop positions among rollouts long enough: for a stop at t, a rollout
+    drawn uniformly from those longer than t. Returns each stop's probability of hitting a right rollout [stops]."""
+    order = np.sort(s.lengths)
+    right_long = np.array([((s.lengths > t) & s.right).sum() for t in range(int(s.lengths.max()) + 1)])
+    long = len(order) - np.searchsorted(order, np.arange(int(s.lengths.max()) + 1), side="right")
+    t = at[at >= 0]
+    return right_long[t] / np.maximum(long[t], 1)
+
+
+# -------------------------------------------------------------------------------------------- bootstrap
+
+
+def per_prompt(s: Signals, stopped: np.ndarray, false: np.ndarray, saved: np.ndarray) -> np.ndarray:
+    """[4, P] sums per prompt of (stops, false stops, tokens saved, tokens): the unit the bootstrap resamples."""
+    ids, inv = np.unique(s.prompt, return_inverse=True)
+    out = np.zeros((4, len(ids)))
+    for row, x in enumerate((stopped, false, saved, s.lengths)):
+        np.add.at(out[row], inv, x.astype(np.float64))
+    return out
+
+
+def resample_weights(prompts: int, resamples: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, prompts, prompts), minlength=prompts) for _ in range(resamples)])
+
+
+def share_and_saved(sums: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """False-stop share and tokens saved, for the data (w None) or for each resample's weights [B, P]."""
+    tot = sums.sum(1) if w is None else w @ sums.T  # [4] or [B, 4]
+    return tot[..., 1] / np.maximum(tot[..., 0], 1e-12), tot[..., 2] / tot[..., 3]
+
+
+def compare_to_hazard(s: Signals, at: np.ndarray, min_tokens: int, w: np.ndarray) -> dict:
+    """The rule's false-stop share beside random stops at a constant per-token hazard that saves as many tokens
+    (and at the rule's own positions), with bootstrap intervals over prompts of each and of the differences."""
+    stopped = at >= 0
+    rule = per_prompt(s, stopped, stopped & s.right, np.where(stopped, s.lengths - at - 1, 0))
+    r_share, r_saved = share_and_saved(rule)
+    h = hazard_for(s, float(r_saved), min_tokens)
+    hz = hazard_control(s, h, min_tokens)
+    hazard = per_prompt(s, hz["p_stop"], hz["p_stop"] * s.right, hz["saved"])
+    own_p = np.zeros(len(at))
+    own_p[stopped] = own_positions_control(at, s)  # a stop's chance to be false, credited to the rule's rollout
+    own = per_prompt(s, stopped, own_p, np.zeros(len(at)))
+    b_rule, _ = share_and_saved(rule, w)
+    b_haz, _ = share_and_saved(hazard, w)
+    b_own, _ = share_and_saved(own, w)
+    q = lambda x: [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]  # noqa: E731
+    return {"false_share": float(r_share), "false_share_ci": q(b_rule), "tokens_saved": float(r_saved),
+            "stops": int(stopped.sum()), "false": int((stopped & s.right).sum()),
+            "hazard": h, "hazard_false_share": float(share_and_saved(hazard)[0]), "hazard_ci": q(b_haz),
+            "minus_hazard": float(r_share - share_and_saved(hazard)[0]), "minus_hazard_ci": q(b_rule - b_haz),
+            "own_positions_false_share": float(share_and_saved(own)[0]),
+            "minus_own_positions": float(r_share - share_and_saved(own)[0]), "minus_own_positions_ci": q(b_rule - b_own)}
+
+
+def length_cap(s: Signals, tokens_saved: float) -> dict:
+    """The longest cap that saves at least ``tokens_saved``: its false-stop share."""
+    for cap in range(int(s.lengths.max()), 0, -1):
+        cut = s.lengths > cap
+        saved = np.where(cut, s.lengths - cap, 0).sum() / s.lengths.sum()
+        if saved >= tokens_saved:
+            return {"cap": cap, "stops": int(cut.sum()), "tokens_saved": float(saved),
+                    "false_share": float((cut & s.right).sum() / max(cut.sum(), 1))}
+    return {"cap": 0}
+
+
+# ------------------------------------------------------------------------------------- choose (calibration)
+
+
+def grid(rule: str):
+    params = RULES[rule][1]
+    keys = list(params)
+    for values in itertools.product(*(params[k] for k in keys)):
+        for m in MIN_TOKENS:
+            yield dict(zip(keys, values)), m
+
+
+def score_of(rule: str, s: Signals, stats: dict, params: dict) -> np.ndarray:
+    return RULES[rule][2](s, stats, **params)
+
+
+def value_of(head: dict, feats: RolloutFeatures) -> np.ndarray:
+    return feats.hidden @ np.asarray(head["weight"], dtype=np.float32) + head["bias"]
+
+
+def choose(args) -> None:
+    work = Path(args.work)
+    fit_feats, _ = load_set(work, "fit", SETS["fit"][3][0])
+    fitted = fit_value_head(fit_feats)
+    head = {"weight": fitted.weight.tolist(), "bias": fitted.bias}
+    cal_feats, cal_conf = load_set(work, "calibration", SETS["calibration"][3][0])
+    cal = Signals.build(cal_feats, cal_conf, value_of(head, cal_feats))
+    live = ~np.isnan(cal.g)
+    stats = {"mean": float(cal.g[live].mean()), "var": float(cal.g[live].var())}
+    chosen: dict = {}
+    for rule in RULES:
+        chosen[rule] = {}
+        for target in TARGETS:
+            best = None
+            for params, m in grid(rule):
+                score = score_of(rule, cal, stats, params)
+                c = threshold_for(score, cal, m, target)
+                res = outcome(stop_at(score, c, m), cal)
+                key = (res["false_share"], -res["tokens_saved"])
+                if best is None or key < best[0]:
+                    best = (key, {"params": params, "min_tokens": m, "threshold": c, "calibration": res})
+            chosen[rule][f"{target:.2f}"] = best[1]
+            print(f"{rule} @ {target:.0%}: {best[1]['params']} m={best[1]['min_tokens']} c={best[1]['threshold']:.4g} "
+                  f"-> false {best[1]['calibration']['false_share']:.3f}, saved {best[1]['calibration']['tokens_saved']:.3f}")
+    best_rule = {f"{t:.2f}": min(RULES, key=lambda r: (chosen[r][f"{t:.2f}"]["calibration"]["false_share"],
+                                                       -chosen[r][f"{t:.2f}"]["calibration"]["tokens_saved"]))
+                 for t in TARGETS}
+    settings = {"written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset": PRESET, "sets": SETS,
+                "statistics": stats, "value_head": {**head, "ridge": fitted.ridge, "selection": fitted.selection,
+                                                   "calibration_report": value_report(fitted, cal_feats)},
+                "rules": {r: RULES[r][0] for r in RULES}, "min_tokens_grid": MIN_TOKENS, "chosen": chosen,
+                "best_rule": best_rule}
+    Path(args.settings).write_text(json.dumps(settings, indent=1) + "\n")
+    print(f"settings written to {args.settings}; best rule per target: {best_rule}")
+
+
+# ------------------------------------------------------------------------------------ evaluate (new prompts)
+
+
+def exact_espo_stops(s: Signals, params: dict, min_tokens: int, threshold: float, stats: dict,
+                     per_token_value: bool) -> np.ndarray:
+    """The ESPO rules' stops by espo's own stop rule (``stop_update_reference`` on an ``EarlyStopper``, float32):
+    the check that the numpy replay above is exact."""
+    n, width = s.g.shape
+    beta = threshold * (1.0 if per_token_value else 0.5)  # score = z / V: z > threshold * V
+    floor = params.get("value_floor", 0.2)
+    cfg = ESPOConfig(alpha_s=params["alpha_s"], clip=10.0, beta=beta, beta_min=0.0, eta_beta=0.0,
+                     value_floor=floor if per_token_value else 0.0, min_tokens=min_tokens)
+    stopper = EarlyStopper(cfg, n)
+    stopper.set_statistics(stats["mean"], stats["var"])
+    stopper.arm()
+    at = torch.full((n,), -1, dtype=torch.long)
+    g = torch.from_numpy(np.nan_to_num(s.g)).float()
+    v = torch.from_numpy(np.nan_to_num(s.value, nan=1.0) if per_token_value else np.full(s.g.shape, 0.5)).float()
+    for t in range(width):
+        state = stopper.state(values=v[:, t])
+        stop = stop_update_reference(g[:, t], torch.from_numpy(t < s.lengths), state)
+        at = torch.where(stop & (at < 0), t, at)
+    return at.numpy()
+
+
+def evaluate(args) -> None:
+    work = Path(args.work)
+    settings = json.loads(Path(args.settings).read_text())
+    head, stats = settings["value_head"], settings["statistics"]
+    fitted = FittedValue(weight=np.asarray(head["weight"], np.float32), bias=head["bias"], ridge=head["ridge"],
+                         selection=head["selection"])
+    parts, feats_all = [], []
+    for seed in SETS["evaluation"][3]:
+        feats, conf = load_set(work, "evaluation", seed)
+        parts.append(Signals.build(feats, conf, value_of(head, feats)))
+        feats_all.append(feats)
+    ev = Signals.concat(parts)
+    report = {"settings": args.settings, "value": {
+        "evaluation": value_report(fitted, _concat_features(feats_all)),
+        "per_seed": [value_report(fitted, f)["explained_variance"] for f in feats_all]}}
+    w = resample_weights(len(np.unique(ev.prompt)))
+    results: dict = {}
+    for rule in RULES:
+        results[rule] = {}
+        for target, ch in settings["chosen"][rule].items():
+            at = stop_at(score_of(rule, ev, stats, ch["params"]), ch["threshold"], ch["min_tokens"])
+            row = compare_to_hazard(ev, at, ch["min_tokens"], w)
+            row["per_seed"] = [outcome(stop_at(score_of(rule, p, stats, ch["params"]), ch["threshold"],
+                                               ch["min_tokens"]), p) for p in parts]
+            row["length_cap"] = length_cap(ev, row["tokens_saved"])
+            row["outcome"] = outcome(at, ev)
+            if rule.startswith("espo"):
+                exact = exact_espo_stops(ev, ch["params"], ch["min_tokens"], ch["threshold"], stats,
+                                         rule == "espo-fitted-v")
+                row["replay_mismatches"] = int((exact != at).sum())
+            results[rule][target] = row
+            print(f"{rule} @ {target}: false {row['false_share']:.3f} {row['false_share_ci']} saved "
+                  f"{row['tokens_saved']:.3f}; hazard {row['hazard_false_share']:.3f}; minus {row['minus_hazard']:+.3f} "
+                  f"{row['minus_hazard_ci']}", flush=True)
+    report["results"] = results
+    report["curves"] = curves(ev, stats, settings)
+    report["rollouts"] = {"evaluation": int(len(ev.lengths)), "prompts": int(len(np.unique(ev.prompt))),
+                          "success": float(ev.right.mean()), "tokens": int(ev.lengths.sum()),
+                          "mean_length_right": float(ev.lengths[ev.right].mean()),
+                          "mean_length_wrong": float(ev.lengths[~ev.right].mean())}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out.with_suffix('.json')}")
+
+
+def _concat_features(parts: list[RolloutFeatures]) -> RolloutFeatures:
+    offsets = np.cumsum([0] + [len(p.lengths) for p in parts[:-1]])
+    cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
+    return RolloutFeatures(rollout=np.concatenate([p.rollout + o for p, o in zip(parts, offsets)]),
+                           position=cat("position"), hidden=cat("hidden"), regret=cat("regret"),
+                           entropy=cat("entropy"), logprob=cat("logprob"), prompt=cat("prompt"), reward=cat("reward"),
+                           right=cat("right"), lengths=cat("lengths"), finish=sum((p.finish for p in parts), []))
+
+
+def curves(ev: Signals, stats: dict, settings: dict) -> dict:
+    """False-stop share against tokens saved on the evaluation rollouts: each rule at its 20% setting's
+    parameters over a sweep of thresholds, the hazard control and the length cap."""
+    out = {}
+    for rule in RULES:
+        ch = settings["chosen"][rule]["0.20"]
+        score = score_of(rule, ev, stats, ch["params"])
+        pts = []
+        for q in np.linspace(0.5, 0.999, 40):
+            c = float(np.nanquantile(score[:, ch["min_tokens"]:], q))
+            o = outcome(stop_at(score, c, ch["min_tokens"]), ev)
+            pts.append([o["tokens_saved"], o["false_share"], o["stops"]])
+        out[rule] = sorted(pts)
+    haz = []
+    for h in np.geomspace(1e-4, 0.2, 30):
+        hz = hazard_control(ev, h, 4)
+        haz.append([float(hz["saved"].sum() / ev.lengths.sum()), float((hz["p_stop"] * ev.right).sum()
+                                                                        / hz["p_stop"].sum())])
+    out["hazard (min_tokens 4)"] = haz
+    out["length cap"] = [[lc["tokens_saved"], lc["false_share"]] for lc in
+                         (length_cap(ev, t) for t in np.linspace(0.02, 0.4, 20)) if lc.get("cap")]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="decode every set unstopped and record each token's features")
+    c.add_argument("model")
+    c.add_argument("--work", required=True, help="folder for the decoded sets (large; not committed)")
+    c.add_argument("--slots", type=int, default=64)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--limit", type=int, default=0, help="at most this many problems a set (a smoke test)")
+    ch = sub.add_parser("choose", help="fit the value and choose every rule's settings on the calibration set")
+    ch.add_argument("--work", required=True)
+    ch.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
+    ev = sub.add_parser("evaluate", help="replay the committed settings on the evaluation rollouts")
+    ev.add_argument("--work", required=True)
+    ev.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
+    ev.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    args = ap.parse_args()
+    {"collect": collect, "choose": choose, "evaluate": evaluate}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
