@@ -142,10 +142,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # gives it several epochs. At lr 2e-4 PPO learns the tiny task within ~10 steps, after which few rollouts
     # go wrong and there is little left for any stopper to save; 5e-5 keeps a run in the regime of real
     # reasoning RL, where a good share of rollouts still fail (bench/results/study.md).
+    # max_batch below a step's rollouts keeps the decoder's pool full: a slot a stop frees takes the next rollout,
+    # so a time saving measures what the stops buy (with a slot per rollout it did not: bench/results/claims-audit.md).
     "demo": dict(steps=30, prompts_per_step=16, group_size=8, num_problems=64, eval_problems=128, eval_every=5,
-                 lr=5e-5, espo=DEMO_ESPO),
+                 lr=5e-5, max_batch=32, espo=DEMO_ESPO),
     "quick": dict(steps=6, prompts_per_step=8, group_size=4, num_problems=16, eval_problems=32, eval_every=3,
-                  espo=DEMO_ESPO),
+                  max_batch=8, espo=DEMO_ESPO),
     # a real chat model (`espo model smollm2 DIR`) on the word problems its card names: temperature 0.5 and top_p
     # 0.95 put its sampled success at ~29% (at T=1 over the whole vocabulary: 8%; bench/results/word-problems-
     # probe.md); sized for a CPU (32 rollouts of <= 80 tokens a step, update micro-batches of 2048 tokens over
