@@ -485,6 +485,48 @@ def curves(ev: Signals, stats: dict, settings: dict) -> dict:
     return out
 
 
+# ---------------------------------------------------- the length-aware controls on an earlier study's rollouts
+
+
+def controls(args) -> None:
+    """bench/results/real-rollouts.json's preset stops (alpha_s 0.5, tau 3, statistics from its own batch, as
+    that study replayed them) against the length-aware controls: a markdown addendum on stdout."""
+    d = json.loads(Path(args.rollouts).read_text())
+    rows = d["rollouts"]
+    g = np.full((len(rows), max(len(r["regret"]) for r in rows)), np.nan)
+    for i, r in enumerate(rows):
+        g[i, : len(r["regret"])] = r["regret"]
+    s = Signals(g=g, conf=g, value=np.full_like(g, d["value"]), lengths=np.array([len(r["regret"]) for r in rows]),
+                right=np.array([r["reward"] >= 1.0 for r in rows]), prompt=np.array([r["prompt"] for r in rows]))
+    live = ~np.isnan(g)
+    stats = {"mean": float(g[live].mean()), "var": float(g[live].var())}
+    at = stop_at(espo_z(g, 0.5, stats["mean"], stats["var"]) / d["value"], 6.0, 0)
+    res = compare_to_hazard(s, at, 0, resample_weights(len(np.unique(s.prompt))))
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    ci = lambda x: f"[{100 * x[0]:+.1f}, {100 * x[1]:+.1f}] points"  # noqa: E731
+    print("\n".join([
+        "## Addendum (issue 32): against controls that know about length",
+        "",
+        f"Wrong rollouts are longer than right ones here (mean {s.lengths[~s.right].mean():.0f} against "
+        f"{s.lengths[s.right].mean():.0f} tokens), so a uniform random pick of rollouts, control (d) above, favours any "
+        "rule that stops late in long rollouts. The same (c) stops replayed (`python bench/study_stop_rules.py controls "
+        f"bench/results/real-rollouts.json`): {res['stops']} stops, {res['false']} false ({pct(res['false_share'])}), "
+        f"{int((at == 0).sum())} of them on the first generated token.",
+        "",
+        f"- Random stops at a constant per-token hazard saving as many tokens ({pct(res['tokens_saved'])}): "
+        f"{pct(res['hazard_false_share'])} false; (c) minus it: {100 * res['minus_hazard']:+.1f} points, bootstrap over "
+        f"prompts {ci(res['minus_hazard_ci'])}.",
+        f"- Random stops at (c)'s own stop positions, each in a rollout drawn from those long enough: "
+        f"{pct(res['own_positions_false_share'])} false; (c) minus it: {100 * res['minus_own_positions']:+.1f} points "
+        f"{ci(res['minus_own_positions_ci'])}.",
+        "",
+        "Neither difference excludes 0: against length-aware controls the calibrated rule is not shown to stop fewer "
+        "right rollouts than random stopping. The verdict above ('ahead of random stopping ... beyond the bootstrap's "
+        "noise') compared it with the success rate, a uniform pick's expectation, and does not survive this control. "
+        "bench/results/stop-rules.md compares every rule, with a fitted value, against these controls on new prompts.",
+    ]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -501,8 +543,10 @@ def main() -> None:
     ev.add_argument("--work", required=True)
     ev.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
     ev.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    co = sub.add_parser("controls", help="an earlier study's stops against the length-aware controls (markdown)")
+    co.add_argument("rollouts", help="bench/results/real-rollouts.json")
     args = ap.parse_args()
-    {"collect": collect, "choose": choose, "evaluate": evaluate}[args.cmd](args)
+    {"collect": collect, "choose": choose, "evaluate": evaluate, "controls": controls}[args.cmd](args)
 
 
 if __name__ == "__main__":
