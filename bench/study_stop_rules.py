@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from espo.config import TrainConfig
+from espo.demo import paired_saving
 from espo.models import load_model
 from espo.sample_reference import stop_update_reference
 from espo.stopper import EarlyStopper, ESPOConfig
@@ -390,7 +392,7 @@ def exact_espo_stops(s: Signals, params: dict, min_tokens: int, threshold: float
     """The ESPO rules' stops by espo's own stop rule (``stop_update_reference`` on an ``EarlyStopper``, float32):
     the check that the numpy replay above is exact."""
     n, width = s.g.shape
-    beta = threshold * (1.0 if per_token_value else 0.5)  # score = z / V: z > threshold * V
+    beta = threshold  # score = z / max(V, floor) > threshold: z > threshold * max(V, floor)
     floor = params.get("value_floor", 0.2)
     cfg = ESPOConfig(alpha_s=params["alpha_s"], clip=10.0, beta=beta, beta_min=0.0, eta_beta=0.0,
                      value_floor=floor if per_token_value else 0.0, min_tokens=min_tokens)
@@ -485,6 +487,98 @@ def curves(ev: Signals, stats: dict, settings: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------- live: stops confirmed, time with ABBA pairs
+
+
+LIVE_RULES = ("espo-constant-v", "espo-fitted-v")  # the rules espo.EarlyStopper runs inside espo.sample
+
+
+def live_stopper(rule: str, chosen: dict, stats: dict, slots: int) -> EarlyStopper:
+    """An armed ``EarlyStopper`` that stops exactly where the replay of ``rule`` at ``chosen`` does."""
+    if rule not in LIVE_RULES:
+        raise ValueError(f"{rule} has no live implementation here (replayed only); live rules: {LIVE_RULES}")
+    params, fitted = chosen["params"], rule == "espo-fitted-v"
+    cfg = ESPOConfig(alpha_s=params["alpha_s"], clip=10.0, eta_beta=0.0, beta_min=0.0,
+                     beta=chosen["threshold"],
+                     value_floor=params.get("value_floor", 0.2) if fitted else 0.0, min_tokens=chosen["min_tokens"])
+    stopper = EarlyStopper(cfg, slots)
+    stopper.set_statistics(stats["mean"], stats["var"])
+    stopper.arm()
+    return stopper
+
+
+def live(args) -> None:
+    """Confirm replayed stops against live ``espo.Decoder`` runs, then time the chosen setting against no stopper at
+    a full pool in counterbalanced (ABBA) pairs."""
+    from espo import Decoder
+    from espo.prompting import encode_prompt, stop_token_ids
+    from espo.value_fit import FittedValue
+
+    torch.set_num_threads(args.threads)
+    work, settings = Path(args.work), json.loads(Path(args.settings).read_text())
+    stats, head = settings["statistics"], settings["value_head"]
+    value_head = FittedValue(np.asarray(head["weight"], np.float32), head["bias"], head["ridge"], {}).head()
+    model, tok = load_model(args.model)
+    seed = SETS["evaluation"][3][0]
+    texts = json.loads((work / "evaluation-problems.json").read_text())[: args.prompts]
+    prompts = [encode_prompt(tok, t["prompt"]) for t in texts]
+    samples = SETS["evaluation"][2]
+    feats, conf = load_set(work, "evaluation", seed)
+    sub = feats.subset(np.arange(len(prompts) * samples))  # prompt-major: the first prompts' rollouts, same seeds
+    sig = Signals.build(sub, conf[: int(sub.lengths.sum())], value_of(head, sub))
+    cfg = TrainConfig.from_preset(PRESET, model=args.model)
+    max_new = int(json.loads((work / f"evaluation-{seed}.json").read_text())["max_new_tokens"])
+    eos = stop_token_ids(tok, model)
+
+    def decode(slots: int, rule: str | None, chosen: dict | None = None):
+        fitted = rule == "espo-fitted-v"
+        dec = Decoder(model, max_batch=slots, max_seq_len=max(map(len, prompts)) + max_new,
+                      value_source=value_head if fitted else None)
+        stopper = live_stopper(rule, chosen, stats, slots) if rule else None
+        values = [0.5] * len(prompts) if rule and not fitted else None
+        t0 = time.perf_counter()
+        out = dec.generate(prompts, samples, max_new_tokens=max_new, temperature=cfg.temperature, top_p=cfg.top_p,
+                           seed=seed, eos_token_id=eos, stopper=stopper, prompt_values=values)
+        return out, time.perf_counter() - t0
+
+    report: dict = {"prompts": len(prompts), "samples": samples, "seed": seed, "slots": args.slots,
+                    "threads": args.threads, "confirm": {}}
+    for rule in LIVE_RULES:
+        chosen = settings["chosen"][rule][args.target]
+        out, _ = decode(args.slots, rule, chosen)
+        live_at = np.array([r.length - 1 if r.finish_reason == "stopped" else -1 for r in out])
+        replay_at = stop_at(score_of(rule, sig, stats, chosen["params"]), chosen["threshold"], chosen["min_tokens"])
+        same_tokens = all(np.array_equal(r.tokens.numpy(), np.asarray(t[: r.length]))
+                          for r, t in zip(out, json.loads((work / f"evaluation-{seed}.json").read_text())["tokens"]))
+        report["confirm"][rule] = {"stops_live": int((live_at >= 0).sum()), "stops_replay": int((replay_at >= 0).sum()),
+                                   "mismatches": int((live_at != replay_at).sum()), "tokens_identical": same_tokens}
+        print(f"confirm {rule}: {report['confirm'][rule]}", flush=True)
+    rule = settings["best_rule"][args.target] if args.rule is None else args.rule
+    chosen = settings["chosen"][rule][args.target]
+    runs = []
+    order = []
+    for k in range(args.pairs):  # A B B A A B B A ...: each arm first in half of the pairs
+        order += [None, rule] if k % 2 == 0 else [rule, None]
+    for i, arm in enumerate(order):
+        load = os.getloadavg()[0]
+        out, seconds = decode(args.slots, arm, chosen if arm else None)
+        runs.append({"run": i, "pair": i // 2, "arm": arm or "none", "seconds": seconds,
+                     "tokens": int(sum(r.length for r in out)), "stops": int(sum(r.finish_reason == "stopped"
+                                                                                 for r in out)), "load": load})
+        print(runs[-1], flush=True)
+    base = [r["seconds"] for r in runs if r["arm"] == "none"]
+    other = [r["seconds"] for r in runs if r["arm"] != "none"]
+    saving, interval = paired_saving(base, other)
+    tok_saved = 1 - np.mean([r["tokens"] for r in runs if r["arm"] != "none"]) / np.mean(
+        [r["tokens"] for r in runs if r["arm"] == "none"])
+    report["timing"] = {"rule": rule, "target": args.target, "runs": runs, "time_saved": saving,
+                        "time_saved_interval": interval, "tokens_saved": float(tok_saved),
+                        "time_per_token_saving": saving / tok_saved if tok_saved > 0 else None,
+                        "interval_ratio": [x / tok_saved for x in interval] if interval and tok_saved > 0 else None}
+    Path(args.out).with_suffix(".live.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(report["timing"] | {"runs": len(runs)})
+
+
 # ---------------------------------------------------- the length-aware controls on an earlier study's rollouts
 
 
@@ -545,8 +639,19 @@ def main() -> None:
     ev.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
     co = sub.add_parser("controls", help="an earlier study's stops against the length-aware controls (markdown)")
     co.add_argument("rollouts", help="bench/results/real-rollouts.json")
+    li = sub.add_parser("live", help="confirm replayed stops live, then time the chosen setting (ABBA pairs)")
+    li.add_argument("model")
+    li.add_argument("--work", required=True)
+    li.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
+    li.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    li.add_argument("--prompts", type=int, default=32, help="the first evaluation prompts (x their samples)")
+    li.add_argument("--slots", type=int, default=16, help="decoder slots: fewer than the rollouts keeps the pool full")
+    li.add_argument("--pairs", type=int, default=6)
+    li.add_argument("--target", default="0.20")
+    li.add_argument("--rule", default=None, help="the rule to time (default: the settings' best at --target)")
+    li.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"collect": collect, "choose": choose, "evaluate": evaluate, "controls": controls}[args.cmd](args)
+    {"collect": collect, "choose": choose, "evaluate": evaluate, "controls": controls, "live": live}[args.cmd](args)
 
 
 if __name__ == "__main__":
