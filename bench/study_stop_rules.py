@@ -1,7 +1,7 @@
 """Which stop rule stops wrong rollouts and leaves right ones alone, on a real model, against length-aware controls.
 
     python bench/study_stop_rules.py collect MODEL_DIR --work /tmp/stop-rules      # decode every set (resumable)
-    python bench/study_stop_rules.py choose --work /tmp/stop-rules                 # fit V, pick settings -> committed file
+    python bench/study_stop_rules.py choose --work /tmp/stop-rules       # fit V, pick settings: a committed file
     python bench/study_stop_rules.py evaluate --work /tmp/stop-rules --out bench/results/stop-rules
 
 The protocol (issue 32):
@@ -92,7 +92,7 @@ def collect(args) -> None:
         texts |= {p.prompt for p in probs}
         (work / f"{name}-problems.json").write_text(json.dumps([{"prompt": p.prompt, "answer": p.answer}
                                                                 for p in probs]))
-        for seed in seeds:
+        for seed in seeds if name in args.sets else ():
             path = work / f"{name}-{seed}.npz"
             if path.exists():
                 print(f"{path} exists: reused")
@@ -315,7 +315,8 @@ def compare_to_hazard(s: Signals, at: np.ndarray, min_tokens: int, w: np.ndarray
             "hazard": h, "hazard_false_share": float(share_and_saved(hazard)[0]), "hazard_ci": q(b_haz),
             "minus_hazard": float(r_share - share_and_saved(hazard)[0]), "minus_hazard_ci": q(b_rule - b_haz),
             "own_positions_false_share": float(share_and_saved(own)[0]),
-            "minus_own_positions": float(r_share - share_and_saved(own)[0]), "minus_own_positions_ci": q(b_rule - b_own)}
+            "minus_own_positions": float(r_share - share_and_saved(own)[0]),
+            "minus_own_positions_ci": q(b_rule - b_own)}
 
 
 def length_cap(s: Signals, tokens_saved: float) -> dict:
@@ -370,8 +371,9 @@ def choose(args) -> None:
                 if best is None or key < best[0]:
                     best = (key, {"params": params, "min_tokens": m, "threshold": c, "calibration": res})
             chosen[rule][f"{target:.2f}"] = best[1]
-            print(f"{rule} @ {target:.0%}: {best[1]['params']} m={best[1]['min_tokens']} c={best[1]['threshold']:.4g} "
-                  f"-> false {best[1]['calibration']['false_share']:.3f}, saved {best[1]['calibration']['tokens_saved']:.3f}")
+            got = best[1]
+            print(f"{rule} @ {target:.0%}: {got['params']} m={got['min_tokens']} c={got['threshold']:.4g} -> false "
+                  f"{got['calibration']['false_share']:.3f}, saved {got['calibration']['tokens_saved']:.3f}")
     best_rule = {f"{t:.2f}": min(RULES, key=lambda r: (chosen[r][f"{t:.2f}"]["calibration"]["false_share"],
                                                        -chosen[r][f"{t:.2f}"]["calibration"]["tokens_saved"]))
                  for t in TARGETS}
@@ -441,7 +443,8 @@ def evaluate(args) -> None:
                 row["replay_mismatches"] = int((exact != at).sum())
             results[rule][target] = row
             print(f"{rule} @ {target}: false {row['false_share']:.3f} {row['false_share_ci']} saved "
-                  f"{row['tokens_saved']:.3f}; hazard {row['hazard_false_share']:.3f}; minus {row['minus_hazard']:+.3f} "
+                  f"{row['tokens_saved']:.3f}; hazard {row['hazard_false_share']:.3f}; "
+                  f"minus {row['minus_hazard']:+.3f} "
                   f"{row['minus_hazard_ci']}", flush=True)
     report["results"] = results
     report["curves"] = curves(ev, stats, settings)
@@ -485,6 +488,73 @@ def curves(ev: Signals, stats: dict, settings: dict) -> dict:
     out["length cap"] = [[lc["tokens_saved"], lc["false_share"]] for lc in
                          (length_cap(ev, t) for t in np.linspace(0.02, 0.4, 20)) if lc.get("cap")]
     return out
+
+
+# ------------------------------------------------------------------------- what it takes to predict success
+
+
+def token_features(feats: RolloutFeatures, conf: np.ndarray) -> np.ndarray:
+    """Per token [M, 9]: what the sampling op returns or a running statistic of it (position, log position, regret,
+    its running mean and max, entropy and its running mean, DeepConf confidence and its running min)."""
+    out = np.zeros((len(feats.rollout), 9), np.float32)
+    starts = np.concatenate([[0], np.cumsum(feats.lengths)])
+    for i in range(len(feats.lengths)):
+        a, b = starts[i], starts[i + 1]
+        t = np.arange(b - a, dtype=np.float32)
+        g, e, c = feats.regret[a:b], feats.entropy[a:b], conf[a:b]
+        out[a:b] = np.stack([t, np.log1p(t), g, np.cumsum(g) / (t + 1), np.maximum.accumulate(g), e,
+                             np.cumsum(e) / (t + 1), c, np.minimum.accumulate(c)], 1)
+    return out
+
+
+def mlp_value(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, epochs: int = 8, seed: int = 0) -> np.ndarray:
+    """A one-hidden-layer MLP (256 units) on standardised x, trained with cross-entropy to y: P(success) on x_test."""
+    torch.manual_seed(seed)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.from_numpy((x - mu) / sd).float()
+    yt = torch.from_numpy(y).float()
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(256, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(512):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(xt[idx]).squeeze(-1), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        return torch.sigmoid(net(torch.from_numpy((x_test - mu) / sd).float()).squeeze(-1)).numpy()
+
+
+def heads(args) -> None:
+    """Explained variance on the calibration rollouts of value heads fitted on the fit rollouts: a linear head on the
+    last hidden state (what espo.ValueHead runs while decoding), with the op's features added, and an MLP."""
+    from espo.value_fit import _ridge, explained_variance
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    fit, fit_conf = load_set(work, "fit", SETS["fit"][3][0])
+    cal, cal_conf = load_set(work, "calibration", SETS["calibration"][3][0])
+    ff, cf = token_features(fit, fit_conf), token_features(cal, cal_conf)
+    y, y_cal = fit.target, cal.target
+    linear = fit_value_head(fit)
+    out = {"linear on the last hidden state (espo.ValueHead)":
+           explained_variance(linear.predict(cal.hidden), y_cal)}
+    for name, x, xc in (("linear on the op's features only", ff, cf),
+                        ("linear on hidden + the op's features", np.hstack([fit.hidden, ff]),
+                         np.hstack([cal.hidden, cf]))):
+        w, b = _ridge(x, y, linear.ridge)
+        out[name] = explained_variance(np.clip(xc @ w + b, 0, 1), y_cal)
+    out["MLP on the last hidden state"] = explained_variance(mlp_value(fit.hidden, y, cal.hidden), y_cal)
+    out["MLP on hidden + the op's features"] = explained_variance(
+        mlp_value(np.hstack([fit.hidden, ff]), y, np.hstack([cal.hidden, cf])), y_cal)
+    for k, v in out.items():
+        print(f"{k}: {v:.3f}", flush=True)
+    Path(args.out).with_suffix(".heads.json").write_text(json.dumps({
+        "fitted_on": f"fit set: {len(fit.lengths)} rollouts",
+        "scored_on": f"calibration set: {len(cal.lengths)} rollouts",
+        "explained_variance": out, "ridge": linear.ridge}, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------- live: stops confirmed, time with ABBA pairs
@@ -602,13 +672,15 @@ def controls(args) -> None:
         "## Addendum (issue 32): against controls that know about length",
         "",
         f"Wrong rollouts are longer than right ones here (mean {s.lengths[~s.right].mean():.0f} against "
-        f"{s.lengths[s.right].mean():.0f} tokens), so a uniform random pick of rollouts, control (d) above, favours any "
-        "rule that stops late in long rollouts. The same (c) stops replayed (`python bench/study_stop_rules.py controls "
+        f"{s.lengths[s.right].mean():.0f} tokens), so a uniform random pick of rollouts, control (d) above, favours "
+        "any rule that stops late in long rollouts. The same (c) stops replayed (`python bench/study_stop_rules.py "
+        "controls "
         f"bench/results/real-rollouts.json`): {res['stops']} stops, {res['false']} false ({pct(res['false_share'])}), "
         f"{int((at == 0).sum())} of them on the first generated token.",
         "",
         f"- Random stops at a constant per-token hazard saving as many tokens ({pct(res['tokens_saved'])}): "
-        f"{pct(res['hazard_false_share'])} false; (c) minus it: {100 * res['minus_hazard']:+.1f} points, bootstrap over "
+        f"{pct(res['hazard_false_share'])} false; (c) minus it: {100 * res['minus_hazard']:+.1f} points, bootstrap "
+        "over "
         f"prompts {ci(res['minus_hazard_ci'])}.",
         f"- Random stops at (c)'s own stop positions, each in a rollout drawn from those long enough: "
         f"{pct(res['own_positions_false_share'])} false; (c) minus it: {100 * res['minus_own_positions']:+.1f} points "
@@ -630,6 +702,7 @@ def main() -> None:
     c.add_argument("--slots", type=int, default=64)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--limit", type=int, default=0, help="at most this many problems a set (a smoke test)")
+    c.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="the sets to decode")
     ch = sub.add_parser("choose", help="fit the value and choose every rule's settings on the calibration set")
     ch.add_argument("--work", required=True)
     ch.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
@@ -639,6 +712,10 @@ def main() -> None:
     ev.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
     co = sub.add_parser("controls", help="an earlier study's stops against the length-aware controls (markdown)")
     co.add_argument("rollouts", help="bench/results/real-rollouts.json")
+    he = sub.add_parser("heads", help="what it takes to predict success: value heads compared on calibration")
+    he.add_argument("--work", required=True)
+    he.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    he.add_argument("--threads", type=int, default=1)
     li = sub.add_parser("live", help="confirm replayed stops live, then time the chosen setting (ABBA pairs)")
     li.add_argument("model")
     li.add_argument("--work", required=True)
@@ -651,7 +728,8 @@ def main() -> None:
     li.add_argument("--rule", default=None, help="the rule to time (default: the settings' best at --target)")
     li.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"collect": collect, "choose": choose, "evaluate": evaluate, "controls": controls, "live": live}[args.cmd](args)
+    {"collect": collect, "choose": choose, "evaluate": evaluate, "controls": controls, "live": live,
+     "heads": heads}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -134,19 +134,45 @@ def prefix_hidden_states(model: torch.nn.Module, prompts: Sequence[Sequence[int]
     return out  # type: ignore[return-value]
 
 
+class HiddenRecorder(ValueHead):
+    """A value source for ``espo.Decoder`` that keeps every hidden state it is given and returns, as each row's
+    "value", the index under which it kept it: a rollout's ``values`` then name the hidden states of the prefixes its
+    tokens were drawn from, exactly those a ``ValueHead`` would read, at no cost beyond the decode itself."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size)
+        self.kept: list[torch.Tensor] = []
+        self.count = 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.detach().reshape(-1, self.hidden_size).float().cpu()
+        self.kept.append(flat)
+        ids = torch.arange(self.count, self.count + len(flat), dtype=torch.float32, device=hidden.device)
+        self.count += len(flat)
+        if self.count >= 2**24:  # float32 holds every integer index below 2^24 exactly
+            raise RuntimeError("HiddenRecorder: more than 2^24 hidden states in one decode; decode fewer rollouts")
+        return ids.reshape(hidden.shape[:-1])
+
+    def hidden_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.kept)[ids.long()]
+
+
 def features_from_rollouts(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollouts: Any,
-                           rewards: Sequence[float], success_threshold: float = 1.0) -> RolloutFeatures:
-    """``RolloutFeatures`` of ``espo.Decoder.generate``'s ``rollouts`` (unstopped) and their ``rewards``."""
+                           rewards: Sequence[float], success_threshold: float = 1.0,
+                           hidden: Sequence[torch.Tensor] | None = None) -> RolloutFeatures:
+    """``RolloutFeatures`` of ``espo.Decoder.generate``'s ``rollouts`` (unstopped) and their ``rewards``; each
+    rollout's hidden states [T, H] are ``hidden`` when given, else one teacher-forced forward recomputes them."""
     rs = list(rollouts)
     if len(rs) != len(rewards):
         raise ValueError(f"rewards must hold one value per rollout ({len(rs)}), got {len(rewards)}")
-    hidden = prefix_hidden_states(model, [prompts[r.prompt_index] for r in rs], [r.tokens.tolist() for r in rs])
+    if hidden is None:
+        hidden = prefix_hidden_states(model, [prompts[r.prompt_index] for r in rs], [r.tokens.tolist() for r in rs])
     lengths = np.array([r.length for r in rs], dtype=np.int64)
     cat = lambda name: np.concatenate([getattr(r, name).float().numpy() for r in rs]) if rs else np.zeros(0)  # noqa: E731
     reward = np.array(rewards, dtype=np.float32)
     return RolloutFeatures(
         rollout=np.repeat(np.arange(len(rs)), lengths), position=np.concatenate([np.arange(n) for n in lengths]),
-        hidden=torch.cat(hidden).numpy() if rs else np.zeros((0, 0), np.float32),
+        hidden=torch.cat(list(hidden)).numpy() if rs else np.zeros((0, 0), np.float32),
         regret=cat("regret"), entropy=cat("entropy"), logprob=cat("raw_logprobs"),
         prompt=np.array([r.prompt_index for r in rs], dtype=np.int64), reward=reward,
         right=reward >= success_threshold, lengths=lengths, finish=[r.finish_reason for r in rs])
@@ -154,7 +180,7 @@ def features_from_rollouts(model: torch.nn.Module, prompts: Sequence[Sequence[in
 
 @dataclass
 class DecodedSet:
-    """``decode_features``' result: the features, and per rollout its completion text and tokens."""
+    """``decode_features``' result: the features, and per rollout its completion text, tokens and seed."""
 
     features: RolloutFeatures
     texts: list[str]
@@ -167,7 +193,7 @@ def decode_features(model: torch.nn.Module, tokenizer: Any, task: Any, problems:
                     seed: int, temperature: float, top_p: float, max_new_tokens: int, slots: int = 64,
                     success_threshold: float = 1.0, progress: bool = True) -> DecodedSet:
     """Decode ``samples`` unstopped rollouts of each problem with ``espo.Decoder`` (sampling seed ``seed``), score
-    them with the task, and return every token's features (``features_from_rollouts``)."""
+    them with the task, and return every token's features, the hidden states kept while decoding."""
     import time
 
     from .decoder import Decoder
@@ -175,15 +201,17 @@ def decode_features(model: torch.nn.Module, tokenizer: Any, task: Any, problems:
     from .tasks import score
 
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    recorder = HiddenRecorder(model.config.hidden_size)
     dec = Decoder(model, max_batch=min(slots, len(prompts) * samples),
-                  max_seq_len=max(map(len, prompts)) + max_new_tokens)
+                  max_seq_len=max(map(len, prompts)) + max_new_tokens, value_source=recorder)
     t0 = time.perf_counter()
     out = dec.generate(prompts, samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        seed=seed, eos_token_id=stop_token_ids(tokenizer, model), progress=progress)
     seconds = time.perf_counter() - t0
     texts = [tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True) for r in out]
     rewards = [score(task, problems[r.prompt_index], t) for r, t in zip(out, texts)]
-    feats = features_from_rollouts(model, prompts, out, rewards, success_threshold)
+    feats = features_from_rollouts(model, prompts, out, rewards, success_threshold,
+                                   hidden=[recorder.hidden_of(r.values) for r in out])
     return DecodedSet(feats, texts, [r.tokens.tolist() for r in out], [r.seed for r in out], seconds)
 
 

@@ -147,3 +147,16 @@ def test_a_critic_run_starts_from_the_fitted_head(model_with_head, tmp_path):
     with pytest.warns(UserWarning, match="fitted on rollouts sampled at temperature 1.0"):
         initial_value_head(TrainConfig(algo="espo", model=str(model_with_head), temperature=0.5),
                            fitted.hidden_size, torch.device("cpu"))
+
+
+def test_the_hidden_states_recorded_while_decoding_are_the_teacher_forced_ones():
+    from espo.value_fit import HiddenRecorder, prefix_hidden_states
+
+    model, tok = load_model(builtin_model_path())
+    prompts = [encode_prompt(tok, p.prompt) for p in builtin_task().problems(3, seed=7)]
+    recorder = HiddenRecorder(model.config.hidden_size)
+    out = espo.Decoder(model, max_batch=4, max_seq_len=160, value_source=recorder).generate(
+        prompts, 2, max_new_tokens=30, seed=1)
+    forced = prefix_hidden_states(model, [prompts[r.prompt_index] for r in out], [r.tokens.tolist() for r in out])
+    for r, h in zip(out, forced):
+        torch.testing.assert_close(recorder.hidden_of(r.values), h, atol=2e-4, rtol=1e-4)
