@@ -393,7 +393,8 @@ def fit_value(model_dir: str | os.PathLike, *, problems: int = 256, samples: int
     from .tasks import task_from_checkpoint, task_problems
 
     if not 0.0 < held_out < 1.0:
-        raise ValueError(f"held_out must be between 0 and 1 (the share of problems kept for the report), got {held_out}")
+        raise ValueError(f"held_out must be between 0 and 1 (the share of problems kept for the report), "
+                         f"got {held_out}")
     model, tokenizer = load_model(model_dir)
     task = task_from_checkpoint(model_dir)
     if task is None:
