@@ -200,8 +200,7 @@ RULES = {
                           + np.where(np.isnan(s.g), np.nan, 0)),
     "deepconf": ("DeepConf: the mean token confidence over the last w tokens < c", {"window": (4, 8, 16)},
                  lambda s, st, window: -window_mean(s.conf, window)),
-    "value-below": ("ARRoL-style: the fitted value (mean over the last w tokens) < c", {"window": (1, 4)},
-                    lambda s, st, window: -window_mean(s.value, window)),
+    "value-below": ("ARRoL-style: the fitted value < c", {}, lambda s, st: -s.value),
 }
 MIN_TOKENS = (2, 4, 8)  # part of every rule's setting: no stop before token index min_tokens (0-based)
 
