@@ -119,6 +119,9 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {path} has no configuration: it was not written by espo's trainer")
         skip, older = set(may_differ), missing_as or {}
         saved = {**{k: v for k, v in older.items() if k not in saved}, **saved}
+        for k, v in older.items():  # a nested setting (e.g. the stop rule's) that gained fields
+            if isinstance(v, dict) and isinstance(saved.get(k), dict):
+                saved[k] = {**v, **saved[k]}
         diff = sorted(k for k in set(saved) | set(expected_config)
                       if k not in skip and saved.get(k) != expected_config.get(k))
         if diff:

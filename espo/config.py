@@ -108,6 +108,10 @@ class TrainConfig:
             raise TypeError(f"TrainConfig.out_dir must be a folder path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)
         check_fields(self)
+        if self.espo.value_rule and ALGOS[self.algo].stops and not ALGOS[self.algo].critic:
+            raise ValueError(f"the value rule (espo value_rule) needs a per-token critic value, but {self.algo} gives "
+                             "every rollout of a prompt its posterior mean: it would stop whole prompts. Use algo espo "
+                             "with a fitted value head (espo value fit), or turn value_rule off")
         if self.group_size < 2 and not ALGOS[self.algo].critic:
             raise ValueError(f"{self.algo} needs group_size >= 2 (a group advantage needs two rollouts)")
 

@@ -33,7 +33,8 @@ RESUMABLE_CHANGES = ("out_dir", "value_head", "steps", "device", "lr", "eval_eve
                      "false_stop_sample")
 # Settings added after checkpoints were first written, with the value that reproduces the older runs: a checkpoint
 # that lacks one is read as holding that value.
-SETTINGS_ADDED = {"value_lr": 0.0, "value_head": "none"}
+SETTINGS_ADDED = {"value_lr": 0.0, "value_head": "none",
+                  "espo": {"regret_rule": True, "value_rule": False, "value_stop": 0.05}}
 CHECKPOINT_KEYS = ("config", "step", "history", "model", "value_head", "optimizer", "stopper", "allocator", "warmup")
 
 

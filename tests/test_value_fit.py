@@ -160,3 +160,50 @@ def test_the_hidden_states_recorded_while_decoding_are_the_teacher_forced_ones()
     forced = prefix_hidden_states(model, [prompts[r.prompt_index] for r in out], [r.tokens.tolist() for r in out])
     for r, h in zip(out, forced):
         torch.testing.assert_close(recorder.hidden_of(r.values), h, atol=2e-4, rtol=1e-4)
+
+
+def test_the_decoder_stops_a_rollout_once_its_value_head_gives_up():
+    model, tok = load_model(builtin_model_path())
+    head = espo.ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.proj.weight, std=0.3)
+    prompts = [encode_prompt(tok, p.prompt) for p in builtin_task().problems(4, seed=2)]
+    dec = espo.Decoder(model, max_batch=4, max_seq_len=160, value_source=head)
+    free = dec.generate(prompts, 2, max_new_tokens=40, seed=3)
+    level = float(torch.stack([f.values[3:].min() for f in free]).median())  # some rollouts dip below it, some not
+    stopper = espo.EarlyStopper(espo.ESPOConfig(value_rule=True, regret_rule=False, value_stop=level, min_tokens=3), 4)
+    stopper.arm()
+    out = dec.generate(prompts, 2, max_new_tokens=40, seed=3, stopper=stopper)
+    stops = 0
+    for r, f in zip(out, free):
+        below = (f.values[3:] < level).nonzero()
+        first = int(below[0]) + 3 if len(below) else None
+        if first is not None and first < f.length:
+            assert r.finish_reason == "stopped" and r.length == first + 1  # the token that triggered it is kept
+            stops += 1
+        else:
+            assert r.finish_reason != "stopped" and r.length == f.length
+        assert torch.equal(r.tokens, f.tokens[: r.length])
+    assert 0 < stops < len(out)
+
+
+def test_the_value_rule_is_refused_where_values_are_per_prompt(tmp_path):
+    with pytest.raises(ValueError, match="needs a per-token critic value"):
+        TrainConfig(algo="grpo-espo", espo={"value_rule": True})
+    TrainConfig(algo="espo", espo={"value_rule": True})
+
+
+def test_a_run_saved_before_the_value_rule_resumes(tmp_path):
+    cfg = TrainConfig(algo="espo", steps=1, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=0,
+                      max_batch=16, ppo_epochs=1, minibatches=1, out_dir=str(tmp_path / "run"))
+    espo.train(cfg, progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    for name in ("regret_rule", "value_rule", "value_stop"):
+        del state["config"]["espo"][name]
+        del state["stopper"]["config"][name]
+    del state["config"]["value_head"]
+    torch.save(state, ckpt)
+    import dataclasses
+
+    history = espo.train(dataclasses.replace(cfg, steps=2), resume=True, progress=False).history
+    assert [h["step"] for h in history] == [0, 1]
