@@ -94,8 +94,9 @@ class ESPOConfig:
     r_fail: float = setting(-1.0, "terminal reward of the token that triggered a stop")
     regret_rule: bool = setting(True, "stop on the smoothed regret z (ESPO's rule); off leaves the value rule alone "
                                       "(ours)")
-    value_rule: bool = setting(False, "stop a rollout once its critic value V_t falls below value_stop, from token "
-                                      "min_tokens on; needs a per-token value, e.g. a head from `espo value fit` (ours)")
+    value_rule: bool = setting(False, "stop a rollout once its critic value V_t falls below value_stop, from "
+                                      "token min_tokens on; needs a per-token value, e.g. a head from `espo value "
+                                      "fit` (ours)")
     value_stop: float = setting(0.05, "the value under which value_rule stops a rollout (ours)")
 
     def __post_init__(self) -> None:
