@@ -559,7 +559,7 @@ def heads(args) -> None:
 # ------------------------------------------------------------------- live: stops confirmed, time with ABBA pairs
 
 
-LIVE_RULES = ("espo-constant-v", "espo-fitted-v")  # the rules espo.EarlyStopper runs inside espo.sample
+LIVE_RULES = ("espo-constant-v", "espo-fitted-v", "value-below")  # the rules espo.EarlyStopper runs
 
 
 def live_stopper(rule: str, chosen: dict, stats: dict, slots: int) -> EarlyStopper:
@@ -567,6 +567,11 @@ def live_stopper(rule: str, chosen: dict, stats: dict, slots: int) -> EarlyStopp
     if rule not in LIVE_RULES:
         raise ValueError(f"{rule} has no live implementation here (replayed only); live rules: {LIVE_RULES}")
     params, fitted = chosen["params"], rule == "espo-fitted-v"
+    if rule == "value-below":  # score -V > c: V < -c
+        stopper = EarlyStopper(ESPOConfig(value_rule=True, regret_rule=False, value_stop=-chosen["threshold"],
+                                          min_tokens=chosen["min_tokens"]), slots)
+        stopper.arm()
+        return stopper
     cfg = ESPOConfig(alpha_s=params["alpha_s"], clip=10.0, eta_beta=0.0, beta_min=0.0,
                      beta=chosen["threshold"],
                      value_floor=params.get("value_floor", 0.2) if fitted else 0.0, min_tokens=chosen["min_tokens"])
@@ -600,7 +605,7 @@ def live(args) -> None:
     eos = stop_token_ids(tok, model)
 
     def decode(slots: int, rule: str | None, chosen: dict | None = None):
-        fitted = rule == "espo-fitted-v"
+        fitted = rule in ("espo-fitted-v", "value-below")  # the rules that read the fitted head while decoding
         dec = Decoder(model, max_batch=slots, max_seq_len=max(map(len, prompts)) + max_new,
                       value_source=value_head if fitted else None)
         stopper = live_stopper(rule, chosen, stats, slots) if rule else None
