@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import common  # noqa: F401  (puts the checkout first on sys.path)
+import common  # puts the checkout first on sys.path
 import numpy as np
 import torch
 
@@ -452,8 +452,173 @@ def evaluate(args) -> None:
                           "mean_length_right": float(ev.lengths[ev.right].mean()),
                           "mean_length_wrong": float(ev.lengths[~ev.right].mean())}
     out = Path(args.out)
+    report["env"] = common.environment("cpu", load_average=list(os.getloadavg()))
+    for part in ("heads", "live"):  # written by the heads and live subcommands, when they have run
+        path = out.with_suffix(f".{part}.json")
+        report[part] = json.loads(path.read_text()) if path.exists() else None
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out.with_suffix('.json')}")
+    out.with_suffix(".md").write_text(markdown(report, settings))
+    plot(report, out)
+    print(f"wrote {out.with_suffix('.json')}, .md and .png")
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def pts(ci: list[float]) -> str:
+    return f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
+def markdown(report: dict, settings: dict) -> str:
+    """bench/results/stop-rules.md from the evaluation report, the committed settings and the live runs."""
+    env, ro, val = report["env"], report["rollouts"], report["value"]
+    md = [
+        "# Which stop rule stops wrong rollouts and leaves right ones alone: SmolLM2-135M-Instruct, against "
+        "length-aware controls",
+        "",
+        f"{env['date']}, {env['device']} (2 cores), torch {env['torch']}, 1 torch thread per process. Commands: "
+        "`python bench/study_stop_rules.py collect DIR --work W --threads 1`, then `choose --work W` (wrote "
+        f"[stop-rules-settings.json](stop-rules-settings.json) at {settings['written']}, before the evaluation "
+        "rollouts were read), then `evaluate --work W`, `heads --work W` and `live DIR --work W` (confirmation and "
+        "timing). The decodes shared the 2 cores with other processes (the load average was 4-8 throughout): that "
+        "changes times, never tokens or stops.",
+        "",
+        "**Protocol.** Preset smollm2's sampling (temperature 0.5, top_p 0.95, <= 80 new tokens), the task of the "
+        "model's card (one-digit additions in words). Three sets of problems, no problem text in two of them: "
+        f"fit ({SETS['fit'][1]} problems x {SETS['fit'][2]}, sampling seed {SETS['fit'][3][0]}: the value head is "
+        f"fitted on these), calibration ({SETS['calibration'][1]} x {SETS['calibration'][2]}, seed "
+        f"{SETS['calibration'][3][0]}: every rule's settings are chosen here), evaluation ({SETS['evaluation'][1]} x "
+        f"{SETS['evaluation'][2]}, sampling seeds {', '.join(map(str, SETS['evaluation'][3]))}). Every rollout is "
+        "decoded once without stopping; a stopped rollout's tokens up to its stop are exactly the unstopped one's "
+        "(each token is drawn from its rollout's seed and index), so replaying a rule over the recorded per-token "
+        "signals gives exactly where it stops; the live runs below confirm it. A stop keeps the token that triggered "
+        "it; a false stop is a stop of a rollout that ends right unstopped. Each rule's threshold is the one whose "
+        "calibration tokens saved is closest to (at most) the target; its other settings, min_tokens (the first "
+        f"token index a stop may fire at, from {list(MIN_TOKENS)}) among them, are the ones with the fewest "
+        "calibration false stops there. The regret statistics (mean, variance) are the calibration set's, as a "
+        "stopper's frozen statistics from an earlier batch.",
+        "",
+        f"Evaluation rollouts: {ro['evaluation']} ({ro['prompts']} prompts x 4 x 3 seeds), success "
+        f"{pct(ro['success'])}, {ro['tokens']} tokens; right rollouts average {ro['mean_length_right']:.0f} tokens, "
+        f"wrong ones {ro['mean_length_wrong']:.0f}: a rule that stops late in long rollouts looks good against a "
+        "uniform pick, hence the controls below.",
+        "",
+        "## A value that predicts success",
+        "",
+        "Value pretraining: a linear head on the last hidden state (what `espo.ValueHead` reads while decoding), "
+        "fitted "
+        "by ridge least squares to each token's Monte-Carlo target (its rollout's outcome) on the fit rollouts "
+        f"(ridge {settings['value_head']['ridge']:g}, chosen on a held-out fifth of the fit prompts).",
+        "",
+        f"- Per-token explained variance on the evaluation rollouts: **{val['evaluation']['explained_variance']:.3f}** "
+        f"(per seed {', '.join(f'{x:.3f}' for x in val['per_seed'])}); on calibration "
+        f"{settings['value_head']['calibration_report']['explained_variance']:.3f}; at a rollout's first token "
+        f"{val['evaluation']['explained_variance_first_token']:.3f}. **Target >= 0.3: missed.**",
+    ]
+    if report.get("heads"):
+        md += ["- What else was tried (fitted on the fit rollouts, explained variance on the calibration rollouts): "
+               + "; ".join(f"{k} {v:.3f}" for k, v in report["heads"]["explained_variance"].items())
+               + ". None comes near 0.3."]
+    md += ["", "Calibration of the value on the evaluation rollouts, by decile of the prediction and by position:", "",
+           "| decile | tokens | predicted | observed |", "|---|---|---|---|"]
+    md += [f"| {int(r['group']) + 1} | {r['tokens']} | {r['predicted']:.3f} | {r['observed']:.3f} |"
+           for r in val["evaluation"]["by_decile"]]
+    md += ["", "| positions | tokens | predicted | observed | explained variance |", "|---|---|---|---|---|"]
+    md += [f"| {r['positions']} | {r['tokens']} | {r['predicted']:.3f} | {r['observed']:.3f} | "
+           f"{r['explained_variance']:.3f} |" for r in val["evaluation"]["by_position"]]
+    md += ["", "## The rules at matched tokens saved, against the controls", "",
+           "Rules: " + "; ".join(f"**{k}**: {v}" for k, v in settings["rules"].items()) + ".", "",
+           "Controls, for each rule on the evaluation rollouts: **hazard**, random stops at a constant per-token "
+           "hazard "
+           "(from the rule's min_tokens on) that saves the same share of tokens, in expectation (exact, no sampling); "
+           "**own positions**, each of the rule's stops moved to a rollout drawn from those long enough to reach its "
+           "position; **length cap**, the longest cap that saves as much. Brackets: 95% bootstrap over prompts (2000 "
+           "resamples; a prompt carries its rollouts of all three seeds).", ""]
+    for target in ("0.10", "0.15", "0.20"):
+        md += [f"### About {int(round(100 * float(target)))}% of tokens saved (the calibration's target)", "",
+               "| rule | settings (chosen on calibration) | tokens saved | stops | false / stops [95%] | hazard: false "
+               "| rule - hazard [95%] | rule - own positions [95%] | length cap: false |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for rule, rows in report["results"].items():
+            r, ch = rows[target], settings["chosen"][rule][target]
+            params = ", ".join(f"{k} {v}" for k, v in ch["params"].items())
+            settings_text = (f"{params + ', ' if params else ''}min_tokens {ch['min_tokens']}, "
+                             f"threshold {ch['threshold']:.4g}")
+            md.append(f"| {rule} | {settings_text} | {pct(r['tokens_saved'])} | {r['stops']} | {r['false']} = "
+                      f"{pct(r['false_share'])} [{pct(r['false_share_ci'][0])}, {pct(r['false_share_ci'][1])}] | "
+                      f"{pct(r['hazard_false_share'])} | "
+                      f"{100 * r['minus_hazard']:+.1f} {pts(r['minus_hazard_ci'])} | "
+                      f"{100 * r['minus_own_positions']:+.1f} "
+                      f"{pts(r['minus_own_positions_ci'])} | {pct(r['length_cap'].get('false_share'))} |")
+        md.append("")
+    best = settings["best_rule"]["0.20"]
+    r = report["results"][best]["0.20"]
+    per_seed = ", ".join(f"{pct(x['false_share'])} at {pct(x['tokens_saved'])}" for x in r["per_seed"])
+    beats = r["minus_hazard_ci"][1] < 0
+    md += ["## Targets", "",
+           f"- The rule the calibration chose for 20% (**{best}**): on the evaluation rollouts {pct(r['false_share'])} "
+           f"of its stops were false ({r['false']} of {r['stops']}) at {pct(r['tokens_saved'])} of tokens saved "
+           f"(per seed: {per_seed}). False-stop share <= 3%: **{'met' if r['false_share'] <= 0.03 else 'missed'}**. "
+           f"Below the hazard control ({pct(r['hazard_false_share'])}) with an interval that excludes 0: "
+           f"**{'met' if beats else 'missed'}** ({100 * r['minus_hazard']:+.1f} points {pts(r['minus_hazard_ci'])}).",
+           ]
+    mism = {f"{k} @ {t}": v.get("replay_mismatches") for k, rows in report["results"].items() for t, v in rows.items()
+            if "replay_mismatches" in v}
+    md += [f"- The numpy replay of the ESPO rules against espo's own stop rule (`stop_update_reference` on an "
+           f"EarlyStopper, float32): stops that differ: {mism}.", ""]
+    live = report.get("live")
+    if live:
+        md += ["## Live: the replay confirmed, and time at a full pool", "",
+               f"The first {live['prompts']} evaluation prompts x {live['samples']} (seed {live['seed']}) decoded by "
+               f"espo.Decoder with each live rule's stopper armed ({live['slots']} slots, {live['threads']} "
+               "thread):", ""]
+        md += [f"- {k}: {v['stops_live']} stops live, {v['stops_replay']} replayed, {v['mismatches']} rollouts whose "
+               f"stop differs; tokens identical to the unstopped decode up to each stop: {v['tokens_identical']}"
+               for k, v in live["confirm"].items()]
+        t = live.get("timing") or {"runs": []}
+        runs = t["runs"]
+    if live and runs:
+        iv = t["time_saved_interval"]
+        md += ["", f"Time: {t['rule']} at its 20% setting against no stopper, {len(runs) // 2} pairs in "
+               f"counterbalanced order (A B, B A, A B, ...), {live['slots']} slots for "
+               f"{live['prompts'] * live['samples']} rollouts (a full "
+               f"pool: a freed slot takes the next rollout), each run a fresh Decoder; load average "
+               f"{min(x['load'] for x in runs):.1f}-{max(x['load'] for x in runs):.1f} before the runs.", "",
+               f"- Tokens saved {pct(t['tokens_saved'])}; rollout time saved {pct(t['time_saved'])} "
+               + (f"[{pct(iv[0])}, {pct(iv[1])}] (95% bootstrap over the pairs)" if iv else "(no interval)")
+               + f"; time saved / tokens saved {t['time_per_token_saving']:.2f}"
+               + (f" [{t['interval_ratio'][0]:.2f}, {t['interval_ratio'][1]:.2f}]" if t.get("interval_ratio") else "")
+               + f". Target >= 0.8: **{'met' if t['time_per_token_saving'] >= 0.8 else 'missed'}**.", "",
+               "| run | pair | arm | seconds | tokens | stops | load before |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {x['run']} | {x['pair']} | {x['arm']} | {x['seconds']:.1f} | {x['tokens']} | {x['stops']} | "
+               f"{x['load']:.1f} |" for x in runs]
+        md.append("")
+    md += ["![false-stop share against tokens saved, per rule, with the controls](stop-rules.png)", ""]
+    return "\n".join(md)
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curve in report["curves"].items():
+        if not curve:
+            continue
+        x, y = [100 * p[0] for p in curve], [100 * p[1] for p in curve]
+        style = "--" if name.startswith(("hazard", "length")) else "-"
+        ax.plot(x, y, style, marker="." if style == "-" else None, label=name)
+    ax.axhline(3, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("tokens saved (%)")
+    ax.set_ylabel("false stops (% of stops)")
+    ax.set_xlim(0, 40)
+    ax.set_title("SmolLM2-135M evaluation rollouts: each rule over its thresholds, and the controls")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
 def _concat_features(parts: list[RolloutFeatures]) -> RolloutFeatures:
