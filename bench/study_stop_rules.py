@@ -453,7 +453,7 @@ def evaluate(args) -> None:
                           "mean_length_wrong": float(ev.lengths[~ev.right].mean())}
     out = Path(args.out)
     report["env"] = common.environment("cpu", load_average=list(os.getloadavg()))
-    for part in ("heads", "live"):  # written by the heads and live subcommands, when they have run
+    for part in ("heads", "layers", "live"):  # written by the heads and live subcommands, when they have run
         path = out.with_suffix(f".{part}.json")
         report[part] = json.loads(path.read_text()) if path.exists() else None
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
@@ -520,6 +520,10 @@ def markdown(report: dict, settings: dict) -> str:
         md += ["- What else was tried (fitted on the fit rollouts, explained variance on the calibration rollouts): "
                + "; ".join(f"{k} {v:.3f}" for k, v in report["heads"]["explained_variance"].items())
                + ". None comes near 0.3."]
+    if report.get("layers"):
+        md += ["- Other layers' hidden states (ridge probes, teacher-forced; `layers`): " + "; ".join(
+            f"layer {k} {v:.3f}" for k, v in report["layers"]["explained_variance"].items())
+            + " (layer 30 is the last block's output, before the final norm)."]
     md += ["", "Calibration of the value on the evaluation rollouts, by decile of the prediction and by position:", "",
            "| decile | tokens | predicted | observed |", "|---|---|---|---|"]
     md += [f"| {int(r['group']) + 1} | {r['tokens']} | {r['predicted']:.3f} | {r['observed']:.3f} |"
@@ -721,6 +725,45 @@ def heads(args) -> None:
         "explained_variance": out, "ridge": linear.ridge}, indent=1) + "\n")
 
 
+def layers(args) -> None:
+    """Does another layer's hidden state predict success better? Ridge probes on each listed layer's output
+    (teacher-forced forwards of 700 fit rollouts of 80% of the fit prompts, scored on 300 of the other 20%)."""
+    from espo.prompting import encode_prompt
+    from espo.value_fit import _ridge, explained_variance, split_by_prompt
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    fit, _ = load_set(work, "fit", SETS["fit"][3][0])
+    meta = json.loads((work / f"fit-{SETS['fit'][3][0]}.json").read_text())
+    probs = json.loads((work / "fit-problems.json").read_text())
+    model, tok = load_model(args.model)
+    a, b = split_by_prompt(fit, 0.8, 0)
+    rng = np.random.default_rng(0)
+    a, b = rng.choice(a, 700, replace=False), rng.choice(b, 300, replace=False)
+    picked = (10, 15, 20, 25, 30)
+
+    def states(ids):
+        out, target = {k: [] for k in picked}, []
+        for r in ids:
+            prompt, tokens = encode_prompt(tok, probs[fit.prompt[r]]["prompt"]), meta["tokens"][r]
+            with torch.no_grad():
+                ids = torch.tensor([prompt + tokens[:-1]])
+                hs = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+            for k in picked:
+                out[k].append(hs[k][0, len(prompt) - 1: len(prompt) - 1 + len(tokens)].float().numpy())
+            target.append(np.full(len(tokens), float(fit.right[r])))
+        return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(target)
+
+    xa, ya = states(a)
+    xb, yb = states(b)
+    result = {}
+    for k in picked:
+        w, b0 = _ridge(xa[k], ya, 100.0)
+        result[k] = explained_variance(np.clip(xb[k] @ w + b0, 0, 1), yb)
+        print(f"layer {k}: {result[k]:.3f}", flush=True)
+    Path(args.out).with_suffix(".layers.json").write_text(json.dumps({"explained_variance": result}, indent=1) + "\n")
+
+
 # ------------------------------------------------------------------- live: stops confirmed, time with ABBA pairs
 
 
@@ -885,6 +928,11 @@ def main() -> None:
     he.add_argument("--work", required=True)
     he.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
     he.add_argument("--threads", type=int, default=1)
+    la = sub.add_parser("layers", help="ridge probes of success on other layers' hidden states")
+    la.add_argument("model")
+    la.add_argument("--work", required=True)
+    la.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    la.add_argument("--threads", type=int, default=1)
     li = sub.add_parser("live", help="confirm replayed stops live, then time the chosen setting (ABBA pairs)")
     li.add_argument("model")
     li.add_argument("--work", required=True)
@@ -898,7 +946,7 @@ def main() -> None:
     li.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     {"collect": collect, "choose": choose, "evaluate": evaluate, "controls": controls, "live": live,
-     "heads": heads}[args.cmd](args)
+     "heads": heads, "layers": layers}[args.cmd](args)
 
 
 if __name__ == "__main__":
