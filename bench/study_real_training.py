@@ -174,7 +174,9 @@ def markdown(results: dict[str, dict], pairs: dict[str, dict], env: dict, args) 
             cell = f"{p[key]:.1%} ({per_seed})"
             if key != "tokens" and p["interval"][key] is not None:
                 lo_s, hi_s = p["interval"][key]
-                cell += f" [{lo_s:.1%}, {hi_s:.1%}]" + ("" if p["beyond_noise"][key] else ": none beyond noise")
+                verdict = ": none beyond noise" if not p["beyond_noise"][key] else (": slower, beyond noise" if hi_s < 0
+                                                                                    else "")
+                cell += f" [{lo_s:.1%}, {hi_s:.1%}]{verdict}"
             cells.append(cell)
         noise = p["same_work_noise"]["step_time_s"]
         md.append(f"| {name} | {100 * gain:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {' | '.join(cells)} | "

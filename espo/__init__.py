@@ -8,6 +8,7 @@ from .stopper import CriticWarmup, EarlyStopper, ESPOConfig
 from .tasks import ChainArithmetic, Problem, Task, TaskError, score
 from .tokenizer import CharTokenizer
 from .trainer import TrainConfig, TrainResult, train
+from .value_fit import fit_value, load_value_head, save_value_head
 from .value_head import Critic, ValueHead
 
 __version__ = "0.1.0"
@@ -32,10 +33,13 @@ __all__ = [
     "TrainResult",
     "ValueHead",
     "backends",
+    "fit_value",
     "load_builtin",
     "load_model",
+    "load_value_head",
     "rollout_seed",
     "sample",
+    "save_value_head",
     "score",
     "train",
 ]

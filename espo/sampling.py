@@ -227,4 +227,8 @@ def sample(
         return SampleOutput(empty.long(), empty, empty, empty, empty, empty, empty.bool(),
                             None if stopper is None else empty.bool())
     stop = None if stopper is None else stopper.state(stopper_rows, values)
-    return SampleOutput(**_IMPLEMENTATIONS[backend](logits, temperature, top_k, top_p, seed, offset, stop))
+    live = None if stopper is None else stopper.live(stopper_rows)
+    out = _IMPLEMENTATIONS[backend](logits, temperature, top_k, top_p, seed, offset, stop)
+    if live is not None:  # the value rule reads the critic's value, not the logits: one [B] test after the draw
+        out["stop"] = stopper.apply_value_rule(out["stop"], live, out["valid"], stopper_rows, values)
+    return SampleOutput(**out)

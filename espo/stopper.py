@@ -4,7 +4,11 @@ Per decoding step, per live row (see ``espo.sample_reference.stop_update_referen
 
     g~ = clip((g - mean) / sqrt(var + delta), -clip, clip)       mean, var frozen for the whole batch
     z  = alpha_s * z + (1 - alpha_s) * g~
-    stop = armed and ready and t >= min_tokens and z > beta * max(value, value_floor)
+    stop = armed and ready and t >= min_tokens and z > beta * max(value, value_floor)        (regret_rule)
+    stop = armed and t >= min_tokens and value < value_stop                                   (value_rule)
+
+The value rule (ours, ARRoL-style: stop once the critic gives up on the rollout) reads only the critic's value, not
+the logits; bench/results/stop-rules.md compares both rules, and others, against length-aware controls.
 
 At each batch boundary (``end_batch``) the token statistics and the threshold move:
 
@@ -88,9 +92,17 @@ class ESPOConfig:
     beta_max: float = setting(50.0, "upper bound of the threshold multiplier (ours)")
     min_tokens: int = setting(0, "a row may stop only at a token index t >= min_tokens, 0-based (ours)", minimum=0)
     r_fail: float = setting(-1.0, "terminal reward of the token that triggered a stop")
+    regret_rule: bool = setting(True, "stop on the smoothed regret z (ESPO's rule); off leaves the value rule alone "
+                                      "(ours)")
+    value_rule: bool = setting(False, "stop a rollout once its critic value V_t falls below value_stop, from "
+                                      "token min_tokens on; needs a per-token value, e.g. a head from `espo value "
+                                      "fit` (ours)")
+    value_stop: float = setting(0.05, "the value under which value_rule stops a rollout (ours)")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if not (self.regret_rule or self.value_rule):
+            raise ValueError("ESPOConfig needs regret_rule or value_rule (or both): with neither nothing can stop")
         if not self.beta_min <= self.beta <= self.beta_max:
             raise ValueError(
                 f"ESPOConfig needs beta_min <= beta <= beta_max, got {self.beta_min} <= {self.beta} <= {self.beta_max}"
@@ -106,6 +118,8 @@ class ESPOConfig:
 
     def never_fires(self) -> str | None:
         """Why this rule can never stop anything, whatever the values; None when it can."""
+        if self.value_rule:
+            return None
         name = "beta" if self.eta_beta == 0 else "beta_min"  # the controller may lower beta to beta_min
         lowest = getattr(self, name)
         if self.clip > lowest * self.value_floor:
@@ -167,8 +181,10 @@ class EarlyStopper:
         self.batch_size = batch_size
         self.rows = {k: torch.zeros(batch_size, dtype=dt, device=device) for k, dt in _ROW_FIELDS.items()}
         self.device = self.rows["z"].device  # with its index: "cuda" becomes "cuda:0", as tensors report it
-        # mean, var, beta, armed, ready: one device vector so that kernels read it without a host sync.
-        self.scalars = torch.tensor([0.0, 1.0, self.config.beta, 0.0, 0.0], dtype=torch.float32, device=self.device)
+        # mean, var, beta, armed, ready: one device vector so that kernels read it without a host sync. Without the
+        # regret rule beta is +inf: the kernels' test z > beta * max(V, floor) then never holds.
+        beta = self.config.beta if self.config.regret_rule else float("inf")
+        self.scalars = torch.tensor([0.0, 1.0, beta, 0.0, 0.0], dtype=torch.float32, device=self.device)
         self._batch = torch.zeros(len(_BATCH_FIELDS), dtype=torch.float64, device=self.device)
         self.batches_seen = 0
 
@@ -212,13 +228,33 @@ class EarlyStopper:
         """Set the frozen token statistics (and the threshold multiplier), e.g. from a trainer's stopper; the
         stopper is ready from then on."""
         self.scalars[_SLOT["mean"]], self.scalars[_SLOT["var"]] = float(mean), float(var)
-        if beta is not None:
+        if beta is not None and self.config.regret_rule:
             self.scalars[_SLOT["beta"]] = float(beta)
         self.scalars[_SLOT["ready"]] = 1.0
 
     def arm(self, armed: bool = True) -> None:
         """Allow (or forbid) stopping, e.g. once the critic has warmed up."""
         self.scalars[_SLOT["armed"]] = float(armed)
+
+    def live(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Which of ``rows`` (all when None) are not stopped, before a sampling call; None without the value rule."""
+        if not self.config.value_rule:
+            return None
+        stopped = self.rows["stopped"] if rows is None else self.rows["stopped"][rows]
+        return ~stopped
+
+    def apply_value_rule(self, stop: torch.Tensor, live: torch.Tensor, valid: torch.Tensor,
+                         rows: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
+        """After a sampling call, stop the rows whose critic value is below ``value_stop`` (the value rule); ``live``
+        is ``self.live(rows)`` taken before the call. Returns the stop mask with those rows added."""
+        if values is None:  # no critic value: the value rule has nothing to read
+            return stop
+        cfg, r = self.config, (slice(None) if rows is None else rows)
+        token_index = self.rows["position"][r] - 1  # the call advanced every live row's position past its token
+        fire = (live & valid & (token_index >= cfg.min_tokens) & (values < cfg.value_stop)
+                & (self.scalars[_SLOT["armed"]] > 0))
+        self.rows["stopped"][r] = self.rows["stopped"][r] | fire
+        return stop | fire
 
     def _fold(self, mask: torch.Tensor) -> None:
         """Add the masked rows' sequences to this batch's totals and clear those rows."""
@@ -267,7 +303,7 @@ class EarlyStopper:
             s[_SLOT["mean"]] = a * float(s[_SLOT["mean"]]) + (1 - a) * batch_mean
             s[_SLOT["var"]] = a * float(s[_SLOT["var"]]) + (1 - a) * batch_var
             s[_SLOT["ready"]] = 1.0
-            if self.armed and sequences:
+            if self.armed and sequences and cfg.regret_rule:
                 beta = float(s[_SLOT["beta"]]) + cfg.eta_beta * (report["stop_rate"] - cfg.target_rate)
                 s[_SLOT["beta"]] = min(max(beta, cfg.beta_min), cfg.beta_max)
         self.batches_seen += 1
@@ -287,10 +323,13 @@ class EarlyStopper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict``; the config and batch size must match this stopper's."""
         self._check_state(state)
-        if state.get("config") != dataclasses.asdict(self.config):
+        saved = state.get("config")
+        if isinstance(saved, dict):  # a stopper saved before a field existed has that field's default
+            saved = {**{f.name: f.default for f in dataclasses.fields(ESPOConfig) if f.name not in saved}, **saved}
+        if saved != dataclasses.asdict(self.config):
             raise ValueError(
                 "EarlyStopper.load_state_dict: the saved config differs from this stopper's "
-                f"({state.get('config')} != {dataclasses.asdict(self.config)}); build the stopper with the saved config"
+                f"({saved} != {dataclasses.asdict(self.config)}); build the stopper with the saved config"
             )
         if state.get("batch_size") != self.batch_size:
             raise ValueError(

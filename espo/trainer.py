@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -59,6 +60,7 @@ from .run_folder import (
 from .stopper import CriticWarmup, EarlyStopper
 from .tasks import builtin_task, check_task, score, task_from_checkpoint, task_problems, tokens_after_mistake
 from .update import Batch, Targets, build_batch, minibatch_backward, score_batch
+from .value_fit import HEAD_FILE, load_value_head
 from .value_head import ValueHead
 
 __all__ = [
@@ -228,10 +230,7 @@ def _build(cfg: TrainConfig, rank: int, world: int, *, task: Any, resume: bool, 
     max_len = max(len(p) for p in prompts + eval_prompts) + max_new
 
     # learner state: value head, optimizer, reference policy
-    value_head = ValueHead(model.config.hidden_size, device=device) if algo.critic else None
-    if value_head is not None:
-        torch.nn.init.zeros_(value_head.proj.weight)
-        torch.nn.init.constant_(value_head.proj.bias, 0.5)
+    value_head = initial_value_head(cfg, model.config.hidden_size, device) if algo.critic else None
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     groups = [{"params": params}]
     if value_head is not None and cfg.value_lr > 0:  # its own group only then: older checkpoints have one
@@ -264,6 +263,33 @@ def _build(cfg: TrainConfig, rank: int, world: int, *, task: Any, resume: bool, 
         start_run_folder(out_dir, cfg.to_dict(), run.history, new=state is None)
     run.diagnostics.initial = run.history[0]["initial_eval_accuracy"] if run.history else run.diagnostics.accuracy(run)
     return run
+
+
+def value_head_source(cfg: TrainConfig) -> Path | None:
+    """The fitted head ``cfg.value_head`` names (auto: the model folder's, when it has one), or None."""
+    if cfg.value_head == "none":
+        return None
+    if cfg.value_head == "auto":
+        folder = Path(cfg.model) if cfg.model is not None else None
+        return folder if folder is not None and (folder / HEAD_FILE).is_file() else None
+    return Path(cfg.value_head)
+
+
+def initial_value_head(cfg: TrainConfig, hidden_size: int, device: torch.device) -> ValueHead:
+    """The critic's head before training: the fitted one ``cfg.value_head`` names, else a new one at 0.5."""
+    source = value_head_source(cfg)
+    if source is None:
+        head = ValueHead(hidden_size, device=device)
+        torch.nn.init.zeros_(head.proj.weight)
+        torch.nn.init.constant_(head.proj.bias, 0.5)
+        return head
+    head, card = load_value_head(source, hidden_size)
+    fitted_at = (card.get("temperature"), card.get("top_p"))
+    if None not in fitted_at and fitted_at != (cfg.temperature, cfg.top_p):
+        warnings.warn(f"the value head at {source} was fitted on rollouts sampled at temperature {fitted_at[0]}, "
+                      f"top_p {fitted_at[1]}, but this run samples at {cfg.temperature}, {cfg.top_p}: its values "
+                      "may be off; refit it with espo value fit at this run's sampling", stacklevel=2)
+    return head.to(device)
 
 
 def _restore(run: Run, state: dict[str, Any]) -> None:

@@ -130,3 +130,22 @@ def test_a_time_saving_is_given_with_its_interval_and_one_inside_its_noise_is_no
     assert not sv["rollout_time_beyond_noise"] and _time_saved(sv, "rollout_time").startswith("none beyond noise")
     sv = savings(summary(base), summary([7.0, 7.5, 6.5, 7.2, 7.1, 6.9]))
     assert sv["step_time_beyond_noise"] and _time_saved(sv, "step_time").startswith("29.7% [")
+
+
+def test_a_saving_over_too_few_pairs_says_so_and_the_headline_states_its_pool():
+    from espo.demo import MIN_PAIRS, _time_saved, headline, paired_saving, savings
+
+    four = [10.0, 10.0, 10.0, 10.0]
+    assert paired_saving(four, [5.0, 5.0, 6.0, 5.0]) == (pytest.approx(0.475), None)  # 35 distinct resamples only
+
+    def summary(times: list[float], slots: int) -> dict:
+        return {"algo": "x", "slots": slots, "steps": len(times), "rollouts": 128 * len(times), "rollout_tokens": 100,
+                "rollout_time_s": sum(times), "step_time_s": sum(times),
+                "per_step": {"rollout_time_s": times, "step_time_s": times}}
+
+    sv = savings(summary(four, 32), summary([5.0, 5.0, 6.0, 5.0], 32))
+    assert _time_saved(sv, "step_time") == f"47.5% (no interval: 4 paired steps, fewer than {MIN_PAIRS})"
+    full = headline({"ppo": summary(four, 32), "espo": summary([5.0] * 4, 32)})
+    assert full.startswith("ESPO vs PPO (32 slots for 128 rollouts a step: a full pool): ")
+    one_each = headline({"ppo": summary(four, 128), "espo": summary([5.0] * 4, 128)})
+    assert "128 slots for 128 rollouts a step: every rollout has a slot from the start" in one_each

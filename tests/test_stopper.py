@@ -242,3 +242,64 @@ def test_no_state_at_or_above_the_stoppable_value_ever_stops():
         state = stopper.state(values=torch.full((4,), value))
         stop = stop_update_reference(torch.full((4,), 1e6), torch.ones(4, dtype=torch.bool), state)
         assert bool(stop.all()) is stops
+
+
+# ------------------------------------------------------------------------------------------- the value rule
+
+
+def value_rule_replay(values: np.ndarray, level: float, min_tokens: int) -> np.ndarray:
+    """Where the value rule stops each row [B] of per-step values [B, T]: the first t >= min_tokens with V_t < level."""
+    hit = values[:, min_tokens:] < level
+    return np.where(hit.any(1), hit.argmax(1) + min_tokens, -1)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("regret_rule", [False, True])
+def test_the_value_rule_stops_where_its_replay_does(backend, device, regret_rule):
+    cfg = espo.ESPOConfig(value_rule=True, value_stop=0.2, regret_rule=regret_rule, min_tokens=3, beta=0.6,
+                          beta_min=0.1, alpha_s=0.7)
+    B, T = 16, 12
+    stopper = espo.EarlyStopper(cfg, B, device)
+    stopper.set_statistics(0.5, 1.0)
+    stopper.arm()
+    g = torch.Generator().manual_seed(1)
+    values = torch.rand(B, T, generator=g)
+    at = torch.full((B,), -1)
+    z_spec = SpecStopper(cfg, B)
+    z_spec.armed, z_spec.ready, z_spec.mean, z_spec.var = True, True, 0.5, 1.0
+    regret_at = torch.full((B,), -1)
+    for t in range(T):
+        logits = (torch.randn(B, 50, generator=g) * 2.5).to(device)
+        out = espo.sample(logits, seed=t, offset=t, stopper=stopper, values=values[:, t].to(device), backend=backend)
+        at = torch.where(out.stop.cpu() & (at < 0), t, at)
+        if regret_rule:  # the spec of the regret rule alone, for the union below
+            fired = z_spec.step(out.regret.tolist(), values[:, t].tolist())
+            regret_at = torch.where(torch.tensor(fired) & (regret_at < 0), t, regret_at)
+    expected = value_rule_replay(values.numpy(), 0.2, 3)
+    if regret_rule:
+        both = np.where(regret_at.numpy() < 0, expected, np.where(expected < 0, regret_at.numpy(),
+                                                                  np.minimum(expected, regret_at.numpy())))
+        assert at.tolist() == both.tolist()
+    else:
+        assert at.tolist() == expected.tolist() and (expected >= 0).any() and (expected < 0).any()
+        assert stopper.end_batch()["beta"] == float("inf")  # no regret rule: the controller moves nothing
+
+
+def test_the_value_rule_waits_to_be_armed_and_needs_values():
+    stopper = espo.EarlyStopper(espo.ESPOConfig(value_rule=True, regret_rule=False), 2)
+    logits = torch.randn(2, 10)
+    assert not espo.sample(logits, stopper=stopper, values=torch.zeros(2)).stop.any()  # not armed
+    stopper.arm()
+    assert not espo.sample(logits, stopper=stopper).stop.any()  # no critic value: nothing to read
+    assert espo.sample(logits, offset=1, stopper=stopper, values=torch.zeros(2)).stop.all()
+
+
+def test_a_rule_needs_one_rule_and_a_stopper_saved_before_the_value_rule_loads():
+    with pytest.raises(ValueError, match="regret_rule or value_rule"):
+        espo.ESPOConfig(regret_rule=False)
+    state = espo.EarlyStopper(CFG, 2).state_dict()
+    for name in ("regret_rule", "value_rule", "value_stop"):
+        del state["config"][name]
+    espo.EarlyStopper(CFG, 2).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved config differs"):
+        espo.EarlyStopper(dataclasses.replace(CFG, value_rule=True), 2).load_state_dict(state)
