@@ -191,11 +191,10 @@ class ESPOLogitsProcessorMRV2(*((LogitsProcessor,) if LogitsProcessor is not Non
         for req, (token, stop, valid, n) in zip(reqs, draw(logits, rows, reqs, offsets.to(logits.device), self.rows,
                                                            self.settings)):
             req.drawn = n + 1
+            req.finished = valid and req.sampling.ends(n, token)
             if stop:  # recorded at once: the drawn token may itself end the request, with no later step to see it
                 req.stopped_at = n
                 self.recorder.write({"event": "stop", "id": req.args.id, "seed": req.args.seed, "index": n,
                                      "eos": req.sampling.eos})
-                self._finish(req)
-            elif valid and req.sampling.ends(n, token):
-                req.finished = True
+            if stop or req.finished:
                 self._finish(req)

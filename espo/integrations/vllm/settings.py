@@ -221,9 +221,9 @@ _CHANGES_THE_DRAW = {
 def check_sampling_params(params: Any) -> None:
     """Refuse what the processor cannot honour, naming the setting to change.
 
-    The same rules on both runners (vLLM validates a request before it knows which runner serves it): espo
-    draws every token from the policy's own distribution, so settings that would change or override the
-    draw are refused.
+    The same rules on both runners (a processor's ``validate_params`` is not told which runner serves the
+    request): espo draws every token from the policy's own distribution, so settings that would change or
+    override the draw are refused.
     """
     if getattr(params, "n", 1) != 1:
         raise ValueError(

@@ -90,18 +90,6 @@ class ESPOLogitsProcessorV1(*((LogitsProcessor,) if LogitsProcessor is not None 
         self.stopper = self.rows.stopper
         self.slots: dict[int, _Request] = {}
 
-    @property
-    def parked(self) -> dict[str, _Request]:
-        return self.rows.parked
-
-    @property
-    def free_rows(self) -> list[int]:
-        return self.rows.free_rows
-
-    @property
-    def finished_since_update(self) -> int:
-        return self.rows.finished_since_update
-
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         """Refuse, at submission, a request the processor cannot serve (vLLM turns this into a 400)."""
@@ -144,9 +132,9 @@ class ESPOLogitsProcessorV1(*((LogitsProcessor,) if LogitsProcessor is not None 
 
     def _admit(self, params: Any, prompt_ids: list[int] | None, output_ids: list[int]) -> _Request:
         args = parse_request_args(params.extra_args)  # validated at submission; parsed again here, in the engine
-        back = self.parked.get(args.id)
+        back = self.rows.parked.get(args.id)
         if back is not None and output_ids and back.args.seed == args.seed:
-            del self.parked[args.id]  # a preempted request resumes with its own stopper row
+            del self.rows.parked[args.id]  # a preempted request resumes with its own stopper row
             self.events["resumed"] += 1
             back.output, back.drawn = output_ids, None
             return back
@@ -161,11 +149,11 @@ class ESPOLogitsProcessorV1(*((LogitsProcessor,) if LogitsProcessor is not None 
         if req.ended():
             self.rows.finish(req.srow)
         else:
-            self.parked[req.args.id] = req
+            self.rows.parked[req.args.id] = req
         return True
 
     def _update_statistics(self) -> None:
-        held = [r.srow for r in self.slots.values()] + [r.srow for r in self.parked.values() if r.srow is not None]
+        held = [r.srow for r in self.slots.values()] + [r.srow for r in self.rows.parked.values() if r.srow is not None]
         self.rows.update_statistics(held)
 
     # ---------------------------------------------------------------------------------------- one step
