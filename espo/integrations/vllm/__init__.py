@@ -53,11 +53,10 @@ from .settings import (
     RECORD_DIR_ENV,
     V1_VERSIONS,
     ProcessorSettings,
-    check_sampling_params,
     default_record_dir,
     engine_kwargs,
-    parse_request_args,
     request_args,
+    validate_request,
 )
 from .v1 import ESPOLogitsProcessorV1
 from .v1 import LogitsProcessor as _V1Base
@@ -79,8 +78,7 @@ class ESPOLogitsProcessor(*_BASES):  # type: ignore[misc]
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         """Refuse, at submission, a request the processor cannot serve (vLLM turns this into a 400)."""
-        parse_request_args(sampling_params.extra_args)
-        check_sampling_params(sampling_params)
+        validate_request(sampling_params)
 
 
 __all__ = [

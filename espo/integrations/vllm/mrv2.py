@@ -32,9 +32,9 @@ from .settings import (
     EXTRA_ARGS_KEY,
     ProcessorSettings,
     RequestArgs,
-    check_sampling_params,
     check_vllm_version,
     parse_request_args,
+    validate_request,
 )
 
 try:
@@ -94,8 +94,7 @@ class ESPOLogitsProcessorMRV2(*((LogitsProcessor,) if LogitsProcessor is not Non
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         """Refuse, at submission, a request the processor cannot serve (vLLM turns this into a 400)."""
-        parse_request_args(sampling_params.extra_args)
-        check_sampling_params(sampling_params)
+        validate_request(sampling_params)
 
     # ---------------------------------------------------------------------------------------- requests
 

@@ -218,6 +218,13 @@ _CHANGES_THE_DRAW = {
 }
 
 
+def validate_request(sampling_params: Any) -> None:
+    """What the processor's ``validate_params`` checks at submission: espo's request arguments and the sampling
+    settings (ValueError naming what to change; vLLM turns it into a 400)."""
+    parse_request_args(sampling_params.extra_args)
+    check_sampling_params(sampling_params)
+
+
 def check_sampling_params(params: Any) -> None:
     """Refuse what the processor cannot honour, naming the setting to change.
 
