@@ -50,13 +50,11 @@ def main() -> None:
     model_dir, tok_dir = make_tiny_model(work)
     records = os.path.join(work, "records")
     prompts, n, run_seed = [[0, 5, 6, 7], [0, 9, 3], [0, 11, 12, 13, 14]], 4, 0
-    llm = LLM(
-        model=model_dir, tokenizer=tok_dir, dtype="float32", max_num_seqs=4, max_model_len=128, enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
-        # Starting statistics make stopping possible at once; a trainer passes its own stopper's here.
-        **espo_vllm.engine_kwargs(update_every=len(prompts) * n, state={"mean": 0.0, "var": 1.0, "beta": 2.0},
-                                  record_dir=records),
-    )
+    # Starting statistics make stopping possible at once; a trainer passes its own stopper's here.
+    engine = espo_vllm.engine_kwargs(update_every=len(prompts) * n, state={"mean": 0.0, "var": 1.0, "beta": 2.0},
+                                     record_dir=records)  # a new run, with its own run_id in every record
+    llm = LLM(model=model_dir, tokenizer=tok_dir, dtype="float32", max_num_seqs=4, max_model_len=128,
+              enforce_eager=True, kv_cache_memory_bytes=64 << 20, **engine)
     requests, params = [], []
     for r in range(len(prompts) * n):  # one request per rollout, seeded as espo.Decoder seeds rollout r
         requests.append({"prompt_token_ids": prompts[r // n]})
@@ -66,7 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    stops = espo_vllm.read_stops(records)
+    stops = espo_vllm.read_stops(engine)  # this run's stops
     generated = 0
     for r, out in enumerate(outputs):
         tokens, stopped = espo_vllm.keep_tokens(out.outputs[0].token_ids, stops.get(f"rollout-{r}"))

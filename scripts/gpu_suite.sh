@@ -4,7 +4,11 @@
 # bench/bench_decode.py. Each stage has its own time limit, so that a hang in one cannot eat the others;
 # after each stage everything so far is packed into $OUT/gpu-out.tar.gz (the device tool brings back at
 # most 8 files), ready to unpack and copy into bench/results/.
-#   bash scripts/gpu_suite.sh [build] [sample] [tests] [decode]     (default: all four, in that order)
+#   bash scripts/gpu_suite.sh [build] [sample] [tests] [decode] [vllm]     (default: all five, in that order)
+# vllm: espo's processor inside a real vLLM on the GPU (tests/integrations/test_vllm*.py: the V1 runner with its
+# default async scheduling, and Model Runner V2), where `import vllm` works: the device image has no vLLM, so the
+# caller installs it first (e.g. wheels carried in and installed with --target, PYTHONPATH set); without one the
+# stage says so and is skipped.
 #   DEADLINE=470 bash scripts/gpu_suite.sh issue36   # issue 36's run, ~8 min: build meta sample36 callcost optests decode36
 #     meta: tests/test_cuda_ops.py alone under faulthandler (and gdb's backtrace where gdb exists): the rank-1 meta crash;
 #     optests: the op's GPU tests (sample, filters, cuda, integer sampling); sample36: B = 1 and 256, V = 151936, bf16,
@@ -19,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 WORK=/tmp/gpu-out
 rm -rf "$WORK"; mkdir -p "$OUT" "$WORK"
-stages=${*:-build sample tests decode}
+stages=${*:-build sample tests decode vllm}
 stages=${stages/issue36/build meta sample36 callcost optests decode36}
 export PYTHONUNBUFFERED=1
 begin=$(date +%s)
@@ -103,8 +107,17 @@ for what in $stages; do
         --new-tokens 128 --hf-cache static --hf-step --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
         --repeats 2 ${DECODE36_ARGS:-} --out "$WORK"
       ;;
-    *) echo "gpu_suite: unknown stage '$what' (build, sample, tests, decode, meta, optests, sample36, callcost," \
-         "decode36, issue36)" >&2; exit 2 ;;
+    vllm)
+      if python3 -c "import vllm" >/dev/null 2>&1; then
+        python3 -c "import vllm; print('vllm', vllm.__version__)" >>"$WORK/env.txt" 2>&1
+        TAIL=40 stage vllm "${LIMIT_VLLM:-400}" env ESPO_REQUIRE_HOST=vllm python3 -m pytest -q -rfE -p no:cacheprovider \
+          --junitxml="$WORK/vllm.xml" tests/integrations/test_vllm.py tests/integrations/test_vllm_records.py
+      else
+        echo "stage vllm: skipped, no vllm importable here (install vllm 0.32 to 0.34 first)" | tee -a "$WORK/stages.txt"
+      fi
+      ;;
+    *) echo "gpu_suite: unknown stage '$what' (build, sample, tests, decode, vllm, meta, optests, sample36," \
+         "callcost, decode36, issue36)" >&2; exit 2 ;;
   esac
 done
 cat "$WORK/stages.txt"

@@ -4,7 +4,8 @@
   ``espo.sample`` and forces the token, a stopping criterion for the ESPO stop, ``generate_rollouts``).
 * ``espo.integrations.trl``: TRL's ``GRPOTrainer(rollout_func=...)`` (``espo.Decoder`` rollouts, a reward
   wrapper that gives ESPO-stopped completions ``r_fail``, ESPO metrics in TRL's logs).
-* ``espo.integrations.vllm``: a vLLM v1 logits processor (espo draws each token; an ESPO stop is a forced EOS).
+* ``espo.integrations.vllm``: a vLLM logits processor for both model runners (espo draws each token; an
+  ESPO stop is a forced EOS).
 * ``espo.integrations.verl``: verl's advantage estimator for critic-free ESPO, the absorbing-failure GAE,
   and an agent loop that seeds requests and reads their stops.
 
