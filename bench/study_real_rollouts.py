@@ -4,11 +4,11 @@
         --out bench/results/real-rollouts
 
 One unstopped decode through espo.Decoder of evaluation prompts (``task.problems(P, seed=--problem-seed)``, a seed
-other than calibrate_stops' CALIBRATION_SEED, on which SMOLLM2_ESPO was chosen) records every token's regret, the
+other than calibrate_stops' CALIBRATION_SEED, on which SMOLLM2_REGRET_ESPO was chosen) records every token's regret, the
 reward and the length. A run with a stopper draws exactly these tokens up to its stop, so replaying espo's stop
 rule (``calibrate_stops.stop_points``) gives each setting's exact stops and exact false stops (a stopped rollout
 whose unstopped continuation ends right). Side by side on the same rollouts: (a) no stopping, (b) ESPOConfig()'s
-defaults (the paper's), (c) the calibrated SMOLLM2_ESPO, (d) random stops at (c)'s rate, (e) the length cap that
+defaults (the paper's), (c) the calibrated SMOLLM2_REGRET_ESPO, (d) random stops at (c)'s rate, (e) the length cap that
 cuts as many tokens as (c). The threshold is beta * max(V, value_floor) at the value ``--value`` (calibrate_stops'
 convention). Then where wrong rollouts go wrong against where they stop, and the real wall-clock time of
 espo.Decoder with (c)'s stopper against without one, at a full pool (slots = rollouts / 4) and at pool = batch.
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from espo import Decoder  # noqa: E402
-from espo.config import PRESETS, SMOLLM2_ESPO, TrainConfig  # noqa: E402
+from espo.config import PRESETS, SMOLLM2_REGRET_ESPO, TrainConfig  # noqa: E402
 from espo.demo import wilson_interval  # noqa: E402
 from espo.models import checkpoint_card, load_model  # noqa: E402
 from espo.prompting import encode_prompt, stop_token_ids  # noqa: E402
@@ -38,8 +38,9 @@ from espo.stopper import EarlyStopper, ESPOConfig  # noqa: E402
 from espo.tasks import score, task_from_checkpoint  # noqa: E402
 from espo.word_problems import _BOXED, _NUMBER, _PHRASE, _ascii_digits  # noqa: E402
 
-EVAL_SEED = 3_000_017  # not calibrate_stops.CALIBRATION_SEED (2_000_003), where SMOLLM2_ESPO was chosen
-SETTINGS = {"b": ("ESPO, paper's defaults (ESPOConfig())", {}), "c": ("ESPO, calibrated (SMOLLM2_ESPO)", SMOLLM2_ESPO)}
+EVAL_SEED = 3_000_017  # not calibrate_stops.CALIBRATION_SEED (2_000_003), where SMOLLM2_REGRET_ESPO was chosen
+SETTINGS = {"b": ("ESPO, paper's defaults (ESPOConfig())", {}),
+            "c": ("ESPO, calibrated (SMOLLM2_REGRET_ESPO)", SMOLLM2_REGRET_ESPO)}
 RANDOM_DRAWS = 200
 BOOTSTRAP = 2000
 
@@ -275,7 +276,8 @@ def time_decodes(ctx: SimpleNamespace, args, decs: dict, a: SimpleNamespace, exp
     for rep in range(first, first + args.repeats):
         for pool in pools:
             for arm in ("none", "espo"):
-                stopper = armed_stopper(SMOLLM2_ESPO, pool, a.mean, a.var, ctx.cfg.device) if arm == "espo" else None
+                stopper = (armed_stopper(SMOLLM2_REGRET_ESPO, pool, a.mean, a.var, ctx.cfg.device) if arm == "espo"
+                           else None)
                 out, secs = generate(ctx, decs[pool], args.samples, args.seed, stopper, args.value)
                 lengths = np.array([r.length for r in out])
                 stops = sum(r.finish_reason == "stopped" for r in out)
@@ -428,7 +430,7 @@ def markdown(data: dict, args) -> str:
         f"Command: `{env['command']}`.",
         "",
         f"{stats['rollouts']} rollouts: {data['problems']} evaluation problems x {data['samples']} samples, problem "
-        f"seed {data['problem_seed']} (the calibration that chose SMOLLM2_ESPO used seed "
+        f"seed {data['problem_seed']} (the calibration that chose SMOLLM2_REGRET_ESPO used seed "
         f"{calibrate_stops.CALIBRATION_SEED}: these prompts are new to it), sampling seed {data['seed']}, preset "
         f"{data['preset']} (temperature {data['temperature']}, top_p {data['top_p']}), <= {data['max_new_tokens']} "
         f"new tokens. The unstopped decode ({data['decode_slots']} slots) took {data['decode_seconds']:.0f} s; "
@@ -438,9 +440,10 @@ def markdown(data: dict, args) -> str:
         f"Stops are replayed exactly with espo's stop rule (`calibrate_stops.stop_points`); a stopped rollout counts "
         f"as a failure, and a false stop is a stop of a rollout whose unstopped version ends right. Threshold "
         f"tau = beta * max(V, value_floor) at V = {data['value']} (calibrate_stops' `--value` convention, with which "
-        f"SMOLLM2_ESPO was chosen): (b) ESPOConfig() as in espo/stopper.py (alpha_s {b['config']['alpha_s']}, beta "
+        f"SMOLLM2_REGRET_ESPO was chosen): (b) ESPOConfig() as in espo/stopper.py (alpha_s {b['config']['alpha_s']}, "
+        f"beta "
         f"{b['config']['beta']}, clip {b['config']['clip']}, min_tokens {b['config']['min_tokens']}): tau "
-        f"{b['tau']:g}; (c) SMOLLM2_ESPO (alpha_s {c['config']['alpha_s']}, beta {c['config']['beta']}, clip "
+        f"{b['tau']:g}; (c) SMOLLM2_REGRET_ESPO (alpha_s {c['config']['alpha_s']}, beta {c['config']['beta']}, clip "
         f"{c['config']['clip']}): tau {c['tau']:g}. The controller (eta_beta) acts only between batches, so it "
         f"plays no part in one batch. (d) random stops: as many rollouts as (c) stops, each at a uniform position "
         f"(trigger kept), {RANDOM_DRAWS} draws: mean and the draws' 2.5-97.5% range. (e) the longest length cap "

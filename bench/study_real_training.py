@@ -33,6 +33,11 @@ from espo.trainer import setup, train_step
 PAIRS = (("grpo", "grpo-espo"), ("ppo", "espo"))
 
 
+def stop_settings(algo: str) -> dict:
+    """The critic-free algorithms stop on the regret rule: the value rule needs a per-token value."""
+    return {} if ALGOS[algo].critic else {"value_rule": False, "regret_rule": True}
+
+
 def run_seed(args, seed: int, bar) -> dict[str, list[dict]]:
     """Every algorithm at ``seed``, their steps interleaved (each algorithm's step k, then each one's step k + 1),
     so that their times are measured side by side under the same load. Each run folder resumes (a finished run is
@@ -44,6 +49,7 @@ def run_seed(args, seed: int, bar) -> dict[str, list[dict]]:
             cfg = TrainConfig.from_preset(args.preset, algo=algo, seed=seed, steps=args.steps, model=args.model,
                                           eval_problems=args.eval_problems, eval_every=args.steps,
                                           out_dir=str(out_dir), device=args.device,
+                                          espo=stop_settings(algo),
                                           **({} if args.value_lr is None else {"value_lr": args.value_lr}))
             runs[algo] = setup(cfg, resume=(out_dir / CHECKPOINT_FILE).is_file())
         for step in range(args.steps):

@@ -116,7 +116,8 @@ class TrainConfig:
         if self.espo.value_rule and ALGOS[self.algo].stops and not ALGOS[self.algo].critic:
             raise ValueError(f"the value rule (espo value_rule) needs a per-token critic value, but {self.algo} gives "
                              "every rollout of a prompt its posterior mean: it would stop whole prompts. Use algo espo "
-                             "with a fitted value head (espo value fit), or turn value_rule off")
+                             "with a fitted value head (espo value fit), or the regret rule alone "
+                             "(--espo-value-rule false --espo-regret-rule true)")
         if self.group_size < 2 and not ALGOS[self.algo].critic:
             raise ValueError(f"{self.algo} needs group_size >= 2 (a group advantage needs two rollouts)")
 
@@ -140,12 +141,16 @@ class TrainConfig:
 # rollouts. The controller takes a faster step (eta_beta 0.5) so that it settles within a short run. clip 3 (the
 # default before it became 10) is what the committed demo and study results ran with.
 DEMO_ESPO = dict(alpha_s=0.5, beta=2.0, beta_min=1.0, eta_beta=0.5, target_rate=0.25, clip=3.0)
-# Chosen on SmolLM2's own calibration rollouts (bench/calibrate_stops.py; bench/results/real-calibration.md), not
-# on any prompt a run trains or is evaluated on: the fewest false stops among settings that stop about a fifth of
-# the rollouts. Its regret separates right from wrong rollouts only weakly (there 11% of stops were of rollouts
-# that end right, against 24% for random stops at the same rate). The clip is raised to 10 so that the threshold
-# is reachable; the controller is off (eta_beta 0), so the rate follows the value, not a target.
-SMOLLM2_ESPO = dict(alpha_s=0.5, clip=10.0, beta=6.0, eta_beta=0.0)
+# SmolLM2's stops follow bench/results/stop-rules.md, where every rule's settings were chosen on calibration prompts
+# and written down before new prompts were read: the value rule (stop once a fitted value head gives the rollout up,
+# from token 8 on) was the rule with the fewest false stops there and the only one well below random stops at a
+# constant per-token hazard that cut as many tokens; ESPO's regret rule with a constant value was not below them.
+# It needs a value that predicts success: `espo value fit --model DIR --preset smollm2` writes one beside the model,
+# where `espo train` finds it; a new head (0.5 everywhere) never falls below value_stop, so nothing stops. Its regret
+# settings (alpha_s 0.5, clip 10, beta 6, no controller; bench/results/real-calibration.md) serve runs that turn the
+# regret rule back on, such as the critic-free grpo-espo (--espo-regret-rule true --espo-value-rule false).
+SMOLLM2_REGRET_ESPO = dict(alpha_s=0.5, clip=10.0, beta=6.0, eta_beta=0.0)
+SMOLLM2_ESPO = dict(SMOLLM2_REGRET_ESPO, min_tokens=8, regret_rule=False, value_rule=True, value_stop=-0.0505)
 PRESETS: dict[str, dict[str, Any]] = {
     # the demo and the study: CERO's first pass over the prompts is uniform by design, so a prompt set of 64
     # gives it several epochs. At lr 2e-4 PPO learns the tiny task within ~10 steps, after which few rollouts
