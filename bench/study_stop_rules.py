@@ -598,7 +598,8 @@ def markdown(report: dict, settings: dict) -> str:
         md += [f"| {x['run']} | {x['pair']} | {x['arm']} | {x['seconds']:.1f} | {x['tokens']} | {x['stops']} | "
                f"{x['load']:.1f} |" for x in runs]
         md.append("")
-    md += ["![false-stop share against tokens saved, per rule, with the controls](stop-rules.png)", ""]
+    md += ["![false-stop share against tokens saved, per rule, with the controls; the value's calibration]"
+           "(stop-rules.png)", ""]
     return "\n".join(md)
 
 
@@ -608,7 +609,18 @@ def plot(report: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, cal) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.6, 1]})
+    deciles = report["value"]["evaluation"]["by_decile"]
+    cal.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    cal.plot([r["predicted"] for r in deciles], [r["observed"] for r in deciles], "o-", label="by decile of the value")
+    positions = report["value"]["evaluation"]["by_position"]
+    cal.plot([r["predicted"] for r in positions], [r["observed"] for r in positions], "s--",
+             label="by position (" + ", ".join(r["positions"] for r in positions) + ")")
+    cal.set_xlabel("predicted success (the fitted value)")
+    cal.set_ylabel("observed success")
+    ev = report["value"]["evaluation"]["explained_variance"]
+    cal.set_title(f"the value on new rollouts: explained variance {ev:.2f}", fontsize=10)
+    cal.legend(fontsize=7)
     for name, curve in report["curves"].items():
         if not curve:
             continue
@@ -619,7 +631,7 @@ def plot(report: dict, out: Path) -> None:
     ax.set_xlabel("tokens saved (%)")
     ax.set_ylabel("false stops (% of stops)")
     ax.set_xlim(0, 40)
-    ax.set_title("SmolLM2-135M evaluation rollouts: each rule over its thresholds, and the controls")
+    ax.set_title("SmolLM2-135M, new rollouts: each rule over its thresholds, and the controls", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
