@@ -46,12 +46,18 @@ def synthetic(n_rollouts=240, hidden=16, seed=0) -> tuple[RolloutFeatures, np.nd
                            lengths=lengths, finish=["eos"] * n_rollouts), p
 
 
-def test_the_fit_reads_the_hidden_states_the_decoders_value_head_reads():
+def tiny_model_with_a_random_head(problem_seed: int):
+    """The built-in model, a value head of random weights decoding beside it, and prompts of its task."""
     model, tok = load_model(builtin_model_path())
     head = espo.ValueHead(model.config.hidden_size)
     torch.nn.init.normal_(head.proj.weight, std=0.3)
-    prompts = [encode_prompt(tok, p.prompt) for p in builtin_task().problems(3, seed=5)]
-    dec = espo.Decoder(model, max_batch=4, max_seq_len=160, value_source=head)
+    prompts = [encode_prompt(tok, p.prompt) for p in builtin_task().problems(4, seed=problem_seed)]
+    return model, head, prompts, espo.Decoder(model, max_batch=4, max_seq_len=160, value_source=head)
+
+
+def test_the_fit_reads_the_hidden_states_the_decoders_value_head_reads():
+    model, head, prompts, dec = tiny_model_with_a_random_head(5)
+    prompts = prompts[:3]
     out = dec.generate(prompts, 2, max_new_tokens=40, seed=3)
     feats = features_from_rollouts(model, prompts, out, [1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     with torch.no_grad():
@@ -163,11 +169,7 @@ def test_the_hidden_states_recorded_while_decoding_are_the_teacher_forced_ones()
 
 
 def test_the_decoder_stops_a_rollout_once_its_value_head_gives_up():
-    model, tok = load_model(builtin_model_path())
-    head = espo.ValueHead(model.config.hidden_size)
-    torch.nn.init.normal_(head.proj.weight, std=0.3)
-    prompts = [encode_prompt(tok, p.prompt) for p in builtin_task().problems(4, seed=2)]
-    dec = espo.Decoder(model, max_batch=4, max_seq_len=160, value_source=head)
+    _, _, prompts, dec = tiny_model_with_a_random_head(2)
     free = dec.generate(prompts, 2, max_new_tokens=40, seed=3)
     level = float(torch.stack([f.values[3:].min() for f in free]).median())  # some rollouts dip below it, some not
     stopper = espo.EarlyStopper(espo.ESPOConfig(value_rule=True, regret_rule=False, value_stop=level, min_tokens=3), 4)
