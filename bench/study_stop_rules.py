@@ -103,10 +103,7 @@ def collect(args) -> None:
             t1 = time.perf_counter()
             conf = token_confidence(model, feats.hidden, cfg.temperature)
             tmp = path.with_suffix(".partial.npz")
-            feats.save(tmp)
-            with np.load(tmp) as z:
-                arrays = dict(z)
-            np.savez(tmp, confidence=conf, seed=np.array(got.seeds), **arrays)
+            feats.save(tmp, confidence=conf, seed=np.array(got.seeds))
             tmp.rename(path)
             (work / f"{name}-{seed}.json").write_text(json.dumps({
                 "set": name, "problem_seed": problem_seed, "sampling_seed": seed, "samples": samples,

@@ -326,17 +326,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _value_head_line(cfg: "typing.Any") -> str:
     """Where a critic run's value head starts, said before the run (with how well it predicts, when fitted)."""
-    import json
-
     from .trainer import value_head_source
-    from .value_fit import CARD_FILE, HEAD_FILE
+    from .value_fit import HEAD_FILE, load_value_head
 
     source = value_head_source(cfg)
     if source is None:
         return ("value head: a new one at 0.5 (fit one with `espo value fit --model DIR`: ESPO's threshold needs a "
                 "value that predicts success)")
-    card_path = (source if source.is_dir() else source.parent) / CARD_FILE
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    _, card = load_value_head(source)  # a head that cannot be read fails here, before the run starts
     ev = card.get("held_out", {}).get("explained_variance")
     said = f" (held-out explained variance {ev:.2f})" if isinstance(ev, float) else ""
     return f"value head from {source / HEAD_FILE if source.is_dir() else source}{said}"

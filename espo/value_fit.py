@@ -80,11 +80,12 @@ class RolloutFeatures:
             reward=self.reward[rollouts], right=self.right[rollouts], lengths=self.lengths[rollouts],
             finish=[self.finish[r] for r in rollouts])
 
-    def save(self, path: str | Path) -> None:
-        """Write to one ``.npz`` (hidden states as float16); read back with ``RolloutFeatures.load``."""
+    def save(self, path: str | Path, **extra: np.ndarray) -> None:
+        """Write to one ``.npz`` (hidden states as float16), with ``extra`` arrays beside the fields; read back with
+        ``RolloutFeatures.load`` (which skips the extras)."""
         arrays = {k: getattr(self, k) for k in ("rollout", "position", "regret", "entropy", "logprob", "prompt",
                                                 "reward", "right", "lengths")}
-        np.savez(path, hidden=self.hidden.astype(np.float16), finish=np.array(self.finish), **arrays)
+        np.savez(path, hidden=self.hidden.astype(np.float16), finish=np.array(self.finish), **arrays, **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> "RolloutFeatures":
