@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                           description=DEMO_DESCRIPTION)
     demo.add_argument("--out", type=Path, default=Path("espo-demo"), help="report folder (default espo-demo)")
     demo.add_argument("--quick", action="store_true",
-                      help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts in 8 slots (about "
-                           "a minute on one CPU thread; other processes using the cores slow it several-fold)")
+                      help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 15 s on 2 "
+                           "idle CPU cores; a loaded machine takes longer: other processes using the cores slow it "
+                           "several-fold)")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--model", default=None, metavar="DIR",
                       help="a local transformers checkpoint whose card.json names its task (default: the built-in "
