@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 import numpy as np
-
 from espo.allocator import CeroAllocator  # noqa: E402
 
 METHODS = ("uniform", "dapo", "knapsack", "mopps", "cero")

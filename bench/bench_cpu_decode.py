@@ -33,10 +33,10 @@ import torch
 
 import espo
 from espo import Decoder, EarlyStopper, ESPOConfig
+from espo.engine.models import builtin_model_path, checkpoint_card, load_model
 from espo.integrations.transformers import generate_rollouts
-from espo.models import builtin_model_path, checkpoint_card, load_model
-from espo.prompting import encode_prompt
 from espo.tasks import task_from_checkpoint
+from espo.tasks.prompting import encode_prompt
 
 TEMPERATURE = 0.7
 

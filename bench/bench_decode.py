@@ -36,8 +36,9 @@ import torch
 from common import environment  # first: puts this checkout's espo ahead of an installed one
 
 import espo  # noqa: E402
-from espo.decoder import _STOP, Decoder  # noqa: E402
-from espo.scheduler import Scheduler  # noqa: E402
+from espo.engine.decoder import Decoder  # noqa: E402
+from espo.engine.scheduler import Scheduler  # noqa: E402
+from espo.engine.sequence import CODE_STOP  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
@@ -89,7 +90,7 @@ class ScheduledStops(Scheduler):
             rids = self.slots.rollout[slots]
             stop_at = self.schedule[rids]
             hit = (stop_at > 0) & (run.gen[rids] >= stop_at)
-            code = code | np.where(hit, _STOP, 0).astype(code.dtype)
+            code = code | np.where(hit, CODE_STOP, 0).astype(code.dtype)
         return super()._endings(run, slots, code)
 
 

@@ -27,13 +27,13 @@ from pathlib import Path
 import common
 import numpy as np
 import torch
-
-from espo import Decoder  # noqa: E402
 from espo.config import PRESETS, TrainConfig  # noqa: E402
 from espo.models import checkpoint_card, load_model  # noqa: E402
 from espo.prompting import encode_prompt, stop_token_ids  # noqa: E402
 from espo.sample_reference import stop_update_reference  # noqa: E402
 from espo.stopper import EarlyStopper, ESPOConfig  # noqa: E402
+
+from espo import Decoder  # noqa: E402
 from espo.tasks import score, task_from_checkpoint  # noqa: E402
 
 CALIBRATION_SEED = 2_000_003  # training prompts use the run's seed, evaluation seed + 1_000_003

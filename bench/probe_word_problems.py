@@ -14,12 +14,12 @@ import json
 import time
 
 import torch
-
-from espo import Decoder
 from espo.models import load_model
 from espo.prompting import encode_prompt, stop_token_ids
-from espo.tasks import score
 from espo.word_problems import WordProblems
+
+from espo import Decoder
+from espo.tasks import score
 
 
 def _mean(values: list[float]) -> float:

@@ -15,8 +15,8 @@ import argparse
 
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 import torch
-
 from espo.models import builtin_model_path, load_model  # noqa: E402
+
 from espo.tasks import success_rate, task_from_checkpoint  # noqa: E402
 
 

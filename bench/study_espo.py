@@ -28,7 +28,6 @@ from pathlib import Path
 
 import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
 import torch
-
 from espo.demo import DEMO, DEMO_ESPO, PAIRS, accuracy_points, finish_axes, run_demo, savings  # noqa: E402
 from espo.models import checkpoint_card  # noqa: E402
 from espo.stopper import ESPOConfig  # noqa: E402

@@ -28,15 +28,15 @@ import calibrate_stops
 import common
 import numpy as np
 import torch
-
-from espo import Decoder  # noqa: E402
 from espo.config import PRESETS, SMOLLM2_REGRET_ESPO, TrainConfig  # noqa: E402
 from espo.demo import wilson_interval  # noqa: E402
 from espo.models import checkpoint_card, load_model  # noqa: E402
 from espo.prompting import encode_prompt, stop_token_ids  # noqa: E402
 from espo.stopper import EarlyStopper, ESPOConfig  # noqa: E402
-from espo.tasks import score, task_from_checkpoint  # noqa: E402
 from espo.word_problems import _BOXED, _NUMBER, _PHRASE, _ascii_digits  # noqa: E402
+
+from espo import Decoder  # noqa: E402
+from espo.tasks import score, task_from_checkpoint  # noqa: E402
 
 EVAL_SEED = 3_000_017  # not calibrate_stops.CALIBRATION_SEED (2_000_003), where SMOLLM2_REGRET_ESPO was chosen
 SETTINGS = {"b": ("ESPO, paper's defaults (ESPOConfig())", {}),

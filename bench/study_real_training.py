@@ -23,12 +23,11 @@ from pathlib import Path
 
 import common
 import torch
-from tqdm.auto import tqdm
-
 from espo.config import ALGOS, PRESETS, TrainConfig
 from espo.demo import beyond_noise, paired_saving, wilson_interval
 from espo.run_folder import CHECKPOINT_FILE
 from espo.trainer import setup, train_step
+from tqdm.auto import tqdm
 
 PAIRS = (("grpo", "grpo-espo"), ("ppo", "espo"))
 

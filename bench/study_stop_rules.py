@@ -29,14 +29,14 @@ from pathlib import Path
 import common  # puts the checkout first on sys.path
 import numpy as np
 import torch
-
 from espo.config import TrainConfig
 from espo.demo import paired_saving
 from espo.models import load_model
 from espo.sample_reference import stop_update_reference
 from espo.stopper import EarlyStopper, ESPOConfig
-from espo.tasks import task_from_checkpoint
 from espo.value_fit import FittedValue, RolloutFeatures, decode_features, fit_value_head, value_report
+
+from espo.tasks import task_from_checkpoint
 
 PRESET = "smollm2"
 # (problem seed, problems, samples per problem, sampling seeds); none of these seeds is used by any other study.
@@ -812,9 +812,10 @@ def live_stopper(rule: str, chosen: dict, stats: dict, slots: int) -> EarlyStopp
 def live(args) -> None:
     """Confirm replayed stops against live ``espo.Decoder`` runs, then time the chosen setting against no stopper at
     a full pool in counterbalanced (ABBA) pairs."""
-    from espo import Decoder
     from espo.prompting import encode_prompt, stop_token_ids
     from espo.value_fit import FittedValue
+
+    from espo import Decoder
 
     torch.set_num_threads(args.threads)
     work, settings = Path(args.work), json.loads(Path(args.settings).read_text())

@@ -106,3 +106,9 @@ def check_fields(config: Any) -> None:
         if check is not None:
             value = check(f"{type(config).__name__}.{f.name}", getattr(config, f.name), **f.metadata.get("bounds", {}))
             object.__setattr__(config, f.name, value)
+
+
+def short_repr(obj: Any, limit: int = 200) -> str:
+    """``repr(obj)`` cut to ``limit`` characters, for error messages that quote a user's value."""
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -17,8 +17,8 @@ import re
 from typing import Any
 
 from espo import Problem
-from espo.config import TrainConfig
-from espo.trainer import train
+from espo.rl.config import TrainConfig
+from espo.rl.trainer import train
 
 
 class LargerNumber:

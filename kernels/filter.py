@@ -1,6 +1,6 @@
 """Exact top-k and top-p thresholds of one row by a multi-pivot search (no bisection over the whole row).
 
-The thresholds are those of ``espo.sample_reference`` (step 5): on the int32 order key of the logits x, top-k's
+The thresholds are those of ``espo.ops.reference`` (step 5): on the int32 order key of the logits x, top-k's
 is the k-th largest key (ties kept); top-p's is the largest key t >= the top-k threshold whose kept tokens with
 key >= t hold integer mass >= ``need = ceil(double(p) * double(Z_k))``. Both are found the same way:
 

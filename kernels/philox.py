@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .. import philox
+from espo.ops import philox
 
 _M0 = tl.constexpr(philox.PHILOX_M0)
 _M1 = tl.constexpr(philox.PHILOX_M1)

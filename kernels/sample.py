@@ -1,7 +1,7 @@
 """Fused sample-and-score in Triton: sampled token, its statistics and the ESPO stop update.
 
 Two launches, both over chunks whose size depends on V alone (so a row's result never depends on the
-batch it is in). Sampling follows the exact integer rule of ``espo.sample_reference`` (read its docstring):
+batch it is in). Sampling follows the exact integer rule of ``espo.ops.reference`` (read its docstring):
 
 1. ``_chunk_stats_kernel``, grid (B, C): one read of each chunk of the logits. Per element it computes
    ``y = fl(x * a)``, ``d = fl(y - r_c)`` (``r_c = ceil(max y)``, the chunk's integer reference),
@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sample_reference import LOG2E_F32, chunk_size, mass_shift
+from espo.ops.reference import LOG2E_F32, chunk_size, mass_shift
+
 from .filter import global_masses, order_key, pivot_stats_kernel, threshold_search
 from .philox import philox_uniform
 
@@ -67,7 +68,7 @@ def _exp2(d, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _masses(x, a, ref, TWO_S: tl.constexpr, INTERPRET: tl.constexpr):
-    """d = fl(fl(x * a) - ref), f = exp2(d), q = trunc(fl(f * 2**S)) (int64): espo.sample_reference, step 1."""
+    """d = fl(fl(x * a) - ref), f = exp2(d), q = trunc(fl(f * 2**S)) (int64): espo.ops.reference, step 1."""
     d = x * a - ref
     f = _exp2(d, INTERPRET)
     return d, f, (f * TWO_S).to(tl.int64)
@@ -267,7 +268,7 @@ def stop_update(
     stop_ptr, alpha_s, one_minus_alpha_s, clip, delta, value_floor, min_tokens,
     HAS_STOPPER_ROWS: tl.constexpr, HAS_VALUES: tl.constexpr,
 ):
-    """One ESPO step of logits row ``row`` on its stopper row: ``espo.sample_reference.stop_update_reference``."""
+    """One ESPO step of logits row ``row`` on its stopper row: ``espo.ops.reference.stop_update_reference``."""
     if HAS_STOPPER_ROWS:
         srow = tl.load(stopper_rows_ptr + row)
     else:
@@ -333,7 +334,7 @@ CANDIDATES = {"gpu": 1024, "interpreter": 64}
 def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
     """Launch the two kernels. Per-row arguments are Python numbers or [B] tensors on the logits' device
     (float32 temperature/top_p, int64 top_k/seed/offset), already validated by ``espo.sample``; ``stop`` is an
-    ``espo.stopper.StopState`` or None. Returns the ``SampleOutput`` fields as a dict."""
+    ``espo.ops.stopper.StopState`` or None. Returns the ``SampleOutput`` fields as a dict."""
     B, V = logits.shape
     dev = logits.device
     interpret = _INTERPRET or dev.type != "cuda"

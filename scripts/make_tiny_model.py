@@ -48,9 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from espo.models import CARD_FILE, builtin_model_path  # noqa: E402
+from espo.engine.models import CARD_FILE, builtin_model_path  # noqa: E402
+from espo.engine.tokenizer import TOKENIZER_FILE, CharTokenizer  # noqa: E402
 from espo.tasks import ChainArithmetic, success_rate  # noqa: E402
-from espo.tokenizer import TOKENIZER_FILE, CharTokenizer  # noqa: E402
 
 SHIPPED_NAME = "tiny-arith"
 SHIPPED_DESCRIPTION = ("Tiny LlamaForCausalLM for espo's built-in ChainArithmetic task, trained on worked solutions "

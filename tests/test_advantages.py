@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from espo.advantages import gae, group_advantages, response_gae, reverse_discounted_sum
-from espo.losses import kl_penalty, policy_loss, value_loss
-from espo.stopper import CriticWarmup
+from espo.ops.stopper import CriticWarmup
+from espo.rl.advantages import gae, group_advantages, response_gae, reverse_discounted_sum
+from espo.rl.losses import kl_penalty, policy_loss, value_loss
 
 
 def gae_loop(rewards, values, lengths, gamma, lam):

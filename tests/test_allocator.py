@@ -1,4 +1,4 @@
-"""Tests of espo.allocator.CeroAllocator: budget invariants, posteriors, state, bad input, usefulness."""
+"""Tests of espo.rl.allocator.CeroAllocator: budget invariants, posteriors, state, bad input, usefulness."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from espo.allocator import CeroAllocator
+from espo.rl.allocator import CeroAllocator
 
 
 def _snapshot(alloc: CeroAllocator) -> dict:

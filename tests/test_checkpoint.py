@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from espo.checkpoint import load_checkpoint, save_atomic
+from espo.rl.checkpoint import load_checkpoint, save_atomic
 
 
 class Unpicklable:

@@ -1,4 +1,4 @@
-"""The CUDA sources on the host, no GPU needed: csrc/philox.cuh against espo.philox bit for bit, and the
+"""The CUDA sources on the host, no GPU needed: csrc/philox.cuh against espo.ops.philox bit for bit, and the
 chunking rule and integer-mass shift of csrc/sample.cuh against the reference's and the Triton backend's.
 
 A tiny C++ program includes the headers (which must need neither CUDA nor torch headers), is compiled with
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from espo.philox import uniform
+from espo.ops.philox import uniform
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -152,7 +152,7 @@ def test_cuda_chunk_size_equals_triton(host_program):
 
 
 def test_cuda_mass_shift_equals_reference(host_program):
-    from espo.sample_reference import chunk_size, mass_shift
+    from espo.ops.reference import chunk_size, mass_shift
 
     vocab = list(range(1, 3000)) + [4099, 32000, 151936, 2**21, 2**22 - 1, 2**22, 2**22 + 1, 10**7, 2**31 - 4097]
     shifts = _ask(host_program, [f"s {v}" for v in vocab])

@@ -26,7 +26,7 @@ def schema(name):
 
 
 def row_args(logits):
-    """Every per-row argument as a scalar (the tensor slot None), as espo.sample_cuda passes Python numbers."""
+    """Every per-row argument as a scalar (the tensor slot None), as espo.ops.cuda passes Python numbers."""
     return (logits, None, 0.7, None, 0, None, 1.0, None, 0, None, 0)
 
 

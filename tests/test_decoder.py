@@ -13,11 +13,11 @@ import transformers as T
 from conftest import requires_gpu
 
 import espo
-from espo.decoder import Decoder, Rollouts, rollout_seed
-from espo.model_runner import ModelRunner
-from espo.scheduler import Scheduler
-from espo.stopper import EarlyStopper, ESPOConfig
-from espo.value_head import Critic, ValueHead
+from espo.engine.decoder import Decoder, Rollouts, rollout_seed
+from espo.engine.model_runner import ModelRunner
+from espo.engine.scheduler import Scheduler
+from espo.engine.value_head import Critic, ValueHead
+from espo.ops.stopper import EarlyStopper, ESPOConfig
 
 V = 160
 SMALL = dict(
@@ -210,13 +210,13 @@ def test_refills_prefilled_inside_a_decode_step_match_a_full_forward(family, mon
     model = tiny(family, seed=21, **({"sliding_window": 6} if family == "mistral" else {}))
     prompts = [[5, 9, 2], [4] * 7, [8, 1, 6, 2, 9], [2, 3], [7, 7, 1, 4, 5, 6], [9, 4, 4, 2]]
     kinds = []
-    forward = espo.forward.TransformerForward.forward
+    forward = espo.engine.forward.TransformerForward.forward
 
     def spy(self, ids, positions, *, decode=None, prefill=None, out_idx=None):
         kinds.append((decode is not None, prefill is not None))
         return forward(self, ids, positions, decode=decode, prefill=prefill, out_idx=out_idx)
 
-    monkeypatch.setattr(espo.forward.TransformerForward, "forward", spy)
+    monkeypatch.setattr(espo.engine.forward.TransformerForward, "forward", spy)
     # max_seq_len 16 gives each prompt length its own limit, so rollouts end at different steps
     ro = Decoder(model, max_batch=3, max_seq_len=16).generate(
         prompts, [1, 2, 1, 2, 1, 2], max_new_tokens=40, temperature=0.9, seed=4, eos_token_id=[]
@@ -364,14 +364,14 @@ def test_flash_attn_path_against_transformers(monkeypatch):
     """The flash-attn layout and calls, with flash-attn's functions written in torch, still match transformers."""
     import sys
 
-    import espo.model_runner
+    import espo.engine.model_runner
 
     model = tiny("mistral", seed=19, sliding_window=5)
     prompts = prompts_for(4, seed=19, lo=3, hi=9)
     expected = [hf_greedy(model, p, 12, EOS) for p in prompts]
     with monkeypatch.context() as m:  # transformers itself probes for flash_attn: patch around the decoder only
         m.setitem(sys.modules, "flash_attn", _fake_flash_attn())
-        m.setattr(espo.model_runner, "resolve_attention", lambda *args: "flash")
+        m.setattr(espo.engine.model_runner, "resolve_attention", lambda *args: "flash")
         dec = Decoder(model, max_batch=3, max_seq_len=32)
         assert dec.policy.cache.layout == "flash"
         greedy = dec.generate(prompts, max_new_tokens=12, temperature=0.0, eos_token_id=EOS)
@@ -529,12 +529,12 @@ def test_unsupported_architecture_is_named():
 
 
 def test_out_of_memory_names_the_settings_to_lower(monkeypatch):
-    import espo.kv_cache
+    import espo.engine.kv_cache
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(espo.kv_cache, "_alloc", oom)
+    monkeypatch.setattr(espo.engine.kv_cache, "_alloc", oom)
     with pytest.raises(torch.OutOfMemoryError, match=r"lower max_batch \(now 512\) or max_seq_len \(now 4096\)"):
         Decoder(tiny("qwen3"), max_batch=512, max_seq_len=4096)
 
@@ -550,8 +550,8 @@ def test_out_of_memory_during_prefill_names_the_settings_to_lower(decoder, monke
 
 
 def test_public_names():
-    assert Decoder.__module__ == "espo.decoder"
-    fields = {f.name for f in dataclasses.fields(espo.decoder.Rollout)}
+    assert Decoder.__module__ == "espo.engine.decoder"
+    fields = {f.name for f in dataclasses.fields(espo.engine.decoder.Rollout)}
     assert {"prompt_index", "tokens", "logprobs", "raw_logprobs", "entropy", "regret", "values", "finish_reason",
             "length"} <= fields
     assert rollout_seed(0, 1) != rollout_seed(0, 2) != rollout_seed(1, 1)
@@ -588,7 +588,7 @@ def test_gpu_graphs_match_eager_and_report_prefix_rate(family):
 
 @pytest.mark.parametrize("layout", ["sdpa", "flash"])
 def test_kv_cache_write_stores_each_row_at_its_slot_and_position(layout):
-    from espo.kv_cache import KVCache
+    from espo.engine.kv_cache import KVCache
 
     cache = KVCache(3, 5, 11, 2, 4, dtype=torch.float32, device=torch.device("cpu"), layout=layout)
     g = torch.Generator().manual_seed(0)

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-
 from espo.cli import main
 
 
@@ -36,9 +35,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_demo_runs_on_a_chat_model_with_its_preset(tmp_path, capsys):
     """`espo demo --model DIR --preset smollm2`: the four algorithms on a Hugging Face tokenizer and chat template,
     the task from the folder's card, the preset's nucleus sampling."""
-    from test_hf_tokenizer import make_model_folder
-
     from espo.word_problems import WordProblems
+    from test_hf_tokenizer import make_model_folder
 
     make_model_folder(tmp_path / "model", card={"task": WordProblems(max_new_tokens=8).config()})
     argv = ["demo", "--model", str(tmp_path / "model"), "--preset", "smollm2", "--quick", "--steps", "2",

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import espo
-import espo.checkpoint
-import espo.trainer
-import espo.update
-from espo.cli import main
-from espo.models import builtin_model_path
+import espo.rl.checkpoint
+import espo.rl.trainer
+import espo.rl.update
+from espo.app.cli import main
+from espo.engine.models import builtin_model_path
+from espo.rl.trainer import TrainConfig, TrainingDiverged, train
 from espo.tasks import ChainArithmetic, TaskError
-from espo.trainer import TrainConfig, TrainingDiverged, train
 
 TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=0, max_batch=16, ppo_epochs=1,
             minibatches=1, lr=1e-3)
@@ -49,19 +49,19 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
     cfg = TrainConfig(**TINY, algo="grpo", out_dir=str(tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoint.pt"
     saved = {}
-    real_loss = espo.update.policy_loss
+    real_loss = espo.rl.update.policy_loss
 
     def loss_that_turns_nan(*args, **kwargs):
         loss, info = real_loss(*args, **kwargs)
         return (loss * float("nan"), info) if "step0" in saved else (loss, info)
 
-    monkeypatch.setattr(espo.update, "policy_loss", loss_that_turns_nan)
+    monkeypatch.setattr(espo.rl.update, "policy_loss", loss_that_turns_nan)
     with pytest.raises(TrainingDiverged, match=r"step 1: the policy loss is not finite.*lr=0.001.*kept at"):
         train(cfg, progress=False, on_step=lambda record: saved.setdefault("step0", ckpt.read_bytes()))
     assert ckpt.read_bytes() == saved["step0"]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0]
-    monkeypatch.setattr(espo.update, "policy_loss", real_loss)
+    monkeypatch.setattr(espo.rl.update, "policy_loss", real_loss)
     history = train(cfg, resume=True, progress=False).history  # the kept checkpoint resumes
     assert [h["step"] for h in history] == [0, 1]
 
@@ -71,21 +71,21 @@ def test_a_diverging_cli_run_is_one_line_naming_the_learning_rate(tmp_path, caps
     line = one_line_failure(capsys, "train", "--algo", "ppo", "--lr", "10", "--steps", "6", *TINY_FLAGS,
                             "--out-dir", run)
     assert "diverged" in line and "lr=10.0" in line and "kept at" in line
-    kept = espo.checkpoint.load_checkpoint(run / "checkpoint.pt")
+    kept = espo.rl.checkpoint.load_checkpoint(run / "checkpoint.pt")
     assert all(torch.isfinite(t).all() for t in kept["model"].values())
 
 
 def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = espo.checkpoint.save_atomic({"config": {"a": 1}, "step": 0, "w": torch.ones(3)}, tmp_path / "ckpt.pt")
+    path = espo.rl.checkpoint.save_atomic({"config": {"a": 1}, "step": 0, "w": torch.ones(3)}, tmp_path / "ckpt.pt")
 
     def disk_full(state, f):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(espo.checkpoint.torch, "save", disk_full)
+    monkeypatch.setattr(espo.rl.checkpoint.torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        espo.checkpoint.save_atomic({"config": {"a": 1}, "step": 1, "w": torch.zeros(3)}, path)
-    state = espo.checkpoint.load_checkpoint(path)
+        espo.rl.checkpoint.save_atomic({"config": {"a": 1}, "step": 1, "w": torch.zeros(3)}, path)
+    state = espo.rl.checkpoint.load_checkpoint(path)
     assert state["step"] == 0 and torch.equal(state["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
@@ -286,7 +286,7 @@ def test_a_folder_a_run_holds_is_refused_to_a_second_run(tmp_path, capsys):
     assert str(run) in seen["err"][0] and "another run holds it" in seen["err"][0]
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1]  # each step once, of the one run
-    assert espo.checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 1
+    assert espo.rl.checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 1
     code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--steps", "3", "--no-progress")
     assert code == 0, err  # the lock went with the run
 
@@ -345,25 +345,25 @@ class RaisingTask(ChainArithmetic):
 def test_a_run_stopped_before_its_first_checkpoint_restarts_with_a_plain_rerun(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     argv = ["train", "--algo", "grpo", "--steps", "1", *TINY_FLAGS, "--out-dir", run]
-    real_step = espo.trainer.train_step
+    real_step = espo.rl.trainer.train_step
 
     def ctrl_c(run_, step):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(espo.trainer, "train_step", ctrl_c)
+    monkeypatch.setattr(espo.rl.trainer, "train_step", ctrl_c)
     code, err = cli(capsys, *argv)
     assert code == 130 and len(err) == 1 and "nothing to resume" in err[0] and "is kept" not in err[0], err
-    monkeypatch.setattr(espo.trainer, "train_step", real_step)
+    monkeypatch.setattr(espo.rl.trainer, "train_step", real_step)
     code, err = cli(capsys, *argv)
     assert code == 0, err
     code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--steps", "2", "--no-progress")
     assert code == 0, err
-    monkeypatch.setattr(espo.trainer, "train_step", ctrl_c)
+    monkeypatch.setattr(espo.rl.trainer, "train_step", ctrl_c)
     code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--steps", "3", "--no-progress")
     assert code == 130 and "checkpoint is kept in" in err[0] and "--resume" in err[0], err
 
     other = tmp_path / "other"
-    monkeypatch.setattr(espo.trainer, "train_step", real_step)
+    monkeypatch.setattr(espo.rl.trainer, "train_step", real_step)
     with pytest.raises(TaskError, match="broken reward"):  # a task that raises at step 0
         train(TrainConfig(**TINY, algo="grpo", out_dir=str(other)), task=RaisingTask(), progress=False)
     assert [h["step"] for h in train(TrainConfig(**TINY, algo="grpo", out_dir=str(other)), progress=False).history] \
@@ -410,16 +410,16 @@ def test_a_full_disk_during_the_checkpoint_names_the_file_and_the_disk_and_keeps
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4785664 vs 4785552")
         return real_save(state, f, *args, **kwargs)
 
-    monkeypatch.setattr(espo.checkpoint.torch, "save", full_disk_on_the_second_save)
+    monkeypatch.setattr(espo.rl.checkpoint.torch, "save", full_disk_on_the_second_save)
     line = one_line_failure(capsys, "train", "--algo", "grpo", "--steps", "2", *TINY_FLAGS, "--out-dir", run)
     assert f"could not write checkpoint {run / 'checkpoint.pt'}" in line, line
     assert f"the disk holding {run} is full or failing" in line and "unexpected pos" in line, line
     assert "free space and rerun with --resume" in line and "RuntimeError" not in line, line
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0]  # no line for the step whose checkpoint failed
-    assert espo.checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 0
+    assert espo.rl.checkpoint.load_checkpoint(run / "checkpoint.pt")["step"] == 0
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
-    monkeypatch.setattr(espo.checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(espo.rl.checkpoint.torch, "save", real_save)
     code, err = cli(capsys, "train", "--resume", "--out-dir", run, "--no-progress")
     assert code == 0, err
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
@@ -478,8 +478,8 @@ def test_durations_in_the_demo_help_and_readme_are_for_idle_cores(capsys):
 
 
 def test_an_espo_run_that_never_stopped_says_so_loudly():
-    from espo.cli import _stops_never_fired
-    from espo.config import TrainConfig
+    from espo.app.cli import _stops_never_fired
+    from espo.rl.config import TrainConfig
 
     cfg = TrainConfig(algo="espo")
     message = _stops_never_fired(cfg, [{"stop_rate": 0.0}, {"stop_rate": 0.0}])

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from espo.models import load_model
-from espo.prompting import encode_prompt, stop_token_ids
+from espo.engine.models import load_model
+from espo.rl.trainer import TrainConfig, train
 from espo.tasks import task_from_checkpoint
-from espo.trainer import TrainConfig, train
-from espo.word_problems import WordProblems
+from espo.tasks.prompting import encode_prompt, stop_token_ids
+from espo.tasks.word_problems import WordProblems
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import espo
-import espo.checkpoint
+import espo.rl.checkpoint
 from espo import prompting
-from espo.cli import main
-from espo.models import builtin_model_path, load_model
+from espo.app.cli import main
+from espo.engine.models import builtin_model_path, load_model
+from espo.rl.trainer import TrainConfig, setup, train
 from espo.tasks import task_from_checkpoint
-from espo.trainer import TrainConfig, setup, train
 
 TINY = dict(steps=1, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=0, max_batch=16, ppo_epochs=1,
             minibatches=1, lr=1e-3, algo="grpo")
@@ -147,7 +147,7 @@ def test_a_resumed_run_keeps_no_mapping_of_the_checkpoint_it_loaded(tmp_path):
     run = setup(TrainConfig(**{**TINY, "steps": 2}, out_dir=str(run_dir)), resume=True)
     try:
         assert ckpt not in _mapped_files()
-        espo.trainer.train_step(run, 1)  # replaces the checkpoint it resumed from
+        espo.rl.trainer.train_step(run, 1)  # replaces the checkpoint it resumed from
         assert f"{ckpt} (deleted)" not in _mapped_files() and ckpt not in _mapped_files()
     finally:
         run.close()
@@ -160,11 +160,11 @@ def test_a_full_disk_before_the_first_checkpoint_says_there_is_nothing_to_resume
         f.write(b"PK\x03\x04 half a checkpoint")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4785664 vs 4785552")
 
-    monkeypatch.setattr(espo.checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(espo.rl.checkpoint.torch, "save", full_disk)
     line = one_line_failure(capsys, "train", "--steps", "2", *TINY_FLAGS, "--out-dir", run_dir)
     assert f"could not write checkpoint {run_dir / 'checkpoint.pt'}" in line, line
     assert "rerun with --resume" not in line and "nothing for --resume to continue" in line, line
-    monkeypatch.setattr(espo.checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(espo.rl.checkpoint.torch, "save", real_save)
     assert main(["train", "--steps", "2", *TINY_FLAGS, "--out-dir", str(run_dir)]) == 0  # the hint was true
 
 
@@ -174,10 +174,10 @@ def test_a_full_disk_while_starting_a_run_folder_says_there_is_nothing_to_resume
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(espo.checkpoint.os, "fsync", full_disk)
+    monkeypatch.setattr(espo.rl.checkpoint.os, "fsync", full_disk)
     line = one_line_failure(capsys, "train", "--steps", "1", *TINY_FLAGS, "--out-dir", run_dir)
     assert "could not write file" in line and "config.json" in line and "nothing for --resume" in line, line
-    monkeypatch.setattr(espo.checkpoint.os, "fsync", real_fsync)
+    monkeypatch.setattr(espo.rl.checkpoint.os, "fsync", real_fsync)
     assert main(["train", "--steps", "1", *TINY_FLAGS, "--out-dir", str(run_dir)]) == 0
 
 
@@ -189,7 +189,7 @@ def test_a_full_disk_for_the_metrics_line_keeps_the_step_for_resume(tmp_path, ca
             raise OSError(28, "No space left on device")
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(espo.trainer, "open", full_disk, raising=False)
+    monkeypatch.setattr(espo.rl.trainer, "open", full_disk, raising=False)
     line = one_line_failure(capsys, "train", "--steps", "1", *TINY_FLAGS, "--out-dir", run_dir)
     assert f"could not write metrics {run_dir / 'metrics.jsonl'}" in line and "rerun with --resume" in line, line
     monkeypatch.undo()
@@ -206,7 +206,7 @@ def test_a_run_with_a_relative_model_resumes_from_another_directory(tmp_path, ca
     shutil.copytree(builtin_model_path(), work / "model")
     monkeypatch.chdir(work)
     assert main(["train", "--model", "model", "--steps", "1", *TINY_FLAGS, "--out-dir", "run"]) == 0
-    saved = espo.checkpoint.load_checkpoint(work / "run" / "checkpoint.pt")["config"]
+    saved = espo.rl.checkpoint.load_checkpoint(work / "run" / "checkpoint.pt")["config"]
     assert saved["model"] == str(work / "model")
     monkeypatch.chdir(elsewhere)
     code = main(["train", "--resume", "--steps", "2", "--no-progress", "--out-dir", str(work / "run")])
@@ -225,9 +225,9 @@ def test_a_checkpoint_saved_with_a_relative_model_resumes_with_its_absolute_path
     monkeypatch.chdir(work)
     assert main(["train", "--model", "model", "--steps", "1", *TINY_FLAGS, "--out-dir", "run"]) == 0
     ckpt = work / "run" / "checkpoint.pt"
-    state = espo.checkpoint.load_checkpoint(ckpt)
+    state = espo.rl.checkpoint.load_checkpoint(ckpt)
     state["config"]["model"], state["config"]["out_dir"] = "model", "run"  # as older runs saved them
-    espo.checkpoint.save_atomic(state, ckpt)
+    espo.rl.checkpoint.save_atomic(state, ckpt)
     monkeypatch.chdir(elsewhere)
     for extra in (["--model", str(work / "model")], []):
         code = main(["train", "--resume", "--no-progress", "--out-dir", str(work / "run"), *extra])
@@ -338,9 +338,9 @@ def test_int8_weights_in_a_run_checkpoint_are_refused_by_name(tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(TrainConfig(**TINY, out_dir=str(run_dir)), progress=False)
     ckpt = run_dir / "checkpoint.pt"
-    state = espo.checkpoint.load_checkpoint(ckpt)
+    state = espo.rl.checkpoint.load_checkpoint(ckpt)
     name = sorted(k for k in state["model"] if k.endswith("up_proj.weight"))[0]
     state["model"][name] = state["model"][name].to(torch.int8)
-    espo.checkpoint.save_atomic(state, ckpt)
+    espo.rl.checkpoint.save_atomic(state, ckpt)
     line = one_line_failure(capsys, "train", "--resume", "--steps", "2", "--no-progress", "--out-dir", run_dir)
     assert f"model.{name} (int8)" in line and str(ckpt) in line, line

@@ -1,4 +1,4 @@
-"""The exact integer sampling rule of espo.sample_reference (read its module docstring).
+"""The exact integer sampling rule of espo.ops.reference (read its module docstring).
 
 * The reference against a slow, independent transcription of the rule (numpy float32 scalars for every
   rounded step, Python integers for every sum), token for token.
@@ -15,8 +15,8 @@ import torch
 from conftest import backend_device_pairs
 
 import espo
-from espo.philox import uniform
-from espo.sample_reference import _draw_chunked, base2_logits, chunk_size, integer_masses, mass_shift
+from espo.ops.philox import uniform
+from espo.ops.reference import _draw_chunked, base2_logits, chunk_size, integer_masses, mass_shift
 
 LOG2E_F32 = np.float32(math.log2(math.e))
 TRITON_CPU = [p for p in backend_device_pairs() if p.values == ("triton", "cpu")]

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from espo.models import builtin_card, builtin_model_path
+from espo.engine.models import builtin_card, builtin_model_path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
 SMALLEST = [

@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import espo  # noqa: E402
 from espo import model_fetch  # noqa: E402
-from espo.cli import main  # noqa: E402
-from espo.models import load_causal_lm, load_model  # noqa: E402
+from espo.app.cli import main  # noqa: E402
+from espo.engine.models import load_causal_lm, load_model  # noqa: E402
 from espo.tasks import task_from_checkpoint  # noqa: E402
-from espo.word_problems import WordProblems  # noqa: E402
+from espo.tasks.word_problems import WordProblems  # noqa: E402
 
 MEMBER = "tiny_llm/tiny-llama.Q4_1.gguf"
 CHAT_TEMPLATE = (

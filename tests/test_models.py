@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from espo.models import builtin_model_path, load_builtin, load_model
+from espo.engine.models import builtin_model_path, load_builtin, load_model
+from espo.engine.tokenizer import CharTokenizer
 from espo.tasks import ChainArithmetic, builtin_task, success_rate
-from espo.tokenizer import CharTokenizer
 
 
 @pytest.fixture(scope="module")

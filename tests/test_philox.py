@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import available_backends
 
-from espo.philox import philox4x32, uniform
+from espo.ops.philox import philox4x32, uniform
 
 # Random123's known-answer vectors for philox4x32-10: (key, counter, expected output).
 KAT = [

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from reference_helpers import chi_square, chi_square_bound, kept_set
 
 import espo
-from espo.sample_reference import base2_logits, integer_masses, mass_shift
+from espo.ops.reference import base2_logits, integer_masses, mass_shift
 
 PAIRS = backend_device_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -123,7 +123,7 @@ def test_reference_filters_match_brute_force():
         V = int(g.integers(1, 200))
         x = np.round(g.normal(size=V) * 2, 1).astype(np.float32)  # rounding makes ties
         k, p, t = int(g.integers(0, V + 2)), float(g.uniform(0.05, 1.0)), float(g.uniform(0.3, 2.0))
-        from espo.sample_reference import _filter_mask
+        from espo.ops.reference import _filter_mask
 
         xt = torch.from_numpy(x)[None]
         y = base2_logits(xt, 1.0 / torch.tensor([t], dtype=torch.float32))

@@ -247,7 +247,7 @@ def test_cuda_stop_state_equals_other_backends(other):
 
 
 def test_cuda_op_under_torch_compile_fullgraph():
-    from espo.sample_cuda import load_extension
+    from espo.ops.cuda import load_extension
 
     load_extension()
     B, V = 16, 32000

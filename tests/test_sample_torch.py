@@ -1,4 +1,4 @@
-"""espo.sample_torch (the "torch" backend) against espo.sample_reference: the same tokens bit for bit, regret,
+"""espo.ops.torch_backend (the "torch" backend) against espo.ops.reference: the same tokens bit for bit, regret,
 max_logprob, logprobs and raw_logprobs bit for bit, the entropy within float tolerance, on random inputs (odd
 shapes, every dtype, per-row filters, -inf, NaN, huge values) and on the stop state it updates."""
 import pytest
@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import espo
-from espo.philox import _uniform_numpy, philox4x32
-from espo.sample_reference import sample_torch as reference_backend
-from espo.sample_torch import sample_torch
+from espo.ops.philox import _uniform_numpy, philox4x32
+from espo.ops.reference import sample_torch as reference_backend
+from espo.ops.torch_backend import sample_torch
 
 EXACT_FIELDS = ("tokens", "valid", "regret", "max_logprob", "logprobs", "raw_logprobs")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -8,7 +8,7 @@ from conftest import backend_device_pairs
 from reference_helpers import SpecStopper
 
 import espo
-from espo.sample_reference import stop_update_reference
+from espo.ops.reference import stop_update_reference
 
 BACKENDS = backend_device_pairs() + [pytest.param("torch", "cpu", id="torch-cpu")]
 CFG = espo.ESPOConfig(beta=0.6, beta_min=0.1, eta_beta=0.5, min_tokens=2, alpha_s=0.7)

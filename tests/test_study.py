@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from espo.models import builtin_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

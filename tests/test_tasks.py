@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from espo.engine.tokenizer import CharTokenizer
 from espo.tasks import (
     ChainArithmetic,
     Problem,
@@ -13,7 +14,6 @@ from espo.tasks import (
     score,
     tokens_after_mistake,
 )
-from espo.tokenizer import CharTokenizer
 
 
 # ---------------------------------------------------------------------------------------------- task

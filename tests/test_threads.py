@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from espo import threads
-from espo.cli import main
+from espo.app.cli import main
 
 
 @pytest.fixture

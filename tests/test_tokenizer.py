@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from espo.engine.tokenizer import CharTokenizer
 from espo.tasks import ChainArithmetic
-from espo.tokenizer import CharTokenizer
 
 
 def test_tokenizer_round_trip(tmp_path):

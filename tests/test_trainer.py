@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from espo.models import builtin_model_path
+from espo.engine.models import builtin_model_path
+from espo.rl.trainer import ALGOS, TrainConfig, train
 from espo.tasks import ChainArithmetic, TaskError
-from espo.trainer import ALGOS, TrainConfig, train
 
 TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=6, eval_every=2, max_batch=16,
             ppo_epochs=1, minibatches=2, lr=1e-3)
@@ -50,8 +50,8 @@ def test_every_algorithm_runs_and_logs(algo, tmp_path):
 
 
 def test_value_fit_is_the_explained_variance_of_the_returns_over_response_tokens():
-    from espo.trainer import value_fit
-    from espo.update import Targets
+    from espo.rl.trainer import value_fit
+    from espo.rl.update import Targets
 
     mask = torch.tensor([[True, True, False], [True, True, True]])
     returns = torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0]])
@@ -68,7 +68,7 @@ def test_value_fit_is_the_explained_variance_of_the_returns_over_response_tokens
 def test_value_lr_gives_the_value_head_its_own_rate_and_survives_a_resume(tmp_path):
     """At a policy's small lr the value head barely moves; value_lr moves it at its own rate, and a resumed run
     keeps both rates."""
-    from espo.trainer import setup
+    from espo.rl.trainer import setup
 
     def head_change(**kw) -> float:
         cfg = config(tmp_path / str(len(kw)), algo="ppo", steps=1, lr=1e-6, eval_problems=0, **kw)

@@ -1,4 +1,4 @@
-"""The PPO update's passes (espo.update): length-sorted micro-batches give the padded update's loss and gradients."""
+"""The PPO update's passes (espo.rl.update): length-sorted micro-batches give the padded update's loss and gradients."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import torch
 from reference_helpers import chi_square, chi_square_bound, kept_set
 
-from espo.config import TrainConfig
-from espo.losses import kl_penalty, policy_loss, value_loss
-from espo.models import load_builtin
-from espo.update import Targets, build_batch, micro_batches, minibatch_backward, score_batch
-from espo.value_head import ValueHead
+from espo.engine.models import load_builtin
+from espo.engine.value_head import ValueHead
+from espo.rl.config import TrainConfig
+from espo.rl.losses import kl_penalty, policy_loss, value_loss
+from espo.rl.update import Targets, build_batch, micro_batches, minibatch_backward, score_batch
 
 
 def _padded_minibatch_loss(model, value_head, batch, rows, old_logprobs, old_values, advantages, returns, ref_logprobs,
@@ -74,7 +74,7 @@ def test_micro_batched_update_has_the_padded_update_s_loss_and_gradients(tmp_pat
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_mask_keeps_the_smallest_likely_set_reaching_top_p(top_p):
-    from espo.update import top_p_mask
+    from espo.rl.update import top_p_mask
 
     g = torch.Generator().manual_seed(int(top_p * 1000))
     logits = torch.randn(7, 37, generator=g) * 3
@@ -88,7 +88,7 @@ def test_sampled_logprobs_are_the_probabilities_espo_sample_draws_with_top_p():
     """espo.sample with top_p draws only tokens of the kept set, at the renormalised tempered probabilities that
     sampled_logprobs gives (the update scores tokens under the distribution the rollouts came from)."""
     from espo import sample
-    from espo.update import sampled_logprobs
+    from espo.rl.update import sampled_logprobs
 
     V, T, top_p, draws = 24, 0.7, 0.8, 20000
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) * 2
@@ -103,7 +103,7 @@ def test_sampled_logprobs_are_the_probabilities_espo_sample_draws_with_top_p():
 
 
 def test_sampled_logprobs_without_top_p_are_the_tempered_log_softmax_and_a_stray_token_stays_finite():
-    from espo.update import sampled_logprobs
+    from espo.rl.update import sampled_logprobs
 
     logits = torch.randn(3, 5, 11, requires_grad=True)
     tokens = torch.randint(0, 11, (3, 5))

@@ -1,4 +1,4 @@
-"""Value pretraining (espo.value_fit, `espo value fit`, a run starting from a fitted head): the hidden states the fit
+"""Value pretraining (espo.rl.value_fit, `espo value fit`, a run starting from a fitted head): the hidden states the fit
 reads are the ones the decoder's value head reads, the fit recovers a value that exists, files round-trip without
 running code, and a run starts from the head it is given."""
 import json
@@ -9,12 +9,10 @@ import pytest
 import torch
 
 import espo
-from espo.cli import main
-from espo.models import builtin_model_path, load_model
-from espo.prompting import encode_prompt
-from espo.tasks import builtin_task
-from espo.trainer import TrainConfig, initial_value_head, value_head_source
-from espo.value_fit import (
+from espo.app.cli import main
+from espo.engine.models import builtin_model_path, load_model
+from espo.rl.trainer import TrainConfig, initial_value_head, value_head_source
+from espo.rl.value_fit import (
     CARD_FILE,
     HEAD_FILE,
     FittedValue,
@@ -26,6 +24,8 @@ from espo.value_fit import (
     save_value_head,
     value_report,
 )
+from espo.tasks import builtin_task
+from espo.tasks.prompting import encode_prompt
 
 
 def synthetic(n_rollouts=240, hidden=16, seed=0) -> tuple[RolloutFeatures, np.ndarray]:
@@ -156,7 +156,7 @@ def test_a_critic_run_starts_from_the_fitted_head(model_with_head, tmp_path):
 
 
 def test_the_hidden_states_recorded_while_decoding_are_the_teacher_forced_ones():
-    from espo.value_fit import HiddenRecorder, prefix_hidden_states
+    from espo.rl.value_fit import HiddenRecorder, prefix_hidden_states
 
     model, tok = load_model(builtin_model_path())
     prompts = [encode_prompt(tok, p.prompt) for p in builtin_task().problems(3, seed=7)]

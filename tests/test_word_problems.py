@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from espo.tasks import Task, check_task, score, task_from_checkpoint, tokens_after_mistake
-from espo.word_problems import WordProblems, extract_answer
+from espo.tasks.word_problems import WordProblems, extract_answer
 
 
 @pytest.mark.parametrize("text, value", [

@@ -36,9 +36,12 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .. import EarlyStopper, Rollout, Rollouts, rollout_seed, sample
+from espo.engine.decoder import Rollout, Rollouts, rollout_seed
+from espo.engine.value_head import prompt_values_tensor
+from espo.ops.sample import sample
+from espo.ops.stopper import EarlyStopper
+
 from ..checks import is_integer, is_real
-from ..value_head import prompt_values_tensor
 
 __all__ = [
     "ESPOSampler",

@@ -43,7 +43,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import Decoder, EarlyStopper, ESPOConfig, rollout_seed
+from espo.engine.decoder import Decoder, rollout_seed
+from espo.ops.stopper import EarlyStopper, ESPOConfig
+
 from ..checks import is_integer
 
 try:

@@ -36,8 +36,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..advantages import group_advantages, response_gae
-from ..stopper import ESPOConfig
+from espo.ops.stopper import ESPOConfig
+from espo.rl.advantages import group_advantages, response_gae
+
 from .vllm import EXTRA_ARGS_KEY, StopReader, StopRecord, default_record_dir, request_args
 
 try:
@@ -99,7 +100,7 @@ def espo_grpo_advantage(
     Registered in verl as ``"espo_grpo"``. A response's outcome is the sum of its token rewards; a stopped
     one's is ``r_fail``, written into its rewards by ``ESPOAgentLoop`` or ``mark_stops`` (the way verl's
     ``compute_advantage`` delivers it), or set here from ``espo_stopped`` (bool [B]) in a direct call.
-    The std is the group's population std (as in ``espo.advantages.group_advantages``), where verl's own
+    The std is the group's population std (as in ``espo.rl.advantages.group_advantages``), where verl's own
     ``grpo`` divides by the sample std (``torch.std``): a factor sqrt(n / (n - 1)) apart for groups of n
     (1.15 at n = 4, 1.03 at n = 16), which changes the advantages' scale, not their signs or order; without
     ``norm_adv_by_std_in_grpo`` (default: ``config.norm_adv_by_std_in_grpo``, else True) the centred
@@ -182,7 +183,7 @@ def espo_gae(
     r_fail: float | None = None,
     whiten: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``compute_gae_advantage_return``, vectorised (``espo.advantages.response_gae``), with absorbing stops.
+    """verl's ``compute_gae_advantage_return``, vectorised (``espo.rl.advantages.response_gae``), with absorbing stops.
 
     Same arguments as verl's, and the same results on the response tokens: advantages (whitened over
     ``response_mask`` unless ``whiten=False``) and returns = advantages + values, before whitening; masked-out

@@ -9,9 +9,10 @@ from typing import Any, Protocol
 
 import torch
 
-from ...backends import backends
-from ...sampling import sample
-from ...stopper import EarlyStopper
+from espo.ops.backends import backends
+from espo.ops.sample import sample
+from espo.ops.stopper import EarlyStopper
+
 from .records import Recorder
 from .settings import SAMPLING_EPS, ProcessorSettings, RequestArgs
 

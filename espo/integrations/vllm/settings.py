@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from espo.ops.stopper import ESPOConfig
+
 from ...checks import is_integer, is_real
-from ...stopper import ESPOConfig
 
 PROCESSOR = "espo.integrations.vllm:ESPOLogitsProcessor"
 """The module path to give vLLM: ``LLM(..., logits_processors=[PROCESSOR])``. It builds the V1 or the Model Runner

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .value_head import ValueHead
+from espo.engine.value_head import ValueHead
 
 HEAD_FILE = "value_head.safetensors"
 CARD_FILE = "value_head.json"
@@ -197,9 +197,9 @@ def decode_features(model: torch.nn.Module, tokenizer: Any, task: Any, problems:
     them with the task, and return every token's features, the hidden states kept while decoding."""
     import time
 
-    from .decoder import Decoder
-    from .prompting import encode_prompt, stop_token_ids
-    from .tasks import score
+    from espo.engine.decoder import Decoder
+    from espo.tasks import score
+    from espo.tasks.prompting import encode_prompt, stop_token_ids
 
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
     recorder = HiddenRecorder(model.config.hidden_size)
@@ -390,8 +390,8 @@ def fit_value(model_dir: str | os.PathLike, *, problems: int = 256, samples: int
     the rollouts of ``1 - held_out`` of the problems and report how it predicts the rest. Returns (head, card)."""
     from datetime import datetime, timezone
 
-    from .models import load_model
-    from .tasks import task_from_checkpoint, task_problems
+    from espo.engine.models import load_model
+    from espo.tasks import task_from_checkpoint, task_problems
 
     if not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out must be between 0 and 1 (the share of problems kept for the report), "

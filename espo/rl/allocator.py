@@ -112,7 +112,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .checks import check_int, is_real
+from espo.checks import check_int, is_real
 
 __all__ = [
     "UTILITIES",

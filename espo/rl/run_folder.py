@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from espo.engine.models import check_weight_dtypes
+
 from .checkpoint import RESUME_HINT, check_config, load_checkpoint, write_text_atomic
 from .config import ALGOS, TrainConfig
-from .models import check_weight_dtypes
 
 try:
     import fcntl

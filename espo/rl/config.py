@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .checks import check_choice, check_device, check_fields, setting
-from .stopper import ESPOConfig
+from espo.checks import check_choice, check_device, check_fields, setting
+from espo.ops.stopper import ESPOConfig
 
 
 class Algo(NamedTuple):
@@ -48,7 +48,7 @@ class TrainConfig:
     the config is built, so a bad value fails before any work, naming the field.
     """
 
-    algo: str = setting("espo", "ppo, espo, grpo, grpo-espo, grpo-cero or espo-cero (see espo.config)")
+    algo: str = setting("espo", "ppo, espo, grpo, grpo-espo, grpo-cero or espo-cero (see espo.rl.config)")
     model: str | None = setting(None, "a local transformers checkpoint folder (stored as an absolute path); "
                                       "default: the built-in tiny model")
     steps: int = setting(30, "training steps (a rollout batch and its PPO update each)", minimum=1)

@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 import torch
 
-from .models import CARD_FILE, checkpoint_card, load_causal_lm
-from .word_problems import WordProblems
+from espo.engine.models import CARD_FILE, checkpoint_card, load_causal_lm
+from espo.tasks.word_problems import WordProblems
 
 try:
     import fcntl
@@ -196,13 +196,13 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> dict[str, Any]:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import _quiet_transformers
+    from espo.engine.models import quiet_transformers
 
     check_converter()
     gguf_path, out = Path(gguf_path), Path(out)
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                          local_files_only=True, trust_remote_code=False).eval()
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True,

@@ -15,7 +15,7 @@ import ctypes
 import threading
 from typing import Any, Callable
 
-from .tokenizer import CharTokenizer
+from espo.engine.tokenizer import CharTokenizer
 
 __all__ = ["END_OF_TURN_TOKENS", "RENDER_CHARS", "RENDER_SECONDS", "encode_prompt", "stop_token_ids"]
 

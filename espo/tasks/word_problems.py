@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
-from .tasks import Problem
+from .base import Problem
 
 __all__ = ["WordProblems", "extract_answer"]
 

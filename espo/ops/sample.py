@@ -1,9 +1,9 @@
 """``espo.sample``: one decoding step's token, its statistics and the ESPO stop mask, from one read of the logits.
 
-The public op: its checks and its dispatch. The op's other homes share its name: ``espo.sample_reference``
-(the definition), ``espo.sample_torch`` (the "torch" backend: the reference's tokens in fewer passes),
+The public op: its checks and its dispatch. The op's other homes share its name: ``espo.ops.reference``
+(the definition), ``espo.ops.torch_backend`` (the "torch" backend: the reference's tokens in fewer passes),
 ``kernels/sample.py`` (Triton, ``espo.kernels.sample``),
-``csrc/sample.cu`` with ``espo.sample_cuda`` (CUDA) and ``tests/test_sample.py``. (This module is not named
+``csrc/sample.cu`` with ``espo.ops.cuda`` (CUDA) and ``tests/test_sample.py``. (This module is not named
 ``sample.py`` because the function ``espo.sample`` would hide it.)
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Callable, NamedTuple, Union
 
 import torch
 
+from espo.checks import is_integer, is_real
+
 from .backends import resolve_backend
-from .checks import is_integer, is_real
-from .sample_torch import sample_torch
 from .stopper import EarlyStopper
+from .torch_backend import sample_torch
 
 RowArg = Union[int, float, torch.Tensor]
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
@@ -109,13 +110,13 @@ def _seed_int64(seed: RowArg) -> RowArg:
 
 
 def _triton(*args):
-    from .kernels.sample import sample_triton
+    from espo.kernels.sample import sample_triton
 
     return sample_triton(*args)
 
 
 def _cuda(*args):
-    from .sample_cuda import sample_cuda
+    from .cuda import sample_cuda
 
     return sample_cuda(*args)
 
@@ -147,7 +148,7 @@ def sample(
         top_k: >= 0, a scalar or [B]; keep the k largest logits (ties kept); 0 keeps all. Applied first.
         top_p: in (0, 1], a scalar or [B]; keep the smallest most-likely set whose mass reaches top_p.
         seed, offset: int64 scalars or [B]; each row's draw comes from Philox keyed by its own (seed,
-            offset) (``espo.philox``), so a row samples the same token in any batch. Use the token's position
+            offset) (``espo.ops.philox``), so a row samples the same token in any batch. Use the token's position
             as its offset.
         stopper: an ``EarlyStopper`` over these B rows; it is updated in place and ``stop`` is returned.
         values: [B] critic values of the prefixes, for the stop threshold; None uses the config's value floor.
@@ -161,7 +162,7 @@ def sample(
             their arguments themselves pass False. Shapes, dtypes and Python numbers are always checked.
 
     Invalid rows never raise and never yield a silent token: a NaN or +inf logit, no finite logit, or
-    tempered logits that leave the float32 range (``|x| * log2(e) / T >= 3.4e38``; see ``espo.sample_reference``)
+    tempered logits that leave the float32 range (``|x| * log2(e) / T >= 3.4e38``; see ``espo.ops.reference``)
     are flagged False in ``valid`` with token -1 and NaN statistics, on every backend, and the stopper
     ignores them.
     Bad arguments raise ValueError or TypeError naming the argument.

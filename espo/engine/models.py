@@ -44,7 +44,7 @@ WEIGHT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "
 
 def builtin_model_path() -> Path:
     """Folder of the shipped tiny model (``espo/assets/tiny-arith``)."""
-    return Path(__file__).resolve().parent / "assets" / "tiny-arith"
+    return Path(__file__).resolve().parents[1] / "assets" / "tiny-arith"
 
 
 def checkpoint_card(path: str | Path) -> dict[str, Any] | None:
@@ -74,7 +74,7 @@ def _dtype_kwarg() -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers 5 draws a progress bar for every weights load: hide it (the trainer loads often). Its load
     report (missing and unexpected weights, many lines) is hidden too: ``load_causal_lm`` refuses such weights in
     one error."""
@@ -192,7 +192,7 @@ def _from_pretrained(where: str, dtype: torch.dtype | None, ignore_mismatched_si
     """transformers' ``from_pretrained`` with its load report hidden: (model, loading info)."""
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(
             where, local_files_only=True, trust_remote_code=False, output_loading_info=True,
             ignore_mismatched_sizes=ignore_mismatched_sizes,

@@ -1,119 +1,35 @@
 """The decoder's scheduler: which rollout runs in which slot, and when.
 
-``Scheduler`` drives one ``generate`` call over a ``ModelRunner`` (``espo.model_runner``): it keeps the
+``Scheduler`` drives one ``generate`` call over a ``ModelRunner`` (``espo.engine.model_runner``): it keeps the
 pending rollouts, admits them into free slots (one packed prefill per admission, within prefill_tokens;
 with CUDA graphs only once refill_batch slots are free), steps the live slots, records why each rollout
 ended (EOS, its length limit, an ESPO stop, invalid logits), frees their slots, and gathers the drawn
-tokens into ``Rollouts``. The slot state itself lives in ``espo.slots.Slots``; the model's compute, and
+tokens into ``Rollouts``. The slot state itself lives in ``espo.engine.slots.Slots``; the model's compute, and
 the draw, in the runner.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from .forward import PrefillRows
-from .model_runner import _EOS, _INVALID, _STOP, RECORD_COLUMNS, ModelRunner, oom_message
-from .stopper import EarlyStopper
-
-if TYPE_CHECKING:
-    from .decoder import Rollouts
-
-
-@dataclass
-class _Request:
-    """``generate``'s inputs, checked.
-
-    prompts: P token-id lists; counts: rollouts per prompt [P]; seeds: each rollout's sampling seed [R];
-    eos: the EOS ids on the device, or None; prompt_values: [P] constant values, or None; has_values: the
-    rollouts carry values (from the decoder's value source or ``prompt_values``).
-    """
-
-    prompts: list[list[int]]
-    counts: list[int]
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    seeds: list[int]
-    stopper: EarlyStopper | None
-    eos: torch.Tensor | None
-    prompt_values: torch.Tensor | None
-    has_values: bool
-
-
-@dataclass
-class _Run:
-    """The host-side progress of one generate call, per rollout [R] (ids in prompt-major order).
-
-    prompt_of, sample_of: each rollout's prompt and its index among that prompt's rollouts; plen: prompt
-    lengths [P]; limit: the most tokens each may generate; gen: tokens generated so far; length, reason:
-    set when it ends; pending: rollouts not yet admitted; records: [tokens, len(RECORD_COLUMNS)] blocks.
-    """
-
-    request: _Request
-    prompt_of: np.ndarray
-    sample_of: np.ndarray
-    plen: np.ndarray
-    limit: np.ndarray
-    gen: np.ndarray
-    length: np.ndarray
-    reason: list[str]
-    pending: deque
-    records: list[torch.Tensor] = field(default_factory=list)
-    decode_steps: int = 0
-    prefill_tokens: int = 0
-
-    @property
-    def R(self) -> int:
-        return len(self.reason)
-
-    @classmethod
-    def of(cls, request: _Request, max_seq_len: int) -> "_Run":
-        counts = request.counts
-        R, P = sum(counts), len(counts)
-        prompt_of = np.repeat(np.arange(P, dtype=np.int64), counts)
-        plen = np.array([len(p) for p in request.prompts], dtype=np.int64)
-        return cls(
-            request=request,
-            prompt_of=prompt_of,
-            sample_of=np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if P else np.zeros(0, np.int64),
-            plen=plen,
-            limit=np.minimum(request.max_new_tokens, max_seq_len - plen[prompt_of]) if R else np.zeros(0, np.int64),
-            gen=np.zeros(R, dtype=np.int64),
-            length=np.zeros(R, dtype=np.int64),
-            reason=[""] * R,
-            pending=deque(range(R)),
-        )
-
-
-@dataclass
-class _Admission:
-    """Pending rollouts given free slots: their packed prompts (each prompt once) and where each one's K/V go.
-
-    rids, slots [k]: the rollouts and their slots (host); ids, positions [N]: the packed prompt tokens;
-    last_idx [U]: each prompt's last token in them; ui [k]: each rollout's prompt among the U; slots_t [k]:
-    the slots on the device.
-    """
-
-    rids: np.ndarray
-    slots: np.ndarray
-    ids: torch.Tensor
-    positions: torch.Tensor
-    prefill: PrefillRows
-    last_idx: torch.Tensor
-    ui: torch.Tensor
-    slots_t: torch.Tensor
+from .model_runner import ModelRunner, oom_message
+from .sequence import (
+    CODE_EOS,
+    CODE_INVALID,
+    CODE_STOP,
+    FINISH_REASONS,
+    RECORD_COLUMNS,
+    Admission,
+    Rollout,
+    Rollouts,
+    RunState,
+)
 
 
 class Scheduler:
-    """Runs the rollouts of a ``_Run`` through the runner's ``max_batch`` slots (``runner.slots``).
+    """Runs the rollouts of a ``RunState`` through the runner's ``max_batch`` slots (``runner.slots``).
 
     prefill_tokens: most prompt tokens prefilled in one packed forward; refill_batch: admit pending
     rollouts only once this many slots are free (see ``espo.Decoder``; None: its default).
@@ -126,7 +42,7 @@ class Scheduler:
         default_refill = max(1, S // 8) if runner.cuda_graphs else 1
         self.refill_batch = min(S, int(refill_batch) if refill_batch is not None else default_refill)
 
-    def run(self, run: _Run, bar) -> None:
+    def run(self, run: RunState, bar) -> None:
         """Decode until every rollout of ``run`` has ended, from an empty pool; ``bar`` counts finished ones."""
         self.slots.reset()
         where, slots, runner = "prefill", self.slots, self.runner
@@ -147,14 +63,14 @@ class Scheduler:
             message = oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)
             raise torch.OutOfMemoryError(message) from err
 
-    def _may_refill(self, run: _Run) -> bool:
+    def _may_refill(self, run: RunState) -> bool:
         """Whether to admit pending rollouts now: enough slots are free (refill_batch, or all that are pending),
         or no rollout is live."""
         live = self.slots.n_live
         free = self.max_batch - live
         return bool(run.pending) and free > 0 and (live == 0 or free >= min(self.refill_batch, len(run.pending)))
 
-    def _take_pending(self, run: _Run, holes: np.ndarray) -> _Admission | None:
+    def _take_pending(self, run: RunState, holes: np.ndarray) -> Admission | None:
         """Give pending rollouts the first of the free slots ``holes`` (one packed prefill, within prefill_tokens).
 
         Sets the slots' state (prompt length, offset 0, seed, stopper row, value) for their first draw.
@@ -205,14 +121,14 @@ class Scheduler:
             run.request.stopper.reset_rows(mask.to(self.device))
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
         prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
-        return _Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t)
+        return Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t)
 
-    def _admitted(self, run: _Run, adm: _Admission) -> None:
+    def _admitted(self, run: RunState, adm: Admission) -> None:
         """The admitted rollouts drew their first tokens."""
         run.prefill_tokens += int(adm.ids.shape[0])
         run.gen[adm.rids] += 1
 
-    def _admit(self, run: _Run) -> np.ndarray:
+    def _admit(self, run: RunState) -> np.ndarray:
         """Prefill pending rollouts into the lowest free slots in a forward of their own; draw their first tokens."""
         adm = self._take_pending(run, np.flatnonzero(~self.slots.live))
         logits, values = self.runner.forward(
@@ -224,7 +140,7 @@ class Scheduler:
         self._admitted(run, adm)
         return self._endings(run, adm.slots, code)
 
-    def _step(self, run: _Run) -> np.ndarray:
+    def _step(self, run: RunState) -> np.ndarray:
         """One decode step over the live slots 0..b-1; eager, it also prefills pending rollouts into slots b..b+k-1."""
         slots, runner = self.slots, self.runner
         b = slots.n_live
@@ -244,17 +160,17 @@ class Scheduler:
             self._admitted(run, adm)
         return self._endings(run, np.arange(n), code)
 
-    def _endings(self, run: _Run, slots: np.ndarray, code: np.ndarray) -> np.ndarray:
+    def _endings(self, run: RunState, slots: np.ndarray, code: np.ndarray) -> np.ndarray:
         """Record why the rollouts in ``slots`` ended, for those that did; return their slots."""
         rids = self.slots.rollout[slots]
         at_limit = run.gen[rids] >= run.limit[rids]
         ended = (code != 0) | at_limit
         for r, c in zip(rids[ended], code[ended]):
-            if c & _STOP:
+            if c & CODE_STOP:
                 reason, length = "stopped", run.gen[r]
-            elif c & _INVALID:
+            elif c & CODE_INVALID:
                 reason, length = "invalid", run.gen[r] - 1
-            elif c & _EOS:
+            elif c & CODE_EOS:
                 reason, length = "eos", run.gen[r]
             else:
                 reason, length = "length", run.gen[r]
@@ -269,10 +185,8 @@ class Scheduler:
         if bar is not None:
             bar.update(len(slots))
 
-    def collect(self, run: _Run, elapsed: float) -> "Rollouts":
+    def collect(self, run: RunState, elapsed: float) -> Rollouts:
         """The ended run's rollouts, in rollout-id order, with its totals (``elapsed``: its wall time)."""
-        from .decoder import FINISH_REASONS, Rollout, Rollouts  # the result types are espo.decoder's (it imports us)
-
         rec = torch.cat(run.records).cpu().numpy() if run.records else np.zeros((0, len(RECORD_COLUMNS)))
         rid, token, logprob, raw_logprob, entropy, regret, value = range(len(RECORD_COLUMNS))
         order = np.argsort(rec[:, rid], kind="stable")

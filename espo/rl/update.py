@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .decoder import Rollouts
+from espo.engine.decoder import Rollouts
+from espo.engine.value_head import ValueHead
+
 from .losses import kl_penalty, policy_loss, value_loss
-from .value_head import ValueHead
 
 if TYPE_CHECKING:
     from .config import TrainConfig

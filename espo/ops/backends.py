@@ -45,7 +45,7 @@ def register_checkout_kernels() -> None:
     package = sys.modules["espo"]
     if "espo.kernels" in sys.modules or importlib.util.find_spec("espo.kernels") is not None:
         return
-    src = Path(__file__).resolve().parent.parent / "kernels"
+    src = Path(__file__).resolve().parents[2] / "kernels"
     if not (src / "sample.py").is_file():
         return  # an installed package without its kernels: backends() reports triton unavailable
     spec = importlib.machinery.ModuleSpec("espo.kernels", None, is_package=True)

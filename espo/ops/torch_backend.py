@@ -1,4 +1,4 @@
-"""The "torch" backend of ``espo.sample``: ``espo.sample_reference``'s tokens, bit for bit, in fewer passes.
+"""The "torch" backend of ``espo.sample``: ``espo.ops.reference``'s tokens, bit for bit, in fewer passes.
 
 The reference is written to read as the definition; this module computes the same tokens for the CPU (and any
 device without the Triton or CUDA kernels), where each pass over the [B, V] logits is what costs:
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .philox import uniform
-from .sample_reference import (
+from .reference import (
     _chunked,
     _draw_filtered,
     base2_logits,
@@ -36,7 +36,7 @@ _FIRST_TOP_P_CANDIDATES = 64
 
 
 def _integer_masses(y: torch.Tensor, ref: torch.Tensor, shift: int) -> torch.Tensor:
-    """``espo.sample_reference.integer_masses`` with its float64 temporaries reused (the same values)."""
+    """``espo.ops.reference.integer_masses`` with its float64 temporaries reused (the same values)."""
     ref = torch.where(ref == _NEG_INF, torch.zeros_like(ref), ref)
     f = (y - ref).double()
     torch.exp2(f, out=f)
@@ -44,7 +44,7 @@ def _integer_masses(y: torch.Tensor, ref: torch.Tensor, shift: int) -> torch.Ten
 
 
 def _draw_chunked(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``espo.sample_reference._draw_chunked`` (steps 1-4 of its module docstring) with the same arithmetic."""
+    """``espo.ops.reference._draw_chunked`` (steps 1-4 of its module docstring) with the same arithmetic."""
     B, V = y.shape
     yc, chunk = _chunked(y, V)
     r = torch.ceil(yc.amax(dim=2))  # [B, C]
@@ -137,7 +137,7 @@ def sample_torch(
 ) -> dict[str, torch.Tensor | None]:
     """The "torch" backend, under the backends' contract (that of ``espo.kernels.sample.sample_triton``): per-row
     arguments are Python numbers or [B] tensors on the logits' device, already validated by ``espo.sample``;
-    returns the ``SampleOutput`` fields as a dict, with ``espo.sample_reference``'s tokens."""
+    returns the ``SampleOutput`` fields as a dict, with ``espo.ops.reference``'s tokens."""
     B, V = logits.shape
     device = logits.device
     x = logits.float()

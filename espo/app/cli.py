@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .backends import BackendUnavailable
-from .checkpoint import DiskWriteError
+from espo.ops.backends import BackendUnavailable
+from espo.rl.checkpoint import DiskWriteError
+from espo.rl.trainer import TrainingDiverged
+from espo.tasks import TaskError
+
 from .model_fetch import ModelFetchError
-from .tasks import TaskError
-from .trainer import TrainingDiverged
 
 # Errors that describe the user's input or situation: printed as they are. Others also name their type.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, TaskError, TrainingDiverged,
@@ -37,7 +38,8 @@ def example_logits(batch: int = 6, vocab: int = 1000, seed: int = 0) -> torch.Te
 
 
 def run_example(backend: str) -> None:
-    from . import EarlyStopper, ESPOConfig, sample
+    from espo.ops.sample import sample
+    from espo.ops.stopper import EarlyStopper, ESPOConfig
 
     # the GPU backends run on the GPU where there is one; "torch" (and any backend without a GPU) on the CPU
     device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
@@ -97,9 +99,9 @@ def _given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, t
 
 def _config_from_args(args: argparse.Namespace):
     """The run's TrainConfig: the flags given over the defaults, or with --resume over the saved configuration."""
-    from .config import TrainConfig
-    from .run_folder import resume_config
-    from .stopper import ESPOConfig
+    from espo.ops.stopper import ESPOConfig
+    from espo.rl.config import TrainConfig
+    from espo.rl.run_folder import resume_config
 
     espo, train = _given(args, ESPOConfig, "espo_"), _given(args, TrainConfig)
     if args.resume:
@@ -142,8 +144,8 @@ def _what_is_kept(args: argparse.Namespace) -> str:
                "from its last checkpoint)"
     if args.command != "train":
         return ""
-    from .config import TrainConfig
-    from .run_folder import CHECKPOINT_FILE
+    from espo.rl.config import TrainConfig
+    from espo.rl.run_folder import CHECKPOINT_FILE
 
     ckpt = Path(args.out_dir or TrainConfig.out_dir) / CHECKPOINT_FILE
     if ckpt.is_file():
@@ -159,10 +161,11 @@ fitted on, and writes it. espo train --algo ppo/espo starts its value head from 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __version__
-    from .config import PRESETS, TrainConfig
+    from espo.ops.stopper import ESPOConfig
+    from espo.rl.config import PRESETS, TrainConfig
+    from espo.version import __version__
+
     from .model_fetch import SOURCES
-    from .stopper import ESPOConfig
 
     parser = _Parser(prog="espo", description="espo-rl: fused sampling with ESPO early stopping")
     parser.add_argument("--version", action="version", version=f"espo-rl {__version__}")
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_threads_flag(demo)
     tr = sub.add_parser("train", help="one training run; metrics as JSON lines in --out-dir")
     tr.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="start from a named preset (espo.config.PRESETS: the demo's task-tuned settings); flags "
+                    help="start from a named preset (espo.rl.config.PRESETS: the demo's task-tuned settings); flags "
                          "given change it")
     _add_config_flags(tr, TrainConfig)
     _add_config_flags(tr, ESPOConfig, prefix="espo-")
@@ -266,7 +269,7 @@ def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
 
 def _stops_never_fired(cfg: "typing.Any", history: list[dict]) -> str:
     """What to tell a user whose ESPO run stopped no rollout at all ("" when it stopped some, or cannot stop)."""
-    from .config import ALGOS
+    from espo.rl.config import ALGOS
 
     if not ALGOS[cfg.algo].stops or not history or any(h.get("stop_rate", 0) > 0 for h in history):
         return ""
@@ -284,7 +287,7 @@ def _stops_never_fired(cfg: "typing.Any", history: list[dict]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("demo", "train", "value") and str(getattr(args, "device", None) or "cpu").startswith("cpu"):
-        from .threads import use_cpu_threads
+        from espo.threads import use_cpu_threads
 
         print(f"espo {args.command}: {use_cpu_threads(args.threads)}")
     if args.command == "demo":
@@ -298,8 +301,8 @@ def _run(args: argparse.Namespace) -> int:
                              resume=args.resume, preset=args.preset or "demo", **settings)
         print_summary(summaries, args.out)
     elif args.command == "train":
-        from .config import ALGOS
-        from .trainer import train
+        from espo.rl.config import ALGOS
+        from espo.rl.trainer import train
 
         cfg = _config_from_args(args)
         if ALGOS[cfg.algo].critic:
@@ -314,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "example":
         run_example(args.backend)
     elif args.command == "backends":
-        from . import backends
+        from espo.ops import backends
 
         for info in backends().values():
             print(f"{info.name:7} {'available' if info.available else 'unavailable: ' + info.reason}")
@@ -327,8 +330,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _value_head_line(cfg: "typing.Any") -> str:
     """Where a critic run's value head starts, said before the run (with how well it predicts, when fitted)."""
-    from .trainer import value_head_source
-    from .value_fit import HEAD_FILE, load_value_head
+    from espo.rl.trainer import value_head_source
+    from espo.rl.value_fit import HEAD_FILE, load_value_head
 
     source = value_head_source(cfg)
     if source is None:
@@ -341,8 +344,8 @@ def _value_head_line(cfg: "typing.Any") -> str:
 
 
 def _fit_value(args: argparse.Namespace) -> None:
-    from .config import PRESETS
-    from .value_fit import HEAD_FILE, fit_value, save_value_head
+    from espo.rl.config import PRESETS
+    from espo.rl.value_fit import HEAD_FILE, fit_value, save_value_head
 
     preset = PRESETS.get(args.preset or "", {})
     temperature = args.temperature if args.temperature is not None else preset.get("temperature", 1.0)

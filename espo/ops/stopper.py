@@ -1,6 +1,6 @@
 """ESPO's early-stopping rule: its configuration and the per-row state that ``espo.sample`` updates.
 
-Per decoding step, per live row (see ``espo.sample_reference.stop_update_reference`` for the exact arithmetic):
+Per decoding step, per live row (see ``espo.ops.reference.stop_update_reference`` for the exact arithmetic):
 
     g~ = clip((g - mean) / sqrt(var + delta), -clip, clip)       mean, var frozen for the whole batch
     z  = alpha_s * z + (1 - alpha_s) * g~
@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .checks import check_device, check_fields, check_int, setting
+from espo.checks import check_device, check_fields, check_int, setting
 
 _ROW_FIELDS = {
     "z": torch.float32,

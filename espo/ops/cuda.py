@@ -1,10 +1,10 @@
 """The "cuda" backend: the compiled kernels of ``espo._C`` (csrc/), called through ``torch.ops.espo``.
 
-Same contract as ``espo.kernels.sample.sample_triton`` and ``espo.sample_reference.sample_torch``: per-row
+Same contract as ``espo.kernels.sample.sample_triton`` and ``espo.ops.reference.sample_torch``: per-row
 arguments are Python numbers or [B] tensors on the logits' device (float32 temperature/top_p, int64
-top_k/seed/offset), already validated by ``espo.sample``; the stop state is an ``espo.stopper.StopState``; the
+top_k/seed/offset), already validated by ``espo.sample``; the stop state is an ``espo.ops.stopper.StopState``; the
 result is the dict of ``SampleOutput`` fields. The same Philox stream, chunking rule and exact integer sampling
-rule (``espo.sample_reference``) as the Triton backend, with the same ex2.approx instruction, so both return the
+rule (``espo.ops.reference``) as the Triton backend, with the same ex2.approx instruction, so both return the
 same tokens for the same inputs, bit for bit. Works under torch.compile (the ops have meta implementations and
 declare the stop state they update in place) and under CUDA graph capture (no host sync, no allocation outside
 torch's caching allocator).

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import write_text_atomic
-from .config import ALGOS, DEMO_ESPO, PRESETS, TrainConfig
-from .run_folder import CHECKPOINT_FILE, check_writable
-from .trainer import Run, setup, train_step
+from espo.rl.checkpoint import write_text_atomic
+from espo.rl.config import ALGOS, DEMO_ESPO, PRESETS, TrainConfig
+from espo.rl.run_folder import CHECKPOINT_FILE, check_writable
+from espo.rl.trainer import Run, setup, train_step
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
 DEMO, QUICK = PRESETS["demo"], PRESETS["quick"]

@@ -38,13 +38,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from espo.engine.decoder import Decoder, Rollouts
+from espo.engine.models import builtin_model_path, load_model
+from espo.engine.value_head import ValueHead
+from espo.ops.stopper import CriticWarmup, EarlyStopper
+from espo.tasks import builtin_task, check_task, score, task_from_checkpoint, task_problems, tokens_after_mistake
+from espo.tasks.prompting import encode_prompt, stop_token_ids
+
 from .advantages import gae, group_advantages
 from .allocator import CeroAllocator
 from .checkpoint import disk_write_error, save_atomic
 from .config import ALGOS, PRESETS, Algo, TrainConfig
-from .decoder import Decoder, Rollouts
-from .models import builtin_model_path, load_model
-from .prompting import encode_prompt, stop_token_ids
 from .run_folder import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -57,11 +61,8 @@ from .run_folder import (
     resume_state,
     start_run_folder,
 )
-from .stopper import CriticWarmup, EarlyStopper
-from .tasks import builtin_task, check_task, score, task_from_checkpoint, task_problems, tokens_after_mistake
 from .update import Batch, Targets, build_batch, minibatch_backward, score_batch
 from .value_fit import HEAD_FILE, load_value_head
-from .value_head import ValueHead
 
 __all__ = [
     "ALGOS",
@@ -133,7 +134,7 @@ class Run:
     prompts: list[list[int]]
     order: np.ndarray  # the shuffled walk over the prompt set
     max_new: int
-    eos: list[int]  # the ids that end a completion (espo.prompting.stop_token_ids); [] for none
+    eos: list[int]  # the ids that end a completion (espo.tasks.prompting.stop_token_ids); [] for none
     diagnostics: "NoDiagnostics"  # the optional hook: Diagnostics, or NoDiagnostics to measure nothing
     history: list[dict]
     start: int  # the first step to run (after a resume, the one after the checkpoint's)

@@ -36,7 +36,7 @@ operation rounded to nearest (never contracted into an FMA), ``trunc`` converts 
 2. Chunk masses in global units: ``R = max_c r_c``, ``W_c = (sum_{i in c} q_i) >> min(R - r_c, 63)``.
    Integer sums are exact in any order, and ``Z = sum_c W_c < 2**62``.
 3. Target: ``target = trunc(double(u) * double(Z))`` (one IEEE float64 multiply; the int64 -> float64
-   conversion rounds to nearest), with ``u`` the row's float32 uniform from ``espo.philox.uniform(seed,
+   conversion rounds to nearest), with ``u`` the row's float32 uniform from ``espo.ops.philox.uniform(seed,
    offset)``, so ``0 <= target < Z``.
 4. Token: the chunk is the first c whose inclusive cumulative sum of W exceeds the target; with ``t =
    target - (sum of W before c)``, the token is the first i of that chunk with ``(inclusive cumulative sum
@@ -271,7 +271,7 @@ def sample_torch(
     stop: StopState | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The "torch" backend: the reference under the backends' contract (that of ``espo.kernels.sample.sample_triton``
-    and ``espo.sample_cuda.sample_cuda``). Per-row arguments are Python numbers or [B] tensors on the logits'
+    and ``espo.ops.cuda.sample_cuda``). Per-row arguments are Python numbers or [B] tensors on the logits'
     device, already validated by ``espo.sample``; returns the ``SampleOutput`` fields as a dict."""
     B, device = logits.shape[0], logits.device
 

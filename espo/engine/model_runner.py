@@ -5,34 +5,27 @@ KV cache that cannot fit, builds the policy's (and a critic's) ``TransformerForw
 and computes one step's logits and values: a packed prefill, an eager decode step (with the step's
 refills in the same forward) or a decode step replayed from a CUDA graph, one per bucket of live slots
 (and of cached length, with SDPA). ``sample`` draws the tokens with ``espo.sample`` and records them.
-Which rollout runs in which slot, and when, is the scheduler's business (``espo.scheduler``).
+Which rollout runs in which slot, and when, is the scheduler's business (``espo.engine.scheduler``).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch
 from torch import nn
 
-from .checks import check_device
+from espo.checks import check_device
+from espo.ops.sample import sample
+
 from .forward import DecodeRows, TransformerForward, check_family
 from .kv_cache import KVCache, resolve_attention
 from .models import load_causal_lm
-from .sampling import sample
+from .sequence import CODE_EOS, CODE_INVALID, CODE_STOP, Admission, Request
 from .slots import Slots
 from .value_head import Critic, ValueHead, check_value_source
-
-if TYPE_CHECKING:
-    from .scheduler import _Admission, _Request
-
-# Finish codes of a drawn token (bits): it is an EOS, the stopper stopped its row, its logits were not finite.
-_EOS, _STOP, _INVALID = 1, 2, 4
-
-# One row per drawn token, in this column order.
-RECORD_COLUMNS = ("rollout_id", "token", "logprob", "raw_logprob", "entropy", "regret", "value")
 
 
 def _device(device) -> torch.device:
@@ -75,7 +68,7 @@ def load_model(path, dtype):
 class ModelRunner:
     """The model (and value source) of an ``espo.Decoder``, on its device, over ``max_batch`` slots.
 
-    Holds the per-slot state (``slots``, an ``espo.slots.Slots``) that the decode forward and its CUDA
+    Holds the per-slot state (``slots``, an ``espo.engine.slots.Slots``) that the decode forward and its CUDA
     graphs read, and the KV caches (``caches``) that compacting the slots moves. The arguments are
     ``espo.Decoder``'s (checked there, sizes included).
     """
@@ -227,7 +220,7 @@ class ModelRunner:
             values = None if values is None else values[select]
         return logits, values
 
-    def decode(self, b: int, length: int, adm: "_Admission | None" = None):
+    def decode(self, b: int, length: int, adm: "Admission | None" = None):
         """Logits [b (+ k), V] and values (or None) of a decode step over the live slots 0..b-1 reading ``length``
         cached positions; eager, it also prefills the admission ``adm`` (k rollouts) in the same forward."""
         slots = self.slots
@@ -303,7 +296,7 @@ class ModelRunner:
 
     # --------------------------------------------------------------------------------------- sampling
 
-    def sample(self, req: "_Request", records: list[torch.Tensor], logits, values, idx):
+    def sample(self, req: "Request", records: list[torch.Tensor], logits, values, idx):
         """Draw for the slots ``idx`` (a slice or an index tensor) under ``req``'s settings; append their rows
         (``RECORD_COLUMNS``) to ``records``; return the tokens and their finish codes (on the device)."""
         slots = self.slots
@@ -325,9 +318,9 @@ class ModelRunner:
         vals = values if values is not None else torch.zeros_like(out.logprobs)
         columns = (slots.rid[idx], out.tokens, out.logprobs, out.raw_logprobs, out.entropy, out.regret, vals)
         records.append(torch.stack([c.double() for c in columns], dim=1))  # in RECORD_COLUMNS order
-        code = (~out.valid).to(torch.uint8) * _INVALID
+        code = (~out.valid).to(torch.uint8) * CODE_INVALID
         if req.eos is not None:
-            code |= torch.isin(out.tokens, req.eos).to(torch.uint8) * _EOS
+            code |= torch.isin(out.tokens, req.eos).to(torch.uint8) * CODE_EOS
         if out.stop is not None:
-            code |= out.stop.to(torch.uint8) * _STOP
+            code |= out.stop.to(torch.uint8) * CODE_STOP
         return out.tokens, code

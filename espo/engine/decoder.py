@@ -1,7 +1,7 @@
 """``espo.Decoder``: continuous batching for transformers causal LMs that frees a row's compute the step it ends.
 
 The decoder runs the model's own modules (embedding, norms, projections, MLPs, LM head) with its own
-forward (``espo.forward``) over its own slotted KV cache (``espo.kv_cache``), so that:
+forward (``espo.engine.forward``) over its own slotted KV cache (``espo.engine.kv_cache``), so that:
 
 * a fixed pool of ``max_batch`` slots holds the live rollouts; a rollout that ends (EOS, its length
   limit, or an ESPO stop) frees its slot at once, the next pending rollout is prefilled into it, and
@@ -16,30 +16,33 @@ forward (``espo.forward``) over its own slotted KV cache (``espo.kv_cache``), so
 
 Supported model families: Llama, Mistral, Qwen2, Qwen3 (standard attention with RoPE).
 
-This module holds the public face (``Decoder``, its arguments' checks, ``Rollout``/``Rollouts``,
-``rollout_seed``) and wires two parts: ``espo.scheduler.Scheduler`` decides which rollout runs in which
-slot and when, ``espo.model_runner.ModelRunner`` runs the model over the slots and draws the tokens.
+This module holds the public face (``Decoder``, its arguments' checks, ``rollout_seed``; the results
+``Rollout``/``Rollouts`` are ``espo.engine.sequence``'s) and wires two parts: ``espo.engine.scheduler.Scheduler``
+decides which rollout runs in which slot and when, ``espo.engine.model_runner.ModelRunner`` runs the model over
+the slots and draws the tokens.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checks import is_integer, is_real
-from .model_runner import _STOP, ModelRunner  # noqa: F401  (_STOP: the stop code, as bench/ reads it)
-from .sampling import MIN_TEMPERATURE
-from .scheduler import Scheduler, _Request, _Run
-from .stopper import EarlyStopper
+from espo.checks import is_integer, is_real
+from espo.ops.sample import MIN_TEMPERATURE
+from espo.ops.stopper import EarlyStopper
+
+from .model_runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Request, Rollout, Rollouts, RunState
 from .value_head import Critic, ValueHead, prompt_values_tensor
 
-FINISH_REASONS = ("eos", "length", "stopped", "invalid")
+__all__ = ["Decoder", "Rollout", "Rollouts", "rollout_seed"]  # the results are defined in .sequence
+
 _M64 = (1 << 64) - 1
 
 
@@ -59,74 +62,6 @@ def rollout_seed(run_seed: int, rollout_id: int) -> int:
     """
     s = _splitmix64(_splitmix64(int(run_seed) & _M64) ^ (int(rollout_id) & _M64))
     return s - (1 << 64) if s >= 1 << 63 else s
-
-
-# --------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class Rollout:
-    """One generated continuation.
-
-    tokens: int64 [length], the generated tokens (an EOS that ended the rollout included; for a stopped
-        rollout, the token that triggered the stop included).
-    logprobs: float32 [length], under the tempered distribution; raw_logprobs: at temperature 1.
-    entropy, regret: float32 [length], of the tempered distribution at each step.
-    values: float32 [length] or None: V of the prefix each token was drawn from (prompt + tokens before it),
-        from the decoder's value source or the prompt's constant; None without one.
-    finish_reason: "eos", "length" (max_new_tokens or max_seq_len reached), "stopped" (ESPO; wins over eos
-        and length at the same token, as the stopper counted it), or "invalid" (the model produced NaN/inf
-        logits; the step is not kept).
-    """
-
-    rollout_id: int
-    prompt_index: int
-    sample_index: int
-    seed: int
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
-    raw_logprobs: torch.Tensor
-    entropy: torch.Tensor
-    regret: torch.Tensor
-    values: torch.Tensor | None
-    finish_reason: str
-    length: int
-
-
-@dataclass
-class Rollouts:
-    """The rollouts of one ``generate`` call, in rollout-id order (prompt-major), with run totals."""
-
-    rollouts: list[Rollout]
-    prompts: list[list[int]]
-    tokens_generated: int
-    decode_steps: int
-    prefill_tokens: int
-    time_s: float
-    seed: int
-    finish_counts: dict[str, int] = field(default_factory=dict)
-    slot_moves: int = 0  # live rollouts moved down into a freed slot (the live slots stay leading)
-
-    def __len__(self) -> int:
-        return len(self.rollouts)
-
-    def __iter__(self) -> Iterator[Rollout]:
-        return iter(self.rollouts)
-
-    def __getitem__(self, i: int) -> Rollout:
-        return self.rollouts[i]
-
-    def for_prompt(self, prompt_index: int) -> list[Rollout]:
-        """The rollouts of one prompt, in sample order."""
-        return [r for r in self.rollouts if r.prompt_index == prompt_index]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens_generated / self.time_s if self.time_s > 0 else float("nan")
-
-    @property
-    def stop_rate(self) -> float:
-        return self.finish_counts.get("stopped", 0) / len(self.rollouts) if self.rollouts else 0.0
 
 
 # -------------------------------------------------------------------------------------------- decoder
@@ -250,7 +185,7 @@ class Decoder:
     value_source = property(lambda self: self.runner.value_source)
     policy = property(lambda self: self.runner.policy, doc="the policy's TransformerForward")
     critic = property(lambda self: self.runner.critic, doc="the critic's TransformerForward, or None")
-    slots = property(lambda self: self.runner.slots, doc="the per-slot state (espo.slots.Slots)")
+    slots = property(lambda self: self.runner.slots, doc="the per-slot state (espo.engine.slots.Slots)")
     prefill_tokens = property(lambda self: self.scheduler.prefill_tokens)
     refill_batch = property(lambda self: self.scheduler.refill_batch)
 
@@ -312,7 +247,7 @@ class Decoder:
             prompt_values=prompt_values,
             rollout_seeds=rollout_seeds,
         )
-        run = _Run.of(request, self.max_seq_len)
+        run = RunState.of(request, self.max_seq_len)
         show = self.progress if progress is None else progress
         bar = None
         if show:
@@ -342,7 +277,7 @@ class Decoder:
         eos_token_id,
         prompt_values,
         rollout_seeds,
-    ) -> _Request:
+    ) -> Request:
         """``generate``'s arguments checked, each error naming what was wrong and how to fix it."""
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
             prompts = list(prompts)
@@ -418,7 +353,7 @@ class Decoder:
             seeds = [rollout_seed(seed, r) for r in range(R)]
         else:
             seeds = _rollout_seeds(rollout_seeds, R)
-        return _Request(
+        return Request(
             prompts=plist,
             counts=counts,
             max_new_tokens=int(max_new_tokens),
