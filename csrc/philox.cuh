@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon et al., SC'11): the counter-based random stream shared by every espo backend.
 //
-// This is the function defined in espo/philox.py (and kernels/philox.py for Triton), bit for bit:
+// This is the function defined in espo/ops/philox.py (and kernels/philox.py for Triton), bit for bit:
 //
 //     key     = (seed & 0xFFFFFFFF, seed >> 32)                  seed read as an unsigned 64-bit integer
 //     counter = (offset & 0xFFFFFFFF, offset >> 32, stream, 0)   stream 0 is the sampling draw

@@ -2,7 +2,7 @@
 //
 // Bit-level contract with the Triton backend (kernels/sample.py): the same Philox draw per row, the same
 // chunk partition of the vocabulary (chunk_size), and the same exact integer sampling rule, defined in
-// espo/sample_reference.py: per element y = fl(x * a) with a = fl(fl(1 / T) * LOG2E_F32), per chunk the integer
+// espo/ops/reference.py: per element y = fl(x * a) with a = fl(fl(1 / T) * LOG2E_F32), per chunk the integer
 // reference r_c = ceil(max y), per element the integer mass q = trunc(fl(ex2(fl(y - r_c)) * 2**S)) with
 // ex2.approx.ftz.f32 (what Triton's kernel issues by inline PTX), chunk sums shifted to the row reference
 // R = max r_c, target = trunc(double(u) * double(Z)), then the first chunk and the first token whose
@@ -31,7 +31,7 @@
 namespace espo {
 namespace {
 
-constexpr float kLog2e = 1.44269502162933349609375f;  // float32(log2(e)) exactly: espo.sample_reference.LOG2E_F32
+constexpr float kLog2e = 1.44269502162933349609375f;  // float32(log2(e)) exactly: espo.ops.reference.LOG2E_F32
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kBig = INT_MAX;
@@ -299,7 +299,7 @@ __device__ __forceinline__ T row_value(const RowArg<T>& a, int64_t row) {
   return a.ptr != nullptr ? a.ptr[row] : a.value;
 }
 
-// ---------------------------------------------------------------- the integer masses (espo/sample_reference.py)
+// ---------------------------------------------------------------- the integer masses (espo/ops/reference.py)
 
 // a = fl(fl(1 / T) * LOG2E_F32), the per-row factor of y = fl(x * a).
 __device__ __forceinline__ float base2_factor(float inv_t) { return __fmul_rn(inv_t, kLog2e); }
@@ -397,7 +397,7 @@ __device__ __forceinline__ int chunk_shift(float rc, float R) {
   return rc > neg_inf() && s < 63.0f ? static_cast<int>(s) : 63;
 }
 
-// Integer inverse CDF over the unfiltered row (espo/sample_reference.py steps 2-4): choose the chunk from the
+// Integer inverse CDF over the unfiltered row (espo/ops/reference.py steps 2-4): choose the chunk from the
 // shifted chunk sums, then re-read that chunk and find the first token whose shifted running sum exceeds
 // what is left of the target.
 template <typename Tag, int CHUNK>
@@ -669,7 +669,7 @@ __device__ void finish_row(const Params& p, int64_t row, const typename Tag::sto
     const float z_old = st.z[srow];
     const float z = st.alpha_s * z_old + st.one_minus_alpha_s * g_norm;
     const float given = st.values != nullptr ? st.values[row] : st.value_floor;
-    const float value = isfinite(given) ? given : st.value_floor;  // NaN or inf: the floor (espo.sample_reference)
+    const float value = isfinite(given) ? given : st.value_floor;  // NaN or inf: the floor (espo.ops.reference)
     const int32_t position = st.position[srow];
     const bool stop = counted && armed > 0.0f && ready > 0.0f && static_cast<int64_t>(position) >= st.min_tokens &&
                       z > beta * fmaxf(value, st.value_floor);

@@ -2,12 +2,12 @@
 //
 // No torch (and no CUDA runtime header) is needed to include this file: csrc/bindings.cpp wraps it for
 // torch, and a host-only program can include it for chunk_size(). The semantics are those of
-// espo/sample_reference.py; the random stream, the chunking rule and the sampling rule are those of the Triton
+// espo/ops/reference.py; the random stream, the chunking rule and the sampling rule are those of the Triton
 // backend (kernels/sample.py), so that both backends draw the same tokens for the same inputs.
 //
 // One launch (after a memset of B counters) over a 1-D grid of B * C blocks, block (row, chunk):
 //   1. the block reads its chunk of the row once and writes the chunk's statistics to a workspace: its
-//      max logit, max y = fl(x * a), the exact int64 sum of the integer masses q (espo/sample_reference.py), the
+//      max logit, max y = fl(x * a), the exact int64 sum of the integer masses q (espo/ops/reference.py), the
 //      float sums of f = 2**(y - r_c) and f * (y - r_c) from the same exponentials, the first argmax for
 //      greedy rows, and the temperature-1 sum for rows whose temperature is not 0 or 1;
 //   2. the last block of each row to finish (a per-row counter) merges the row's C partials, draws the
@@ -41,7 +41,7 @@ inline int64_t chunk_size(int64_t vocab_size) {
 }
 
 // S of the integer masses q < 2**S: min(40, 62 - bit_length(V)), so that V * 2**S < 2**62.
-// Must equal espo/sample_reference.py: mass_shift (tests/test_cuda_host.py checks it).
+// Must equal espo/ops/reference.py: mass_shift (tests/test_cuda_host.py checks it).
 inline int mass_shift(int64_t vocab_size) {
   int bits = 0;
   for (uint64_t v = static_cast<uint64_t>(vocab_size); v != 0; v >>= 1) ++bits;

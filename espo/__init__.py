@@ -74,7 +74,12 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         sys.modules[module.__name__] = importlib.import_module(MOVED_MODULES[module.__name__])
 
 
-sys.meta_path.append(_MovedModuleFinder())
+sys.meta_path.insert(0, _MovedModuleFinder())  # first: a stale espo/decoder.py left by an old build never wins
+# An old path whose last name is also a public name (``espo.backends``, the function) is registered now: an import
+# through the finder would bind the module over the public name (the import system sets it on its parent).
+for _old, _new in MOVED_MODULES.items():
+    if _old.rpartition(".")[2] in globals():
+        sys.modules.setdefault(_old, importlib.import_module(_new))
 
 __all__ = [
     "BackendInfo",

@@ -16,9 +16,7 @@ import random
 import re
 from typing import Any
 
-from espo import Problem
-from espo.rl.config import TrainConfig
-from espo.rl.trainer import train
+from espo import Problem, TrainConfig, train
 
 
 class LargerNumber:

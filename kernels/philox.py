@@ -1,4 +1,4 @@
-"""Philox4x32-10 as a Triton device function: the stream defined in ``espo/philox.py`` (its constants too)."""
+"""Philox4x32-10 as a Triton device function: the stream defined in ``espo/ops/philox.py`` (its constants too)."""
 import triton
 import triton.language as tl
 

@@ -58,3 +58,12 @@ def test_old_paths_work_in_a_fresh_interpreter():
     code = ("from espo.config import TrainConfig; import espo.stopper, espo.rl.config as c; "
             "assert TrainConfig is c.TrainConfig and espo.stopper.ESPOConfig is espo.ESPOConfig")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_an_old_path_never_hides_a_public_name():
+    """``espo.backends`` was a module and is the public function: importing the old module path keeps the function."""
+    import espo.backends  # noqa: F401
+    from espo.backends import BackendUnavailable
+
+    assert callable(espo.backends) and "torch" in espo.backends()
+    assert BackendUnavailable is espo.ops.backends.BackendUnavailable

@@ -16,7 +16,7 @@ from espo.tasks import ChainArithmetic, TaskError
 
 TINY = dict(steps=2, prompts_per_step=4, group_size=3, num_problems=16, eval_problems=6, eval_every=2, max_batch=16,
             ppo_epochs=1, minibatches=2, lr=1e-3)
-# stops that fire on this task within a few steps (see espo/demo.py for why the paper's defaults do not)
+# stops that fire on this task within a few steps (see espo/app/demo.py for why the paper's defaults do not)
 QUICK_STOPS = dict(alpha_s=0.5, beta=1.0, beta_min=0.1, eta_beta=0.5)
 
 
