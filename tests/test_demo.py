@@ -112,7 +112,8 @@ def _one_line(capsys, argv: list[str]) -> str:
 def test_a_time_saving_is_given_with_its_interval_and_one_inside_its_noise_is_none():
     """Paired steps: a run slower or faster at random (the same work under a varying load) saves nothing beyond
     noise, however large its total; one faster at every step does."""
-    from espo.demo import _time_saved, paired_saving, savings
+    from espo.demo import _time_saved, savings
+    from espo.stats import paired_saving
 
     base = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
     same_work = [4.0, 14.0, 5.0, 13.0, 4.5, 12.0]  # 13% "saved" in total
@@ -133,7 +134,8 @@ def test_a_time_saving_is_given_with_its_interval_and_one_inside_its_noise_is_no
 
 
 def test_a_saving_over_too_few_pairs_says_so_and_the_headline_states_its_pool():
-    from espo.demo import MIN_PAIRS, _time_saved, headline, paired_saving, savings
+    from espo.demo import _time_saved, headline, savings
+    from espo.stats import MIN_PAIRS, paired_saving
 
     four = [10.0, 10.0, 10.0, 10.0]
     assert paired_saving(four, [5.0, 5.0, 6.0, 5.0]) == (pytest.approx(0.475), None)  # 35 distinct resamples only

@@ -1,6 +1,6 @@
 """Sampled success of a chat model on espo.word_problems.WordProblems, through espo.Decoder (issue 22).
 
-    python3 bench/probe_word_problems.py /tmp/smol-hf --settings 1x1@0.7/1.0 1x1@1.0/1.0 --out probe.json
+    python3 studies/probe_word_problems.py /tmp/smol-hf --settings 1x1@0.7/1.0 1x1@1.0/1.0 --out probe.json
 
 Each setting is DIGITSxSTEPS[OPS]@TEMPERATURE/TOP_P (OPS '+' for additions only; default '+-'); every one uses
 the same problems (seed 0) and sampling seed.
@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
