@@ -56,7 +56,9 @@ def bootstrap_indices(n: int, resamples: int, rng: np.random.Generator) -> np.nd
 
 def quantile_interval(draws: np.ndarray | Sequence[float], level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` interval of ``draws`` (a bootstrap's or a simulation's), by their quantiles."""
-    tail = (1 - level) / 2
+    if not 0 < level < 1:
+        raise ValueError(f"quantile_interval: level={level} must lie strictly between 0 and 1 (0.95 for 95%)")
+    tail = round((1 - level) / 2, 12)  # 0.025 exactly for 0.95, not 1 - 0.95's 0.0250000000000000222
     return float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))
 
 

@@ -82,6 +82,23 @@ def test_bootstrap_indices_and_quantile_interval():
     assert np.array_equal(idx, bootstrap_indices(5, 300, np.random.default_rng(0)))  # a seed gives the same draws
     assert quantile_interval(np.arange(1001)) == pytest.approx((25.0, 975.0))
     assert quantile_interval(np.arange(101), level=0.5) == pytest.approx((25.0, 75.0))
+    draws = np.random.default_rng(3).normal(size=999)
+    assert quantile_interval(draws) == (np.quantile(draws, 0.025), np.quantile(draws, 0.975))  # to the last bit
+    for level in (0.0, 1.0, 95):
+        with pytest.raises(ValueError, match="level"):
+            quantile_interval(draws, level=level)
+
+
+def test_paired_saving_is_the_ratio_of_sums_with_a_percentile_bootstrap_over_the_pairs():
+    """Held to the plain computation (the demo's numbers before the move to espo.stats), on random step times."""
+    rng = np.random.default_rng(11)
+    for n in (MIN_PAIRS, 9, 30):
+        base, other = rng.uniform(5, 15, n), rng.uniform(3, 15, n)
+        idx = np.random.default_rng(4).integers(0, n, size=(500, n))
+        draws = 1 - other[idx].sum(axis=1) / base[idx].sum(axis=1)
+        saving, interval = paired_saving(base.tolist(), other.tolist(), resamples=500, seed=4)
+        assert saving == pytest.approx(1 - other.sum() / base.sum(), rel=1e-12)
+        assert interval == pytest.approx((np.quantile(draws, 0.025), np.quantile(draws, 0.975)), rel=1e-12)
 
 
 def test_paired_saving_edges():
