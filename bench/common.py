@@ -1,4 +1,5 @@
-"""What every benchmark records beside its numbers: the machine, the versions, the date and the command."""
+"""What every benchmark and study (studies/common.py) records beside its numbers: the machine, the versions, the
+date and the command."""
 from __future__ import annotations
 
 import datetime

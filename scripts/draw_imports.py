@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAWING = ROOT / "docs" / "imports.md"
+USERS = ("bench", "studies", "examples", "scripts")  # folders of code that uses the package: no private names either
 
 # Lowest first. A module may import from its own layer and the layers before it, never from a later one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -138,6 +139,12 @@ def findings() -> list[str]:
                 private.append(target)
             if private and target != module:
                 out.append(f"{path.relative_to(ROOT)}:{line}: imports the private {', '.join(private)} of {target}")
+    for folder in USERS:  # code beside the package uses its public names too
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for target, names, line in imports_of(folder, path, set(files)):
+                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+                if private:
+                    out.append(f"{path.relative_to(ROOT)}:{line}: imports the private {', '.join(private)} of {target}")
     for module, targets in edges.items():
         for target, lines in targets.items():
             if layer_of(target) > layer_of(module):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 23's study at a realistic scale on one CUDA GPU: calibrate the stop settings on their own prompts, then the
 # rollout study (stops, exact false stops, controls, time at a full pool and at pool = batch), then training
-# (GRPO vs GRPO + ESPO, PPO vs ESPO, 3 seeds, 1024 held-out problems). Results under bench/results/gpu-*.
+# (GRPO vs GRPO + ESPO, PPO vs ESPO, 3 seeds, 1024 held-out problems). Results under studies/results/gpu-*.
 #
 #     bash scripts/gpu_study.sh [MODEL_DIR]          (default: models/smollm2, made with `espo model smollm2`)
 #
@@ -19,8 +19,8 @@ SEEDS=${SEEDS:-"0 1 2"}
 EVAL=${EVAL:-1024}
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_study: no CUDA GPU visible to torch')"
 [ -f "$MODEL/card.json" ] || { echo "gpu_study: no converted model at $MODEL (run: espo model smollm2 $MODEL)" >&2; exit 2; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee bench/results/gpu-study-device.txt
-cd bench
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee studies/results/gpu-study-device.txt
+cd studies
 python3 calibrate_stops.py "../$MODEL" --device cuda --preset smollm2 --problems 512 --samples 4 --out results/gpu-calibration
 python3 study_real_rollouts.py "../$MODEL" --device cuda --preset smollm2 --problems 512 --samples 8 --repeats 3 \
     --out results/gpu-rollouts

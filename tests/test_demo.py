@@ -3,7 +3,8 @@ import json
 
 import pytest
 import torch
-from espo.cli import main
+
+from espo.app.cli import main
 
 
 def test_quick_demo_writes_its_report(tmp_path, capsys):
@@ -35,8 +36,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_demo_runs_on_a_chat_model_with_its_preset(tmp_path, capsys):
     """`espo demo --model DIR --preset smollm2`: the four algorithms on a Hugging Face tokenizer and chat template,
     the task from the folder's card, the preset's nucleus sampling."""
-    from espo.word_problems import WordProblems
     from test_hf_tokenizer import make_model_folder
+
+    from espo.tasks.word_problems import WordProblems
 
     make_model_folder(tmp_path / "model", card={"task": WordProblems(max_new_tokens=8).config()})
     argv = ["demo", "--model", str(tmp_path / "model"), "--preset", "smollm2", "--quick", "--steps", "2",
@@ -68,11 +70,11 @@ def test_an_interrupted_demo_resumes_to_the_report_of_an_uninterrupted_one(tmp_p
 
 
 def _interrupt_and_resume(tmp_path, capsys, monkeypatch, tiny: dict) -> None:
-    import espo.demo
-    from espo.demo import run_demo
+    import espo.app.demo
+    from espo.app.demo import run_demo
 
     run_demo(tmp_path / "whole", **tiny)
-    real_step, calls = espo.demo.train_step, []
+    real_step, calls = espo.app.demo.train_step, []
 
     def interrupted_after_five_steps(run, step):  # step 0 of all four, then step 1 of ppo, then Ctrl-C
         calls.append((run.cfg.algo, step))
@@ -80,7 +82,7 @@ def _interrupt_and_resume(tmp_path, capsys, monkeypatch, tiny: dict) -> None:
             raise KeyboardInterrupt
         return real_step(run, step)
 
-    monkeypatch.setattr(espo.demo, "train_step", interrupted_after_five_steps)
+    monkeypatch.setattr(espo.app.demo, "train_step", interrupted_after_five_steps)
     with pytest.raises(KeyboardInterrupt):
         run_demo(tmp_path / "cut", **tiny)
     assert not (tmp_path / "cut" / "report.json").exists()
@@ -88,12 +90,12 @@ def _interrupt_and_resume(tmp_path, capsys, monkeypatch, tiny: dict) -> None:
     assert "already holds a demo" in line and "continue it with --resume" in line, line
     line = _one_line(capsys, ["demo", "--quick", "--out", str(tmp_path / "cut"), "--resume", "--overwrite"])
     assert "pass one of them" in line, line
-    monkeypatch.setattr(espo.demo, "train_step", real_step)
+    monkeypatch.setattr(espo.app.demo, "train_step", real_step)
     run_demo(tmp_path / "cut", resume=True, **tiny)
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     cut = json.loads((tmp_path / "cut" / "report.json").read_text())
     assert _without_times(cut) == _without_times(whole)
-    monkeypatch.setattr(espo.demo, "train_step", None)  # a finished demo: its runs are reused, no step is run
+    monkeypatch.setattr(espo.app.demo, "train_step", None)  # a finished demo: its runs are reused, no step is run
     run_demo(tmp_path / "cut", resume=True, **tiny)
     again = json.loads((tmp_path / "cut" / "report.json").read_text())
     assert _without_times(again) == _without_times(whole)
@@ -110,7 +112,8 @@ def _one_line(capsys, argv: list[str]) -> str:
 def test_a_time_saving_is_given_with_its_interval_and_one_inside_its_noise_is_none():
     """Paired steps: a run slower or faster at random (the same work under a varying load) saves nothing beyond
     noise, however large its total; one faster at every step does."""
-    from espo.demo import _time_saved, paired_saving, savings
+    from espo.app.demo import _time_saved, savings
+    from espo.stats import paired_saving
 
     base = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
     same_work = [4.0, 14.0, 5.0, 13.0, 4.5, 12.0]  # 13% "saved" in total
@@ -131,7 +134,8 @@ def test_a_time_saving_is_given_with_its_interval_and_one_inside_its_noise_is_no
 
 
 def test_a_saving_over_too_few_pairs_says_so_and_the_headline_states_its_pool():
-    from espo.demo import MIN_PAIRS, _time_saved, headline, paired_saving, savings
+    from espo.app.demo import _time_saved, headline, savings
+    from espo.stats import MIN_PAIRS, paired_saving
 
     four = [10.0, 10.0, 10.0, 10.0]
     assert paired_saving(four, [5.0, 5.0, 6.0, 5.0]) == (pytest.approx(0.475), None)  # 35 distinct resamples only

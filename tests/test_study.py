@@ -1,15 +1,14 @@
-"""bench/study_espo.py (verdicts, table, resume, stop overrides) and bench/regret_at_mistake.py, without a full
-study."""
-import importlib
+"""studies/study_espo.py (verdicts, table, resume, stop overrides), studies/regret_at_mistake.py and
+studies/study_real_training.py, without a full study (imported as a package from the repository root)."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
-from espo.models import builtin_model_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-study = importlib.import_module("study_espo")
+from espo.engine.models import builtin_model_path
+from studies import regret_at_mistake as regret
+from studies import study_espo as study
+from studies import study_real_training as training
 
 
 def summary(tokens, accuracy, stopped=0.0, false_stops=None, informative=0.5, doomed=None):
@@ -82,16 +81,14 @@ def test_stop_settings_override_the_demo_and_reject_unknown_keys():
 
 
 def test_regret_at_mistakes_on_the_shipped_model():
-    regret = importlib.import_module("regret_at_mistake")
     rate, r = regret.regrets_at_mistakes(builtin_model_path(), n=40, seed=3)
     assert 0 < rate < 1 and 0 < len(r) <= 40 * (1 - rate) + 1e-9
     assert bool((r >= 0).all()) and float(r.median()) > 1  # the shipped model's mistakes are unlikely tokens
 
 
 def test_study_real_training_runs_resumes_and_reports(tmp_path, monkeypatch):
-    """bench/study_real_training.py (the training stage of scripts/gpu_study.sh) on the tiny model: every
+    """studies/study_real_training.py (the training stage of scripts/gpu_study.sh) on the tiny model: every
     algorithm pair runs, a rerun reuses the finished runs, and the report pairs each algorithm with its ESPO form."""
-    training = importlib.import_module("study_real_training")
     argv = ["study_real_training.py", "--preset", "quick", "--algos", "grpo", "grpo-espo", "--steps", "1",
             "--seeds", "0", "--eval-problems", "4", "--out", str(tmp_path / "rt")]
     monkeypatch.setattr(sys, "argv", argv)
@@ -106,16 +103,7 @@ def test_study_real_training_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "rt.json").read_text())["results"] == first
 
 
-def test_study_real_training_newcombe_interval_matches_the_published_example():
-    """Newcombe (1998), method 10: 56/70 - 48/80 = 0.200, 95% interval 0.0524 to 0.3339."""
-    training = importlib.import_module("study_real_training")
-    lo, hi = training.difference_interval(48, 80, 56, 70)
-    assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)
-
-
 def test_study_real_training_pairs_steps_and_calls_a_saving_inside_its_noise_none():
-    training = importlib.import_module("study_real_training")
-
     def step(k, tokens, rollout, stopped=0):
         return {"step": k, "tokens": tokens, "rollout_time_s": rollout, "update_time_s": 10.0,
                 "step_time_s": rollout + 10.0, "stopped": stopped}

@@ -282,7 +282,7 @@ def _stops_never_fired(cfg: "typing.Any", history: list[dict]) -> str:
     return (f"the stop rule stopped no rollout in {len(history)} steps (alpha_s {e.alpha_s}, clip {e.clip}, beta "
             f"{e.beta}), so this run was {'PPO' if ALGOS[cfg.algo].critic else 'GRPO'} without early stopping; "
             "settings that stop: --preset quick (built-in task), --preset smollm2 (SmolLM2), or yours from "
-            "bench/calibrate_stops.py (README: Your model, your task)")
+            "studies/calibrate_stops.py (README: Your model, your task)")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from espo.rl.checkpoint import write_text_atomic
 from espo.rl.config import ALGOS, DEMO_ESPO, PRESETS, TrainConfig
 from espo.rl.run_folder import CHECKPOINT_FILE, check_writable
 from espo.rl.trainer import Run, setup, train_step
+from espo.stats import MIN_PAIRS, beyond_noise, paired_saving, wilson_interval
 
 PAIRS = (("ppo", "espo"), ("grpo", "grpo-cero"))
 DEMO, QUICK = PRESETS["demo"], PRESETS["quick"]
@@ -29,25 +27,11 @@ __all__ = [
     "DEMO_ESPO",
     "PAIRS",
     "QUICK",
-    "beyond_noise",
-    "paired_saving",
     "run_demo",
     "savings",
     "summarise",
-    "wilson_interval",
 ]
-MIN_PAIRS = 6  # fewer paired steps give too few distinct bootstrap resamples (4 pairs: 35) for an interval
 TIMES = ("rollout_time_s", "update_time_s", "step_time_s", "measure_time_s", "eval_time_s")
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """The 95% Wilson score interval of a rate of ``hits`` in ``n`` (None when n == 0)."""
-    if n == 0:
-        return None
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarise(algo: str, history: list[dict], slots: int | None = None) -> dict[str, Any]:
@@ -82,29 +66,6 @@ def summarise(algo: str, history: list[dict], slots: int | None = None) -> dict[
         "doomed_fraction": (sum(h["doomed_tokens"] for h in history) / max(history[-1]["cum_tokens"], 1)
                             if history and all(h.get("doomed_tokens") is not None for h in history) else None),
     }
-
-
-def paired_saving(base: list[float], other: list[float], resamples: int = 2000,
-                  seed: int = 0) -> tuple[float, tuple[float, float] | None]:
-    """``1 - sum(other) / sum(base)`` over paired repeats (step k of one run against step k of the other, run one
-    after the other, so a change of load falls on both), with its 95% bootstrap interval over the pairs (None with
-    fewer than ``MIN_PAIRS`` pairs: too few distinct resamples). A saving whose interval holds 0 is inside its
-    noise."""
-    n = min(len(base), len(other))
-    if n == 0 or sum(base[:n]) <= 0:
-        return 0.0, None
-    b, o = np.asarray(base[:n], dtype=float), np.asarray(other[:n], dtype=float)
-    saving = float(1 - o.sum() / b.sum())
-    if n < MIN_PAIRS:
-        return saving, None
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    draws = 1 - o[idx].sum(axis=1) / b[idx].sum(axis=1)
-    return saving, (float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)))
-
-
-def beyond_noise(interval: tuple[float, float] | None) -> bool:
-    """Whether a saving's interval (``paired_saving``'s) lies wholly on one side of 0."""
-    return interval is not None and (interval[0] > 0 or interval[1] < 0)
 
 
 def savings(base: dict, other: dict) -> dict[str, Any]:

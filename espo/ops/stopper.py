@@ -8,7 +8,7 @@ Per decoding step, per live row (see ``espo.ops.reference.stop_update_reference`
     stop = armed and t >= min_tokens and value < value_stop                                   (value_rule)
 
 The value rule (ours, ARRoL-style: stop once the critic gives up on the rollout) reads only the critic's value, not
-the logits; bench/results/stop-rules.md compares both rules, and others, against length-aware controls.
+the logits; studies/results/stop-rules.md compares both rules, and others, against length-aware controls.
 
 At each batch boundary (``end_batch``) the token statistics and the threshold move:
 

@@ -71,7 +71,7 @@ forgetting a prompt failed early would be starved for good; use 1.0 for a fixed 
 the regret guarantee), ``saturation=4 B / num_prompts`` (above), ``theta_lr=1``, ``price_lr=2``,
 ``lr_decay=0.5`` (the ``1/sqrt(t)`` schedule) and ``pace_slack=0.25`` (some room to move budget between
 epochs, but a policy that improves makes early rollouts worth more, so the pace stays close to
-``B / K``). The defaults were chosen on the simulator in ``bench/allocation_sim.py``; all are
+``B / K``). The defaults were chosen on the simulator in ``studies/simulate_allocation.py``; all are
 arguments of ``CeroAllocator``.
 
 Epochs and batches

@@ -141,13 +141,13 @@ class TrainConfig:
 # rollouts. The controller takes a faster step (eta_beta 0.5) so that it settles within a short run. clip 3 (the
 # default before it became 10) is what the committed demo and study results ran with.
 DEMO_ESPO = dict(alpha_s=0.5, beta=2.0, beta_min=1.0, eta_beta=0.5, target_rate=0.25, clip=3.0)
-# SmolLM2's stops follow bench/results/stop-rules.md, where every rule's settings were chosen on calibration prompts
+# SmolLM2's stops follow studies/results/stop-rules.md, where every rule's settings were chosen on calibration prompts
 # and written down before new prompts were read: the value rule (stop once a fitted value head gives the rollout up,
 # from token 8 on) was the rule with the fewest false stops there and the only one well below random stops at a
 # constant per-token hazard that cut as many tokens; ESPO's regret rule with a constant value was not below them.
 # It needs a value that predicts success: `espo value fit --model DIR --preset smollm2` writes one beside the model,
 # where `espo train` finds it; a new head (0.5 everywhere) never falls below value_stop, so nothing stops. Its regret
-# settings (alpha_s 0.5, clip 10, beta 6, no controller; bench/results/real-calibration.md) serve runs that turn the
+# settings (alpha_s 0.5, clip 10, beta 6, no controller; studies/results/real-calibration.md) serve runs that turn the
 # regret rule back on, such as the critic-free grpo-espo (--espo-regret-rule true --espo-value-rule false).
 SMOLLM2_REGRET_ESPO = dict(alpha_s=0.5, clip=10.0, beta=6.0, eta_beta=0.0)
 SMOLLM2_ESPO = dict(SMOLLM2_REGRET_ESPO, min_tokens=8, regret_rule=False, value_rule=True, value_stop=-0.0505)
@@ -155,15 +155,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the demo and the study: CERO's first pass over the prompts is uniform by design, so a prompt set of 64
     # gives it several epochs. At lr 2e-4 PPO learns the tiny task within ~10 steps, after which few rollouts
     # go wrong and there is little left for any stopper to save; 5e-5 keeps a run in the regime of real
-    # reasoning RL, where a good share of rollouts still fail (bench/results/study.md).
+    # reasoning RL, where a good share of rollouts still fail (studies/results/study.md).
     # max_batch below a step's rollouts keeps the decoder's pool full: a slot a stop frees takes the next rollout,
-    # so a time saving measures what the stops buy (with a slot per rollout it did not: bench/results/claims-audit.md).
+    # so a time saving measures what the stops buy (not with a slot per rollout: studies/results/claims-audit.md).
     "demo": dict(steps=30, prompts_per_step=16, group_size=8, num_problems=64, eval_problems=128, eval_every=5,
                  lr=5e-5, max_batch=32, espo=DEMO_ESPO),
     "quick": dict(steps=6, prompts_per_step=8, group_size=4, num_problems=16, eval_problems=32, eval_every=3,
                   max_batch=8, espo=DEMO_ESPO),
     # a real chat model (`espo model smollm2 DIR`) on the word problems its card names: temperature 0.5 and top_p
-    # 0.95 put its sampled success at ~29% (at T=1 over the whole vocabulary: 8%; bench/results/word-problems-
+    # 0.95 put its sampled success at ~29% (at T=1 over the whole vocabulary: 8%; studies/results/word-problems-
     # probe.md); sized for a CPU (32 rollouts of <= 80 tokens a step, update micro-batches of 2048 tokens over
     # a 49,152-token vocabulary).
     # value_lr: Adam moves each weight about lr a step, and SmolLM2's final hidden state sums to ~640 in absolute

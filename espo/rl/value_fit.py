@@ -225,7 +225,7 @@ def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
     return float("nan") if var == 0 else 1.0 - float(np.var(target - pred)) / var
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
     """Least squares of y on x with an L2 penalty ``lam`` on the weights (not the bias), per token;
     features standardised inside. Returns (weight [H], bias) in the original feature scale."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
@@ -282,10 +282,10 @@ def fit_value_head(data: RolloutFeatures, ridges: Sequence[float] = RIDGE_GRID, 
     fit, sel = data.subset(fit_idx), data.subset(sel_idx)
     scores = {}
     for lam in ridges:
-        w, b = _ridge(fit.hidden, fit.target, lam)
+        w, b = ridge(fit.hidden, fit.target, lam)
         scores[f"{lam:g}"] = explained_variance(np.clip(sel.hidden @ w + b, 0, 1), sel.target)
     best = max(ridges, key=lambda lam: -math.inf if math.isnan(scores[f"{lam:g}"]) else scores[f"{lam:g}"])
-    w, b = _ridge(data.hidden, data.target, best)
+    w, b = ridge(data.hidden, data.target, best)
     return FittedValue(weight=w, bias=b, ridge=float(best), selection=scores)
 
 

@@ -30,7 +30,7 @@ _MORE = ("{who} buys {n} more.", "{who} finds {n} more.", "A friend gives {who_o
 _LESS = ("{who} gives away {n}.", "{who} loses {n}.", "{who} sells {n}.")
 
 
-def _ascii_digits(text: str) -> str:
+def ascii_digits(text: str) -> str:
     """``text`` with NFKC compatibility forms folded and every unicode decimal digit written as 0-9."""
     text = unicodedata.normalize("NFKC", text)
     if text.isascii():
@@ -40,7 +40,7 @@ def _ascii_digits(text: str) -> str:
 
 # a number not glued to a word before it (H2O, mp3) nor to letters+digits after it
 _NUM = r"(?<![\w.])([-+−]?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![\d,]\d)(?![A-Za-z_]*\d)"
-_NUMBER = re.compile(_NUM)
+NUMBER = re.compile(_NUM)
 _BOXED = re.compile(r"\\boxed\s*\{\s*\$?\s*" + _NUM.replace(r"(?<![\w.])", ""))
 _PHRASE = re.compile(r"\banswer\b(?:\s+is)?[\s:=*$]*" + _NUM.replace(r"(?<![\w.])", ""), re.IGNORECASE)
 
@@ -62,11 +62,17 @@ def extract_answer(completion: str) -> Decimal | None:
     """
     if not isinstance(completion, str) or not completion:
         return None
-    text = _ascii_digits(completion)
-    for pattern in (_BOXED, _PHRASE, _NUMBER):
+    match = final_answer_match(ascii_digits(completion))
+    return None if match is None else _value(match)
+
+
+def final_answer_match(text: str) -> re.Match | None:
+    """The match in ``text`` (already through ``ascii_digits``) of the number ``extract_answer`` reads: group 1 its
+    sign, group 2 its digits (``match.start(2)``: where it is written), group 3 its decimals."""
+    for pattern in (_BOXED, _PHRASE, NUMBER):
         matches = list(pattern.finditer(text))
         if matches:
-            return _value(matches[-1])
+            return matches[-1]
     return None
 
 

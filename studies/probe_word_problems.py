@@ -1,25 +1,30 @@
-"""Sampled success of a chat model on espo.word_problems.WordProblems, through espo.Decoder (issue 22).
+"""Sampled success of a chat model on espo.tasks.word_problems.WordProblems, through espo.Decoder (issue 22).
 
-    python3 bench/probe_word_problems.py /tmp/smol-hf --settings 1x1@0.7/1.0 1x1@1.0/1.0 --out probe.json
+    python3 studies/probe_word_problems.py /tmp/smol-hf --settings 1x1@0.7/1.0 1x1@1.0/1.0 --out probe.json
 
 Each setting is DIGITSxSTEPS[OPS]@TEMPERATURE/TOP_P (OPS '+' for additions only; default '+-'); every one uses
 the same problems (seed 0) and sampling seed.
 Prompts go through the tokenizer's chat template; rollouts end at the model's end tokens
-(espo.prompting.stop_token_ids) or at --max-new tokens.
+(espo.tasks.prompting.stop_token_ids) or at --max-new tokens.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from espo.models import load_model
-from espo.prompting import encode_prompt, stop_token_ids
-from espo.word_problems import WordProblems
 
 from espo import Decoder
+from espo.engine.models import load_model
 from espo.tasks import score
+from espo.tasks.prompting import encode_prompt, stop_token_ids
+from espo.tasks.word_problems import WordProblems
 
 
 def _mean(values: list[float]) -> float:

@@ -1,7 +1,7 @@
 """ESPO's stop rule on a model's own rollouts: which settings stop wrong rollouts early and leave right ones alone.
 
-    python bench/calibrate_stops.py /tmp/smol-hf --preset smollm2 --problems 96 --samples 2 \\
-        --out bench/results/real-calibration
+    python studies/calibrate_stops.py /tmp/smol-hf --preset smollm2 --problems 96 --samples 2 \\
+        --out studies/results/real-calibration
 
 Decodes calibration problems (their own seed, never the training or evaluation prompts a run draws) through
 espo.Decoder at the preset's sampling, without stopping, and records every token's regret. A run with a stopper
@@ -20,21 +20,25 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 
-import common
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import torch
-from espo.config import PRESETS, TrainConfig  # noqa: E402
-from espo.models import checkpoint_card, load_model  # noqa: E402
-from espo.prompting import encode_prompt, stop_token_ids  # noqa: E402
-from espo.sample_reference import stop_update_reference  # noqa: E402
-from espo.stopper import EarlyStopper, ESPOConfig  # noqa: E402
 
-from espo import Decoder  # noqa: E402
-from espo.tasks import score, task_from_checkpoint  # noqa: E402
+from espo import Decoder
+from espo.engine.models import checkpoint_card, load_model
+from espo.ops.reference import stop_update_reference
+from espo.ops.stopper import EarlyStopper, ESPOConfig
+from espo.rl.config import PRESETS, TrainConfig
+from espo.tasks import score, task_from_checkpoint
+from espo.tasks.prompting import encode_prompt, stop_token_ids
+from studies import common
 
 CALIBRATION_SEED = 2_000_003  # training prompts use the run's seed, evaluation seed + 1_000_003
 ALPHAS = (0.5, 0.7, 0.9)
@@ -65,7 +69,7 @@ def decode(model_dir: str, cfg: TrainConfig, problems: int, samples: int, seed: 
 
 def stop_points(g: torch.Tensor, lengths: torch.Tensor, cfg: ESPOConfig, mean: float, var: float) -> torch.Tensor:
     """The token index [N] at which each rollout stops under ``cfg`` (-1: never), by espo's own stop rule
-    (``espo.sample_reference.stop_update_reference`` on an ``EarlyStopper``) fed the recorded regrets ``g``
+    (``espo.ops.reference.stop_update_reference`` on an ``EarlyStopper``) fed the recorded regrets ``g``
     [N, L]. Every row's value is 1, so the threshold is ``cfg.beta`` itself (tau)."""
     N, L = g.shape
     stopper = EarlyStopper(cfg, N)

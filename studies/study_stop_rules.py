@@ -1,8 +1,8 @@
 """Which stop rule stops wrong rollouts and leaves right ones alone, on a real model, against length-aware controls.
 
-    python bench/study_stop_rules.py collect MODEL_DIR --work /tmp/stop-rules      # decode every set (resumable)
-    python bench/study_stop_rules.py choose --work /tmp/stop-rules       # fit V, pick settings: a committed file
-    python bench/study_stop_rules.py evaluate --work /tmp/stop-rules --out bench/results/stop-rules
+    python studies/study_stop_rules.py collect MODEL_DIR --work /tmp/stop-rules      # decode every set (resumable)
+    python studies/study_stop_rules.py choose --work /tmp/stop-rules       # fit V, pick settings: a committed file
+    python studies/study_stop_rules.py evaluate --work /tmp/stop-rules --out studies/results/stop-rules
 
 The protocol (issue 32):
 * Four sets of problems, every problem text in one set only: ``fit`` (training prompts: the value head is fitted
@@ -11,7 +11,7 @@ The protocol (issue 32):
   sampling; a stopped rollout's tokens up to its stop are exactly the unstopped rollout's (each token is drawn from
   (rollout seed, index) only), so replaying a rule over the recorded per-token signals gives exactly where it stops.
 * ``choose`` fits the value on ``fit`` and, on ``calibration`` only, picks each rule's threshold for each target
-  token saving, and writes them with the head to bench/results/stop-rules-settings.json before ``evaluate`` runs.
+  token saving, and writes them with the head to studies/results/stop-rules-settings.json before ``evaluate`` runs.
 * ``evaluate`` replays every rule at its committed settings on the evaluation rollouts, beside the controls that
   know about length (random stops at a constant per-token hazard; random stops at the rule's own positions among
   rollouts long enough; a length cap), with bootstrap intervals over prompts.
@@ -22,21 +22,25 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import common  # puts the checkout first on sys.path
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import torch
-from espo.config import TrainConfig
-from espo.demo import paired_saving
-from espo.models import load_model
-from espo.sample_reference import stop_update_reference
-from espo.stopper import EarlyStopper, ESPOConfig
-from espo.value_fit import FittedValue, RolloutFeatures, decode_features, fit_value_head, value_report
 
+from espo.engine.models import load_model
+from espo.ops.reference import stop_update_reference
+from espo.ops.stopper import EarlyStopper, ESPOConfig
+from espo.rl.config import TrainConfig
+from espo.rl.value_fit import FittedValue, RolloutFeatures, decode_features, fit_value_head, value_report
+from espo.stats import bootstrap_indices, paired_saving, quantile_interval
 from espo.tasks import task_from_checkpoint
+from studies import common
 
 PRESET = "smollm2"
 # (problem seed, problems, samples per problem, sampling seeds); none of these seeds is used by any other study.
@@ -162,7 +166,7 @@ def _pad(x: np.ndarray, rollout: np.ndarray, position: np.ndarray, n: int, width
 
 
 def espo_z(g: np.ndarray, alpha: float, mean: float, var: float, clip: float = 10.0, delta: float = 1e-6):
-    """ESPO's smoothed normalised regret z [N, L] (espo.sample_reference.stop_update_reference's recursion)."""
+    """ESPO's smoothed normalised regret z [N, L] (espo.ops.reference.stop_update_reference's recursion)."""
     z = np.zeros(g.shape[0])
     out = np.full_like(g, np.nan)
     for t in range(g.shape[1]):
@@ -280,8 +284,9 @@ def per_prompt(s: Signals, stopped: np.ndarray, false: np.ndarray, saved: np.nda
 
 
 def resample_weights(prompts: int, resamples: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.stack([np.bincount(rng.integers(0, prompts, prompts), minlength=prompts) for _ in range(resamples)])
+    """[resamples, prompts]: how often each prompt is drawn in each bootstrap resample."""
+    idx = bootstrap_indices(prompts, resamples, np.random.default_rng(seed))
+    return np.stack([np.bincount(row, minlength=prompts) for row in idx])
 
 
 def share_and_saved(sums: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +310,7 @@ def compare_to_hazard(s: Signals, at: np.ndarray, min_tokens: int, w: np.ndarray
     b_rule, _ = share_and_saved(rule, w)
     b_haz, _ = share_and_saved(hazard, w)
     b_own, _ = share_and_saved(own, w)
-    q = lambda x: [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]  # noqa: E731
+    q = lambda x: list(quantile_interval(x))  # noqa: E731
     return {"false_share": float(r_share), "false_share_ci": q(b_rule), "tokens_saved": float(r_saved),
             "stops": int(stopped.sum()), "false": int((stopped & s.right).sum()),
             "hazard": h, "hazard_false_share": float(share_and_saved(hazard)[0]), "hazard_ci": q(b_haz),
@@ -468,14 +473,14 @@ def pts(ci: list[float]) -> str:
 
 
 def markdown(report: dict, settings: dict) -> str:
-    """bench/results/stop-rules.md from the evaluation report, the committed settings and the live runs."""
+    """studies/results/stop-rules.md from the evaluation report, the committed settings and the live runs."""
     env, ro, val = report["env"], report["rollouts"], report["value"]
     md = [
         "# Which stop rule stops wrong rollouts and leaves right ones alone: SmolLM2-135M-Instruct, against "
         "length-aware controls",
         "",
         f"{env['date']}, {env['device']} (2 cores), torch {env['torch']}, 1 torch thread per process. Commands: "
-        "`python bench/study_stop_rules.py collect DIR --work W --threads 1`, then `choose --work W` (wrote "
+        "`python studies/study_stop_rules.py collect DIR --work W --threads 1`, then `choose --work W` (wrote "
         f"[stop-rules-settings.json](stop-rules-settings.json) at {settings['written']}, before the evaluation "
         "rollouts were read), then `evaluate --work W`, `heads --work W` and `live DIR --work W` (confirmation and "
         "timing). The decodes shared the 2 cores with other processes (the load average was 4-8 throughout): that "
@@ -718,7 +723,7 @@ def mlp_value(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, epochs: int = 8,
 def heads(args) -> None:
     """Explained variance on the calibration rollouts of value heads fitted on the fit rollouts: a linear head on the
     last hidden state (what espo.ValueHead runs while decoding), with the op's features added, and an MLP."""
-    from espo.value_fit import _ridge, explained_variance
+    from espo.rl.value_fit import explained_variance, ridge
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -732,7 +737,7 @@ def heads(args) -> None:
     for name, x, xc in (("linear on the op's features only", ff, cf),
                         ("linear on hidden + the op's features", np.hstack([fit.hidden, ff]),
                          np.hstack([cal.hidden, cf]))):
-        w, b = _ridge(x, y, linear.ridge)
+        w, b = ridge(x, y, linear.ridge)
         out[name] = explained_variance(np.clip(xc @ w + b, 0, 1), y_cal)
     out["MLP on the last hidden state"] = explained_variance(mlp_value(fit.hidden, y, cal.hidden), y_cal)
     out["MLP on hidden + the op's features"] = explained_variance(
@@ -748,8 +753,8 @@ def heads(args) -> None:
 def layers(args) -> None:
     """Does another layer's hidden state predict success better? Ridge probes on each listed layer's output
     (teacher-forced forwards of 700 fit rollouts of 80% of the fit prompts, scored on 300 of the other 20%)."""
-    from espo.prompting import encode_prompt
-    from espo.value_fit import _ridge, explained_variance, split_by_prompt
+    from espo.rl.value_fit import explained_variance, ridge, split_by_prompt
+    from espo.tasks.prompting import encode_prompt
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -778,7 +783,7 @@ def layers(args) -> None:
     xb, yb = states(b)
     result = {}
     for k in picked:
-        w, b0 = _ridge(xa[k], ya, 100.0)
+        w, b0 = ridge(xa[k], ya, 100.0)
         result[k] = explained_variance(np.clip(xb[k] @ w + b0, 0, 1), yb)
         print(f"layer {k}: {result[k]:.3f}", flush=True)
     Path(args.out).with_suffix(".layers.json").write_text(json.dumps({"explained_variance": result}, indent=1) + "\n")
@@ -812,10 +817,9 @@ def live_stopper(rule: str, chosen: dict, stats: dict, slots: int) -> EarlyStopp
 def live(args) -> None:
     """Confirm replayed stops against live ``espo.Decoder`` runs, then time the chosen setting against no stopper at
     a full pool in counterbalanced (ABBA) pairs."""
-    from espo.prompting import encode_prompt, stop_token_ids
-    from espo.value_fit import FittedValue
-
     from espo import Decoder
+    from espo.rl.value_fit import FittedValue
+    from espo.tasks.prompting import encode_prompt, stop_token_ids
 
     torch.set_num_threads(args.threads)
     work, settings = Path(args.work), json.loads(Path(args.settings).read_text())
@@ -886,7 +890,7 @@ def live(args) -> None:
 
 
 def controls(args) -> None:
-    """bench/results/real-rollouts.json's preset stops (alpha_s 0.5, tau 3, statistics from its own batch, as
+    """studies/results/real-rollouts.json's preset stops (alpha_s 0.5, tau 3, statistics from its own batch, as
     that study replayed them) against the length-aware controls: a markdown addendum on stdout."""
     d = json.loads(Path(args.rollouts).read_text())
     rows = d["rollouts"]
@@ -906,9 +910,9 @@ def controls(args) -> None:
         "",
         f"Wrong rollouts are longer than right ones here (mean {s.lengths[~s.right].mean():.0f} against "
         f"{s.lengths[s.right].mean():.0f} tokens), so a uniform random pick of rollouts, control (d) above, favours "
-        "any rule that stops late in long rollouts. The same (c) stops replayed (`python bench/study_stop_rules.py "
-        "controls "
-        f"bench/results/real-rollouts.json`): {res['stops']} stops, {res['false']} false ({pct(res['false_share'])}), "
+        "any rule that stops late in long rollouts. The same (c) stops replayed (`python studies/study_stop_rules.py "
+        "controls studies/results/real-rollouts.json`): "
+        f"{res['stops']} stops, {res['false']} false ({pct(res['false_share'])}), "
         f"{int((at == 0).sum())} of them on the first generated token.",
         "",
         f"- Random stops at a constant per-token hazard saving as many tokens ({pct(res['tokens_saved'])}): "
@@ -922,7 +926,8 @@ def controls(args) -> None:
         "Neither difference excludes 0: against length-aware controls the calibrated rule is not shown to stop fewer "
         "right rollouts than random stopping. The verdict above ('ahead of random stopping ... beyond the bootstrap's "
         "noise') compared it with the success rate, a uniform pick's expectation, and does not survive this control. "
-        "bench/results/stop-rules.md compares every rule, with a fitted value, against these controls on new prompts.",
+        "studies/results/stop-rules.md compares every rule, with a fitted value, against these controls on new "
+        "prompts.",
     ]))
 
 
@@ -938,27 +943,27 @@ def main() -> None:
     c.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="the sets to decode")
     ch = sub.add_parser("choose", help="fit the value and choose every rule's settings on the calibration set")
     ch.add_argument("--work", required=True)
-    ch.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
+    ch.add_argument("--settings", default=str(common.RESULTS / "stop-rules-settings.json"))
     ev = sub.add_parser("evaluate", help="replay the committed settings on the evaluation rollouts")
     ev.add_argument("--work", required=True)
-    ev.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
-    ev.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    ev.add_argument("--settings", default=str(common.RESULTS / "stop-rules-settings.json"))
+    ev.add_argument("--out", default=str(common.RESULTS / "stop-rules"))
     co = sub.add_parser("controls", help="an earlier study's stops against the length-aware controls (markdown)")
-    co.add_argument("rollouts", help="bench/results/real-rollouts.json")
+    co.add_argument("rollouts", help="studies/results/real-rollouts.json")
     he = sub.add_parser("heads", help="what it takes to predict success: value heads compared on calibration")
     he.add_argument("--work", required=True)
-    he.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    he.add_argument("--out", default=str(common.RESULTS / "stop-rules"))
     he.add_argument("--threads", type=int, default=1)
     la = sub.add_parser("layers", help="ridge probes of success on other layers' hidden states")
     la.add_argument("model")
     la.add_argument("--work", required=True)
-    la.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    la.add_argument("--out", default=str(common.RESULTS / "stop-rules"))
     la.add_argument("--threads", type=int, default=1)
     li = sub.add_parser("live", help="confirm replayed stops live, then time the chosen setting (ABBA pairs)")
     li.add_argument("model")
     li.add_argument("--work", required=True)
-    li.add_argument("--settings", default=str(Path(__file__).parent / "results" / "stop-rules-settings.json"))
-    li.add_argument("--out", default=str(Path(__file__).parent / "results" / "stop-rules"))
+    li.add_argument("--settings", default=str(common.RESULTS / "stop-rules-settings.json"))
+    li.add_argument("--out", default=str(common.RESULTS / "stop-rules"))
     li.add_argument("--prompts", type=int, default=32, help="the first evaluation prompts (x their samples)")
     li.add_argument("--slots", type=int, default=16, help="decoder slots: fewer than the rollouts keeps the pool full")
     li.add_argument("--pairs", type=int, default=6)

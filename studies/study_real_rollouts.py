@@ -1,7 +1,7 @@
 """ESPO on a real model's rollouts, on evaluation prompts: stops, false stops, accuracy and rollout time (issue 23).
 
-    nice python bench/study_real_rollouts.py /tmp/smol-hf --problems 64 --samples 4 --repeats 3 \\
-        --out bench/results/real-rollouts
+    nice python studies/study_real_rollouts.py /tmp/smol-hf --problems 64 --samples 4 --repeats 3 \\
+        --out studies/results/real-rollouts
 
 One unstopped decode through espo.Decoder of evaluation prompts (``task.problems(P, seed=--problem-seed)``, a seed
 other than calibrate_stops' CALIBRATION_SEED, on which SMOLLM2_REGRET_ESPO was chosen) records every token's regret, the
@@ -20,23 +20,26 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import calibrate_stops
-import common
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import torch
-from espo.config import PRESETS, SMOLLM2_REGRET_ESPO, TrainConfig  # noqa: E402
-from espo.demo import wilson_interval  # noqa: E402
-from espo.models import checkpoint_card, load_model  # noqa: E402
-from espo.prompting import encode_prompt, stop_token_ids  # noqa: E402
-from espo.stopper import EarlyStopper, ESPOConfig  # noqa: E402
-from espo.word_problems import _BOXED, _NUMBER, _PHRASE, _ascii_digits  # noqa: E402
 
-from espo import Decoder  # noqa: E402
-from espo.tasks import score, task_from_checkpoint  # noqa: E402
+from espo import Decoder
+from espo.engine.models import checkpoint_card, load_model
+from espo.ops.stopper import EarlyStopper, ESPOConfig
+from espo.rl.config import PRESETS, SMOLLM2_REGRET_ESPO, TrainConfig
+from espo.stats import bootstrap_indices, quantile_interval, wilson_interval
+from espo.tasks import score, task_from_checkpoint
+from espo.tasks.prompting import encode_prompt, stop_token_ids
+from espo.tasks.word_problems import NUMBER, ascii_digits, final_answer_match
+from studies import calibrate_stops, common
 
 EVAL_SEED = 3_000_017  # not calibrate_stops.CALIBRATION_SEED (2_000_003), where SMOLLM2_REGRET_ESPO was chosen
 SETTINGS = {"b": ("ESPO, paper's defaults (ESPOConfig())", {}),
@@ -146,9 +149,9 @@ def metrics(a: SimpleNamespace, stopped: np.ndarray, kept: np.ndarray, rng: np.r
     out |= {"stops": int(stopped.sum()), "false_stops": int((stopped & a.right).sum()),
             "tokens_cut": int(a.lengths.sum() - kept.sum())}
     if rng is not None:
-        idx = rng.integers(0, len(s), (BOOTSTRAP, len(s)))
+        idx = bootstrap_indices(len(s), BOOTSTRAP, rng)
         boot = shares(s[idx].sum(1))
-        out["ci"] = {k: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] for k, v in boot.items()}
+        out["ci"] = {k: list(quantile_interval(v)) for k, v in boot.items()}
         out["wilson_false_share"] = list(wilson_interval(out["false_stops"], out["stops"]) or (0.0, 1.0))
     return out
 
@@ -164,7 +167,7 @@ def random_control(a: SimpleNamespace, n_stop: int, rng: np.random.Generator) ->
         draws.append(metrics(a, stopped, kept, None))
     keys = [k for k, v in draws[0].items() if isinstance(v, float)]
     out = {k: float(np.mean([d[k] for d in draws])) for k in keys}
-    out["ci"] = {k: [float(np.quantile([d[k] for d in draws], q)) for q in (0.025, 0.975)] for k in keys}
+    out["ci"] = {k: list(quantile_interval([d[k] for d in draws])) for k in keys}
     out |= {"stops": n_stop, "false_stops": float(np.mean([d["false_stops"] for d in draws])),
             "tokens_cut": float(np.mean([d["tokens_cut"] for d in draws]))}
     return out
@@ -207,11 +210,8 @@ def char_tokens(tok, tokens: list[int]) -> list[int]:
 
 def final_answer_at(text: str) -> int | None:
     """Where the number that the task's extract_answer reads starts (its own patterns, in its order)."""
-    for pattern in (_BOXED, _PHRASE, _NUMBER):
-        matches = list(pattern.finditer(text))
-        if matches:
-            return matches[-1].start(2)
-    return None
+    match = final_answer_match(text)
+    return None if match is None else match.start(2)
 
 
 def list_marker(text: str, m) -> bool:
@@ -226,9 +226,9 @@ def wrong_step_tokens(ctx: SimpleNamespace, prompt: int, tokens: list[int], text
     reads. None where the text has no such number (and for right rollouts)."""
     if right:
         return {"new_number": None, "final_answer": None}
-    problem, text = ctx.probs[prompt], _ascii_digits(text)
-    known = {m.group(2).replace(",", "") for m in _NUMBER.finditer(problem.prompt)} | {problem.answer}
-    new = next((m.start(2) for m in _NUMBER.finditer(text)
+    problem, text = ctx.probs[prompt], ascii_digits(text)
+    known = {m.group(2).replace(",", "") for m in NUMBER.finditer(problem.prompt)} | {problem.answer}
+    new = next((m.start(2) for m in NUMBER.finditer(text)
                 if m.group(2).replace(",", "") not in known and not list_marker(text, m)), None)
     final = final_answer_at(text)
     ends = char_tokens(ctx.tok, tokens) if new is not None or final is not None else []

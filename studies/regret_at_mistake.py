@@ -6,18 +6,22 @@ task's ``first_mistake`` and prints how the surrogate regret (max log-prob minus
 at that token is distributed. High regrets there mean a regret-based stopper can see the mistake; a
 confidently wrong policy (regret near 0) is the case ESPO cannot stop.
 
-    python bench/regret_at_mistake.py                          # the shipped model
-    python bench/regret_at_mistake.py --models DIR [DIR ...]   # checkpoints from scripts/make_tiny_model.py
+    python studies/regret_at_mistake.py                          # the shipped model
+    python studies/regret_at_mistake.py --models DIR [DIR ...]   # checkpoints from scripts/make_tiny_model.py
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
-from espo.models import builtin_model_path, load_model  # noqa: E402
 
-from espo.tasks import success_rate, task_from_checkpoint  # noqa: E402
+from espo.engine.models import builtin_model_path, load_model
+from espo.tasks import success_rate, task_from_checkpoint
 
 
 @torch.no_grad()

@@ -1,15 +1,15 @@
 """The token-savings study: PPO vs ESPO and GRPO vs GRPO+CERO over several seeds.
 
-Each seed trains all four algorithms from the same model on the same prompts (``espo.demo.run_demo``);
+Each seed trains all four algorithms from the same model on the same prompts (``espo.app.demo.run_demo``);
 false stops are measured exactly, by continuing every stopped rollout from its stop with the same seeds
-and no stopper. Writes bench/results/study.{json,md,png} (--name changes the stem): mean and std over seeds of
+and no stopper. Writes studies/results/study.{json,md,png} (--name changes the stem): mean and std over seeds of
 rollout tokens, final held-out accuracy, stop and false-stop rates and informative-rollout fractions, with the targets
 (ESPO >= 20% fewer tokens than PPO at accuracy no worse beyond seed noise; false stops < 5%; CERO more
 informative rollouts than GRPO at equal budget, accuracy at least as high).
 
-    python bench/study_espo.py                              # the demo's settings, 3 seeds, on the CPU
+    python studies/study_espo.py                              # the demo's settings, 3 seeds, on the CPU
     # a GPU run: a larger model of a longer task (scripts/make_tiny_model.py's docstring), then
-    python bench/study_espo.py --device cuda --model /tmp/arith-big --steps 200 --prompts-per-step 64 \\
+    python studies/study_espo.py --device cuda --model /tmp/arith-big --steps 200 --prompts-per-step 64 \\
         --num-problems 4096
 
 A model made by scripts/make_tiny_model.py carries its task in card.json, so --model needs nothing else.
@@ -26,14 +26,17 @@ import statistics
 import sys
 from pathlib import Path
 
-import common  # noqa: F401  (first: puts this checkout's espo ahead of an installed one)
-import torch
-from espo.demo import DEMO, DEMO_ESPO, PAIRS, accuracy_points, finish_axes, run_demo, savings  # noqa: E402
-from espo.models import checkpoint_card  # noqa: E402
-from espo.stopper import ESPOConfig  # noqa: E402
-from espo.trainer import TrainConfig  # noqa: E402
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import torch
+
+from espo.app.demo import DEMO, DEMO_ESPO, PAIRS, accuracy_points, finish_axes, run_demo, savings
+from espo.engine.models import checkpoint_card
+from espo.ops.stopper import ESPOConfig
+from espo.rl.trainer import TrainConfig
+from studies.common import RESULTS
+
 METRICS = ("rollout_tokens", "rollout_time_s", "update_time_s", "step_time_s", "final_accuracy", "stop_rate",
            "false_stop_rate", "informative_fraction", "doomed_fraction")
 SAVINGS = ("tokens_saved", "rollout_time_saved", "step_time_saved")
@@ -186,7 +189,7 @@ def main(argv=None):
     parser.add_argument("--name", default="study", help="the results' file stem: OUT/NAME.{json,md,png}")
     parser.add_argument("--work", type=Path, default=Path("runs/study"), help="where the runs' checkpoints go")
     parser.add_argument("--espo", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="stop settings over the demo's (espo.demo.DEMO_ESPO), e.g. --espo eta_beta=1.0")
+                        help="stop settings over the demo's (espo.app.demo.DEMO_ESPO), e.g. --espo eta_beta=1.0")
     parser.add_argument("--paper-stops", action="store_true",
                         help="start from the paper's stop settings (espo.ESPOConfig's defaults) instead of the demo's")
     studied = [algo for pair in PAIRS for algo in pair]
@@ -229,7 +232,7 @@ def main(argv=None):
                     f"{args.num_problems} training prompts, {args.eval_problems} held-out, "
                     f"model {args.model or 'built-in tiny-arith'}",
         "minutes": (datetime.datetime.now() - t0).total_seconds() / 60,
-        "command": " ".join(["python bench/study_espo.py"] + sys.argv[1:]),
+        "command": " ".join(["python studies/study_espo.py"] + sys.argv[1:]),
         "model_recipe": (checkpoint_card(args.model) or {}).get("command") if args.model else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)

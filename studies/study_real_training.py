@@ -1,8 +1,8 @@
 """Training with and without ESPO's stops on a real model: GRPO against GRPO + ESPO, PPO against ESPO.
 
-    python3 bench/study_real_training.py MODEL_DIR --preset smollm2 --steps 40 --seeds 0 1 2 \\
-        --eval-problems 512 --out bench/results/real-training          # a GPU: see scripts/gpu_study.sh
-    python3 bench/study_real_training.py --preset quick --steps 2 --seeds 0 --eval-problems 16 --out /tmp/rt  # tiny
+    python3 studies/study_real_training.py MODEL_DIR --preset smollm2 --steps 40 --seeds 0 1 2 \\
+        --eval-problems 512 --out studies/results/real-training          # a GPU: see scripts/gpu_study.sh
+    python3 studies/study_real_training.py --preset quick --steps 2 --seeds 0 --eval-problems 16 --out /tmp/rt  # tiny
 
 Each (algorithm, seed) is one ordinary ``espo train`` run folder under OUT-runs/ (resumable: rerunning the
 command continues unfinished runs and reuses finished ones). Every run uses the preset's settings, the same
@@ -21,13 +21,17 @@ import statistics
 import sys
 from pathlib import Path
 
-import common
+if not __package__:  # run as `python3 studies/x.py`: this checkout's root first (see studies/common.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
-from espo.config import ALGOS, PRESETS, TrainConfig
-from espo.demo import beyond_noise, paired_saving, wilson_interval
-from espo.run_folder import CHECKPOINT_FILE
-from espo.trainer import setup, train_step
 from tqdm.auto import tqdm
+
+from espo.rl.config import ALGOS, PRESETS, TrainConfig
+from espo.rl.run_folder import CHECKPOINT_FILE
+from espo.rl.trainer import setup, train_step
+from espo.stats import beyond_noise, newcombe_interval, paired_saving, wilson_interval
+from studies import common
 
 PAIRS = (("grpo", "grpo-espo"), ("ppo", "espo"))
 
@@ -98,23 +102,14 @@ def summarise(algo: str, runs: dict[int, list[dict]], eval_problems: int) -> dic
                for k in ("tokens", "rollout_time_s", "update_time_s", "step_time_s", "stop_rate")}}
 
 
-def difference_interval(hits_a: int, n_a: int, hits_b: int, n_b: int) -> tuple[float, float]:
-    """Newcombe's 95% interval (from the two Wilson intervals) for rate b - rate a; it treats the two samples as
-    independent, which is conservative here, where both algorithms answer the same problems."""
-    pa, pb = hits_a / n_a, hits_b / n_b
-    (la, ua), (lb, ub) = wilson_interval(hits_a, n_a), wilson_interval(hits_b, n_b)
-    d = pb - pa
-    return d - ((pb - lb) ** 2 + (ua - pa) ** 2) ** 0.5, d + ((ub - pb) ** 2 + (pa - la) ** 2) ** 0.5
-
-
 SAVED = ("tokens", "rollout_time_s", "update_time_s", "step_time_s")
 
 
 def paired_savings(base: dict[int, list[dict]], other: dict[int, list[dict]]) -> dict:
     """What ``other`` saved against ``base``: in total over every seed and step, per seed, and per paired step (same
-    seed, same step, run one after the other), each time saving with espo.demo's 95% bootstrap interval over the
-    paired steps. The steps where ``other`` stopped nothing (its first: the stopper's statistics are not set yet)
-    did the same work as ``base``'s: their differences show the timing noise."""
+    seed, same step, run one after the other), each time saving with its 95% bootstrap interval over the paired
+    steps (espo.stats.paired_saving). The steps where ``other`` stopped nothing (its first: the stopper's
+    statistics are not set yet) did the same work as ``base``'s: their differences show the timing noise."""
     seeds = sorted(set(base) & set(other))
     steps = [(s, b, o) for s in seeds for b, o in zip(base[s], other[s])]
     out: dict = {"per_seed": {}, "per_step": [], "interval": {}, "beyond_noise": {}, "same_work_noise": {}}
@@ -171,7 +166,7 @@ def markdown(results: dict[str, dict], pairs: dict[str, dict], env: dict, args) 
     for name, p in pairs.items():
         base, other = name.split(" vs ")[1], name.split(" vs ")[0]
         b, o = results[base], results[other]
-        lo, hi = difference_interval(b["pooled_hits"], b["pooled_n"], o["pooled_hits"], o["pooled_n"])
+        lo, hi = newcombe_interval(b["pooled_hits"], b["pooled_n"], o["pooled_hits"], o["pooled_n"])
         gain = o["pooled_accuracy"] - b["pooled_accuracy"]
         cells = []
         for key in SAVED:
@@ -186,10 +181,10 @@ def markdown(results: dict[str, dict], pairs: dict[str, dict], env: dict, args) 
         noise = p["same_work_noise"]["step_time_s"]
         md.append(f"| {name} | {100 * gain:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {' | '.join(cells)} | "
                   f"{'-' if noise is None else f'+-{noise:.1%}'} |")
-    md += ["", "Intervals: 95% bootstrap over the paired steps (every seed's), espo.demo.paired_saving; a saving whose "
-           "interval holds 0 is none. 'Timing noise' is the largest step-time difference between paired steps that "
-           "did the same work (the first step, before the stopper has its statistics). An accuracy difference whose "
-           "interval holds 0 is no difference.", ""]
+    md += ["", "Intervals: 95% bootstrap over the paired steps (every seed's), espo.stats.paired_saving; a saving "
+           "whose interval holds 0 is none. 'Timing noise' is the largest step-time difference between paired "
+           "steps that did the same work (the first step, before the stopper has its statistics). An accuracy "
+           "difference whose interval holds 0 is no difference.", ""]
     for algo, r in results.items():
         if ALGOS[algo].critic:
             for seed, s in r["per_seed"].items():
