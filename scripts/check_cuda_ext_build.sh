@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build espo._C the way users do (pip, --no-build-isolation, against a CUDA build of torch) on a machine
-# without a GPU, then import it and run the tests that need the extension but no GPU (tests/test_cuda_ops.py:
+# without a GPU, then import it and run the tests that need the extension but no GPU (tests/ops/test_cuda_ops.py:
 # op schemas, meta shapes, bad-input errors). Catches what the nvcc-only check of check_cuda_build.sh cannot:
 # the torch binding's compile and link, the op registration, the built architectures.
 #
@@ -44,5 +44,5 @@ fi
 (cd "$work" && unzip -q -o "$wheel" "$so")  # next to the sources, as build_ext --inplace puts it
 echo "check_cuda_ext_build: $so built for $(strings "$work/$so" | grep -o 'sm_[0-9]*a\?' | sort -u | grep -v 'sm_3[0-9]' | tr '\n' ' ')"
 (cd "$work" && "$VENV/bin/python" -c 'import espo._C')  # an import error fails here, not as a skip below
-(cd "$work" && "$VENV/bin/python" -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py)
+(cd "$work" && "$VENV/bin/python" -X faulthandler -m pytest -q -p no:cacheprovider tests/ops/test_cuda_ops.py)
 echo "check_cuda_ext_build: ok"

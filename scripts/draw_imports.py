@@ -157,10 +157,15 @@ def drawing() -> str:
     """docs/imports.md: the layers, lowest first, and what each module imports from the package."""
     edges = graph()
     lines = ["# espo's imports", "",
-             "Written by `python scripts/draw_imports.py --write`; `tests/test_imports.py` fails when it is stale, "
-             "when two modules import each other (directly or round a circle), when a module imports another's private "
-             "name, or when an arrow goes up a layer. Lowest layer first; each module lists the package modules it "
-             "imports (at module level, in a function or for type checking alike).", ""]
+             "Written by `python scripts/draw_imports.py --write`; `tests/test_imports.py` fails when it is stale,",
+             "when two modules import each other (directly or round a circle), when a module imports another's",
+             "private name, or when an arrow goes up a layer. Every import counts: at module level, in a function",
+             "or for type checking alike.", "", "Which layers each layer imports (highest first):", "", "```"]
+    width = max(len(name) for name, _ in LAYERS)
+    for i in reversed(range(len(LAYERS))):
+        below = sorted({layer_of(t) for m in edges if layer_of(m) == i for t in edges[m]} - {i}, reverse=True)
+        lines.append(f"{LAYERS[i][0]:<{width}}  -> " + (", ".join(LAYERS[j][0] for j in below) or "-"))
+    lines += ["```", "", "Each module and the package modules it imports, lowest layer first:", ""]
     for i, (name, prefixes) in enumerate(LAYERS):
         lines += [f"## {i}. {name} ({', '.join(prefixes)})", ""]
         for module in sorted(m for m in edges if layer_of(m) == i):

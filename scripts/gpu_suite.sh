@@ -10,7 +10,7 @@
 # caller installs it first (e.g. wheels carried in and installed with --target, PYTHONPATH set); without one the
 # stage says so and is skipped.
 #   DEADLINE=470 bash scripts/gpu_suite.sh issue36   # issue 36's run, ~8 min: build meta sample36 callcost optests decode36
-#     meta: tests/test_cuda_ops.py alone under faulthandler (and gdb's backtrace where gdb exists): the rank-1 meta crash;
+#     meta: tests/ops/test_cuda_ops.py alone under faulthandler (and gdb's backtrace where gdb exists): the rank-1 meta crash;
 #     optests: the op's GPU tests (sample, filters, cuda, integer sampling); sample36: B = 1 and 256, V = 151936, bf16,
 #     unfiltered, top-k 50, top-p 0.95 beside torch's sorting filter and FlashInfer; callcost: one call at B = 1 from
 #     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, and 25%/50% stops
@@ -82,17 +82,17 @@ for what in $stages; do
         --stop-models 0.5b --rollouts-per-slot 16 --stop-new-tokens 128 --repeats 2 ${DECODE_ARGS:-} --out "$WORK"
       ;;
     meta)
-      TAIL=30 stage meta 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py
+      TAIL=30 stage meta 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/ops/test_cuda_ops.py
       if grep -q "Fatal Python error\|Segmentation" "$WORK/meta.log" && command -v gdb >/dev/null; then
         TAIL=60 stage meta_gdb 60 gdb -batch -ex run -ex bt --args python3 -m pytest -q -p no:cacheprovider \
-          "tests/test_cuda_ops.py::test_meta_rejects_bad_logits"
+          "tests/ops/test_cuda_ops.py::test_meta_rejects_bad_logits"
       fi
       ;;
     optests)
       TAIL=30 stage optests "${LIMIT_OPTESTS:-90}" env OMP_NUM_THREADS=2 python3 -m pytest -q -rfE -p no:cacheprovider \
-        -n 8 --timeout=100 --junitxml="$WORK/optests.xml" tests/test_sample.py tests/test_sample_filters.py \
-        tests/test_sample_cuda.py tests/test_sample_torch.py tests/test_cuda_host.py tests/test_cuda_ops.py \
-        tests/test_integer_sampling.py tests/test_triton_compile.py
+        -n 8 --timeout=100 --junitxml="$WORK/optests.xml" tests/ops/test_sample.py tests/ops/test_sample_filters.py \
+        tests/ops/test_cuda.py tests/ops/test_torch_backend.py tests/ops/test_cuda_host.py tests/ops/test_cuda_ops.py \
+        tests/ops/test_integer_sampling.py tests/ops/test_triton_compile.py
       ;;
     sample36)
       TAIL=12 stage bench_sample "${LIMIT_SAMPLE:-100}" python3 bench/bench_sample.py --B 1 256 --V 151936 \

@@ -3,7 +3,7 @@
 The public op: its checks and its dispatch. The op's other homes share its name: ``espo.ops.reference``
 (the definition), ``espo.ops.torch_backend`` (the "torch" backend: the reference's tokens in fewer passes),
 ``kernels/sample.py`` (Triton, ``espo.kernels.sample``),
-``csrc/sample.cu`` with ``espo.ops.cuda`` (CUDA) and ``tests/test_sample.py``. (This module is not named
+``csrc/sample.cu`` with ``espo.ops.cuda`` (CUDA) and ``tests/ops/test_sample.py``. (This module is not named
 ``sample.py`` because the function ``espo.sample`` would hide it.)
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ device without the Triton or CUDA kernels), where each pass over the [B, V] logi
 * entropy from one exponential (``log s - sum(e * d) / s``), and the raw log-normaliser reused at T = 1.
 
 Statistics are float32 results: they match the reference within float tolerance (regret, max_logprob and
-logprobs bit for bit, as the stop rule reads regret), the entropy within rounding. ``tests/test_sample_torch.py``
+logprobs bit for bit, as the stop rule reads regret), the entropy within rounding. ``tests/ops/test_torch_backend.py``
 holds this module to the reference.
 """
 from __future__ import annotations

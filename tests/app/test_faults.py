@@ -470,7 +470,7 @@ def test_durations_in_the_demo_help_and_readme_are_for_idle_cores(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "about 3 minutes on 2 idle CPU cores; a loaded machine takes longer" in text
     assert "about 15 s on 2 idle CPU cores; a loaded machine takes longer" in text
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     import re
 
     durations = re.findall(r"\((?:about )?[0-9-]+ (?:s|minutes) on 2 [^)]*\)", readme)

@@ -13,7 +13,7 @@ import torch
 
 from espo.ops.philox import uniform
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 PROGRAM = r"""
 #include <cinttypes>
@@ -93,7 +93,7 @@ def _ask(exe, lines):
     return proc.stdout.split("\n")[: len(lines)]
 
 
-# Random123's known-answer vectors for philox4x32-10 (as in tests/test_philox.py).
+# Random123's known-answer vectors for philox4x32-10 (as in tests/ops/test_philox.py).
 KAT = [
     ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),

@@ -7,7 +7,7 @@ from test_hf_tokenizer import make_model_folder
 
 from espo import Problem
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_task.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own_task.py"
 
 
 def _example():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "check_triton_compile.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_triton_compile.py"
 
 
 def test_triton_kernels_compile_for_hopper():

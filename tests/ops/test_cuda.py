@@ -2,7 +2,7 @@
 Triton backend token for token over a million draws, the stop state, torch.compile, CUDA graphs, memory
 layouts and bad input. Skipped where there is no GPU or espo._C is not built.
 
-The generic backend tests (tests/test_sample.py, tests/test_stopper.py) also run on "cuda" once it is
+The generic backend tests (tests/ops/test_sample.py, tests/ops/test_stopper.py) also run on "cuda" once it is
 available; these add what only a compiled backend needs.
 """
 import math

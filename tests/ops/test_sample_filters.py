@@ -24,7 +24,7 @@ def assert_same_tokens(logits, **kw):
     got = espo.sample(logits, backend="triton", **kw)
     want = espo.sample(logits.cpu(), backend="torch", **{k: v.cpu() if torch.is_tensor(v) else v
                                                          for k, v in kw.items()})
-    allowed = 0 if device.type == "cpu" else B // 1000  # ex2.approx on a GPU (see tests/test_sample.py)
+    allowed = 0 if device.type == "cpu" else B // 1000  # ex2.approx on a GPU (see tests/ops/test_sample.py)
     differ = (got.tokens.cpu() != want.tokens).sum().item()
     assert differ <= allowed, f"{differ} of {B} tokens differ: {got.tokens.tolist()[:9]} vs {want.tokens.tolist()[:9]}"
     assert got.valid.all()
