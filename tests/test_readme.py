@@ -29,7 +29,7 @@ REAL_MODEL = '"models/smollm2"'
 VLLM_MODEL = 'LLM(model="models/smollm2"'
 VLLM_STAND_IN = ('LLM(model={model!r}, tokenizer={tokenizer!r}, dtype="float32", max_num_seqs=4, max_model_len=128, '
                  'enforce_eager=True, kv_cache_memory_bytes=64 << 20')
-# Host libraries a block may import; without one installed here the block is skipped, saying which and where it runs.
+# Host libraries a block may import; without one installed here the block is skipped, saying which and how to get it.
 HOSTS = {"vllm": "bash scripts/host_envs.sh vllm", "verl": "bash scripts/host_envs.sh verl",
          "trl": 'pip install ".[trl]"', "datasets": 'pip install ".[trl]"'}
 
@@ -82,8 +82,8 @@ def test_readme_python_block_runs(index, chat_model, tmp_path, monkeypatch):
     code = BLOCKS[index]
     missing = sorted(m for m in _imported_modules(code) & set(HOSTS) if importlib.util.find_spec(m) is None)
     if missing:
-        pytest.skip(f"README block {index} ({_first_code_line(code)[:60]}...) needs {', '.join(missing)}, not "
-                    f"installed here; it runs where it is: {HOSTS[missing[0]]}")
+        pytest.skip(f"README block {index} ({_first_code_line(code)[:60].rstrip()}...) needs {', '.join(missing)}, "
+                    f"not installed here ({HOSTS[missing[0]]} makes an environment with it)")
     if VLLM_MODEL in code:
         code = code.replace(VLLM_MODEL, _vllm_stand_in(tmp_path / "vllm-model"))
     code = code.replace(REAL_MODEL, repr(chat_model))
