@@ -109,6 +109,12 @@ def test_the_two_commands_are_what_ci_and_the_package_run():
     assert (ROOT / "constraints" / "main.txt").is_file()
 
 
+def test_durations_in_readme_are_for_idle_cores():
+    """README leaves run times to the results files; one it does state must say it is for idle cores."""
+    durations = re.findall(r"\((?:about )?[0-9-]+ (?:s|minutes) on 2 [^)]*\)", TEXT)
+    assert all("idle" in d and "a loaded machine takes longer" in d for d in durations), durations
+
+
 def _anchors(markdown: str) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
     headings = re.findall(r"^#+ (.+)$", markdown, flags=re.M)
