@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment  # first: puts this checkout's espo ahead of an installed one
+from common import environment, write_report  # first: puts this checkout's espo ahead of an installed one
 
 import espo
 from espo import sampling
@@ -93,7 +93,7 @@ def main(argv=None):
              f"one sync at the end); load average {load_before[0]:.2f} before, {env['loadavg_after'][0]:.2f} after.",
              "", "| what | median us/call | min | max |", "|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['median_us']:.2f} | {r['min_us']:.2f} | {r['max_us']:.2f} |" for r in rows]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

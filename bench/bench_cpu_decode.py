@@ -270,7 +270,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "decode": decode, "sample": draws}, indent=1))
     md = markdown(env, args, decode, draws)
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    common.write_report(args.out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment  # first: puts this checkout's espo ahead of an installed one
+from common import environment, write_report  # first: puts this checkout's espo ahead of an installed one
 
 import espo  # noqa: E402
 from espo.engine.decoder import Decoder  # noqa: E402
@@ -342,7 +342,7 @@ def main(argv=None):
         stem = "decode-cpu" if args.cpu else "decode"
         (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "throughput": tput, "stopping": stops},
                                                           indent=2))
-        (args.out / f"{stem}.md").write_text(table)
+        write_report(args.out / f"{stem}.md", table)
 
 
 if __name__ == "__main__":

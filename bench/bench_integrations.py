@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from common import REPO, environment
+from common import REPO, environment, write_report
 
 RESULTS = REPO / "bench" / "results"
 
@@ -44,7 +44,7 @@ def _write(name: str, payload: dict, table: list[str]) -> None:
     load = "/".join(f"{x:.1f}" for x in env["load_average"])
     head = [f"# {name}", "",
             f"{env['date']}, {env['cpu']} ({env['cpus']} cores, load average {load} at the start), {versions}", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(head + table + ["", f"`{env['command']}`", ""]))
+    write_report(RESULTS / f"{name}.md", "\n".join(head + table + ["", f"`{env['command']}`", ""]))
     print("\n".join(table))
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, environment  # first: puts this checkout's espo ahead of an installed one
+from common import REPO, environment, write_report  # first: puts this checkout's espo ahead of an installed one
 
 import espo  # noqa: E402
 from espo.integrations.transformers import generate_rollouts  # noqa: E402
@@ -241,7 +241,7 @@ def main() -> None:
         {"env": env, "args": {k: str(v) for k, v in vars(a).items()},
          "generate": [r for rows in gen.values() for r in rows], "trl": trl}, indent=2))
     md = markdown(env, a, gen, trl)
-    (a.out / "integrations-hf.md").write_text(md)
+    write_report(a.out / "integrations-hf.md", md)
     print(md)
 
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import torch
-from common import environment  # first: puts this checkout's espo ahead of an installed one
+from common import environment, write_report  # first: puts this checkout's espo ahead of an installed one
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_B = [1, 8, 64, 256, 1024]
@@ -275,7 +275,7 @@ def main(argv=None):
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sample.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-        (args.out / "sample.md").write_text(table)
+        write_report(args.out / "sample.md", table)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,21 @@ def environment(device: str, bandwidth: float | None = None, **extra) -> dict:
     if bandwidth:
         env["copy_bandwidth_TBps"] = bandwidth / 1e12
     return env | extra
+
+
+NOTES = "## About these numbers"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a results .md, carrying over the hand-written "About these numbers" section of the report it replaces
+    (dates, loads and caveats that README links to), marked for a second look; the rest is the script's."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    if NOTES in old and NOTES not in text:
+        start = old.index(NOTES)
+        end = old.find("\n## ", start + len(NOTES))
+        notes = old[start:] if end < 0 else old[start:end + 1]
+        carried = "(Carried over from the report this run replaced: check that it still holds for these numbers.)"
+        notes = notes.rstrip("\n").removesuffix(carried).rstrip("\n")  # carried once, however many reruns
+        text = text.rstrip("\n") + "\n\n" + notes + "\n\n" + carried + "\n"
+    path.write_text(text)

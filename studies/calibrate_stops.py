@@ -237,7 +237,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "stats": stats, "results": results,
                                                          "rollouts": data}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(results, stats, data, env, args))
+    common.write_report(args.out.with_suffix(".md"), markdown(results, stats, data, env, args))
     plot(results, stats, args.out.with_suffix(".png"))
     print(args.out.with_suffix(".md").read_text())
 

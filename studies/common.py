@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import environment  # one record of machine, versions, date and command for benchmarks and studies
+from bench.common import (  # one record of machine, versions, date and command for benchmarks and studies
+    environment,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "studies" / "results"
 
-__all__ = ["REPO", "RESULTS", "environment"]
+__all__ = ["REPO", "RESULTS", "environment", "write_report"]

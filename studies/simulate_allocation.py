@@ -66,7 +66,7 @@ if not __package__:  # run as `python3 studies/x.py`: this checkout's root first
 import numpy as np
 
 from espo.rl.allocator import CeroAllocator
-from studies.common import RESULTS
+from studies.common import RESULTS, write_report
 
 METHODS = ("uniform", "dapo", "knapsack", "mopps", "cero")
 
@@ -534,7 +534,7 @@ def write_markdown(res: dict, meta: dict, path: Path) -> str:
         "",
     ]
     text = "\n".join(lines)
-    path.write_text(text)
+    write_report(path, text)
     return text
 
 

@@ -35,7 +35,7 @@ from espo.app.demo import DEMO, DEMO_ESPO, PAIRS, accuracy_points, finish_axes, 
 from espo.engine.models import checkpoint_card
 from espo.ops.stopper import ESPOConfig
 from espo.rl.trainer import TrainConfig
-from studies.common import RESULTS
+from studies.common import RESULTS, write_report
 
 METRICS = ("rollout_tokens", "rollout_time_s", "update_time_s", "step_time_s", "final_accuracy", "stop_rate",
            "false_stop_rate", "informative_fraction", "doomed_fraction")
@@ -238,7 +238,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps({"environment": env, "savings": saved, "per_seed": per_seed,
                                                      "aggregate": agg, "verdicts": lines}, indent=2))
-    (args.out / f"{args.name}.md").write_text(markdown(agg, lines, env))
+    write_report(args.out / f"{args.name}.md", markdown(agg, lines, env))
     plot(reports, args.out / f"{args.name}.png")
     print(markdown(agg, lines, env))
 

@@ -614,7 +614,7 @@ def main() -> None:
         if args.repeats:
             data["timing"] = time_decodes(ctx, args, decs, a, expected, lambda t: save({**data, "timing": t}))
     save(data)
-    args.out.with_suffix(".md").write_text(markdown(data, args))
+    common.write_report(args.out.with_suffix(".md"), markdown(data, args))
     plot(data, args.out.with_suffix(".png"))
     print(args.out.with_suffix(".md").read_text())
 

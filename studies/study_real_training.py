@@ -261,7 +261,7 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "results": results, "pairs": pairs,
                                                          "histories": runs}, indent=1))
     md = markdown(results, pairs, env, args)
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    common.write_report(args.out.with_suffix(".md"), "\n".join(md) + "\n")
     plot(results, pairs, args.out)
     print("\n".join(md))
 

@@ -459,7 +459,7 @@ def evaluate(args) -> None:
         path = out.with_suffix(f".{part}.json")
         report[part] = json.loads(path.read_text()) if path.exists() else None
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report, settings))
+    common.write_report(out.with_suffix(".md"), markdown(report, settings))
     plot(report, out)
     print(f"wrote {out.with_suffix('.json')}, .md and .png")
 

@@ -52,7 +52,7 @@ class EvilTokenizer(PreTrainedTokenizerFast):
 
 @pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
 def test_a_folder_naming_custom_code_is_refused_and_its_code_never_runs(tmp_path, capsys, monkeypatch, where):
-    from test_hf_tokenizer import make_model_folder
+    from model_folders import make_model_folder
 
     folder, marker = tmp_path / "model", tmp_path / "code-ran"
     make_model_folder(folder, card={"task": {"kind": "word-problems", "digits": 1, "steps": 1}})
@@ -74,7 +74,7 @@ def test_a_folder_naming_custom_code_is_refused_and_its_code_never_runs(tmp_path
 
 def test_every_transformers_load_is_told_not_to_trust_remote_code(tmp_path, monkeypatch):
     import transformers
-    from test_hf_tokenizer import make_model_folder
+    from model_folders import make_model_folder
 
     make_model_folder(tmp_path / "model")
     calls = []
@@ -294,7 +294,7 @@ def _encode_in_a_thread(tok, seconds: float):
 
 
 def test_a_chat_template_that_loops_for_ever_is_stopped(monkeypatch):
-    from test_hf_tokenizer import make_tokenizer
+    from model_folders import make_tokenizer
 
     tok = make_tokenizer()
     tok.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"

@@ -122,3 +122,18 @@ def test_study_real_training_pairs_steps_and_calls_a_saving_inside_its_noise_non
     noisy = {0: [step(0, 100, 10.0), step(1, 50, 6.0, 5), step(2, 60, 15.0, 4)],
              1: [step(0, 100, 10.0), step(1, 50, 13.0, 5), step(2, 60, 7.0, 4)]}
     assert not training.paired_savings(base, noisy)["beyond_noise"]["rollout_time_s"]
+
+
+def test_a_rerun_keeps_the_reports_hand_written_notes(tmp_path):
+    """A benchmark or study rewriting its .md keeps the "About these numbers" section README links to, once."""
+    from bench.common import NOTES, write_report
+
+    path = tmp_path / "r.md"
+    path.write_text(f"# Old\n\nold table\n\n{NOTES}\n\nMeasured under load 3.\n\n## Later\n\nkept out\n")
+    write_report(path, "# New\n\nnew table\n")
+    write_report(path, "# Newer\n\nnewer table\n")
+    text = path.read_text()
+    assert text.startswith("# Newer\n\nnewer table\n") and "old table" not in text and "kept out" not in text
+    assert text.count(NOTES) == 1 and text.count("Measured under load 3.") == 1 and text.count("Carried over") == 1
+    write_report(path, f"# Own\n\n{NOTES}\n\nnew notes\n")  # a report with its own notes replaces them
+    assert "Measured under load 3." not in path.read_text()

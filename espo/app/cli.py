@@ -277,12 +277,12 @@ def _stops_never_fired(cfg: "typing.Any", history: list[dict]) -> str:
     if e.value_rule and not e.regret_rule:
         return (f"the value rule stopped no rollout in {len(history)} steps (value_stop {e.value_stop}): the critic's "
                 "value never fell below it, so this run was PPO without early stopping; a new value head (0.5) never "
-                "does: fit one first with `espo value fit --model DIR --preset smollm2` (README: A value that predicts "
-                "success)")
+                "does: fit one first with `espo value fit --model DIR --preset smollm2` (README: A real model in "
+                "two commands)")
     return (f"the stop rule stopped no rollout in {len(history)} steps (alpha_s {e.alpha_s}, clip {e.clip}, beta "
             f"{e.beta}), so this run was {'PPO' if ALGOS[cfg.algo].critic else 'GRPO'} without early stopping; "
             "settings that stop: --preset quick (built-in task), --preset smollm2 (SmolLM2), or yours from "
-            "studies/calibrate_stops.py (README: Your model, your task)")
+            "studies/calibrate_stops.py (README: Your own task)")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ try:
     from verl.workers.rollout.replica import TokenOutput
 except ImportError as err:  # pragma: no cover - exercised only without verl
     raise ImportError("espo.integrations.verl needs verl: pip install verl "
-                      "(see README, 'Embedding in vLLM and verl')") from err
+                      "(see README, 'Embedding')") from err
 
 ESTIMATOR = "espo_grpo"
 AGENT_LOOP = "espo_agent"

@@ -36,7 +36,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_demo_runs_on_a_chat_model_with_its_preset(tmp_path, capsys):
     """`espo demo --model DIR --preset smollm2`: the four algorithms on a Hugging Face tokenizer and chat template,
     the task from the folder's card, the preset's nucleus sampling."""
-    from test_hf_tokenizer import make_model_folder
+    from model_folders import make_model_folder
 
     from espo.tasks.word_problems import WordProblems
 

@@ -3,7 +3,7 @@ tokenizer: a task that is only two methods, trained through the smollm2 preset's
 import importlib.util
 from pathlib import Path
 
-from test_hf_tokenizer import make_model_folder
+from model_folders import make_model_folder
 
 from espo import Problem
 
