@@ -60,17 +60,17 @@ class _DefaultInt(int):
 
 
 _TEMPERATURE, _TOP_P, _TOP_K, _SEED = _Default(1.0), _Default(1.0), _DefaultInt(0), _DefaultInt(0)
-_DEFAULT_PARAMS = SamplingParams()
 
 
 def _params_of(temperature, top_k, top_p, seed, params, validate: bool) -> SamplingParams:
     """The sampling settings: ``params``, or the keywords checked into a ``SamplingParams`` (never both)."""
-    given = [name for name, value, default in (("temperature", temperature, _TEMPERATURE), ("top_k", top_k, _TOP_K),
-                                               ("top_p", top_p, _TOP_P), ("seed", seed, _SEED)) if value is not default]
     if params is None:
-        return SamplingParams(temperature, top_k, top_p, seed, validate) if given else _DEFAULT_PARAMS
+        return SamplingParams(1.0 if temperature is _TEMPERATURE else temperature, 0 if top_k is _TOP_K else top_k,
+                              1.0 if top_p is _TOP_P else top_p, 0 if seed is _SEED else seed, validate)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be an espo.SamplingParams, got {type(params).__name__}")
+    given = [name for name, value, default in (("temperature", temperature, _TEMPERATURE), ("top_k", top_k, _TOP_K),
+                                               ("top_p", top_p, _TOP_P), ("seed", seed, _SEED)) if value is not default]
     if given:
         raise TypeError(f"pass the sampling settings either as params=SamplingParams(...) or as keywords, not both: "
                         f"got params and {', '.join(given)}")

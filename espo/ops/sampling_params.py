@@ -9,7 +9,7 @@ other per-row argument, ``offset``, so that every per-row argument follows one r
 from __future__ import annotations
 
 import math
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
@@ -30,8 +30,7 @@ def can_check_values(t: torch.Tensor, validate: bool) -> bool:
 def number_or_rows(name: str, value: RowArg, *, integer: bool, validate: bool = True, unsigned: bool = False) -> RowArg:
     """``value`` as a Python int or float (NumPy numbers accepted), or a tensor as int64 or float32 on its own device
     (a float64 value that float32 would round to 0 refused, when ``validate``). An int must fit in a signed 64-bit
-    int, or, with ``unsigned``, in 64 bits either way. The tensor's shape is checked against the rows by
-    ``rows_of``."""
+    int, or, with ``unsigned``, in 64 bits either way. A tensor's shape and layout are ``rows_of``'s."""
     kind = type(value)  # the common case first: a plain Python number (a fixed cost on every call)
     if kind is float and not integer:
         return value
@@ -42,8 +41,9 @@ def number_or_rows(name: str, value: RowArg, *, integer: bool, validate: bool = 
             raise TypeError(f"{name} must hold integers (e.g. torch.int64), got a {value.dtype} tensor")
         if not integer and not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must hold floats, got a {value.dtype} tensor")
-        converted = value.to(dtype=torch.int64 if integer else torch.float32).contiguous()
-        if not integer and value.dtype == torch.float64 and can_check_values(value, validate):
+        dtype = torch.int64 if integer else torch.float32
+        converted = value if value.dtype == dtype else value.to(dtype=dtype)
+        if value.dtype == torch.float64 and can_check_values(value, validate):
             flushed = (value != 0) & (converted == 0)  # e.g. 1e-50: non-zero in float64, 0 (greedy) in float32
             if bool(flushed.any()):
                 raise ValueError(f"{name} holds {value[flushed][:4].tolist()}, which float32 rounds to 0: pass 0 or a "
@@ -81,17 +81,25 @@ def rows_of(name: str, value: RowArg, B: int, device: torch.device) -> RowArg:
         value = value.expand(B)
     if value.shape != (B,):
         raise ValueError(f"{name} must be a scalar or have one entry per row, shape ({B},); got {tuple(value.shape)}")
-    return value.to(device=device).contiguous()
+    if value.device != device:
+        value = value.to(device=device)
+    return value.contiguous()
 
 
 def _finite(t: RowArg):
     return torch.isfinite(t) if isinstance(t, torch.Tensor) else math.isfinite(t)
 
 
+def _temperature_ok(t: RowArg):
+    return ((t == 0) | (t >= MIN_TEMPERATURE)) & _finite(t)
+
+
+_TEMPERATURE_RULE = f"finite and 0 (greedy) or >= {MIN_TEMPERATURE:.4g} (so that 1 / T is a finite float32)"
+
+
 def _temperature(value: RowArg, validate: bool) -> RowArg:
     value = number_or_rows("temperature", value, integer=False, validate=validate)
-    check_values("temperature", value, lambda t: ((t == 0) | (t >= MIN_TEMPERATURE)) & _finite(t),
-                 f"finite and 0 (greedy) or >= {MIN_TEMPERATURE:.4g} (so that 1 / T is a finite float32)", validate)
+    check_values("temperature", value, _temperature_ok, _TEMPERATURE_RULE, validate)
     return value
 
 
@@ -111,7 +119,7 @@ def _seed(value: RowArg) -> RowArg:
     return number_or_rows("seed", value, integer=True, unsigned=True)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, init=False, eq=False)
 class SamplingParams:
     """How ``espo.sample`` draws each row, checked when built (ValueError or TypeError naming the setting).
 
@@ -126,7 +134,7 @@ class SamplingParams:
         Philox draw (``espo.ops.philox``). Held as int64.
     validate: check the values of tensors (temperature >= 0, ...). Each check reads the tensor on the host, a
         device sync: code that builds its tensors itself passes False. Types, dtypes and numbers are always
-        checked. Not a field: it only says how much is checked here.
+        checked. An argument, not a field: it only says how much is checked here.
 
     Tensors are kept, not copied (when they already have the held dtype): changing one in place afterwards
     skips its check. ``params == other`` compares values (tensors with ``torch.equal``).
@@ -136,14 +144,13 @@ class SamplingParams:
     top_k: RowArg = 0
     top_p: RowArg = 1.0
     seed: RowArg = 0
-    validate: InitVar[bool] = True
 
-    def __post_init__(self, validate: bool) -> None:
-        for name, checked in (("temperature", _temperature(self.temperature, validate)),
-                              ("top_k", _top_k(self.top_k, validate)),
-                              ("top_p", _top_p(self.top_p, validate)), ("seed", _seed(self.seed))):
-            if checked is not getattr(self, name):
-                object.__setattr__(self, name, checked)
+    def __init__(self, temperature: RowArg = 1.0, top_k: RowArg = 0, top_p: RowArg = 1.0, seed: RowArg = 0,
+                 validate: bool = True) -> None:
+        # espo.sample builds one per call from its keywords, so this runs on every draw: written out, without the
+        # generated __init__'s frozen setattr per field and a __post_init__ that would set each one again
+        self.__dict__.update(temperature=_temperature(temperature, validate), top_k=_top_k(top_k, validate),
+                             top_p=_top_p(top_p, validate), seed=_seed(seed))
 
     @classmethod
     def shared(cls, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> "SamplingParams":
@@ -157,7 +164,9 @@ class SamplingParams:
     @property
     def per_row(self) -> bool:
         """Whether any setting is a tensor (one value per row) rather than one number for every row."""
-        return any(isinstance(getattr(self, name), torch.Tensor) for name in _FIELDS)
+        tensor = torch.Tensor
+        return (isinstance(self.temperature, tensor) or isinstance(self.top_k, tensor)
+                or isinstance(self.top_p, tensor) or isinstance(self.seed, tensor))
 
     def with_seed(self, seed: RowArg) -> "SamplingParams":
         """These settings with another seed, e.g. each row's own ([B] int64); only the new seed is checked."""
@@ -167,19 +176,22 @@ class SamplingParams:
         """These settings for B rows of logits on ``device``, as the backends take them: each tensor a contiguous
         [B] tensor there (ValueError naming it when its shape is not (B,) or ()), the seed a signed int64."""
         seed = self.seed
-        if not isinstance(seed, torch.Tensor) and seed >= _INT64_END:
+        if type(seed) is int and seed >= _INT64_END:
             seed -= _UINT64_END  # the same 64 bits, read as the signed int64 the kernels take
-        if seed is self.seed and not self.per_row:
+        elif not self.per_row:
             return self
-        values = (self.temperature, self.top_k, self.top_p, seed)
-        return self._trusted(*(rows_of(name, value, B, device) for name, value in zip(_FIELDS, values)))
+        temperature = rows_of("temperature", self.temperature, B, device)
+        top_k, top_p = rows_of("top_k", self.top_k, B, device), rows_of("top_p", self.top_p, B, device)
+        seed = rows_of("seed", seed, B, device)
+        if temperature is self.temperature and top_k is self.top_k and top_p is self.top_p and seed is self.seed:
+            return self  # already in place (a hot loop's own [B] tensors): no new object per draw
+        return self._trusted(temperature, top_k, top_p, seed)
 
     @classmethod
     def _trusted(cls, temperature: RowArg, top_k: RowArg, top_p: RowArg, seed: RowArg) -> "SamplingParams":
         """Settings already checked (by this class), bound without checking them again."""
         params = object.__new__(cls)
-        for name, value in zip(_FIELDS, (temperature, top_k, top_p, seed)):
-            object.__setattr__(params, name, value)
+        params.__dict__.update(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return params
 
     def __eq__(self, other: object) -> bool:
