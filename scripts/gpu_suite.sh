@@ -92,7 +92,7 @@ for what in $stages; do
       TAIL=30 stage optests "${LIMIT_OPTESTS:-90}" env OMP_NUM_THREADS=2 python3 -m pytest -q -rfE -p no:cacheprovider \
         -n 8 --timeout=100 --junitxml="$WORK/optests.xml" tests/test_sample.py tests/test_sample_filters.py \
         tests/test_sample_cuda.py tests/test_sample_torch.py tests/test_cuda_host.py tests/test_cuda_ops.py \
-        tests/test_integer_sampling.py tests/test_triton_compile.py
+        tests/test_integer_sampling.py tests/test_triton_compile.py tests/test_sampling_params.py
       ;;
     sample36)
       TAIL=12 stage bench_sample "${LIMIT_SAMPLE:-100}" python3 bench/bench_sample.py --B 1 256 --V 151936 \

@@ -188,7 +188,8 @@ def test_params_and_keywords_draw_the_same(backend, device, per_row):
     assert by_keywords.valid.tolist() == [True, False, True, True, True]
     for name, row in stoppers[0].rows.items():
         assert torch.equal(row, stoppers[1].rows[name]), name
-    if backend != "torch":  # and the backend agrees with the reference, whichever way it was called
+    if backend != "torch" and device == "cpu":  # the interpreted kernel draws the reference's tokens (a GPU's
+        # ex2.approx may move a rare draw: tests/test_sample.py bounds that)
         reference = espo.sample(logits.cpu(), params=SamplingParams(**{k: v.cpu() if isinstance(v, torch.Tensor)
                                                                          else v for k, v in settings.items()}),
                                 offset=offset.cpu(), backend="torch")
