@@ -57,7 +57,7 @@ def measure(B: int, V: int, device: torch.device, calls: int, repeats: int, chec
                                  repeats)
             rows.append({"what": f"espo.sample backend={backend} validate={validate}", **timing})
         real = sampling._IMPLEMENTATIONS[backend]
-        outputs = real(logits, 0.7, 0, 1.0, 1, 5, None)
+        outputs = real(logits, espo.SamplingParams(0.7, 0, 1.0, 1), 5, None)
         sampling._IMPLEMENTATIONS[backend] = lambda *args, outputs=outputs: outputs
         try:
             timing = per_call_us(lambda: espo.sample(logits, backend=backend, **kw), device, calls, repeats)

@@ -17,6 +17,7 @@ from espo.engine.tokenizer import CharTokenizer
 from espo.engine.value_head import Critic, ValueHead
 from espo.ops.backends import BackendInfo, backends
 from espo.ops.sample import SampleOutput, sample
+from espo.ops.sampling_params import SamplingParams
 from espo.ops.stopper import CriticWarmup, EarlyStopper, ESPOConfig
 from espo.rl.allocator import CeroAllocator
 from espo.rl.trainer import TrainConfig, TrainResult, train
@@ -95,6 +96,7 @@ __all__ = [
     "Rollout",
     "Rollouts",
     "SampleOutput",
+    "SamplingParams",
     "Task",
     "TaskError",
     "TrainConfig",

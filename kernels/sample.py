@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from espo.ops.reference import LOG2E_F32, chunk_size, mass_shift
+from espo.ops.sampling_params import SamplingParams
 
 from .filter import global_masses, order_key, pivot_stats_kernel, threshold_search
 from .philox import philox_uniform
@@ -331,10 +332,12 @@ _PIVOTS = 16
 CANDIDATES = {"gpu": 1024, "interpreter": 64}
 
 
-def sample_triton(logits, temperature, top_k, top_p, seed, offset, stop=None):
-    """Launch the two kernels. Per-row arguments are Python numbers or [B] tensors on the logits' device
-    (float32 temperature/top_p, int64 top_k/seed/offset), already validated by ``espo.sample``; ``stop`` is an
-    ``espo.ops.stopper.StopState`` or None. Returns the ``SampleOutput`` fields as a dict."""
+def sample_triton(logits, params: SamplingParams, offset, stop=None):
+    """Launch the two kernels. ``params`` (an ``espo.ops.sampling_params.SamplingParams`` for these rows) and
+    ``offset`` are Python numbers or [B] tensors on the logits' device (float32 temperature/top_p, int64
+    top_k/seed/offset), already checked; ``stop`` is an ``espo.ops.stopper.StopState`` or None. Returns the
+    ``SampleOutput`` fields as a dict."""
+    temperature, top_k, top_p, seed = params.temperature, params.top_k, params.top_p, params.seed
     B, V = logits.shape
     dev = logits.device
     interpret = _INTERPRET or dev.type != "cuda"

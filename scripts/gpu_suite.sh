@@ -92,7 +92,7 @@ for what in $stages; do
       TAIL=30 stage optests "${LIMIT_OPTESTS:-90}" env OMP_NUM_THREADS=2 python3 -m pytest -q -rfE -p no:cacheprovider \
         -n 8 --timeout=100 --junitxml="$WORK/optests.xml" tests/ops/test_sample.py tests/ops/test_sample_filters.py \
         tests/ops/test_cuda.py tests/ops/test_torch_backend.py tests/ops/test_cuda_host.py tests/ops/test_cuda_ops.py \
-        tests/ops/test_integer_sampling.py tests/ops/test_triton_compile.py
+        tests/ops/test_integer_sampling.py tests/ops/test_triton_compile.py tests/ops/test_sampling_params.py
       ;;
     sample36)
       TAIL=12 stage bench_sample "${LIMIT_SAMPLE:-100}" python3 bench/bench_sample.py --B 1 256 --V 151936 \

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from espo.checks import is_integer, is_real
-from espo.ops.sample import MIN_TEMPERATURE
+from espo.checks import is_integer
+from espo.ops.sampling_params import SamplingParams
 from espo.ops.stopper import EarlyStopper
 
 from .model_runner import ModelRunner
@@ -298,19 +298,7 @@ class Decoder:
                 raise ValueError(f"n must be >= 1 for every prompt; got n={c!r} for prompt {i}")
         if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if (
-            not is_real(temperature)
-            or not np.isfinite(temperature)
-            or not (temperature == 0 or temperature >= MIN_TEMPERATURE)
-        ):
-            raise ValueError(
-                f"temperature must be finite and 0 (greedy) or >= {MIN_TEMPERATURE:.4g} (so that 1 / T "
-                f"is a finite float32), got {temperature!r}"
-            )
-        if not is_integer(top_k) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-        if not is_real(top_p) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {top_p!r}")
+        sampling = SamplingParams.shared(temperature=temperature, top_k=top_k, top_p=top_p)
         if not is_integer(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if stopper is not None:
@@ -357,9 +345,7 @@ class Decoder:
             prompts=plist,
             counts=counts,
             max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature),
-            top_k=int(top_k),
-            top_p=float(top_p),
+            sampling=sampling,
             seed=int(seed),
             seeds=seeds,
             stopper=stopper,

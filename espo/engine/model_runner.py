@@ -305,10 +305,7 @@ class ModelRunner:
         stopper = req.stopper
         out = sample(
             logits,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            seed=slots.seed[idx],
+            params=req.sampling.with_seed(slots.seed[idx]),
             offset=slots.gen[idx],
             stopper=stopper,
             values=values if stopper is not None else None,

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from espo.ops.sampling_params import SamplingParams
 from espo.ops.stopper import EarlyStopper
 
 from .forward import PrefillRows
@@ -31,17 +32,17 @@ RECORD_COLUMNS = ("rollout_id", "token", "logprob", "raw_logprob", "entropy", "r
 class Request:
     """``generate``'s inputs, checked.
 
-    prompts: P token-id lists; counts: rollouts per prompt [P]; seeds: each rollout's sampling seed [R];
-    eos: the EOS ids on the device, or None; prompt_values: [P] constant values, or None; has_values: the
-    rollouts carry values (from the decoder's value source or ``prompt_values``).
+    prompts: P token-id lists; counts: rollouts per prompt [P]; sampling: temperature, top-k and top-p, one for
+    every rollout (its seed is replaced at each draw by the slots' own, ``SamplingParams.with_seed``); seed: the
+    run seed; seeds: each rollout's sampling seed [R]; eos: the EOS ids on the device, or None; prompt_values:
+    [P] constant values, or None; has_values: the rollouts carry values (from the decoder's value source or
+    ``prompt_values``).
     """
 
     prompts: list[list[int]]
     counts: list[int]
     max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
+    sampling: SamplingParams
     seed: int
     seeds: list[int]
     stopper: EarlyStopper | None

@@ -39,9 +39,10 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from espo.engine.decoder import Rollout, Rollouts, rollout_seed
 from espo.engine.value_head import prompt_values_tensor
 from espo.ops.sample import sample
+from espo.ops.sampling_params import SamplingParams
 from espo.ops.stopper import EarlyStopper
 
-from ..checks import is_integer, is_real
+from ..checks import is_integer
 
 __all__ = [
     "ESPOSampler",
@@ -107,16 +108,6 @@ def _running_generate(depth: int = 6) -> tuple[GenerationConfig | None, Sequence
         if isinstance(config, GenerationConfig):
             return config, frame.f_locals.get("logits_processor"), frame.f_code.co_name
     return None, None, None
-
-
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """The scalar sampling settings, checked once (espo.sample then runs with validate=False)."""
-    if not is_real(temperature) or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite float >= 0 (0 is greedy), got {temperature!r}")
-    if not is_integer(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-    if not is_real(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {top_p!r}")
 
 
 class _SampleAndForce(LogitsProcessor):
@@ -186,12 +177,11 @@ class ESPOSampler:
             raise TypeError(f"stopper must be an espo.EarlyStopper, got {type(stopper).__name__}")
         if values is not None and stopper is None:
             raise ValueError("values only feed the stop rule: pass a stopper too, or drop values")
-        _check_sampling(temperature, top_k, top_p)
+        self.sampling = SamplingParams.shared(temperature=temperature, top_k=top_k, top_p=top_p)
         if vocab_size is not None and (not is_integer(vocab_size) or vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
         if not is_integer(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed = int(seed)
         self.rollout_seeds = None if rollout_seeds is None else [int(s) for s in rollout_seeds]
         self.stopper = stopper
@@ -306,9 +296,9 @@ class ESPOSampler:
         idx = self._live_idx
         all_live = bool(self._live.all())
         stopper = self.stopper
+        seeds = self._seeds if all_live else self._seeds[idx]
         out = sample(
-            scores if all_live else scores[idx], temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            seed=self._seeds if all_live else self._seeds[idx], offset=self._t, stopper=stopper,
+            scores if all_live else scores[idx], params=self.sampling.with_seed(seeds), offset=self._t, stopper=stopper,
             values=None if self._values is None else (self._values if all_live else self._values[idx]),
             stopper_rows=None if stopper is None or all_live else idx, backend=self.backend, validate=False,
         )

@@ -1,8 +1,9 @@
 """The "cuda" backend: the compiled kernels of ``espo._C`` (csrc/), called through ``torch.ops.espo``.
 
-Same contract as ``espo.kernels.sample.sample_triton`` and ``espo.ops.reference.sample_torch``: per-row
-arguments are Python numbers or [B] tensors on the logits' device (float32 temperature/top_p, int64
-top_k/seed/offset), already validated by ``espo.sample``; the stop state is an ``espo.ops.stopper.StopState``; the
+Same contract as ``espo.kernels.sample.sample_triton`` and ``espo.ops.reference.sample_reference``: an
+``espo.ops.sampling_params.SamplingParams`` for these rows and ``offset``, Python numbers or [B] tensors on the
+logits' device (float32 temperature/top_p, int64 top_k/seed/offset), already checked by whoever built them and
+``espo.sample``; the stop state is an ``espo.ops.stopper.StopState``; the
 result is the dict of ``SampleOutput`` fields. The same Philox stream, chunking rule and exact integer sampling
 rule (``espo.ops.reference``) as the Triton backend, with the same ex2.approx instruction, so both return the
 same tokens for the same inputs, bit for bit. Works under torch.compile (the ops have meta implementations and
@@ -16,6 +17,7 @@ from functools import lru_cache
 
 import torch
 
+from .sampling_params import SamplingParams
 from .stopper import StopState
 
 _FIELDS = ("tokens", "logprobs", "raw_logprobs", "entropy", "max_logprob", "regret", "valid")
@@ -41,15 +43,15 @@ def _split(value, default):
     return None, value
 
 
-def sample_cuda(logits, temperature, top_k, top_p, seed, offset, stop: StopState | None = None):
+def sample_cuda(logits, params: SamplingParams, offset, stop: StopState | None = None):
     """Run the fused op; returns tokens, logprobs, raw_logprobs, entropy, max_logprob, regret, valid, stop."""
     sample_op, sample_stop_op = _ops()
     args = (
         logits.detach() if logits.requires_grad else logits,
-        *_split(temperature, 1.0),
-        *_split(top_k, 0),
-        *_split(top_p, 1.0),
-        *_split(seed, 0),
+        *_split(params.temperature, 1.0),
+        *_split(params.top_k, 0),
+        *_split(params.top_p, 1.0),
+        *_split(params.seed, 0),
         *_split(offset, 0),
     )
     if stop is None:

@@ -1,6 +1,7 @@
 """PyTorch reference of the fused sample-and-score op and of the ESPO stop update.
 
-This module defines what every backend computes (any device). It is also the "torch" backend.
+This module defines what every backend computes (any device): ``sample_reference`` takes the backends' arguments
+(``espo.ops.torch_backend.sample_torch`` is the fast "torch" backend, held to it by tests/ops/test_torch_backend.py).
 Semantics, row by row (x = the row's logits in float32, T its temperature, V the vocabulary size):
 
 * ``T == 0`` is greedy: the token is the first maximal logit; the tempered policy is then a point mass,
@@ -66,6 +67,7 @@ from __future__ import annotations
 import torch
 
 from .philox import uniform
+from .sampling_params import SamplingParams
 from .stopper import StopState
 
 LOG2E_F32 = 1.44269502162933349609375  # float32(log2(e)), exactly
@@ -95,8 +97,9 @@ def integer_masses(y: torch.Tensor, ref: torch.Tensor, shift: int) -> torch.Tens
 
     ``ref`` broadcasts against ``y``; a reference of -inf (a chunk or row without mass) counts as 0."""
     ref = torch.where(ref == _NEG_INF, torch.zeros_like(ref), ref)
-    f = torch.exp2((y - ref).double()).float()
-    return (f * float(2**shift)).to(torch.int64)
+    f = (y - ref).double()
+    torch.exp2(f, out=f)  # in place: the float64 temporary is the size of the logits, and the torch backend's too
+    return f.float().mul_(float(2**shift)).to(torch.int64)
 
 
 def _chunked(y: torch.Tensor, V: int) -> tuple[torch.Tensor, int]:
@@ -114,14 +117,15 @@ def _row_reference(y: torch.Tensor) -> torch.Tensor:
     return torch.ceil(y.max(dim=1).values)
 
 
-def _draw_chunked(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Steps 1-4 of the module docstring: the unfiltered integer inverse-CDF token of each row."""
+def draw_chunked(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Steps 1-4 of the module docstring: the unfiltered integer inverse-CDF token of each row [B], from its base-2
+    tempered logits ``y`` [B, V] (rows with mass) and its uniform ``u`` [B]. The torch backend draws with it too."""
     B, V = y.shape
     S = mass_shift(V)
     yc, chunk = _chunked(y, V)
-    r = torch.ceil(yc.max(dim=2).values)  # [B, C]
+    r = torch.ceil(yc.amax(dim=2))  # [B, C]
     q = integer_masses(yc, r[:, :, None], S)  # [B, C, chunk]
-    R = r.max(dim=1, keepdim=True).values
+    R = r.amax(dim=1, keepdim=True)
     shift = torch.where(r == _NEG_INF, torch.full_like(r, 63.0), (R - r).clamp(0.0, 63.0))
     shift = torch.nan_to_num(shift, nan=63.0).to(torch.int64)
     W = q.sum(dim=2) >> shift  # [B, C]
@@ -159,8 +163,11 @@ def _filter_mask(x: torch.Tensor, qg: torch.Tensor, top_k: torch.Tensor, top_p: 
     return keep
 
 
-def _draw_filtered(x, y, top_k, top_p, u) -> torch.Tensor:
-    """Step 5: global integer masses, exact thresholds, one inverse-CDF walk over the kept tokens."""
+def draw_filtered(x: torch.Tensor, y: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor:
+    """Step 5: global integer masses, exact thresholds, one inverse-CDF walk over the kept tokens. ``x`` and ``y``
+    are the rows' logits and base-2 tempered logits [B, V], ``top_k``/``top_p``/``u`` [B]; the torch backend draws
+    its rows with top-k with it too."""
     V = x.shape[1]
     qg = integer_masses(y, _row_reference(y)[:, None], mass_shift(V))
     kept = qg * _filter_mask(x, qg, top_k, top_p)
@@ -176,15 +183,23 @@ def _has_mass(v: torch.Tensor) -> torch.Tensor:
 
 def sample_reference(
     logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    seed: torch.Tensor,
-    offset: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """The op on [B, V] logits with per-row float32 temperature/top_p and int64 top_k/seed/offset."""
+    params: SamplingParams,
+    offset: int | torch.Tensor,
+    stop: StopState | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """The op on [B, V] logits, under the backends' contract (that of ``espo.kernels.sample.sample_triton`` and
+    ``espo.ops.cuda.sample_cuda``): ``params`` for these rows (``SamplingParams.on_rows``: Python numbers or [B]
+    tensors on the logits' device, float32 temperature/top_p, int64 top_k/seed) and ``offset`` (the same, int64),
+    already checked; ``stop`` the stop state to update (``stop_update_reference``) or None. Returns the
+    ``SampleOutput`` fields as a dict."""
     x = logits.float()
     B, V = x.shape
+
+    def per_row(value, dtype):
+        return value if isinstance(value, torch.Tensor) else torch.full((B,), value, dtype=dtype, device=x.device)
+
+    temperature, top_p = per_row(params.temperature, torch.float32), per_row(params.top_p, torch.float32)
+    top_k, seed, offset = (per_row(v, torch.int64) for v in (params.top_k, params.seed, offset))
     greedy = temperature == 0
     inv_t = (1.0 / torch.where(greedy, torch.ones_like(temperature), temperature).float()).float()
     y = base2_logits(x, inv_t)
@@ -203,10 +218,10 @@ def sample_reference(
     raw_log_s = torch.log(torch.exp(x - x_max[:, None]).sum(dim=1))
 
     u = uniform(seed, offset)
-    drawn = _draw_chunked(y, u)
+    drawn = draw_chunked(y, u)
     filtered = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
     if bool(filtered.any()):
-        drawn = torch.where(filtered, _draw_filtered(x, y, top_k, top_p, u), drawn)
+        drawn = torch.where(filtered, draw_filtered(x, y, top_k, top_p, u), drawn)
     argmax = torch.argmax((x == x.max(dim=1, keepdim=True).values).int(), dim=1)
     tokens = torch.where(greedy, argmax, drawn)
 
@@ -223,6 +238,7 @@ def sample_reference(
     nan = torch.full_like(l_tok, torch.nan)
     out = {k: torch.where(valid, v, torch.full_like(v, -1) if k == "tokens" else nan) for k, v in out.items()}
     out["valid"] = valid
+    out["stop"] = None if stop is None else stop_update_reference(out["regret"], out["valid"], stop)
     return out
 
 
@@ -260,27 +276,3 @@ def stop_update_reference(regret: torch.Tensor, valid: torch.Tensor, state: Stop
             getattr(state, k)[state.rows] = v
     return rows["stopped"].clone()
 
-
-def sample_torch(
-    logits: torch.Tensor,
-    temperature: float | torch.Tensor,
-    top_k: int | torch.Tensor,
-    top_p: float | torch.Tensor,
-    seed: int | torch.Tensor,
-    offset: int | torch.Tensor,
-    stop: StopState | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """The "torch" backend: the reference under the backends' contract (that of ``espo.kernels.sample.sample_triton``
-    and ``espo.ops.cuda.sample_cuda``). Per-row arguments are Python numbers or [B] tensors on the logits'
-    device, already validated by ``espo.sample``; returns the ``SampleOutput`` fields as a dict."""
-    B, device = logits.shape[0], logits.device
-
-    def per_row(value, dtype):
-        return value if isinstance(value, torch.Tensor) else torch.full((B,), value, dtype=dtype, device=device)
-
-    out = sample_reference(
-        logits, per_row(temperature, torch.float32), per_row(top_k, torch.int64), per_row(top_p, torch.float32),
-        per_row(seed, torch.int64), per_row(offset, torch.int64),
-    )
-    out["stop"] = None if stop is None else stop_update_reference(out["regret"], out["valid"], stop)
-    return out

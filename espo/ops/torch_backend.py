@@ -23,44 +23,17 @@ import torch
 
 from .philox import uniform
 from .reference import (
-    _chunked,
-    _draw_filtered,
     base2_logits,
+    draw_chunked,
+    draw_filtered,
+    integer_masses,
     mass_shift,
     stop_update_reference,
 )
+from .sampling_params import SamplingParams
 from .stopper import StopState
 
-_NEG_INF = float("-inf")
 _FIRST_TOP_P_CANDIDATES = 64
-
-
-def _integer_masses(y: torch.Tensor, ref: torch.Tensor, shift: int) -> torch.Tensor:
-    """``espo.ops.reference.integer_masses`` with its float64 temporaries reused (the same values)."""
-    ref = torch.where(ref == _NEG_INF, torch.zeros_like(ref), ref)
-    f = (y - ref).double()
-    torch.exp2(f, out=f)
-    return (f.float().mul_(float(2**shift))).to(torch.int64)
-
-
-def _draw_chunked(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``espo.ops.reference._draw_chunked`` (steps 1-4 of its module docstring) with the same arithmetic."""
-    B, V = y.shape
-    yc, chunk = _chunked(y, V)
-    r = torch.ceil(yc.amax(dim=2))  # [B, C]
-    q = _integer_masses(yc, r[:, :, None], mass_shift(V))  # [B, C, chunk]
-    R = r.amax(dim=1, keepdim=True)
-    shift = torch.where(r == _NEG_INF, torch.full_like(r, 63.0), (R - r).clamp(0.0, 63.0))
-    shift = torch.nan_to_num(shift, nan=63.0).to(torch.int64)
-    W = q.sum(dim=2) >> shift  # [B, C]
-    target = (u.double() * W.sum(dim=1).double()).to(torch.int64)
-    cum = torch.cumsum(W, dim=1)
-    c = (cum <= target[:, None]).sum(dim=1).clamp(max=W.shape[1] - 1)
-    t = target - (cum - W).gather(1, c[:, None])[:, 0]
-    rows = torch.arange(B, device=y.device)
-    inside = torch.cumsum(q[rows, c], dim=1) >> shift[rows, c][:, None]  # [B, chunk]
-    i = (inside <= t[:, None]).sum(dim=1).clamp(max=chunk - 1)
-    return (c * chunk + i).clamp(max=V - 1)
 
 
 def _top_p_threshold(x: torch.Tensor, qg: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -80,7 +53,7 @@ def _top_p_threshold(x: torch.Tensor, qg: torch.Tensor, need: torch.Tensor) -> t
 def _draw_top_p(x: torch.Tensor, y: torch.Tensor, y_max: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor):
     """Step 5 of the reference for rows with top-p only: global masses, exact threshold, one walk."""
     ref = torch.ceil(y_max)[:, None]
-    qg = _integer_masses(y, ref, mass_shift(x.shape[1]))
+    qg = integer_masses(y, ref, mass_shift(x.shape[1]))
     need = torch.ceil(top_p.double() * qg.sum(dim=1).double()).to(torch.int64)
     kept = torch.where(x >= _top_p_threshold(x, qg, need), qg, 0)
     cum = torch.cumsum(kept, dim=1)
@@ -100,9 +73,9 @@ def _draw(x, y, y_max, greedy, top_k, top_p, u) -> torch.Tensor:
     B, V = x.shape
     if greedy is None and not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor):
         if not 0 < top_k < V and top_p >= 1.0:
-            return _draw_chunked(y, u)
+            return draw_chunked(y, u)
         k, p = _per_row(top_k, torch.int64, B, x.device), _per_row(top_p, torch.float32, B, x.device)
-        return _draw_filtered(x, y, k, p, u) if 0 < top_k < V else _draw_top_p(x, y, y_max, p, u)
+        return draw_filtered(x, y, k, p, u) if 0 < top_k < V else _draw_top_p(x, y, y_max, p, u)
     top_k, top_p = _per_row(top_k, torch.int64, B, x.device), _per_row(top_p, torch.float32, B, x.device)
     sampled = torch.ones(B, dtype=torch.bool, device=x.device) if greedy is None else ~greedy
     filtered = sampled & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
@@ -114,9 +87,9 @@ def _draw(x, y, y_max, greedy, top_k, top_p, u) -> torch.Tensor:
         idx = None if n == B else rows.nonzero()[:, 0]
         pick = (lambda t: t) if idx is None else (lambda t: t[idx])
         if draw == "chunked":
-            tokens = _draw_chunked(pick(y), pick(u))
+            tokens = draw_chunked(pick(y), pick(u))
         elif bool(((pick(top_k) > 0) & (pick(top_k) < V)).any()):
-            tokens = _draw_filtered(pick(x), pick(y), pick(top_k), pick(top_p), pick(u))
+            tokens = draw_filtered(pick(x), pick(y), pick(top_k), pick(top_p), pick(u))
         else:
             tokens = _draw_top_p(pick(x), pick(y), pick(y_max), pick(top_p), pick(u))
         if idx is None:
@@ -128,16 +101,15 @@ def _draw(x, y, y_max, greedy, top_k, top_p, u) -> torch.Tensor:
 @torch.no_grad()  # like the kernels: statistics of a draw, never part of a graph (the trainer rescores tokens)
 def sample_torch(
     logits: torch.Tensor,
-    temperature: float | torch.Tensor,
-    top_k: int | torch.Tensor,
-    top_p: float | torch.Tensor,
-    seed: int | torch.Tensor,
+    params: SamplingParams,
     offset: int | torch.Tensor,
     stop: StopState | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """The "torch" backend, under the backends' contract (that of ``espo.kernels.sample.sample_triton``): per-row
-    arguments are Python numbers or [B] tensors on the logits' device, already validated by ``espo.sample``;
-    returns the ``SampleOutput`` fields as a dict, with ``espo.ops.reference``'s tokens."""
+    """The "torch" backend, under the backends' contract (that of ``espo.kernels.sample.sample_triton``): ``params``
+    for these rows (``SamplingParams.on_rows``: Python numbers or [B] tensors on the logits' device) and ``offset``
+    (the same), already checked; returns the ``SampleOutput`` fields as a dict, with ``espo.ops.reference``'s
+    tokens."""
+    temperature, top_k, top_p, seed = params.temperature, params.top_k, params.top_p, params.seed
     B, V = logits.shape
     device = logits.device
     x = logits.float()

@@ -16,7 +16,7 @@ from conftest import backend_device_pairs
 
 import espo
 from espo.ops.philox import uniform
-from espo.ops.reference import _draw_chunked, base2_logits, chunk_size, integer_masses, mass_shift
+from espo.ops.reference import base2_logits, chunk_size, draw_chunked, integer_masses, mass_shift
 
 LOG2E_F32 = np.float32(math.log2(math.e))
 TRITON_CPU = [p for p in backend_device_pairs() if p.values == ("triton", "cpu")]
@@ -173,7 +173,7 @@ def test_a_token_of_zero_integer_mass_is_never_drawn():
     q = integer_masses(y, torch.ceil(y.max()), mass_shift(V))[0]
     assert q[10] > 0 and q[11] > 0 and (q[12:] == 0).all() and (q[:10] == 0).all()
     u = torch.tensor([0.0, 1.0 - 2.0**-24, 0.5, 1.0 - 2.0**-23])
-    tokens = _draw_chunked(y.expand(len(u), -1), u)
+    tokens = draw_chunked(y.expand(len(u), -1), u)
     assert set(tokens.tolist()) <= {10, 11}
 
 
@@ -217,7 +217,7 @@ def test_tokens_do_not_depend_on_the_summation_order():
     n = 20_000
     u = uniform(torch.full((n,), 3), torch.arange(n))
     y = base2_logits(x, torch.ones(1))
-    ref = torch.cat([_draw_chunked(y.expand(len(part), -1), part) for part in u.split(2000)])
+    ref = torch.cat([draw_chunked(y.expand(len(part), -1), part) for part in u.split(2000)])
 
     # The same integer rule, summed in other orders, gives the same token on every draw.
     chunk = chunk_size(V)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import espo
 from espo.ops.philox import _uniform_numpy, philox4x32
-from espo.ops.reference import sample_torch as reference_backend
+from espo.ops.reference import sample_reference
+from espo.ops.sampling_params import SamplingParams
 from espo.ops.torch_backend import sample_torch
 
 EXACT_FIELDS = ("tokens", "valid", "regret", "max_logprob", "logprobs", "raw_logprobs")
@@ -16,8 +17,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def assert_same_as_reference(logits, temperature, top_k, top_p, seed, offset):
-    ref = reference_backend(logits, temperature, top_k, top_p, seed, offset)
-    out = sample_torch(logits, temperature, top_k, top_p, seed, offset)
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    ref = sample_reference(logits, params, offset)
+    out = sample_torch(logits, params, offset)
     for field in EXACT_FIELDS:
         a, b = out[field], ref[field]
         assert torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5)) and torch.equal(a.isnan(), b.isnan()), field
@@ -86,8 +88,8 @@ def test_torch_backend_updates_the_stop_state_as_the_reference():
     for t in range(steps):
         logits = torch.randn(B, V, generator=g) * 4
         outs = [
-            backend(logits, 0.9, 0, 0.95, torch.arange(B), torch.full((B,), t), stopper.state())
-            for backend, stopper in zip((reference_backend, sample_torch), stoppers)
+            backend(logits, SamplingParams(0.9, 0, 0.95, torch.arange(B)), torch.full((B,), t), stopper.state())
+            for backend, stopper in zip((sample_reference, sample_torch), stoppers)
         ]
         assert torch.equal(outs[0]["stop"], outs[1]["stop"])
     assert stoppers[0].rows["stopped"].any(), "the test must exercise stops"
