@@ -114,7 +114,7 @@ def _config_from_args(args: argparse.Namespace):
 
 
 DEMO_DESCRIPTION = (
-    "PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report in --out. The full demo takes about 3 "
+    "PPO vs ESPO and GRPO vs GRPO+CERO on the built-in task, with a report in --out. The full demo takes about 7 "
     "minutes on 2 idle CPU cores; a loaded machine takes longer (several-fold when other processes keep the cores "
     "busy). An interrupted demo continues with --resume."
 )
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                           description=DEMO_DESCRIPTION)
     demo.add_argument("--out", type=Path, default=Path("espo-demo"), help="report folder (default espo-demo)")
     demo.add_argument("--quick", action="store_true",
-                      help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 15 s on 2 "
-                           "idle CPU cores; a loaded machine takes longer: other processes using the cores slow it "
+                      help="a short run for CI and a first look: 6 steps of 8 prompts x 4 rollouts (about 1 minute on "
+                           "2 idle CPU cores; a loaded machine takes longer: other processes using the cores slow it "
                            "several-fold)")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--model", default=None, metavar="DIR",

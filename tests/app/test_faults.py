@@ -468,8 +468,8 @@ def test_cli_wording_names_the_flag_and_the_help_of_the_command_that_ran(tmp_pat
 def test_durations_in_the_demo_help_are_for_idle_cores(capsys):  # README's: tests/test_readme.py
     assert main(["demo", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "about 3 minutes on 2 idle CPU cores; a loaded machine takes longer" in text
-    assert "about 15 s on 2 idle CPU cores; a loaded machine takes longer" in text
+    assert "about 7 minutes on 2 idle CPU cores; a loaded machine takes longer" in text
+    assert "about 1 minute on 2 idle CPU cores; a loaded machine takes longer" in text
 
 
 def test_an_espo_run_that_never_stopped_says_so_loudly():
