@@ -81,6 +81,7 @@ sys.meta_path.insert(0, _MovedModuleFinder())  # first: a stale espo/decoder.py 
 for _old, _new in MOVED_MODULES.items():
     if _old.rpartition(".")[2] in globals():
         sys.modules.setdefault(_old, importlib.import_module(_new))
+del _old, _new
 
 __all__ = [
     "BackendInfo",

@@ -132,19 +132,12 @@ def findings() -> list[str]:
     files = module_files()
     edges = graph()
     out = [f"import circle: {' <-> '.join(c)}" for c in circles(edges)]
-    for module, path in files.items():
+    users = [(folder, path) for folder in USERS for path in sorted((ROOT / folder).rglob("*.py"))]
+    for module, path in [*files.items(), *users]:  # the code beside the package uses its public names too
         for target, names, line in imports_of(module, path, set(files)):
-            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
-            if target.split(".")[-1].startswith("_") and not target.split(".")[-1].startswith("__"):
-                private.append(target)
+            private = [n for n in [*names, target.split(".")[-1]] if n.startswith("_") and not n.startswith("__")]
             if private and target != module:
                 out.append(f"{path.relative_to(ROOT)}:{line}: imports the private {', '.join(private)} of {target}")
-    for folder in USERS:  # code beside the package uses its public names too
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            for target, names, line in imports_of(folder, path, set(files)):
-                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
-                if private:
-                    out.append(f"{path.relative_to(ROOT)}:{line}: imports the private {', '.join(private)} of {target}")
     for module, targets in edges.items():
         for target, lines in targets.items():
             if layer_of(target) > layer_of(module):
