@@ -142,7 +142,7 @@ Outputs8 run(const Tensor& logits_in, const OptTensor& temperature, double tempe
     espo::SampleOutputs out{tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), raw_logprobs.data_ptr<float>(),
                             entropy.data_ptr<float>(), max_logprob.data_ptr<float>(), regret.data_ptr<float>(),
                             valid.data_ptr<bool>()};
-    const size_t bytes = espo::sample_workspace_bytes(B, V);
+    const size_t bytes = espo::sample_workspace_bytes(args);
     Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, logits.options().dtype(at::kByte));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
     const int err = espo::sample_launch(args, out, stop != nullptr ? &state : nullptr, workspace.data_ptr(), bytes, stream);

@@ -9,7 +9,8 @@
 // integer cumulative mass exceeds it. Every rounding step is explicit (__fmul_rn, __fsub_rn, __fdiv_rn: no
 // FMA contraction) and the sums are integers, so the order of the reductions does not matter and both
 // backends draw the same token bit for bit. Rows with top-k/top-p find their exact thresholds by the same
-// 32-step bisection on the same order-preserving int32 key (integer masses for top-p), then walk the row.
+// multi-pivot search on the same order-preserving int32 key (integer masses for top-p) as kernels/filter.py
+// (csrc/filter.cuh: two more launches over the grid, then the row's last block), then walk the row.
 // The float statistics reuse the per-element ex2 (sums of f = 2**(y - r_c) and f * (y - r_c) per chunk,
 // rescaled by powers of two at the merge), so they cost no second exponential.
 //
@@ -19,11 +20,11 @@
 // ex2, one multiply and float->int64 conversion, a 64-bit add and the float sums. The per-row finish runs
 // in the same launch, in the last block of the row to finish (per-row arrival counter), so no second
 // launch and no tail of a second kernel: the chosen chunk is re-read while it is still in L2.
+#include "common.cuh"
+#include "filter.cuh"
+#include "launch.cuh"
 #include "philox.cuh"
 #include "sample.cuh"
-
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <limits.h>
 #include <stdint.h>
@@ -31,249 +32,18 @@
 namespace espo {
 namespace {
 
-constexpr float kLog2e = 1.44269502162933349609375f;  // float32(log2(e)) exactly: espo.ops.reference.LOG2E_F32
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr unsigned kFull = 0xffffffffu;
-constexpr int kBig = INT_MAX;
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
-
-// 2**x by the MUFU unit (what Triton's tl.exp lowers to, after its multiply by log2(e)); 2**-inf = 0.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// int32 key with the order of the float32 values (-0 and +0 share a key): kernels/sample.py _order_key.
-__device__ __forceinline__ int32_t order_key(float x) {
-  const int32_t bits = __float_as_int(x == 0.0f ? 0.0f : x);
-  return bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
-}
-
-// ---------------------------------------------------------------- element types
-
-struct F32 {
-  using storage = float;
-  __device__ static float from_word(uint32_t w, int) { return __uint_as_float(w); }
-  __device__ static float load1(const storage* p) { return __ldg(p); }
-};
-struct BF16 {
-  using storage = uint16_t;
-  __device__ static float from_word(uint32_t w, int half) { return __uint_as_float(half ? (w & 0xffff0000u) : (w << 16)); }
-  __device__ static float load1(const storage* p) { return __uint_as_float(static_cast<uint32_t>(__ldg(p)) << 16); }
-};
-struct F16 {
-  using storage = uint16_t;
-  __device__ static float from_word(uint32_t w, int half) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(half ? (w >> 16) : (w & 0xffffu))));
-  }
-  __device__ static float load1(const storage* p) { return __half2float(__ushort_as_half(__ldg(p))); }
-};
-
-// Threads per block and the element layout; a function of the chunk (so of V) only, never of B.
-template <typename Tag, int CHUNK>
-struct Cfg {
-  static constexpr int kThreads = CHUNK >= 512 ? (CHUNK / 16 < 256 ? CHUNK / 16 : 256) : 32;
-  static constexpr int kWarps = kThreads / 32;
-  static constexpr int kEpt = CHUNK / kThreads > 0 ? CHUNK / kThreads : 1;  // elements per thread
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(typename Tag::storage));
-  static constexpr int kLvec = kEpt < kVec ? kEpt : kVec;  // elements per load
-  static constexpr int kLoads = kEpt / kLvec;              // loads per thread per chunk
-  // Resident blocks per SM asked of the compiler: 1024 threads (at most 64 registers a thread).
-  static constexpr int kMinBlocks = 1024 / kThreads;
-};
-
-// kLvec elements from p[idx, idx + N): one vector load when the row is 16-byte aligned and they are all
-// in bounds, else element by element; out-of-bounds elements read -inf.
-template <typename Tag, int N>
-__device__ __forceinline__ void load_elems_inbounds(const typename Tag::storage* p, int64_t idx, float (&out)[N]) {
-  constexpr int kBytes = N * static_cast<int>(sizeof(typename Tag::storage));
-  constexpr int kElemsPerWord = 4 / static_cast<int>(sizeof(typename Tag::storage));
-  if constexpr (kBytes >= 4) {
-    uint32_t w[kBytes / 4];
-    if constexpr (kBytes == 16) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + idx));
-      w[0] = v.x;
-      w[1] = v.y;
-      w[2] = v.z;
-      w[3] = v.w;
-    } else if constexpr (kBytes == 8) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p + idx));
-      w[0] = v.x;
-      w[1] = v.y;
-    } else {
-      w[0] = __ldg(reinterpret_cast<const unsigned int*>(p + idx));
-    }
-#pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = Tag::from_word(w[k / kElemsPerWord], k % kElemsPerWord);
-  } else {
-#pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = Tag::load1(p + idx + k);
-  }
-}
-
-template <typename Tag, int N>
-__device__ __forceinline__ void load_elems(const typename Tag::storage* p, int64_t idx, int64_t V, bool aligned,
-                                           float (&out)[N]) {
-  if (aligned && idx + N <= V) {
-    load_elems_inbounds<Tag, N>(p, idx, out);
-  } else {
-#pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = idx + k < V ? Tag::load1(p + idx + k) : neg_inf();
-  }
-}
-
-// The chunk starting at element `start` into x: strided layout (thread t holds, for each load j, the kLvec
-// elements at (j * threads + t) * kLvec, so a warp reads contiguous memory) or blocked (thread t holds
-// the kEpt elements at t * kEpt, in order, for scans). Elements outside the chunk or the row read -inf.
-template <typename Tag, int CHUNK, bool BLOCKED>
-__device__ __forceinline__ int local_index(int j) {
-  using C = Cfg<Tag, CHUNK>;
-  return BLOCKED ? static_cast<int>(threadIdx.x) * C::kEpt + j * C::kLvec
-                 : (j * C::kThreads + static_cast<int>(threadIdx.x)) * C::kLvec;
-}
-
-template <typename Tag, int CHUNK, bool BLOCKED>
-__device__ __forceinline__ void load_chunk(const typename Tag::storage* row, int64_t V, int64_t start, bool aligned,
-                                           float (&x)[Cfg<Tag, CHUNK>::kLoads][Cfg<Tag, CHUNK>::kLvec]) {
-  using C = Cfg<Tag, CHUNK>;
-  if (aligned && start + CHUNK <= V) {
-    // The common case, straight-line: every load of the thread is issued before any value is used.
-#pragma unroll
-    for (int j = 0; j < C::kLoads; ++j) {
-      const int e = local_index<Tag, CHUNK, BLOCKED>(j);
-      if (C::kThreads * C::kEpt <= CHUNK || e < CHUNK) {
-        load_elems_inbounds<Tag, C::kLvec>(row, start + e, x[j]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < C::kLvec; ++k) x[j][k] = neg_inf();
-      }
-    }
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < C::kLoads; ++j) {
-    const int e = local_index<Tag, CHUNK, BLOCKED>(j);
-    if (e < CHUNK) {
-      load_elems<Tag, C::kLvec>(row, start + e, V, aligned, x[j]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < C::kLvec; ++k) x[j][k] = neg_inf();
-    }
-  }
-}
-
-// ---------------------------------------------------------------- block reductions (deterministic)
-// Warp butterflies leave the same bits in every lane (IEEE addition is commutative), and the per-warp
-// values are combined in warp order by every thread, so every thread returns the same value.
-
-struct SumOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
-};
-struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct MinOp {
-  __device__ __forceinline__ int operator()(int a, int b) const { return min(a, b); }
-};
-
-template <typename Op, typename T>
-__device__ __forceinline__ T warp_reduce(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = Op{}(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-
-template <int W>
-struct Shared {
-  float f[4 * W];
-  int i[W];
-  long long ll[W];
-  long long pick_excl;  // sample_chunked: the chosen chunk's exclusive prefix of W
-  float stats[4];       // finish_row: the merged statistics, parked here while the token is drawn
-  int is_last;
-};
-
-// The per-warp scratch slots of each value type.
-template <int W> __device__ __forceinline__ float* scratch(Shared<W>& sh, float) { return sh.f; }
-template <int W> __device__ __forceinline__ int* scratch(Shared<W>& sh, int) { return sh.i; }
-template <int W> __device__ __forceinline__ long long* scratch(Shared<W>& sh, long long) { return sh.ll; }
-
-// One value per thread reduced over the block; every thread returns the result. Integer sums are exact,
-// so any order gives the same bits; float results depend only on the (fixed) warp order.
-template <typename Op, int W, typename T>
-__device__ __forceinline__ T block_reduce(T v, Shared<W>& sh) {
-  v = warp_reduce<Op>(v);
-  if constexpr (W > 1) {
-    T* slot = scratch(sh, v);
-    if ((threadIdx.x & 31) == 0) slot[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = slot[0];
-#pragma unroll
-    for (int w = 1; w < W; ++w) v = Op{}(v, slot[w]);
-    __syncthreads();
-  }
-  return v;
-}
-
-// N float sums at once (one pair of barriers for all of them).
-template <int W, int N>
-__device__ __forceinline__ void block_sum_n(float (&v)[N], Shared<W>& sh) {
-#pragma unroll
-  for (int n = 0; n < N; ++n) v[n] = warp_reduce<SumOp>(v[n]);
-  if constexpr (W > 1) {
-    const int warp = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0) {
-#pragma unroll
-      for (int n = 0; n < N; ++n) sh.f[n * W + warp] = v[n];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      float r = sh.f[n * W];
-#pragma unroll
-      for (int w = 1; w < W; ++w) r += sh.f[n * W + w];
-      v[n] = r;
-    }
-    __syncthreads();
-  }
-}
-
-// Exclusive prefix sum of one int64 per thread, in thread order; `total` gets the block's sum.
-template <int W>
-__device__ __forceinline__ long long block_exclusive_scan_ll(long long v, Shared<W>& sh, long long& total) {
-  const int lane = threadIdx.x & 31;
-  long long inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const long long n = __shfl_up_sync(kFull, inc, o);
-    if (lane >= o) inc += n;
-  }
-  long long ex = inc - v;
-  if constexpr (W == 1) {
-    total = __shfl_sync(kFull, inc, 31);
-  } else {
-    const int warp = threadIdx.x >> 5;
-    if (lane == 31) sh.ll[warp] = inc;
-    __syncthreads();
-    long long before = 0, all = 0;
-#pragma unroll
-    for (int w = 0; w < W; ++w) {
-      if (w < warp) before += sh.ll[w];
-      all += sh.ll[w];
-    }
-    __syncthreads();
-    ex += before;
-    total = all;
-  }
-  return ex;
-}
-
 // ---------------------------------------------------------------- parameters
+
+// The workspace of a filtered launch (csrc/filter.cuh), P = kPivots.
+struct FilterWork {
+  unsigned* pending;      // [B]: 1 if the row's token waits for the search (zeroed before the launch)
+  float* ref;             // [B]: the row's integer-mass reference R
+  int32_t* first;         // [B, P]: round 1's pivots
+  long long* chunk_cnt;   // [B, C, P]: a round's stats per chunk
+  long long* chunk_mass;  // [B, C, P]
+  long long* pre;         // [B, 2, P]: round 1's stats summed over the row: count, mass
+  long long* next;        // [B, 3]: round 2's interval lo, hi, and whether round 2 runs
+};
 
 struct Params {
   const void* logits;
@@ -288,35 +58,13 @@ struct Params {
   float* part;        // [5, B, C]: max x, sum f, sum f * d, max y, raw sum (f = 2**d, d = y - r_c)
   long long* part_q;  // [B, C]: sum of the integer masses q
   int* part_idx;      // [B, C]: first argmax (greedy rows)
-  unsigned* arrived;  // [B]: blocks of the row done (zeroed before the launch)
+  unsigned* arrived;  // [3, B]: blocks of the row done in each kernel (zeroed before the launch)
   SampleOutputs out;
+  bool filtered;      // some row may have top-k/top-p: its search runs in pivot_round_kernel 1 and 2
+  FilterWork fw;
   bool has_stop;
   StopState st;
 };
-
-template <typename T>
-__device__ __forceinline__ T row_value(const RowArg<T>& a, int64_t row) {
-  return a.ptr != nullptr ? a.ptr[row] : a.value;
-}
-
-// ---------------------------------------------------------------- the integer masses (espo/ops/reference.py)
-
-// a = fl(fl(1 / T) * LOG2E_F32), the per-row factor of y = fl(x * a).
-__device__ __forceinline__ float base2_factor(float inv_t) { return __fmul_rn(inv_t, kLog2e); }
-
-// The chunk (or row) reference ceil(max y) as a float; 0 stands in for -inf (no mass: every q is 0).
-__device__ __forceinline__ float safe_reference(float r) { return r == neg_inf() ? 0.0f : r; }
-
-// d = fl(fl(x * a) - ref), f = ex2(d), q = trunc(fl(f * 2**S)): the same bits as kernels/sample.py _masses.
-__device__ __forceinline__ long long integer_mass(float x, float a, float ref, float two_s, float& d, float& f) {
-  d = __fsub_rn(__fmul_rn(x, a), ref);
-  f = ex2(d);
-  return __float2ll_rz(__fmul_rn(f, two_s));
-}
-__device__ __forceinline__ long long integer_mass(float x, float a, float ref, float two_s) {
-  float d, f;
-  return integer_mass(x, a, ref, two_s, d, f);
-}
 
 // ---------------------------------------------------------------- pass 1: one chunk's statistics
 
@@ -465,102 +213,13 @@ __device__ int64_t sample_chunked(const Params& p, int64_t row, const typename T
   return start + (first != kBig ? first : 0);  // always found for a valid row
 }
 
-// Over the tokens whose order key is >= floor: their count (MASS false) or their integer mass qg.
-template <typename Tag, int CHUNK, bool MASS>
-__device__ long long sum_above(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref, float two_s,
-                               int64_t floor, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
-  using C = Cfg<Tag, CHUNK>;
-  long long sum = 0;
-  for (int c = 0; c < nc; ++c) {
-    const int64_t start = static_cast<int64_t>(c) * CHUNK;
-    float x[C::kLoads][C::kLvec];
-    load_chunk<Tag, CHUNK, false>(rowp, V, start, aligned, x);
-#pragma unroll
-    for (int j = 0; j < C::kLoads; ++j)
-#pragma unroll
-      for (int kk = 0; kk < C::kLvec; ++kk) {
-        const int le = local_index<Tag, CHUNK, false>(j) + kk;
-        const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= floor;
-        if (MASS) {
-          sum += sel ? integer_mass(x[j][kk], a, ref, two_s) : 0;
-        } else {
-          sum += sel ? 1 : 0;
-        }
-      }
-  }
-  return block_reduce<SumOp, C::kWarps>(sum, sh);
-}
-
-// Largest key t >= key_floor whose sum_above is at least `need`: 32 halvings of the int32 key range.
-template <typename Tag, int CHUNK, bool MASS>
-__device__ int64_t threshold_bisect(const typename Tag::storage* rowp, int64_t V, int nc, float a, float ref,
-                                    float two_s, long long need, int64_t key_floor, bool aligned,
-                                    Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
-  int64_t lo = key_floor, hi = 2147483648LL;
-  for (int it = 0; it < 32; ++it) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    const bool ok = sum_above<Tag, CHUNK, MASS>(rowp, V, nc, a, ref, two_s, mid, aligned, sh) >= need;
-    lo = ok ? mid : lo;
-    hi = ok ? hi : mid;
-  }
-  return lo;
-}
-
-// Exact top-k then top-p (ties at a threshold kept) on the global integer masses qg (reference step 5),
-// then integer inverse-CDF sampling by one walk over the row.
-template <typename Tag, int CHUNK>
-__device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V, int nc, float a, float R, float two_s,
-                                   int64_t k, float top_p, float u, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
-  using C = Cfg<Tag, CHUNK>;
-  int64_t key_floor = INT32_MIN;
-  if (k > 0 && k < V) key_floor = threshold_bisect<Tag, CHUNK, false>(rowp, V, nc, a, R, two_s, k, key_floor, aligned, sh);
-  long long total = sum_above<Tag, CHUNK, true>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
-  if (top_p < 1.0f) {
-    const long long need = static_cast<long long>(ceil(__dmul_rn(static_cast<double>(top_p), __ll2double_rn(total))));
-    key_floor = threshold_bisect<Tag, CHUNK, true>(rowp, V, nc, a, R, two_s, need, key_floor, aligned, sh);
-    total = sum_above<Tag, CHUNK, true>(rowp, V, nc, a, R, two_s, key_floor, aligned, sh);
-  }
-  const long long target = static_cast<long long>(__dmul_rn(static_cast<double>(u), __ll2double_rn(total)));
-  long long acc = 0;
-  for (int c = 0; c < nc; ++c) {
-    const int64_t start = static_cast<int64_t>(c) * CHUNK;
-    float x[C::kLoads][C::kLvec];
-    load_chunk<Tag, CHUNK, true>(rowp, V, start, aligned, x);
-    const int base_e = static_cast<int>(threadIdx.x) * C::kEpt;
-    // An element's kept mass, computed in both loops below: holding the int64 masses in registers between
-    // them instead adds spills to a finish kernel that already spills (ptxas -v, sm_90), and ex2 is cheap.
-    auto kept_mass = [&](int j, int kk) -> long long {
-      const int le = base_e + j * C::kLvec + kk;
-      const bool sel = le < CHUNK && start + le < V && static_cast<int64_t>(order_key(x[j][kk])) >= key_floor;
-      return sel ? integer_mass(x[j][kk], a, R, two_s) : 0;
-    };
-    long long tt = 0;  // the thread's kept mass
-#pragma unroll
-    for (int j = 0; j < C::kLoads; ++j)
-#pragma unroll
-      for (int kk = 0; kk < C::kLvec; ++kk) tt += kept_mass(j, kk);
-    long long tile_total;
-    long long run = acc + block_exclusive_scan_ll<C::kWarps>(tt, sh, tile_total);
-    int my_first = kBig;
-#pragma unroll
-    for (int j = 0; j < C::kLoads; ++j)
-#pragma unroll
-      for (int kk = 0; kk < C::kLvec; ++kk) {
-        run += kept_mass(j, kk);
-        if (my_first == kBig && run > target) my_first = base_e + j * C::kLvec + kk;
-      }
-    const int first = block_reduce<MinOp, C::kWarps>(my_first, sh);
-    if (first != kBig) return start + first;
-    acc += tile_total;
-  }
-  return 0;  // never reached for a valid row (target < total)
-}
-
 // ---------------------------------------------------------------- pass 2: the row's finish
 
-template <typename Tag, int CHUNK>
+// In sample_kernel (SEARCHED false) a row with top-k/top-p is deferred: its round-1 pivots, R and a pending flag
+// are written, nothing else, and pivot_round_kernel<2> finishes it (SEARCHED true, round 1's and 2's stats in fs).
+template <typename Tag, int CHUNK, bool SEARCHED>
 __device__ void finish_row(const Params& p, int64_t row, const typename Tag::storage* rowp, float temp, float inv_t,
-                           bool need_raw, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
+                           bool need_raw, bool aligned, Shared<Cfg<Tag, CHUNK>::kWarps>& sh, FilterShared* fs) {
   using C = Cfg<Tag, CHUNK>;
   const int nc = p.C;
   const int64_t plane = p.B * static_cast<int64_t>(nc);
@@ -619,7 +278,16 @@ __device__ void finish_row(const Params& p, int64_t row, const typename Tag::sto
       const float top_p = row_value(p.top_p, row);
       const float a = base2_factor(inv_t);
       if ((k > 0 && k < p.V) || top_p < 1.0f) {
-        token = sample_filtered<Tag, CHUNK>(rowp, p.V, nc, a, R, p.two_s, k, top_p, u, aligned, sh);
+        if constexpr (!SEARCHED) {  // p.filtered is set: pivot_round_kernel 1 and 2 search the thresholds
+          if (threadIdx.x < kPivots) p.fw.first[row * kPivots + threadIdx.x] = first_pivot(threadIdx.x, Mx, a);
+          if (threadIdx.x == 0) {
+            p.fw.ref[row] = R;
+            p.fw.pending[row] = 1u;
+          }
+          return;
+        } else {
+          token = sample_filtered<Tag, CHUNK>(rowp, p.V, nc, a, R, p.two_s, k, top_p, u, aligned, *fs, sh);
+        }
       } else {
         token = sample_chunked<Tag, CHUNK>(p, row, rowp, a, R, u, aligned, sh);
       }
@@ -718,14 +386,93 @@ __global__ void __launch_bounds__(Cfg<Tag, CHUNK>::kThreads, Cfg<Tag, CHUNK>::kM
   __syncthreads();
   if (!sh.is_last) return;
   __threadfence();  // the other blocks' partials are visible now; they are read with ld.cg (L2)
-  finish_row<Tag, CHUNK>(p, row, rowp, temp, inv_t, need_raw, aligned, sh);
+  finish_row<Tag, CHUNK, false>(p, row, rowp, temp, inv_t, need_raw, aligned, sh, nullptr);
+}
+
+// ---------------------------------------------------------------- the top-k/top-p search: blocks (row, chunk)
+
+// Round 1 or 2 of the pivot search of the rows sample_kernel deferred (csrc/filter.cuh), one block per chunk: the
+// stats of the chunk's tokens at the round's pivots. The row's last block sums its chunks; in round 1 it narrows the
+// row's first search and says where round 2 splits, in round 2 it finishes the row (the search, the draw, the
+// statistics and the stop update).
+template <typename Tag, int CHUNK, int ROUND>
+__global__ void __launch_bounds__(Cfg<Tag, CHUNK>::kThreads) pivot_round_kernel(const Params p) {
+  using C = Cfg<Tag, CHUNK>;
+  __shared__ Shared<C::kWarps> sh;
+  __shared__ FilterShared fs;
+  const int64_t row = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(p.C));
+  const int c = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.C));
+  if (p.fw.pending[row] == 0u) return;  // every block of the row returns: nothing to search
+  const typename Tag::storage* rowp = static_cast<const typename Tag::storage*>(p.logits) + row * p.stride;
+  const bool aligned = (reinterpret_cast<uintptr_t>(rowp) & 15u) == 0;
+  const float temp = row_value(p.temperature, row);  // > 0: a greedy row is never deferred
+  const float inv_t = __fdiv_rn(1.0f, temp);
+  const float a = base2_factor(inv_t);
+  const float R = p.fw.ref[row];
+  const int t = static_cast<int>(threadIdx.x);
+  const long long* next = p.fw.next + row * 3;
+  const bool counts = ROUND == 1 || next[2] != 0;
+  if (t < kPivots) {
+    fs.first[t] = p.fw.first[row * kPivots + t];
+    fs.piv[t] = ROUND == 1 ? fs.first[t] : (counts ? even_pivot(t, next[0], next[1]) : 0);
+  }
+  __syncthreads();
+  const int64_t stats_at = row * p.C * kPivots;  // [C, P] of this row
+  if (counts) {
+    pivot_pass<Tag, CHUNK>(rowp, p.V, c, c + 1, a, R, p.two_s, aligned, fs, sh);
+    if (t < kPivots) {
+      p.fw.chunk_cnt[stats_at + c * kPivots + t] = fs.stat_cnt[t];
+      p.fw.chunk_mass[stats_at + c * kPivots + t] = fs.stat_mass[t];
+      __threadfence();  // publish the stats before this block counts as arrived
+    }
+  }
+  __syncthreads();
+  if (t == 0) sh.is_last = atomicAdd(p.arrived + ROUND * p.B + row, 1u) == static_cast<unsigned>(p.C - 1);
+  __syncthreads();
+  if (!sh.is_last) return;
+  __threadfence();
+
+  long long* pre = p.fw.pre + row * 2 * kPivots;
+  if (t < kPivots) {
+    long long cnt = 0, mass = 0;
+    if (counts)
+      for (int cc = 0; cc < p.C; ++cc) {
+        cnt += __ldcg(p.fw.chunk_cnt + stats_at + cc * kPivots + t);
+        mass += __ldcg(p.fw.chunk_mass + stats_at + cc * kPivots + t);
+      }
+    if (ROUND == 1) {
+      fs.pre_cnt[t] = pre[t] = cnt;
+      fs.pre_mass[t] = pre[kPivots + t] = mass;
+    } else {
+      fs.pre_cnt[t] = __ldcg(pre + t);
+      fs.pre_mass[t] = __ldcg(pre + kPivots + t);
+      fs.pre2_cnt[t] = cnt;
+      fs.pre2_mass[t] = mass;
+    }
+  }
+  __syncthreads();
+  if constexpr (ROUND == 1) {
+    Bound lo, hi;
+    first_interval(fs, p.V, row_value(p.top_k, row), row_value(p.top_p, row), lo, hi);
+    if (t == 0) {
+      p.fw.next[row * 3] = lo.key;
+      p.fw.next[row * 3 + 1] = hi.key;
+      p.fw.next[row * 3 + 2] = lo.cnt - hi.cnt > kCand && hi.key - lo.key > 1;  // threshold_search's pass 2
+    }
+  } else {
+    finish_row<Tag, CHUNK, true>(p, row, rowp, temp, inv_t, inv_t != 1.0f, aligned, sh, &fs);
+  }
 }
 
 template <typename Tag, int CHUNK>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  const int64_t blocks = p.B * static_cast<int64_t>(p.C);
-  sample_kernel<Tag, CHUNK><<<static_cast<unsigned>(blocks), Cfg<Tag, CHUNK>::kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  using C = Cfg<Tag, CHUNK>;
+  const unsigned blocks = static_cast<unsigned>(p.B * static_cast<int64_t>(p.C));
+  cudaError_t err = launch_kernel(&sample_kernel<Tag, CHUNK>, blocks, C::kThreads, stream, p);
+  if (err != cudaSuccess || !p.filtered) return err;
+  err = launch_kernel(&pivot_round_kernel<Tag, CHUNK, 1>, blocks, C::kThreads, stream, p);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(&pivot_round_kernel<Tag, CHUNK, 2>, blocks, C::kThreads, stream, p);
 }
 
 template <typename Tag>
@@ -747,12 +494,45 @@ cudaError_t launch_chunk(const Params& p, int64_t chunk, cudaStream_t stream) {
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
+// Byte offsets of the workspace's arrays (each 256-byte aligned); the filter arrays only for a filtered call.
+struct Layout {
+  size_t part, part_q, part_idx, zeroed, ref, first, chunk_cnt, chunk_mass, pre, next, end;
+};
+
+Layout layout(int64_t batch, int64_t vocab, bool filtered) {
+  const size_t b = static_cast<size_t>(batch), bc = b * static_cast<size_t>(num_chunks(vocab));
+  size_t at = 0;
+  auto take = [&at](size_t bytes) {
+    const size_t here = at;
+    at += align_up(bytes);
+    return here;
+  };
+  Layout l{};
+  l.part = take(5 * bc * sizeof(float));
+  l.part_q = take(bc * sizeof(long long));
+  l.part_idx = take(bc * sizeof(int));
+  l.zeroed = take(4 * b * sizeof(unsigned));  // arrived [3, B], then pending [B]
+  if (filtered) {
+    l.ref = take(b * sizeof(float));
+    l.first = take(b * kPivots * sizeof(int32_t));
+    l.chunk_cnt = take(bc * kPivots * sizeof(long long));
+    l.chunk_mass = take(bc * kPivots * sizeof(long long));
+    l.pre = take(b * 2 * kPivots * sizeof(long long));
+    l.next = take(b * 3 * sizeof(long long));
+  }
+  l.end = at;
+  return l;
+}
+
 }  // namespace
 
-size_t sample_workspace_bytes(int64_t batch, int64_t vocab) {
-  const size_t bc = static_cast<size_t>(batch) * static_cast<size_t>(num_chunks(vocab));
-  return align_up(5 * bc * sizeof(float)) + align_up(bc * sizeof(long long)) + align_up(bc * sizeof(int)) +
-         align_up(static_cast<size_t>(batch) * sizeof(unsigned));
+bool sample_is_filtered(const SampleArgs& args) {
+  return args.top_k.ptr != nullptr || args.top_p.ptr != nullptr ||
+         (args.top_k.value > 0 && args.top_k.value < args.vocab) || args.top_p.value < 1.0f;
+}
+
+size_t sample_workspace_bytes(const SampleArgs& args) {
+  return layout(args.batch, args.vocab, sample_is_filtered(args)).end;
 }
 
 int sample_launch(const SampleArgs& args, const SampleOutputs& out, const StopState* stop_state, void* workspace,
@@ -762,7 +542,9 @@ int sample_launch(const SampleArgs& args, const SampleOutputs& out, const StopSt
   const int64_t nc = num_chunks(args.vocab);
   if (args.batch * nc > static_cast<int64_t>(INT_MAX) || args.vocab > static_cast<int64_t>(INT_MAX) - chunk)
     return cudaErrorInvalidValue;
-  if (workspace_bytes < sample_workspace_bytes(args.batch, args.vocab)) return cudaErrorInvalidValue;
+  const bool filtered = sample_is_filtered(args);
+  const Layout l = layout(args.batch, args.vocab, filtered);
+  if (workspace_bytes < l.end) return cudaErrorInvalidValue;
 
   Params p;
   p.logits = args.logits;
@@ -776,15 +558,22 @@ int sample_launch(const SampleArgs& args, const SampleOutputs& out, const StopSt
   p.top_p = args.top_p;
   p.seed = args.seed;
   p.offset = args.offset;
-  const size_t bc = static_cast<size_t>(args.batch) * static_cast<size_t>(nc);
   char* ws = static_cast<char*>(workspace);
-  const size_t q_at = align_up(5 * bc * sizeof(float));
-  const size_t idx_at = q_at + align_up(bc * sizeof(long long));
-  const size_t arrived_at = idx_at + align_up(bc * sizeof(int));
-  p.part = reinterpret_cast<float*>(ws);
-  p.part_q = reinterpret_cast<long long*>(ws + q_at);
-  p.part_idx = reinterpret_cast<int*>(ws + idx_at);
-  p.arrived = reinterpret_cast<unsigned*>(ws + arrived_at);
+  p.part = reinterpret_cast<float*>(ws + l.part);
+  p.part_q = reinterpret_cast<long long*>(ws + l.part_q);
+  p.part_idx = reinterpret_cast<int*>(ws + l.part_idx);
+  p.arrived = reinterpret_cast<unsigned*>(ws + l.zeroed);
+  p.filtered = filtered;
+  p.fw = FilterWork{};
+  if (filtered) {
+    p.fw.pending = p.arrived + 3 * args.batch;
+    p.fw.ref = reinterpret_cast<float*>(ws + l.ref);
+    p.fw.first = reinterpret_cast<int32_t*>(ws + l.first);
+    p.fw.chunk_cnt = reinterpret_cast<long long*>(ws + l.chunk_cnt);
+    p.fw.chunk_mass = reinterpret_cast<long long*>(ws + l.chunk_mass);
+    p.fw.pre = reinterpret_cast<long long*>(ws + l.pre);
+    p.fw.next = reinterpret_cast<long long*>(ws + l.next);
+  }
   p.out = out;
   p.has_stop = stop_state != nullptr;
   if (stop_state != nullptr) {
@@ -793,7 +582,8 @@ int sample_launch(const SampleArgs& args, const SampleOutputs& out, const StopSt
     p.st = StopState{};
   }
 
-  cudaError_t err = cudaMemsetAsync(p.arrived, 0, static_cast<size_t>(args.batch) * sizeof(unsigned), stream);
+  const size_t zeroed = (filtered ? 4 : 1) * static_cast<size_t>(args.batch) * sizeof(unsigned);
+  cudaError_t err = cudaMemsetAsync(p.arrived, 0, zeroed, stream);
   if (err != cudaSuccess) return err;
   switch (args.dtype) {
     case LogitsType::kFloat32: err = launch_chunk<F32>(p, chunk, stream); break;

@@ -12,9 +12,10 @@
 //      greedy rows, and the temperature-1 sum for rows whose temperature is not 0 or 1;
 //   2. the last block of each row to finish (a per-row counter) merges the row's C partials, draws the
 //      row's uniform, picks the chunk where the integer cumulative mass crosses the integer target and
-//      re-reads that chunk alone to find the token (or, for a row with top-k/top-p, finds the exact
-//      thresholds by bisection on an order-preserving integer key and walks the row), writes the
-//      statistics and updates the ESPO stop state.
+//      re-reads that chunk alone to find the token, writes the statistics and updates the ESPO stop state.
+// A call where some row may have top-k/top-p (sample_is_filtered) makes two more launches over the same grid, the
+// rounds of the multi-pivot threshold search of csrc/filter.cuh: step 2 defers such a row, and the last block of
+// the row in the second round finds its exact thresholds, walks the row to draw the token, and finishes it.
 // Which block finishes a row varies from run to run, but what it computes does not: tokens come from
 // integer sums (exact in any order) and the float statistics from partials read in chunk order with a
 // fixed reduction tree, so results are deterministic and do not depend on B.
@@ -104,8 +105,11 @@ struct StopState {
   int64_t min_tokens;
 };
 
-// Bytes of device workspace sample_launch needs for a [B, V] call (256-byte aligned pointer).
-size_t sample_workspace_bytes(int64_t batch, int64_t vocab);
+// Whether a call may filter some row (top-k or top-p given per row, or enabled for every row): three launches.
+bool sample_is_filtered(const SampleArgs& args);
+
+// Bytes of device workspace sample_launch needs for this call (256-byte aligned pointer).
+size_t sample_workspace_bytes(const SampleArgs& args);
 
 // Launch the op on `stream`. `stop_state` may be null (no stopper). Returns a cudaError_t value (0 is
 // success); argument errors that the launcher detects return cudaErrorInvalidValue (1). Asynchronous:

@@ -1,7 +1,7 @@
-"""Exact top-k/top-p of the Triton kernel (kernels/filter.py's multi-pivot search) against the reference,
-token for token, on the rows that stress a threshold search: ties at the threshold (more than a gather's worth),
-flat rows, peaked rows, extreme logits, per-row k and p, every dtype, and V = 151936. Each logits row is repeated
-under many seeds, so that a threshold off by one token moves some draw."""
+"""Exact top-k/top-p of the Triton and CUDA kernels (the multi-pivot search of kernels/filter.py and
+csrc/filter.cuh) against the reference, token for token, on the rows that stress a threshold search: ties at the
+threshold (more than a gather's worth), flat rows, peaked rows, extreme logits, per-row k and p, every dtype, and
+V = 151936. Each logits row is repeated under many seeds, so that a threshold off by one token moves some draw."""
 import pytest
 import torch
 from conftest import backend_device_pairs
@@ -9,7 +9,7 @@ from espo.kernels import sample as triton_sample
 
 import espo
 
-PAIRS = [p for p in backend_device_pairs() if p.values[0] == "triton"]
+PAIRS = [p for p in backend_device_pairs() if p.values[0] in ("triton", "cuda")]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -17,11 +17,11 @@ def repeated(row: torch.Tensor, copies: int, device) -> torch.Tensor:
     return row[None].expand(copies, -1).contiguous().to(device)
 
 
-def assert_same_tokens(logits, **kw):
+def assert_same_tokens(logits, backend="triton", **kw):
     device = logits.device
     B = logits.shape[0]
     kw = dict(seed=torch.arange(B, device=device) * 7919 + 1, offset=3, **kw)
-    got = espo.sample(logits, backend="triton", **kw)
+    got = espo.sample(logits, backend=backend, **kw)
     want = espo.sample(logits.cpu(), backend="torch", **{k: v.cpu() if torch.is_tensor(v) else v
                                                          for k, v in kw.items()})
     allowed = 0 if device.type == "cpu" else B // 1000  # ex2.approx on a GPU (see tests/ops/test_sample.py)
@@ -72,7 +72,7 @@ def test_thresholds_match_reference_on_hard_rows(backend, device, kind, dtype):
     logits = repeated(row.to(dtype), copies * len(CONFIGS), device)
     k = torch.tensor([V - 1 if k < 0 else k for k, _ in CONFIGS], device=device).repeat_interleave(copies)
     p = torch.tensor([p for _, p in CONFIGS], device=device).repeat_interleave(copies)
-    assert_same_tokens(logits, temperature=0.9, top_k=k, top_p=p)
+    assert_same_tokens(logits, backend, temperature=0.9, top_k=k, top_p=p)
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
@@ -81,7 +81,7 @@ def test_per_row_k_p_and_temperature_match_reference(backend, device):
     g = torch.Generator().manual_seed(5)
     logits = (torch.randn(B, V, generator=g) * torch.linspace(0.1, 6.0, B)[:, None]).to(torch.bfloat16).to(device)
     assert_same_tokens(
-        logits,
+        logits, backend,
         temperature=torch.tensor([1.0, 0.5, 0.0, 2.0, 0.9, 0.3, 1.0, 1.7, 0.8, 1.0, 0.05, 4.0], device=device),
         top_k=torch.tensor([0, 10, 5, 3000, 3, 1, 0, 2999, 700, 64, 0, 1500], device=device),
         top_p=torch.tensor([0.9, 1.0, 0.5, 0.3, 1.0, 0.95, 0.999, 0.6, 1.0, 0.95, 0.2, 0.9], device=device),
@@ -97,8 +97,8 @@ def test_more_tied_tokens_than_a_gather_holds(backend, device):
     for cand in (64, 1024):
         triton_sample.CANDIDATES["interpreter"] = cand
         try:
-            assert_same_tokens(repeated(x, 2, device), top_k=1500, top_p=0.5)
-            assert_same_tokens(repeated(x, 2, device), top_k=2500, top_p=0.9999)
+            assert_same_tokens(repeated(x, 2, device), backend, top_k=1500, top_p=0.5)
+            assert_same_tokens(repeated(x, 2, device), backend, top_k=2500, top_p=0.9999)
         finally:
             triton_sample.CANDIDATES["interpreter"] = 64
 
@@ -109,8 +109,8 @@ def test_the_gpu_gather_size_gives_the_same_tokens(backend, device):
     triton_sample.CANDIDATES["interpreter"] = 1024
     try:
         logits = repeated(rows("random", 4000, seed=9), 1, device)
-        assert_same_tokens(logits, top_k=900, top_p=0.9)
-        assert_same_tokens(logits, top_p=0.95)
+        assert_same_tokens(logits, backend, top_k=900, top_p=0.9)
+        assert_same_tokens(logits, backend, top_p=0.95)
     finally:
         triton_sample.CANDIDATES["interpreter"] = 64
 
@@ -121,7 +121,7 @@ def test_searches_that_need_the_second_round_and_passes_of_their_own(backend, de
     the row program's own passes decide them (a round-2 kernel that wrote wrong stats failed this test)."""
     g = torch.Generator().manual_seed(11)
     logits = (torch.randn(4, 20000, generator=g) * 3.0).to(torch.bfloat16).to(device)
-    assert_same_tokens(logits, temperature=0.8, top_k=torch.tensor([2000, 2000, 0, 0], device=device),
+    assert_same_tokens(logits, backend, temperature=0.8, top_k=torch.tensor([2000, 2000, 0, 0], device=device),
                        top_p=torch.tensor([1.0, 0.9, 0.95, 0.5], device=device))
 
 
@@ -131,4 +131,4 @@ def test_qwen_vocabulary_matches_reference(backend, device):
     g = torch.Generator().manual_seed(11)
     logits = (torch.randn(2, 151936, generator=g) * torch.tensor([[2.0], [5.0]])).to(torch.bfloat16).to(device)
     top_k, top_p = torch.tensor([50, 0], device=device), torch.tensor([0.95, 0.95], device=device)
-    assert_same_tokens(logits, top_k=top_k, top_p=top_p)
+    assert_same_tokens(logits, backend, top_k=top_k, top_p=top_p)
