@@ -69,6 +69,8 @@ cudaError_t g_last_error = cudaSuccess;
 cudaError_t g_launch_error = cudaSuccess;
 std::string g_message;
 unsigned long long g_schedule_seed = 0;
+unsigned long long g_switches = 0;
+unsigned long long g_vector_loads = 0;
 struct Buffer {
   uintptr_t begin, end;
 };
@@ -261,6 +263,7 @@ bool run_block(Launch& L, const Stacks& stacks) {
       if (t.state != State::kRunnable) continue;
       L.current = i;
       set_indices(t);
+      ++g_switches;
       swapcontext(&L.sched, &t.ctx);
       L.current = -1;
       ran = true;
@@ -319,6 +322,8 @@ void fail(cudaError_t err, const char* fmt, ...) {
   switch_out();
   abort();  // unreachable: a failed launch never switches back to its threads
 }
+
+void count_vector_load() { ++g_vector_loads; }
 
 void check_read(const void* p, size_t bytes, size_t align, const char* what) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -451,6 +456,8 @@ void espo_emu_register_buffer(const void* ptr, size_t bytes) {
 }
 void espo_emu_clear_buffers(void) { espo_emu::g_buffers.clear(); }
 const char* espo_emu_last_error(void) { return espo_emu::g_message.c_str(); }
+unsigned long long espo_emu_switches(void) { return espo_emu::g_switches; }
+unsigned long long espo_emu_vector_loads(void) { return espo_emu::g_vector_loads; }
 }
 
 cudaError_t cudaGetLastError() {

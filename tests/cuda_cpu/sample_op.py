@@ -2,17 +2,18 @@
 
 ``sample_emulated(logits, params, offset, stop)`` takes what ``espo.ops.cuda.sample_cuda`` takes (CPU tensors) and
 returns the same dict of ``SampleOutput`` fields, so it can stand in for the "cuda" backend in ``espo.sample``
-(``emulated_backend()``). The argument conversion is csrc/bindings.cpp's: the row stride (V for one row), per-row
+(``sample_on_cpu_emulation``). The argument conversion is csrc/bindings.cpp's: the row stride (V for one row), per-row
 tensors or scalars, the stop state's constants.
 """
 from __future__ import annotations
 
 import ctypes
-from contextlib import contextmanager
+from functools import partial
 from unittest import mock
 
 import torch
 
+import espo
 from espo.ops import sample as sample_module
 from espo.ops.sampling_params import SamplingParams
 from espo.ops.stopper import StopState
@@ -39,8 +40,14 @@ def _library() -> ctypes.CDLL:
         ]
         lib.espo_emu_last_error.restype = ctypes.c_char_p
         lib.espo_emu_set_schedule.argtypes = [ctypes.c_ulonglong]
+        lib.espo_emu_vector_loads.restype = ctypes.c_ulonglong
         lib._espo_typed = True
     return lib
+
+
+def vector_loads() -> int:
+    """8- and 16-byte vector loads the emulated kernels have issued since the library was loaded."""
+    return int(_library().espo_emu_vector_loads())
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -99,12 +106,14 @@ def sample_emulated(logits: torch.Tensor, params: SamplingParams, offset, stop: 
     return out
 
 
-@contextmanager
-def emulated_backend(schedule: int = 0):
-    """Within it, ``espo.sample(..., backend="torch")`` on CPU tensors runs the emulated CUDA op instead of the torch
-    backend: espo.sample's own argument handling, then the CUDA kernels."""
-    def run(logits, params, offset, stop):
-        return sample_emulated(logits, params, offset, stop, schedule)
+def sample_with(implementation, logits: torch.Tensor, **kwargs):
+    """``espo.sample(logits, **kwargs)`` on CPU tensors with ``implementation`` (what a backend's entry takes:
+    ``sample_emulated``, ``espo.ops.reference.sample_reference``) in place of the torch backend: espo.sample's own
+    argument handling and stopper plumbing, then that implementation."""
+    with mock.patch.dict(sample_module._IMPLEMENTATIONS, {"torch": implementation}):
+        return espo.sample(logits, backend="torch", **kwargs)
 
-    with mock.patch.dict(sample_module._IMPLEMENTATIONS, {"torch": run}):
-        yield
+
+def sample_on_cpu_emulation(logits: torch.Tensor, schedule: int = 0, **kwargs):
+    """``espo.sample(logits, **kwargs)`` by the CUDA kernels on the emulator (``schedule``: see ``sample_emulated``)."""
+    return sample_with(partial(sample_emulated, schedule=schedule), logits, **kwargs)

@@ -79,6 +79,7 @@ cudaError_t launch(dim3 grid, dim3 block, void (*body)(void*), void* ctx);
 // Stop the launch from inside a thread with this error and message (does not return).
 [[noreturn]] void fail(cudaError_t err, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 void check_read(const void* p, size_t bytes, size_t align, const char* what);
+void count_vector_load();
 void yield_barrier(int op, int pred, int* result);
 // A warp exchange: deposit `in`, wait for the mask's lanes, return this lane's result.
 uint64_t warp_exchange(int op, unsigned mask, uint64_t in, int arg, int width);
@@ -104,6 +105,10 @@ void espo_emu_register_buffer(const void* ptr, size_t bytes);
 void espo_emu_clear_buffers(void);
 // The text of the last failed launch ("" after a successful one).
 const char* espo_emu_last_error(void);
+// Counters since the library was loaded: switches into threads (the emulation's cost) and vector loads
+// (__ldg of uint2/uint4/int2/int4/float2/float4: which load path a kernel took).
+unsigned long long espo_emu_switches(void);
+unsigned long long espo_emu_vector_loads(void);
 }
 
 cudaError_t cudaGetLastError();
@@ -242,6 +247,7 @@ inline T __ldlu(const T* p) { return __ldg(p); }
   template <>                                                                   \
   inline T __ldg<T>(const T* p) {                                               \
     espo_emu::check_read(p, sizeof(T), sizeof(T), "__ldg (vector)");            \
+    espo_emu::count_vector_load();                                              \
     T v;                                                                        \
     memcpy(&v, p, sizeof(T));                                                   \
     return v;                                                                   \
