@@ -36,10 +36,16 @@ struct Thread {
   int pred, *barrier_result;
 };
 
-struct Warp {
-  unsigned arrived;  // lanes waiting in the pending primitive
-  unsigned mask;
+// A warp primitive some lanes wait in. Lanes of divergent branches may wait in several at once (one per primitive
+// and mask: a lane joins the pending one it calls, in program order, since it waits in one at a time).
+struct Exchange {
   int op;
+  unsigned mask;
+  unsigned arrived;
+};
+
+struct Warp {
+  std::vector<Exchange> pending;
   unsigned present;  // lanes that exist in the block
   unsigned done;     // lanes that have returned
 };
@@ -130,21 +136,22 @@ void fiber_main() {
   Warp& w = L.warps[t.linear / 32];
   const unsigned bit = 1u << (t.linear % 32);
   w.done |= bit;
-  if (w.arrived != 0 && (w.mask & bit) != 0)
-    fail(cudaErrorLaunchFailure, "thread %d returned while lanes 0x%08x of its warp wait in %s with mask 0x%08x",
-         t.linear, w.arrived, op_name(w.op), w.mask);
+  for (const Exchange& e : w.pending)
+    if ((e.mask & bit) != 0)
+      fail(cudaErrorLaunchFailure, "thread %d returned while lanes 0x%08x of its warp wait in %s with mask 0x%08x",
+           t.linear, e.arrived, op_name(e.op), e.mask);
   switch_out();
 }
 
-void complete_warp(Warp& w, int warp_index) {
+void complete_warp(const Warp& w, const Exchange& e, int warp_index) {
   Launch& L = *g_launch;
   Thread* lanes = &L.threads[static_cast<size_t>(warp_index) * 32];
-  const unsigned mask = w.mask & w.present;
+  const unsigned mask = e.mask & w.present;
   uint64_t combined = 0;
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     const uint64_t v = lanes[l].in;
-    switch (w.op) {
+    switch (e.op) {
       case kBallot: combined |= (v != 0 ? 1ull : 0ull) << l; break;
       case kAny: combined |= v != 0; break;
       case kReduceAdd: combined = static_cast<uint32_t>(combined + v); break;
@@ -169,21 +176,21 @@ void complete_warp(Warp& w, int warp_index) {
     const int width = t.width;
     const int seg = l & ~(width - 1);
     int src = l;
-    switch (w.op) {
+    switch (e.op) {
       case kShflIdx: src = seg + (t.arg & (width - 1)); break;
       case kShflUp: src = (l - seg) >= t.arg ? l - t.arg : l; break;
       case kShflDown: src = (l - seg) + t.arg < width ? l + t.arg : l; break;
       case kShflXor: src = l ^ t.arg; src = src < seg + width ? src : l; break;
       default: break;
     }
-    switch (w.op) {
+    switch (e.op) {
       case kShflIdx:
       case kShflUp:
       case kShflDown:
       case kShflXor:
         if (!(mask >> src & 1u))
           fail(cudaErrorLaunchFailure, "lane %d of warp %d reads lane %d in %s, which is not in the mask 0x%08x", l,
-               warp_index, src, op_name(w.op), w.mask);
+               warp_index, src, op_name(e.op), e.mask);
         t.out = lanes[src].in;
         break;
       case kBallot: t.out = combined; break;
@@ -205,7 +212,6 @@ void complete_warp(Warp& w, int warp_index) {
     }
     t.state = State::kRunnable;
   }
-  w.arrived = 0;
 }
 
 std::string describe_waiters(const Launch& L) {
@@ -224,10 +230,11 @@ std::string describe_waiters(const Launch& L) {
     i = j;
   }
   for (size_t w = 0; w < L.warps.size(); ++w) {
-    if (L.warps[w].arrived == 0) continue;
-    snprintf(buf, sizeof(buf), "; warp %zu: lanes 0x%08x in %s with mask 0x%08x", w, L.warps[w].arrived,
-             op_name(L.warps[w].op), L.warps[w].mask);
-    s += buf;
+    for (const Exchange& e : L.warps[w].pending) {
+      snprintf(buf, sizeof(buf), "; warp %zu: lanes 0x%08x in %s with mask 0x%08x", w, e.arrived, op_name(e.op),
+               e.mask);
+      s += buf;
+    }
   }
   return s;
 }
@@ -252,7 +259,7 @@ bool run_block(Launch& L, const Stacks& stacks) {
     makecontext(&t.ctx, fiber_main, 0);
   }
   for (Warp& w : L.warps) {
-    w.arrived = 0;
+    w.pending.clear();
     w.done = 0;
   }
   for (;;) {
@@ -357,22 +364,20 @@ uint64_t warp_exchange(int op, unsigned mask, uint64_t in, int arg, int width) {
                                   op_name(op), lane, mask);
   if (width < 1 || width > 32 || (width & (width - 1)) != 0)
     fail(cudaErrorLaunchFailure, "%s with width %d (must be a power of two <= 32)", op_name(op), width);
-  if (w.arrived == 0) {
-    w.mask = mask;
-    w.op = op;
-  } else if (w.mask != mask || w.op != op) {
-    fail(cudaErrorLaunchFailure, "lane %d calls %s with mask 0x%08x while lanes 0x%08x wait in %s with mask 0x%08x",
-         lane, op_name(op), mask, w.arrived, op_name(w.op), w.mask);
-  }
   const unsigned gone = mask & w.present & w.done;
   if (gone != 0) fail(cudaErrorLaunchFailure, "%s with mask 0x%08x, but lanes 0x%08x have returned", op_name(op), mask,
                       gone);
+  size_t k = 0;
+  while (k < w.pending.size() && (w.pending[k].op != op || w.pending[k].mask != mask)) ++k;
+  if (k == w.pending.size()) w.pending.push_back(Exchange{op, mask, 0u});
   t.in = in;
   t.arg = arg;
   t.width = width;
-  w.arrived |= 1u << lane;
-  if (w.arrived == (mask & w.present)) {
-    complete_warp(w, warp);  // every lane's result is ready; this lane goes on without yielding
+  w.pending[k].arrived |= 1u << lane;
+  if (w.pending[k].arrived == (mask & w.present)) {
+    const Exchange e = w.pending[k];
+    w.pending.erase(w.pending.begin() + static_cast<long>(k));
+    complete_warp(w, e, warp);  // every lane's result is ready; this lane goes on without yielding
   } else {
     t.state = State::kWarp;
     switch_out();

@@ -86,7 +86,7 @@ uint64_t warp_exchange(int op, unsigned mask, uint64_t in, int arg, int width);
 enum WarpOp { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kMatchAny, kSyncWarp,
               kReduceAdd, kReduceMin, kReduceMax, kReduceMinS, kReduceMaxS };
 enum BarrierOp { kSync, kSyncCount, kSyncAnd, kSyncOr };
-unsigned live_lanes();  // __activemask(): the lanes of this warp that have not returned
+unsigned live_lanes();  // __activemask(): the lanes of this warp that have not returned yet (scheduling-dependent)
 }  // namespace espo_emu
 
 // The one launch entry (csrc/launch.cuh calls it): run `body` (a callable with no arguments) as every thread.
