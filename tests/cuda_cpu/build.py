@@ -25,6 +25,10 @@ CSRC = ROOT / "csrc"
 INCLUDE = HERE / "include"
 FLAGS = ["-O1", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-DESPO_CPU_EMULATION", "-fPIC", "-shared",
          "-pthread"]
+# The sanitized variant: out-of-bounds reads and writes through any pointer, undefined behaviour. Its library needs
+# the ASan runtime loaded first (``asan_runtime()`` for LD_PRELOAD), so it runs in a process started for it.
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer")
+SANITIZE_ENV = "ESPO_CUDA_CPU_SANITIZE"
 
 
 class BuildUnavailable(RuntimeError):
@@ -85,7 +89,24 @@ def sample_sources() -> list[Path]:
     return sorted(CSRC.glob("*.cu")) + [HERE / "harness.cpp"]
 
 
+def sanitized() -> bool:
+    """Whether this process runs the sanitized variant (``ESPO_CUDA_CPU_SANITIZE=1``, ASan runtime preloaded)."""
+    return os.environ.get(SANITIZE_ENV) == "1"
+
+
+def asan_runtime() -> str | None:
+    """The path of the compiler's ASan runtime (for LD_PRELOAD), or None without one."""
+    cxx = compiler()
+    if cxx is None:
+        return None
+    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
 @lru_cache(maxsize=None)
 def load_sample_library() -> ctypes.CDLL:
-    """The sample op's emulated library (built on first use); BuildUnavailable or BuildError when it cannot be."""
+    """The sample op's emulated library (built on first use; the sanitized variant under ``ESPO_CUDA_CPU_SANITIZE=1``);
+    BuildUnavailable or BuildError when it cannot be had."""
+    if sanitized():
+        return ctypes.CDLL(str(build_library(sample_sources(), "espo_sample_emulated_asan", SANITIZE_FLAGS)))
     return ctypes.CDLL(str(build_library(sample_sources(), "espo_sample_emulated")))

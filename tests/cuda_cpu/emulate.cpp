@@ -9,6 +9,13 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+// Built with -fsanitize=address (build.py's sanitized variant): tell ASan which stack each fiber runs on.
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define ESPO_EMU_ASAN 1
+#endif
+
 #include <algorithm>
 #include <random>
 #include <string>
@@ -34,6 +41,7 @@ struct Thread {
   int arg, width;
   // barrier
   int pred, *barrier_result;
+  void* fake_stack;  // ASan's fake stack of the fiber while it is switched out
 };
 
 // A warp primitive some lanes wait in. Lanes of divergent branches may wait in several at once (one per primitive
@@ -65,6 +73,8 @@ struct Launch {
   std::vector<Thread> threads;
   std::vector<Warp> warps;
   std::vector<int> order;  // thread run order
+  const void* sched_bottom = nullptr;  // the scheduler's stack, for ASan
+  size_t sched_size = 0;
   int current = -1;
   int barrier_op = kSync, barrier_acc = 0;
   bool failed = false;
@@ -112,12 +122,25 @@ struct Stacks {
 
 void set_indices(const Thread& t) { threadIdx = t.idx; }
 
+// ASan: a fiber starts running (first entry or resumed).
+void fiber_entered(Launch& L, Thread& t) {
+#ifdef ESPO_EMU_ASAN
+  __sanitizer_finish_switch_fiber(t.fake_stack, &L.sched_bottom, &L.sched_size);
+#else
+  (void)L;
+  (void)t;
+#endif
+}
+
 // Back to the scheduler from the running thread.
 void switch_out() {
   Launch& L = *g_launch;
   Thread& t = L.threads[L.current];
+#ifdef ESPO_EMU_ASAN
+  __sanitizer_start_switch_fiber(t.state == State::kDone ? nullptr : &t.fake_stack, L.sched_bottom, L.sched_size);
+#endif
   swapcontext(&t.ctx, &L.sched);
-  // resumed: the scheduler has set threadIdx
+  fiber_entered(L, t);  // resumed: the scheduler has set threadIdx
 }
 
 Thread& self() {
@@ -130,6 +153,7 @@ Thread& self() {
 
 void fiber_main() {
   Launch& L = *g_launch;
+  fiber_entered(L, L.threads[L.current]);
   L.body(L.ctx);
   Thread& t = L.threads[L.current];
   t.state = State::kDone;
@@ -256,6 +280,10 @@ bool run_block(Launch& L, const Stacks& stacks) {
     t.ctx.uc_stack.ss_sp = stacks.stack(i);
     t.ctx.uc_stack.ss_size = stack_bytes();
     t.ctx.uc_link = nullptr;
+    t.fake_stack = nullptr;
+#ifdef ESPO_EMU_ASAN
+    __asan_unpoison_memory_region(stacks.stack(i), stack_bytes());  // redzones left by the last fiber on it
+#endif
     makecontext(&t.ctx, fiber_main, 0);
   }
   for (Warp& w : L.warps) {
@@ -271,7 +299,14 @@ bool run_block(Launch& L, const Stacks& stacks) {
       L.current = i;
       set_indices(t);
       ++g_switches;
+#ifdef ESPO_EMU_ASAN
+      void* fake = nullptr;
+      __sanitizer_start_switch_fiber(&fake, stacks.stack(i), stack_bytes());
       swapcontext(&L.sched, &t.ctx);
+      __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+      swapcontext(&L.sched, &t.ctx);
+#endif
       L.current = -1;
       ran = true;
       if (L.failed) return false;

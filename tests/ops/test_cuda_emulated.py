@@ -12,9 +12,13 @@ and blocks run one at a time), divergence quirks of real warps, the rounding of 
 tokens differ from the reference on ~1e-4 of the draws at V = 151936: tests/ops/test_cuda.py), register or shared
 memory limits, and speed. Those stay with tests/ops/test_cuda.py on a GPU.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from cuda_cpu.build import BuildUnavailable, compiler, load_sample_library
+from cuda_cpu.build import ROOT, SANITIZE_ENV, BuildUnavailable, asan_runtime, compiler, load_sample_library, sanitized
 from cuda_cpu.sample_op import sample_on_cpu_emulation, sample_with, vector_loads
 from test_sample import FLOAT_FIELDS, assert_matches, random_logits  # noqa: E402  (one definition of "matches")
 from test_sample_filters import CONFIGS, HARD, repeated, rows
@@ -281,3 +285,24 @@ def test_emulated_stop_state_equals_reference(with_rows, with_values):
         for k in ("z", "sum_g", "sum_g2"):
             torch.testing.assert_close(ra[k], rb[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {k}: {m}")
     assert stops > 0, "the test must exercise stops"
+
+
+# ---------------------------------------------------------------- the sanitized build
+
+# A cross-section of the tests above: both load paths, small and large chunks, filters, invalid rows, the stop state.
+SANITIZED_SUBSET = ("zero_uniform or invalid_rows or (layout and 7001) or stop_state or hard_rows_across "
+                    "or (filtered_sampling and 4099 and 20)")
+
+
+@pytest.mark.skipif(sanitized(), reason="this process already runs the sanitized build")
+@pytest.mark.skipif(asan_runtime() is None, reason="the compiler has no AddressSanitizer runtime")
+def test_emulated_kernel_is_clean_under_address_and_undefined_behaviour_sanitizers():
+    """The kernels built with -fsanitize=address,undefined (every pointer checked, not only the __ldg reads the
+    emulator checks itself): a read or write outside a buffer, or undefined behaviour, fails this test with the
+    sanitizer's report. It runs in a child process, which needs the ASan runtime loaded first."""
+    env = dict(os.environ, LD_PRELOAD=asan_runtime(), ASAN_OPTIONS="detect_leaks=0", **{SANITIZE_ENV: "1"},
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__, "-k", SANITIZED_SUBSET]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    assert " passed" in res.stdout and "deselected" in res.stdout
