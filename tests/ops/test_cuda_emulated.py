@@ -20,7 +20,7 @@ import pytest
 import torch
 from cuda_cpu.build import ROOT, SANITIZE_ENV, BuildUnavailable, asan_runtime, compiler, load_sample_library, sanitized
 from cuda_cpu.sample_op import sample_on_cpu_emulation, sample_with, vector_loads
-from test_sample import FLOAT_FIELDS, assert_matches, random_logits  # noqa: E402  (one definition of "matches")
+from test_sample import FLOAT_FIELDS, assert_matches, poison_rows, random_logits  # noqa: E402  (one "matches")
 from test_sample_filters import CONFIGS, HARD, repeated, rows
 
 import espo
@@ -158,15 +158,11 @@ def test_emulated_greedy_takes_the_first_max_across_chunks():
 @pytest.mark.parametrize("V", [37, 4097])
 def test_emulated_invalid_rows_are_flagged_not_sampled(dtype, V):
     logits = random_logits(7, V, dtype, seed=7)
-    logits[0, 5] = torch.nan
-    logits[1] = -torch.inf
-    logits[2, V - 3] = torch.inf
-    logits[3, : V - 1] = -torch.inf  # one finite logit left: a valid, certain row
-    logits[4, : V // 2] = torch.nan  # NaN in many chunks
-    logits[5, ::3] = -torch.inf      # -inf entries in a valid row
+    valid = poison_rows(logits)
+    logits[5, ::3] = -torch.inf  # -inf entries in a valid row
     for kw in (dict(), dict(temperature=0.0), dict(temperature=0.5), dict(top_k=3, top_p=0.5)):
         out = assert_reference(logits, seed=2, offset=torch.arange(7), **kw)
-        assert out.valid.tolist() == [False, False, False, True, False, True, True]
+        assert out.valid.tolist() == valid
         assert out.tokens[3].item() == V - 1
 
 
