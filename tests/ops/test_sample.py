@@ -21,6 +21,19 @@ def random_logits(B, V, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
     return (torch.randn(B, V, generator=g) * scale).to(dtype).to(device)
 
 
+def poison_rows(logits: torch.Tensor) -> list[bool]:
+    """Make rows 0-4 of ``logits`` [B >= 5, V >= 4] the invalid-row cases, in place, and return the expected ``valid``:
+    one NaN, all -inf, one +inf, a single finite logit left (valid and certain: its token is V - 1), NaN in many
+    chunks; the other rows stay as they are (valid)."""
+    V = logits.shape[1]
+    logits[0, 5 % V] = torch.nan
+    logits[1] = -torch.inf
+    logits[2, V - 3] = torch.inf
+    logits[3, : V - 1] = -torch.inf
+    logits[4, : V // 2] = torch.nan
+    return [False, False, False, True, False] + [True] * (logits.shape[0] - 5)
+
+
 def assert_matches(out, ref, rtol=2e-5, atol=2e-5):
     """The same tokens and statistics (float tolerances). Sampling is exact integer arithmetic, so tokens
     are equal bit for bit on the CPU (the interpreter rounds exp2 as the reference does); on a GPU the
