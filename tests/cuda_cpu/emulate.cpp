@@ -1,5 +1,6 @@
 // The CPU emulation's scheduler (see include/espo_emulate.h): blocks one after another, the threads of a block
 // as ucontext fibers that yield at barriers and warp primitives.
+#include <dlfcn.h>
 #include "espo_emulate.h"
 
 #include <signal.h>
@@ -367,6 +368,14 @@ void fail(cudaError_t err, const char* fmt, ...) {
 
 void count_vector_load() { ++g_vector_loads; }
 
+// Whether p lies in this library's own static storage, where every __shared__ variable (a function-static, see
+// espo_emulate.h) lives: a shared-memory atomic, not a stray pointer.
+bool in_shared_memory(const void* p) {
+  Dl_info here{}, there{};
+  return dladdr(reinterpret_cast<const void*>(&in_shared_memory), &here) != 0 && dladdr(p, &there) != 0 &&
+         there.dli_fbase == here.dli_fbase;
+}
+
 void check_read(const void* p, size_t bytes, size_t align, const char* what) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (align > 1 && a % align != 0)
@@ -375,6 +384,7 @@ void check_read(const void* p, size_t bytes, size_t align, const char* what) {
   if (g_buffers.empty()) return;
   for (const Buffer& b : g_buffers)
     if (a >= b.begin && a + bytes <= b.end) return;
+  if (in_shared_memory(p)) return;
   fail(cudaErrorIllegalAddress, "%s of %zu bytes at %p: outside every registered buffer", what, bytes, p);
 }
 

@@ -21,7 +21,7 @@ import torch
 from cuda_cpu.build import ROOT, SANITIZE_ENV, BuildUnavailable, asan_runtime, compiler, load_sample_library, sanitized
 from cuda_cpu.sample_op import sample_on_cpu_emulation, sample_with, vector_loads
 from test_sample import FLOAT_FIELDS, assert_matches, poison_rows, random_logits  # noqa: E402  (one "matches")
-from test_sample_filters import CONFIGS, HARD, repeated, rows
+from test_sample_filters import CONFIGS, EXACT_GOALS, HARD, exact_goal_row, repeated, rows
 
 import espo
 from espo.ops.philox import uniform
@@ -133,6 +133,32 @@ def test_emulated_thresholds_match_reference_on_hard_rows(kind, dtype):
     B = logits.shape[0]
     assert_reference(logits, temperature=0.9, top_k=k, top_p=p, seed=torch.arange(B) * 7919 + 1, offset=3)
     assert_reference(logits[:2], temperature=torch.tensor([0.0, 1.0]), seed=1, offset=3)  # greedy: the first max
+
+
+def test_emulated_top_p_goal_reached_exactly_keeps_the_smallest_set():
+    B = 64 * len(EXACT_GOALS)
+    top_p = torch.tensor([p for p, _ in EXACT_GOALS]).repeat_interleave(64)
+    assert_reference(repeated(exact_goal_row(), B, "cpu"), temperature=1.0, top_p=top_p,
+                     seed=torch.arange(B) * 7919 + 1, offset=3)
+
+
+def test_emulated_threshold_inside_more_ties_than_a_gather_holds():
+    """2000 tied tops (the gather holds 1024): the search ends on a single key, not a sort (csrc/filter.cuh)."""
+    V = 5000
+    x = torch.randn(V, generator=torch.Generator().manual_seed(2)) - 6.0
+    x[:2000] = 1.0
+    logits = repeated(x, 4, "cpu")
+    assert_reference(logits, top_k=torch.tensor([1500, 2500, 0, 0]), top_p=torch.tensor([0.5, 0.9999, 0.3, 0.999]),
+                     seed=torch.arange(4) * 7919 + 1, offset=3)
+
+
+def test_emulated_searches_that_need_round_two_and_passes_of_their_own():
+    """Thresholds that round 1 leaves among thousands of tokens: round 2 (over the chunks) decides the first search,
+    the row's own passes the second (top-p after a wide top-k) and any third."""
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(6, 20000, generator=g) * 3.0).to(torch.bfloat16)
+    assert_reference(logits, temperature=0.8, top_k=torch.tensor([2000, 2000, 0, 0, 5000, 19000]),
+                     top_p=torch.tensor([1.0, 0.9, 0.95, 0.5, 0.999, 0.7]), seed=torch.arange(6), offset=9)
 
 
 @pytest.mark.parametrize("kind", ["ties", "peaked", "two_level", "flat"])

@@ -57,6 +57,26 @@ def rows(kind: str, V: int, seed: int = 0) -> torch.Tensor:
     raise ValueError(kind)
 
 
+def exact_goal_row(V: int = 64) -> torch.Tensor:
+    """Four tokens whose tempered base-2 logits are exactly 0, -1, -2, -2 at temperature 1 (integer masses 2**40,
+    2**39, 2**38, 2**38, summing to 2**41), the rest -inf: top-p 0.5 and 0.75 reach their goals exactly, at the
+    first and at the second token, where a search that overshoots keeps the next tokens too."""
+    a = torch.tensor(1.0) * torch.tensor(1.44269502162933349609375)  # espo.ops.reference's a at T = 1
+
+    def logit(k: int) -> torch.Tensor:  # x with fl(x * a) == k
+        x = (torch.tensor(float(k), dtype=torch.float64) / a.double()).float()
+        while (x * a).item() != k:
+            x = torch.nextafter(x, torch.tensor(float("inf") if (x * a).item() < k else float("-inf")))
+        return x
+
+    row = torch.full((V,), float("-inf"))
+    row[5], row[20], row[33], row[40] = logit(0), logit(-1), logit(-2), logit(-2)
+    return row
+
+
+EXACT_GOALS = [(0.5, {5}), (0.75, {5, 20})]  # top_p, the tokens it keeps
+
+
 CONFIGS = [(1, 1.0), (37, 1.0), (-1, 1.0), (0, 0.9), (0, 0.05), (60, 0.95), (250, 0.999)]  # -1: V - 1
 HARD = [(kind, torch.float32) for kind in ("random", "ties", "flat", "peaked", "two_level", "extreme")]
 HARD += [(kind, dtype) for kind in ("ties", "peaked", "extreme") for dtype in (torch.bfloat16, torch.float16)]
@@ -73,6 +93,18 @@ def test_thresholds_match_reference_on_hard_rows(backend, device, kind, dtype):
     k = torch.tensor([V - 1 if k < 0 else k for k, _ in CONFIGS], device=device).repeat_interleave(copies)
     p = torch.tensor([p for _, p in CONFIGS], device=device).repeat_interleave(copies)
     assert_same_tokens(logits, backend, temperature=0.9, top_k=k, top_p=p)
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_top_p_goal_reached_exactly_keeps_the_smallest_set(backend, device):
+    B = 64 * len(EXACT_GOALS)
+    logits = repeated(exact_goal_row(), B, device)
+    top_p = torch.tensor([p for p, _ in EXACT_GOALS], device=device).repeat_interleave(64)
+    assert_same_tokens(logits, backend, temperature=1.0, top_p=top_p)
+    kw = dict(temperature=1.0, top_p=top_p.cpu(), seed=torch.arange(B) * 7919 + 1, offset=3)
+    tokens = espo.sample(logits.cpu(), backend="torch", **kw).tokens.view(len(EXACT_GOALS), 64)
+    for (p, kept), drawn in zip(EXACT_GOALS, tokens):  # the reference itself keeps the smallest set
+        assert set(drawn.tolist()) == kept, p
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
