@@ -82,7 +82,19 @@ def build_library(sources: list[Path], name: str = "emulated", extra_flags: tupl
         os.unlink(tmp)
         raise BuildError(f"the emulated build failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
     os.replace(tmp, lib)
+    _prune(out_dir.parent)
     return lib
+
+
+def _prune(root: Path, keep: int = 12) -> None:
+    """Remove all but the newest ``keep`` builds (folders named by a hash holding only lib*.so files)."""
+    def is_build(d: Path) -> bool:
+        return (d.is_dir() and len(d.name) == 20 and all(c in "0123456789abcdef" for c in d.name)
+                and all(f.suffix == ".so" for f in d.iterdir()))
+
+    builds = [d for d in root.iterdir() if is_build(d)]
+    for old in sorted(builds, key=lambda d: d.stat().st_mtime, reverse=True)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sample_sources() -> list[Path]:
