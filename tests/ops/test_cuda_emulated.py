@@ -313,7 +313,7 @@ def test_emulated_stop_state_equals_reference(with_rows, with_values):
 
 # A cross-section of the tests above: both load paths, small and large chunks, filters, invalid rows, the stop state.
 SANITIZED_SUBSET = ("zero_uniform or invalid_rows or (layout and 7001) or stop_state or hard_rows_across "
-                    "or (filtered_sampling and 4099 and 20)")
+                    "or (filtered_sampling and 4099 and 20) or round_two or gather_holds")
 
 
 @pytest.mark.skipif(sanitized(), reason="this process already runs the sanitized build")
