@@ -1,6 +1,6 @@
 // Device helpers shared by the sampling kernels (csrc/sample.cu) and the top-k/top-p search (csrc/filter.cuh):
 // element types and loads, deterministic block reductions, and the integer masses of espo/ops/reference.py.
-// Included once, by csrc/sample.cu; everything is in an anonymous namespace of that translation unit.
+// Included by csrc/sample_kernels.cuh; everything is in an anonymous namespace of each kernel translation unit.
 #pragma once
 
 #include "sample.cuh"

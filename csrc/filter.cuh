@@ -1,5 +1,5 @@
 // Exact top-k and top-p thresholds of one row by a multi-pivot search: the CUDA twin of kernels/filter.py (no
-// bisection over the whole row). Included once, by csrc/sample.cu.
+// bisection over the whole row). Included by csrc/sample_kernels.cuh.
 //
 // The thresholds are those of espo/ops/reference.py (step 5): on the int32 order key of the logits x, top-k's is
 // the k-th largest key (ties kept); top-p's is the largest key t >= the top-k threshold whose tokens with key >= t
@@ -21,11 +21,12 @@
 #pragma once
 
 #include "common.cuh"
+#include "params.cuh"
 
 namespace espo {
 namespace {
 
-constexpr int kPivots = 16;                  // pivot keys per pass
+using detail::kPivots;                       // pivot keys per pass
 constexpr int kCand = 1024;                  // candidates sorted in shared memory
 constexpr long long kKeyEnd = 2147483648LL;  // one past the largest int32 key
 

@@ -1,0 +1,12 @@
+// The sampling kernels for float16 logits (csrc/sample_kernels.cuh), one dtype per translation unit.
+#include "sample_kernels.cuh"
+
+namespace espo {
+namespace detail {
+
+cudaError_t launch_f16(const Params& p, int64_t chunk, cudaStream_t stream) {
+  return launch_chunk<F16>(p, chunk, stream);
+}
+
+}  // namespace detail
+}  // namespace espo
