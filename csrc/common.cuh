@@ -1,4 +1,4 @@
-// Device helpers shared by the sampling kernels (csrc/sample.cu) and the top-k/top-p search (csrc/filter.cuh):
+// Device helpers shared by the sampling kernels (csrc/sample_kernels.cuh) and the top-k/top-p search (csrc/filter.cuh):
 // element types and loads, deterministic block reductions, and the integer masses of espo/ops/reference.py.
 // Included by csrc/sample_kernels.cuh; everything is in an anonymous namespace of each kernel translation unit.
 #pragma once

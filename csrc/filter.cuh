@@ -327,7 +327,8 @@ __device__ int64_t sample_filtered(const typename Tag::storage* rowp, int64_t V,
                                    Shared<Cfg<Tag, CHUNK>::kWarps>& sh) {
   const bool topk_on = k > 0 && k < V;
   Bound kept{INT32_MIN, V, fs.pre_mass[0]};
-  if (topk_on) kept = threshold_search<Tag, CHUNK>(rowp, V, nc, a, R, two_s, aligned, k, 1.0f, false, kept, true, fs, sh);
+  if (topk_on)
+    kept = threshold_search<Tag, CHUNK>(rowp, V, nc, a, R, two_s, aligned, k, 1.0f, false, kept, true, fs, sh);
   if (top_p < 1.0f)
     kept = threshold_search<Tag, CHUNK>(rowp, V, nc, a, R, two_s, aligned, 0, top_p, true, kept, !topk_on, fs, sh);
   const long long target = static_cast<long long>(__dmul_rn(static_cast<double>(u), __ll2double_rn(kept.mass)));

@@ -58,7 +58,7 @@ operation rounded to nearest (never contracted into an FMA), ``trunc`` converts 
    those (integer mass ``Z_k``), the tokens whose logit is >= the largest threshold x* for which the kept
    tokens with logit >= x* have integer mass >= ``need = ceil(double(top_p) * double(Z_k))`` (ties at the
    threshold kept): the smallest most-likely set reaching ``top_p`` of the mass. Both thresholds are exact
-   (the kernels search an int32 order key of x: kernels/filter.py, csrc/sample.cu). The token is then the
+   (the kernels search an int32 order key of x: kernels/filter.py, csrc/filter.cuh). The token is then the
    first i in vocabulary order whose inclusive cumulative kept ``qg`` exceeds
    ``trunc(double(u) * double(Z_kept))``. ``top_k == 0`` or ``>= V`` and ``top_p == 1`` disable the filters.
 """

@@ -4,7 +4,7 @@ The public op: its checks and its dispatch. The sampling settings are ``espo.ops
 ``SamplingParams``, checked where built; the op's other homes: ``espo.ops.reference``
 (the definition), ``espo.ops.torch_backend`` (the "torch" backend: the reference's tokens in fewer passes),
 ``kernels/sample.py`` (Triton, ``espo.kernels.sample``),
-``csrc/sample.cu`` with ``espo.ops.cuda`` (CUDA) and ``tests/ops/test_sample.py``.
+``csrc/sample_kernels.cuh`` with ``espo.ops.cuda`` (CUDA) and ``tests/ops/test_sample.py``.
 """
 from __future__ import annotations
 

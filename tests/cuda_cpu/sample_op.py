@@ -1,4 +1,4 @@
-"""The CUDA sample op (csrc/sample.cu) run on the CPU by the emulator, under the backends' contract.
+"""The CUDA sample op (csrc/sample.cu and its kernels) run on the CPU by the emulator, under the backends' contract.
 
 ``sample_emulated(logits, params, offset, stop)`` takes what ``espo.ops.cuda.sample_cuda`` takes (CPU tensors) and
 returns the same dict of ``SampleOutput`` fields, so it can stand in for the "cuda" backend in ``espo.sample``

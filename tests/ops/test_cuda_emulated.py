@@ -1,5 +1,5 @@
-"""The CUDA kernels (csrc/sample.cu) compiled with g++ and run on the CPU by the emulator in tests/cuda_cpu, held to
-``espo.sample_reference`` on every CI run, GPU or not.
+"""The CUDA kernels (csrc/sample_kernels.cuh) compiled with g++ and run on the CPU by the emulator in tests/cuda_cpu,
+held to ``espo.sample_reference`` on every CI run, GPU or not.
 
 What this proves: the kernel's own source -- its indexing, chunking, vector and scalar load paths, block and warp
 reductions, the last-block-finishes-the-row protocol, the exact top-k/top-p search, the integer inverse-CDF draw and
