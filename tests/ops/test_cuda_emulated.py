@@ -275,7 +275,7 @@ def test_emulated_row_samples_the_same_alone_or_in_a_batch():
 # ---------------------------------------------------------------- the ESPO stop state
 
 
-def _drive_stopper(sample, with_rows, with_values, steps=8, slots=7, B=5, V=300):
+def _drive_stopper(sample, with_rows, with_values, filtered=False, steps=8, slots=7, B=5, V=300):
     cfg = espo.ESPOConfig(beta=0.6, beta_min=0.1, min_tokens=2, alpha_s=0.7)
     stopper = espo.EarlyStopper(cfg, slots if with_rows else B)
     stopper.scalars[:] = torch.tensor([0.4, 0.5, 0.6, 1.0, 1.0])
@@ -287,16 +287,21 @@ def _drive_stopper(sample, with_rows, with_values, steps=8, slots=7, B=5, V=300)
         if step == 3:
             logits[1, 7] = torch.nan  # an invalid row is ignored by the stop rule
         values = torch.rand(B, generator=g) if with_values else None
+        # filtered: rows 1 and 3 finish after the top-k/top-p search (later launches), the others in the first
+        filters = dict(top_k=torch.tensor([0, 40, 0, 0, 0]), top_p=torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0])) \
+            if filtered else {}
         out = sample(logits, temperature=1.3, seed=step, offset=torch.arange(B) + step, stopper=stopper,
-                     values=values, stopper_rows=rows)
+                     values=values, stopper_rows=rows, **filters)
         history.append((out, {k: v.clone() for k, v in stopper.rows.items()}))
     return history
 
 
 @pytest.mark.parametrize("with_rows", [False, True])
 @pytest.mark.parametrize("with_values", [False, True])
-def test_emulated_stop_state_equals_reference(with_rows, with_values):
-    ours, theirs = _drive_stopper(emulated, with_rows, with_values), _drive_stopper(reference, with_rows, with_values)
+@pytest.mark.parametrize("filtered", [False, True])
+def test_emulated_stop_state_equals_reference(with_rows, with_values, filtered):
+    ours = _drive_stopper(emulated, with_rows, with_values, filtered)
+    theirs = _drive_stopper(reference, with_rows, with_values, filtered)
     stops = 0
     for step, ((a, ra), (b, rb)) in enumerate(zip(ours, theirs)):
         assert_matches(a, b, rtol=5e-5, atol=5e-5)
