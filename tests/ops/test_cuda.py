@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from test_sample import FLOAT_FIELDS, assert_matches, poison_rows  # noqa: E402  (one definition of "matches")
+from test_stopper import assert_same_stop_history
 
 import espo
 
@@ -231,16 +232,11 @@ def _drive_stopper(backend, steps=12, slots=12, B=8, V=3000):
 @pytest.mark.parametrize("other", ["torch"] + (["triton"] if TRITON_OK else []))
 def test_cuda_stop_state_equals_other_backends(other):
     ours, theirs = _drive_stopper("cuda"), _drive_stopper(other)
-    stops = 0
-    for step, ((a, ra), (b, rb)) in enumerate(zip(ours, theirs)):
+
+    def same_tokens(a, b, step):
         assert torch.equal(a.tokens, b.tokens), f"step {step}"
-        assert torch.equal(a.stop, b.stop), f"step {step}"
-        stops += int(a.stop.sum())
-        for k in ("count", "position", "stopped"):
-            assert torch.equal(ra[k], rb[k]), f"step {step}: {k}"
-        for k in ("z", "sum_g", "sum_g2"):
-            torch.testing.assert_close(ra[k], rb[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {k}: {m}")
-    assert stops > 0, "the test must exercise stops"
+
+    assert_same_stop_history(ours, theirs, same_tokens)
 
 
 # ---------------------------------------------------------------- torch.compile and CUDA graphs

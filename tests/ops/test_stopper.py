@@ -46,6 +46,21 @@ def run_batches(backend, device, cfg=CFG, batches=3, B=4, V=60, steps=8, resets=
         assert 0.0 <= report["stop_rate"] <= 1.0
     return stopper, spec, torch.stack(seen)
 
+def assert_same_stop_history(ours, theirs, same_outputs) -> None:
+    """Two runs of (output, stopper rows) per step: outputs alike by ``same_outputs(a, b, step)``, the same stop
+    masks, counts, positions and stopped flags, and the float state within 1e-5; some stop must happen."""
+    stops = 0
+    for step, ((a, ra), (b, rb)) in enumerate(zip(ours, theirs)):
+        same_outputs(a, b, step)
+        assert torch.equal(a.stop, b.stop), f"step {step}"
+        stops += int(a.stop.sum())
+        for k in ("count", "position", "stopped"):
+            assert torch.equal(ra[k], rb[k]), f"step {step}: {k}"
+        for k in ("z", "sum_g", "sum_g2"):
+            torch.testing.assert_close(ra[k], rb[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {k}: {m}")
+    assert stops > 0, "the test must exercise stops"
+
+
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_stop_rule_follows_the_spec_step_by_step(backend, device):
