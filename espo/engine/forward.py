@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fused_ops
 from .kv_cache import KVCache, decode_attention, decode_mask, prefill_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -69,20 +70,64 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a transformers Llama/Mistral/Qwen2/Qwen3 RMSNorm, or None for any other module."""
+    if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            return weight, float(module.variance_epsilon)
+    return None
+
+
+class _FusedNorm:
+    """An RMSNorm module run as one ``fused_ops.rms_norm`` launch; any other norm module runs as it is."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.params = _rms_norm_params(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.params is None:
+            return self.module(x)
+        weight, eps = self.params
+        return fused_ops.rms_norm(x, weight, eps)
+
+
+class _FusedMLP:
+    """A gated MLP with act "silu" as gate_proj, up_proj, one ``fused_ops.silu_mul`` launch, down_proj."""
+
+    def __init__(self, module: nn.Module, hidden_act: str | None):
+        self.module = module
+        self.fused = hidden_act == "silu" and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if not self.fused:
+            return m(x)
+        return m.down_proj(fused_ops.silu_mul(m.gate_proj(x), m.up_proj(x)))
+
+
 @dataclass
 class _LayerSpec:
-    ln1: nn.Module
+    ln1: nn.Module | _FusedNorm
     attn: nn.Module
-    ln2: nn.Module
-    mlp: nn.Module
+    ln2: nn.Module | _FusedNorm
+    mlp: nn.Module | _FusedMLP
     window: int | None
     qk_norm: bool
+    q_norm: _FusedNorm | None = None  # the fused path's q/k norms (Qwen3); the unfused path calls attn's own
+    k_norm: _FusedNorm | None = None
 
 
 class TransformerForward:
-    """The model's modules (shared, not copied) run over a ``KVCache`` of ``slots`` x ``max_seq_len``."""
+    """The model's modules (shared, not copied) run over a ``KVCache`` of ``slots`` x ``max_seq_len``.
 
-    def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str):
+    ``fused``: run the RMSNorms, the RoPE of q and k and a silu MLP's activation as ``espo.engine.fused_ops``'
+    kernels (one launch each) instead of the modules' eager ops; the caller checks that they can run here.
+    """
+
+    def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str,
+                 fused: bool = False):
         config = model.config
         model_type = check_family(model, what)
         base = model if hasattr(model, "layers") else getattr(model, "model", None)
@@ -100,8 +145,9 @@ class TransformerForward:
             )
         self.config = config
         self.embed = base.embed_tokens
-        self.norm = base.norm
+        self.norm = _FusedNorm(base.norm) if fused else base.norm
         self.lm_head = getattr(model, "lm_head", None) if base is not model else None
+        self.fused = bool(fused)
         self.layers: list[_LayerSpec] = []
         for layer in base.layers:
             attn = layer.self_attn
@@ -111,10 +157,14 @@ class TransformerForward:
                 window = getattr(config, "sliding_window", None)
             else:
                 window = None
-            self.layers.append(
-                _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window,
-                           hasattr(attn, "q_norm"))
-            )
+            spec = _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window,
+                              hasattr(attn, "q_norm"))
+            if self.fused:
+                spec.ln1, spec.ln2 = _FusedNorm(spec.ln1), _FusedNorm(spec.ln2)
+                spec.mlp = _FusedMLP(spec.mlp, getattr(config, "hidden_act", None))
+                if spec.qk_norm:
+                    spec.q_norm, spec.k_norm = _FusedNorm(attn.q_norm), _FusedNorm(attn.k_norm)
+            self.layers.append(spec)
         attn0 = self.layers[0].attn
         self.head_dim = int(attn0.head_dim)
         self.num_heads = attn0.q_proj.out_features // self.head_dim
@@ -140,6 +190,11 @@ class TransformerForward:
         q = attn.q_proj(x).view(N, -1, d)
         k = attn.k_proj(x).view(N, -1, d)
         v = attn.v_proj(x).view(N, -1, d)
+        if self.fused:
+            if spec.qk_norm:
+                q, k = spec.q_norm(q), spec.k_norm(k)
+            q, k = fused_ops.rope(q, k, cos, sin)
+            return q, k, v
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
