@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import round_to
+from .rounding import round_to, widen
 
 
 @triton.jit
@@ -18,11 +18,11 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_row_stride, out_row_stride, n_cols,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = widen(tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0), INTERPRET)
     variance = tl.sum(x * x, axis=0) / n_cols
     normed = round_to(x * (1.0 / tl.sqrt_rn(variance + eps)), x_ptr.dtype.element_ty, INTERPRET)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = w.to(tl.float32) * normed.to(tl.float32)
+    y = widen(w, INTERPRET) * widen(normed, INTERPRET)
     tl.store(out_ptr + row * out_row_stride + cols, round_to(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 

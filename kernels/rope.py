@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import round_to
+from .rounding import round_to, widen
 
 
 @triton.jit
@@ -18,10 +18,10 @@ def _rotate_heads(x_ptr, out_ptr, x_tok_stride, x_head_stride, n_heads, c, s, co
     mask = (heads < n_heads) & (cols[None, :] < head_dim)
     base = x_ptr + token * x_tok_stride + heads * x_head_stride
     x = tl.load(base + cols[None, :], mask=mask, other=0.0)
-    rot = sign[None, :] * tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    rot = sign[None, :] * widen(tl.load(base + partner[None, :], mask=mask, other=0.0), INTERPRET)
     dt = x_ptr.dtype.element_ty
-    a = round_to(x.to(tl.float32) * c[None, :], dt, INTERPRET).to(tl.float32)
-    b = round_to(rot * s[None, :], dt, INTERPRET).to(tl.float32)
+    a = widen(round_to(widen(x, INTERPRET) * c[None, :], dt, INTERPRET), INTERPRET)
+    b = widen(round_to(rot * s[None, :], dt, INTERPRET), INTERPRET)
     out_base = out_ptr + token * n_heads * head_dim + heads * head_dim
     tl.store(out_base + cols[None, :], round_to(a + b, dt, INTERPRET), mask=mask)
 
@@ -37,8 +37,8 @@ def rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, q_tok_stri
     partner = tl.where(first, cols + half, cols - half)
     sign = tl.where(first, -1.0, 1.0)
     in_row = cols < head_dim
-    c = tl.load(cos_ptr + token * cs_stride + cols, mask=in_row, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + token * cs_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+    c = widen(tl.load(cos_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
+    s = widen(tl.load(sin_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
     _rotate_heads(q_ptr, q_out_ptr, q_tok_stride, q_head_stride, n_q_heads, c, s, cols, partner, sign, token,
                   head_dim, BLOCK_QH, INTERPRET)
     _rotate_heads(k_ptr, k_out_ptr, k_tok_stride, k_head_stride, n_k_heads, c, s, cols, partner, sign, token,

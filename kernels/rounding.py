@@ -1,11 +1,22 @@
-"""Rounding a float32 value to a narrower float dtype, to nearest even, on the GPU and under the interpreter alike.
+"""Conversions between float32 and the narrower float dtypes, exact on the GPU and under the interpreter alike.
 
-The GPU's conversion to bf16 rounds to nearest even; the Triton interpreter's truncates (and its "rtne" mode
-rounds ties away from zero), so under the interpreter bf16 is rounded here on the bits. fp16 and float32 are
-converted by numpy, which rounds to nearest even.
+On the GPU, bf16 -> float32 is exact and float32 -> bf16 rounds to nearest even. The Triton interpreter's bf16
+conversions are not: its float32 -> bf16 truncates (and its "rtne" mode rounds ties away from zero), and its
+bf16 -> float32 misreads subnormals. Under the interpreter bf16 is therefore converted here on the bits. fp16
+goes through numpy, which is exact.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def widen(x, INTERPRET: tl.constexpr):
+    """``x`` (float32, bf16 or fp16) as float32, exactly."""
+    if INTERPRET and x.dtype == tl.bfloat16:
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -13,7 +24,8 @@ def round_to(x, dt: tl.constexpr, INTERPRET: tl.constexpr):
     """float32 ``x`` rounded to nearest even in ``dt`` (returned in ``dt``)."""
     if INTERPRET and dt == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
-        kept = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # the low 16 bits are then zero: truncating is exact
-        return tl.where(x != x, float("nan"), kept.to(tl.float32, bitcast=True)).to(dt)
+        kept = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # NaN payloads aside, the bits of the rounded value
+        kept = tl.where(x != x, 0x7FC0, kept)
+        return kept.to(tl.int16).to(dt, bitcast=True)
     else:
         return x.to(dt)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import round_to
+from .rounding import round_to, widen
 
 BLOCK = 1024
 
@@ -16,10 +16,10 @@ BLOCK = 1024
 def silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = widen(tl.load(gate_ptr + offs, mask=mask, other=0.0), INTERPRET)
+    u = widen(tl.load(up_ptr + offs, mask=mask, other=0.0), INTERPRET)
     dt = out_ptr.dtype.element_ty
-    act = round_to(tl.div_rn(g, 1.0 + tl.exp(-g)), dt, INTERPRET).to(tl.float32)
+    act = widen(round_to(tl.div_rn(g, 1.0 + tl.exp(-g)), dt, INTERPRET), INTERPRET)
     tl.store(out_ptr + offs, round_to(act * u, dt, INTERPRET), mask=mask)
 
 
