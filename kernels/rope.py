@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import round_to, widen
+from .fused_math import round_to, widen
 
 
 @triton.jit

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import round_to, widen
+from .fused_math import exp_f32, round_to, widen
 
 BLOCK = 1024
 
@@ -19,7 +19,7 @@ def silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr, INTER
     g = widen(tl.load(gate_ptr + offs, mask=mask, other=0.0), INTERPRET)
     u = widen(tl.load(up_ptr + offs, mask=mask, other=0.0), INTERPRET)
     dt = out_ptr.dtype.element_ty
-    act = widen(round_to(tl.div_rn(g, 1.0 + tl.exp(-g)), dt, INTERPRET), INTERPRET)
+    act = widen(round_to(tl.div_rn(g, 1.0 + exp_f32(-g, INTERPRET)), dt, INTERPRET), INTERPRET)
     tl.store(out_ptr + offs, round_to(act * u, dt, INTERPRET), mask=mask)
 
 

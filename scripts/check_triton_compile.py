@@ -84,9 +84,9 @@ def fused_ops() -> None:
     for dtype in ("fp32", "bf16", "fp16"):
         compiled = [
             (f"rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}",
-             out_ptr=f"*{dtype}", eps="fp32"), dict(BLOCK=1024)),
+             out_ptr=f"*{dtype}", n_cols_f="fp32", eps="fp32"), dict(BLOCK=1024)),
             (f"rms_norm {dtype} head (Qwen3 q/k norm)", rms_norm.rms_norm_kernel, dict(x_ptr=f"*{dtype}",
-             w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", eps="fp32"), dict(BLOCK=128)),
+             w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", n_cols_f="fp32", eps="fp32"), dict(BLOCK=128)),
             (f"rope {dtype}", rope.rope_kernel, {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr",
              "q_out_ptr", "k_out_ptr")}, dict(BLOCK_D=64, BLOCK_QH=16, BLOCK_KH=2)),
             (f"silu_mul {dtype}", silu_mul.silu_mul_kernel, dict(gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}",
@@ -95,7 +95,7 @@ def fused_ops() -> None:
         for name, fn, types, flags in compiled:
             ptx = compile_ptx(fn, types, dict(flags, INTERPRET=False))
             print(f"check_triton_compile: {name}: {len(ptx)} bytes of PTX")
-    rms_bf16_f32_weight = dict(x_ptr="*bf16", w_ptr="*fp32", out_ptr="*fp32", eps="fp32")
+    rms_bf16_f32_weight = dict(x_ptr="*bf16", w_ptr="*fp32", out_ptr="*fp32", n_cols_f="fp32", eps="fp32")
     compile_ptx(rms_norm.rms_norm_kernel, rms_bf16_f32_weight, dict(BLOCK=1024, INTERPRET=False))
     print("check_triton_compile: rms_norm bf16 with a float32 weight: compiled")
 

@@ -71,7 +71,7 @@ def rand(shape, dtype, scale=1.0, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 896), (5, 37), (64, 24), (3, 5, 24), (2, 4864)])
+@pytest.mark.parametrize("shape", [(1, 896), (5, 37), (64, 24), (3, 5, 24), (2, 4864), (3, 1)])
 def test_rms_norm_matches_the_reference(dtype, shape):
     g = torch.Generator().manual_seed(1)
     row_scales = torch.logspace(-3, 3, shape[0])[(...,) + (None,) * (len(shape) - 1)]
