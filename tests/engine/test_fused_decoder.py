@@ -1,6 +1,7 @@
 """espo.Decoder with fused_ops=True (espo.engine.fused_ops' kernels; under the Triton interpreter on the CPU)
 against fused_ops=False (the modules' eager ops), on the shipped tiny model, tests/model_folders.py's stand-in
 checkpoint (a Llama) and tiny random Qwen2 and Qwen3 models (q/k norms). Small on purpose: the interpreter is slow.
+On a GPU: the default (fused, in CUDA graphs) against fused_ops=False.
 
 Found: the same tokens everywhere; logprobs bit for bit in bf16 on these models (every difference the kernels
 may make is absorbed by bf16 rounding here), and within ~3e-6 in float32 (the RMSNorm's summation order and
@@ -9,6 +10,7 @@ rsqrt, and silu's exp: a few ulps each, see tests/engine/test_fused_ops.py).
 import pytest
 import torch
 import transformers as T
+from conftest import requires_gpu
 from model_folders import make_model_folder
 
 from espo.engine import forward as forward_module
@@ -17,7 +19,7 @@ from espo.engine.decoder import Decoder
 from espo.engine.fused_ops import runs_kernel
 from espo.engine.models import load_builtin
 
-pytestmark = pytest.mark.skipif(not runs_kernel(torch.empty(0)), reason="the fused kernels need TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(not runs_kernel(torch.empty(0)), reason="needs TRITON_INTERPRET=1 (no GPU)")
 
 SMALL = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
@@ -57,6 +59,7 @@ def assert_same_rollouts(plain, fused, atol):
         assert (a.logprobs - b.logprobs).abs().max().item() <= atol
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_builtin_model_fused_equals_unfused(dtype):
     model, tokenizer = load_builtin(dtype=dtype)
@@ -64,6 +67,7 @@ def test_builtin_model_fused_equals_unfused(dtype):
     assert_same_rollouts(plain, fused, LOGP_ATOL[dtype])
 
 
+@needs_interpreter
 def test_stand_in_checkpoint_fused_equals_unfused(tmp_path):
     make_model_folder(tmp_path)
     plain = Decoder(tmp_path, max_batch=2, max_seq_len=16, fused_ops=False)
@@ -74,6 +78,7 @@ def test_stand_in_checkpoint_fused_equals_unfused(tmp_path):
     assert_same_rollouts(plain.generate(prompts, 1, **args), fused, LOGP_ATOL[torch.float32])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("family,dtype", [("qwen2", torch.bfloat16), ("qwen3", torch.float32),
                                           ("qwen3", torch.bfloat16)])
 def test_qwen_families_fused_equal_unfused(family, dtype):
@@ -82,6 +87,7 @@ def test_qwen_families_fused_equal_unfused(family, dtype):
     assert_same_rollouts(plain, fused, LOGP_ATOL[dtype])
 
 
+@needs_interpreter
 def test_each_layer_runs_one_launch_per_norm_rope_and_activation(monkeypatch):
     calls = {"rms_norm": 0, "rope": 0, "silu_mul": 0}
     for name in calls:
@@ -99,12 +105,14 @@ def test_each_layer_runs_one_launch_per_norm_rope_and_activation(monkeypatch):
     assert calls == {"rms_norm": 3 * 4 + 1, "rope": 3, "silu_mul": 3}
 
 
+@needs_interpreter
 def test_an_activation_other_than_silu_runs_the_module():
     plain, fused, dec = both_paths(tiny("llama", torch.float32, hidden_act="gelu"), SMALL["vocab_size"])
     assert not any(spec.mlp.fused for spec in dec.policy.layers)
     assert_same_rollouts(plain, fused, LOGP_ATOL[torch.float32])
 
 
+@needs_interpreter
 def test_fused_ops_is_resolved_and_checked_once(monkeypatch):
     model = tiny("llama", torch.float32)
     assert Decoder(model, max_batch=1, max_seq_len=8).fused_ops is False  # None: on a CUDA device only
@@ -113,3 +121,19 @@ def test_fused_ops_is_resolved_and_checked_once(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="fused_ops=True cannot run here: the model is on cpu"):
         Decoder(model, max_batch=1, max_seq_len=8, fused_ops=True)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_graphs_fused_equal_unfused(dtype):
+    model = tiny("qwen3", dtype, head_dim=32).cuda()
+    prompts = [[t % SMALL["vocab_size"] for t in p] for p in PROMPTS * 4]
+    args = dict(max_new_tokens=24, temperature=1.0, seed=3, eos_token_id=[])
+    plain = Decoder(model, max_batch=8, max_seq_len=40, fused_ops=False).generate(prompts, 1, **args)
+    fused_dec = Decoder(model, max_batch=8, max_seq_len=40)
+    assert fused_dec.fused_ops and fused_dec.cuda_graphs  # the default on a GPU
+    fused = fused_dec.generate(prompts, 1, **args)
+    same = sum(a.tokens.tolist() == b.tokens.tolist() for a, b in zip(plain, fused)) / len(plain)
+    print(f"{dtype}: rollouts with the same tokens fused and unfused: {same:.3f}")
+    assert same >= 0.9  # the GPU's reduction orders differ between the paths; a rare flip may fork a rollout
