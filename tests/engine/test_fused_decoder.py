@@ -29,12 +29,7 @@ PROMPTS = [[1, 5, 9, 3], [7, 2], [4, 4, 4, 4, 4, 8]]  # three prompts, two slots
 LOGP_ATOL = {torch.float32: 1e-4, torch.bfloat16: 0.05}  # bf16: equal bit for bit here, but a flip may come
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(family, dtype, **kw):
