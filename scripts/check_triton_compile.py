@@ -4,7 +4,7 @@ The interpreter that runs the kernels on the CPU accepts code that the GPU compi
 globals inside @jit code, for one), so CI compiles every kernel variant for real as well. The sampling
 kernels' PTX must exponentiate with ex2.approx.ftz (the instruction the CUDA backend uses, for identical
 tokens) and hold no fused multiply-add (the integer sampling rule fixes every rounding). The decoder's fused
-ops (espo.kernels.rms_norm, rope, silu_mul) are only compiled, in every dtype.
+ops (espo.kernels.rms_norm with and without its residual, rope, silu_mul) are only compiled, in every dtype.
 
     python scripts/check_triton_compile.py        # exits non-zero on a compile error or a PTX check
 """
@@ -82,11 +82,13 @@ def main() -> None:
 def fused_ops() -> None:
     """The decoder's fused-op kernels, compiled in each dtype at the 0.5B model's shapes (no PTX checks)."""
     for dtype in ("fp32", "bf16", "fp16"):
+        rms = dict(x_ptr=f"*{dtype}", res_ptr=f"*{dtype}", sum_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
+                   n_cols_f="fp32", eps="fp32")
         compiled = [
-            (f"rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}",
-             out_ptr=f"*{dtype}", n_cols_f="fp32", eps="fp32"), dict(BLOCK=1024)),
-            (f"rms_norm {dtype} head (Qwen3 q/k norm)", rms_norm.rms_norm_kernel, dict(x_ptr=f"*{dtype}",
-             w_ptr=f"*{dtype}", out_ptr=f"*{dtype}", n_cols_f="fp32", eps="fp32"), dict(BLOCK=128)),
+            (f"rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, rms, dict(BLOCK=1024, HAS_RESIDUAL=False)),
+            (f"add_rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, rms, dict(BLOCK=1024, HAS_RESIDUAL=True)),
+            (f"rms_norm {dtype} head (Qwen3 q/k norm)", rms_norm.rms_norm_kernel, rms,
+             dict(BLOCK=128, HAS_RESIDUAL=False)),
             (f"rope {dtype}", rope.rope_kernel, {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr",
              "q_out_ptr", "k_out_ptr")}, dict(BLOCK_D=64, BLOCK_QH=16, BLOCK_KH=2)),
             (f"silu_mul {dtype}", silu_mul.silu_mul_kernel, dict(gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}",
@@ -95,8 +97,9 @@ def fused_ops() -> None:
         for name, fn, types, flags in compiled:
             ptx = compile_ptx(fn, types, dict(flags, INTERPRET=False))
             print(f"check_triton_compile: {name}: {len(ptx)} bytes of PTX")
-    rms_bf16_f32_weight = dict(x_ptr="*bf16", w_ptr="*fp32", out_ptr="*fp32", n_cols_f="fp32", eps="fp32")
-    compile_ptx(rms_norm.rms_norm_kernel, rms_bf16_f32_weight, dict(BLOCK=1024, INTERPRET=False))
+    rms_bf16_f32_weight = dict(x_ptr="*bf16", res_ptr="*bf16", sum_ptr="*bf16", w_ptr="*fp32", out_ptr="*fp32",
+                               n_cols_f="fp32", eps="fp32")
+    compile_ptx(rms_norm.rms_norm_kernel, rms_bf16_f32_weight, dict(BLOCK=1024, HAS_RESIDUAL=True, INTERPRET=False))
     print("check_triton_compile: rms_norm bf16 with a float32 weight: compiled")
 
 

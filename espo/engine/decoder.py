@@ -134,8 +134,9 @@ class Decoder:
             prefill forward of its own (rollouts that end at scattered steps would otherwise cost one per step);
             1 without, where refills ride in the decode step's own forward.
         progress: default of ``generate(progress=...)``: a tqdm bar over finished rollouts.
-        fused_ops: run the RMSNorms, the RoPE of q and k and a silu MLP's activation as one Triton kernel each
-            (``espo.engine.fused_ops``) instead of the modules' eager ops, which launch ~8, ~10 and 2 kernels.
+        fused_ops: run the RMSNorms (each with the residual add before it), the RoPE of q and k and a silu MLP's
+            activation as one Triton kernel each (``espo.engine.fused_ops``) instead of the modules' eager ops,
+            which launch ~9, ~10 and 2 kernels.
             None (default): on where the model is on a CUDA device and the Triton backend is available. True
             where they cannot run (no Triton, or a CPU device without ``TRITON_INTERPRET=1``) is a ValueError.
             The kernels round where the eager ops do; see ``espo.engine.fused_ops`` for where they can differ.

@@ -80,7 +80,8 @@ def _rms_norm_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
 
 
 class _FusedNorm:
-    """An RMSNorm module run as one ``fused_ops.rms_norm`` launch; any other norm module runs as it is."""
+    """An RMSNorm module run as one ``fused_ops.rms_norm`` (or ``add_rms_norm``) launch; any other norm module runs
+    as it is."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -91,6 +92,14 @@ class _FusedNorm:
             return self.module(x)
         weight, eps = self.params
         return fused_ops.rms_norm(x, weight, eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = residual + x`` and this norm of it, in one launch: (norm(h), h)."""
+        if self.params is None:
+            h = residual + x
+            return self.module(h), h
+        weight, eps = self.params
+        return fused_ops.add_rms_norm(x, residual, weight, eps)
 
 
 class _FusedMLP:
@@ -122,8 +131,9 @@ class _LayerSpec:
 class TransformerForward:
     """The model's modules (shared, not copied) run over a ``KVCache`` of ``slots`` x ``max_seq_len``.
 
-    ``fused``: run the RMSNorms, the RoPE of q and k and a silu MLP's activation as ``espo.engine.fused_ops``'
-    kernels (one launch each) instead of the modules' eager ops; the caller checks that they can run here.
+    ``fused``: run the RMSNorms (each with the residual add before it), the RoPE of q and k and a silu MLP's
+    activation as ``espo.engine.fused_ops``' kernels (one launch each) instead of the modules' eager ops; the
+    caller checks that they can run here.
     """
 
     def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str,
@@ -222,23 +232,43 @@ class TransformerForward:
         if decode is not None and self.attention == "sdpa":
             for w in self.windows + ([None] if self.has_full else []):
                 masks[w] = decode_mask(decode.seqlens, decode.length, w, decode.arange)
+        if self.fused:
+            return self._fused_layers(h, cos, sin, b, decode, prefill, masks, out_idx)
         for i, spec in enumerate(self.layers):
             q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
-            parts = []
-            if decode is not None:
-                parts.append(decode_attention(
-                    self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, seqlens=decode.seqlens,
-                    seqlens_i32=decode.seqlens_i32, length=decode.length, mask=masks.get(spec.window),
-                    window=spec.window, scale=self.scale,
-                ))
-            if prefill is not None:
-                kp, vp = k[b:], v[b:]
-                self.cache.write(i, prefill.dst_slots, prefill.dst_pos, kp[prefill.src_idx], vp[prefill.src_idx])
-                parts.append(prefill_attention(
-                    q[b:], kp, vp, segments=prefill.segments, cu_seqlens=prefill.cu_seqlens, max_len=prefill.max_len,
-                    window=spec.window, scale=self.scale, use_flash=self.attention == "flash",
-                ))
-            o = parts[0] if len(parts) == 1 else torch.cat(parts)
+            o = self._attend(i, spec, q, k, v, b, decode, prefill, masks)
             h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
             h = h + spec.mlp(spec.ln2(h))
         return self.norm(h if out_idx is None else h[out_idx])
+
+    def _fused_layers(self, h, cos, sin, b, decode, prefill, masks, out_idx):
+        """The layers of the fused path: each residual add runs in the launch of the RMSNorm that follows it."""
+        x = self.layers[0].ln1(h)
+        for i, spec in enumerate(self.layers):
+            q, k, v = self._qkv(spec, x, cos, sin)
+            o = self._attend(i, spec, q, k, v, b, decode, prefill, masks)
+            x, h = spec.ln2.add(spec.attn.o_proj(o.reshape(o.shape[0], -1)), h)
+            m = spec.mlp(x)
+            if i + 1 < len(self.layers):
+                x, h = self.layers[i + 1].ln1.add(m, h)
+        if out_idx is not None:  # (h + m)[out_idx], elementwise the same
+            m, h = m[out_idx], h[out_idx]
+        return self.norm.add(m, h)[0]
+
+    def _attend(self, i, spec, q, k, v, b, decode, prefill, masks) -> torch.Tensor:
+        """Layer i's attention: the decode part over the cache, the prefill part within each prompt; K/V cached."""
+        parts = []
+        if decode is not None:
+            parts.append(decode_attention(
+                self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, seqlens=decode.seqlens,
+                seqlens_i32=decode.seqlens_i32, length=decode.length, mask=masks.get(spec.window),
+                window=spec.window, scale=self.scale,
+            ))
+        if prefill is not None:
+            kp, vp = k[b:], v[b:]
+            self.cache.write(i, prefill.dst_slots, prefill.dst_pos, kp[prefill.src_idx], vp[prefill.src_idx])
+            parts.append(prefill_attention(
+                q[b:], kp, vp, segments=prefill.segments, cu_seqlens=prefill.cu_seqlens, max_len=prefill.max_len,
+                window=spec.window, scale=self.scale, use_flash=self.attention == "flash",
+            ))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,13 +1,14 @@
 """The decoder's fused ops (RMSNorm, RoPE of q and k, silu * up): a Triton kernel each, and its reference.
 
 Each op has one name across ``kernels/`` (``espo.kernels.rms_norm``, ``.rope``, ``.silu_mul``), this module and
-the tests. ``rms_norm``, ``rope`` and ``silu_mul`` run the Triton kernel on CUDA tensors (and on CPU tensors under
+the tests; ``add_rms_norm`` is the RMSNorm kernel with the residual stream's add before it. ``rms_norm``,
+``add_rms_norm``, ``rope`` and ``silu_mul`` run the Triton kernel on CUDA tensors (and on CPU tensors under
 ``TRITON_INTERPRET=1``, for tests), else their reference. The ``*_reference`` functions are the computation of
 transformers' modules that the unfused forward runs (``Qwen2RMSNorm.forward``, ``q * cos + rotate_half(q) * sin``,
 ``act_fn(gate) * up``), op for op, so that the kernels are held to exactly what they replace.
 
 Each fused op is one kernel launch where the eager ops launch several: an RMSNorm ~8 (casts, pow, mean, add,
-rsqrt, mul, cast, mul), the RoPE of q and k ~10, silu * up 2.
+rsqrt, mul, cast, mul), the residual add and RMSNorm ~9, the RoPE of q and k ~10, silu * up 2.
 """
 from __future__ import annotations
 
@@ -52,15 +53,42 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` [..., n] with ``weight`` [n]: one kernel launch (see the module doc)."""
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight must have shape [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
+    _check_weight("rms_norm", x, weight)
     if not runs_kernel(x):
         return rms_norm_reference(x, weight, eps)
     from espo.kernels.rms_norm import rms_norm_rows
 
-    if x.stride(-1) != 1 or (x.dim() > 2 and not x.is_contiguous()):
-        x = x.contiguous()
-    return rms_norm_rows(x, weight.contiguous(), eps, torch.promote_types(weight.dtype, x.dtype))
+    return rms_norm_rows(_rows_readable(x), weight.contiguous(), eps, torch.promote_types(weight.dtype, x.dtype))
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``h = residual + x`` (the residual stream's add), then ``rms_norm_reference(h)``: returns (normalised, h)."""
+    h = residual + x
+    return rms_norm_reference(h, weight, eps), h
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``h = residual + x`` and its RMSNorm in one kernel launch: returns (rms_norm(h), h)."""
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: residual must have x's shape and dtype {list(x.shape)} {x.dtype}, got "
+                         f"{list(residual.shape)} {residual.dtype}")
+    _check_weight("add_rms_norm", x, weight)
+    if not runs_kernel(x):
+        return add_rms_norm_reference(x, residual, weight, eps)
+    from espo.kernels.rms_norm import rms_norm_rows
+
+    x, residual = _rows_readable(x), _rows_readable(residual)
+    return rms_norm_rows(x, weight.contiguous(), eps, torch.promote_types(weight.dtype, x.dtype), residual)
+
+
+def _check_weight(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: weight must have shape [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
+
+
+def _rows_readable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself where the kernel reads its rows in place (a contiguous last dim; more than 2 dims contiguous)."""
+    return x.contiguous() if x.stride(-1) != 1 or (x.dim() > 2 and not x.is_contiguous()) else x
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE

@@ -1,22 +1,27 @@
 """The fused ops' Triton kernels (espo.kernels.rms_norm, .rope, .silu_mul) against their references.
 
 The references (espo.engine.fused_ops.*_reference) are the eager computation the unfused forward runs. On the
-CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
+CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); on a
+GPU the same bounds hold the compiled kernels (not yet run on one).
 
 Exactness found, and held here:
 * rope: bit for bit in float32, bf16 and fp16 (each product of two values of the dtype is exact in float32, so
   rounding it once to the dtype is what the eager op does; the kernel is launched without FMA contraction).
-* rms_norm: the mean of squares is summed in another order than torch's, and 1/sqrt is torch's rsqrt only to
-  an ulp, so float32 results differ by up to 4 ulps (a fifth of them by one or more); in bf16/fp16 the float32
-  difference reaches the result only where it crosses a rounding boundary (none seen in bf16, ~1e-4 of the
-  values in fp16), by one ulp of the normalised value, which the weight's product can make two.
-* silu_mul: exp is numpy's under the interpreter (and ex2.approx on a GPU), not torch's: float32 differs by up
-  to 4 ulps; bf16/fp16 by up to 2 ulps (one in silu, doubled by the product), and rarely.
+* rms_norm and add_rms_norm (whose sum x + residual is torch's bit for bit): the mean of squares is summed in
+  another order than torch's, and 1/sqrt is torch's rsqrt only to an ulp, so float32 results differ by up to
+  4 ulps (a fifth of them by one or more); in bf16/fp16 the float32 difference reaches the result only where it
+  crosses a rounding boundary (none seen in bf16, ~1e-4 of the values in fp16), by one ulp of the normalised
+  value, which the weight's product can make two.
+* silu_mul: exp is numpy's under the interpreter (the CUDA math library's expf on a GPU, as torch's there), not
+  torch's CPU exp: float32 differs by up to 4 ulps; bf16/fp16 by up to 2 ulps (one in silu, doubled by the
+  product), and rarely.
 """
 import pytest
 import torch
 
 from espo.engine.fused_ops import (
+    add_rms_norm,
+    add_rms_norm_reference,
     rms_norm,
     rms_norm_reference,
     rope,
@@ -114,6 +119,25 @@ def test_rms_norm_with_a_float32_weight_promotes_as_torch_does():
     got, want = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
     assert got.dtype == want.dtype == torch.float32
     assert_close_in_ulps(got, want, "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 896), (7, 37), (64, 24)])
+def test_add_rms_norm_adds_exactly_and_normalises_the_sum(dtype, shape):
+    x, residual, w = rand(shape, dtype, 4.0, seed=1), rand(shape, dtype, 4.0, seed=2), rand(shape[-1], dtype, seed=3)
+    residual[0, :3] = torch.tensor([torch.finfo(dtype).max, 1e-3, -2.0], dtype=dtype)  # an overflowing sum too
+    (normed, total), (normed_ref, total_ref) = add_rms_norm(x, residual, w, 1e-6), add_rms_norm_reference(
+        x, residual, w, 1e-6)
+    assert torch.equal(total, total_ref)  # the residual stream itself: bit for bit
+    assert_close_in_ulps(normed, normed_ref, "rms_norm")
+
+
+def test_add_rms_norm_checks_its_arguments():
+    x = rand((2, 8), torch.float32)
+    with pytest.raises(ValueError, match="residual must have x's shape and dtype"):
+        add_rms_norm(x, x.half(), rand(8, torch.float32), 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        add_rms_norm(x, x, rand(9, torch.float32), 1e-6)
 
 
 def test_rms_norm_rejects_a_weight_of_another_size():
