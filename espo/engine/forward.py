@@ -70,36 +70,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rms_norm_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """(weight, eps) of a transformers Llama/Mistral/Qwen2/Qwen3 RMSNorm, or None for any other module."""
-    if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-            return weight, float(module.variance_epsilon)
-    return None
+def _is_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers Llama/Mistral/Qwen2/Qwen3 RMSNorm (a weight [n] and variance_epsilon)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+            and isinstance(weight, torch.Tensor) and weight.dim() == 1)
 
 
 class _FusedNorm:
     """An RMSNorm module run as one ``fused_ops.rms_norm`` (or ``add_rms_norm``) launch; any other norm module runs
-    as it is."""
+    as it is. The weight is read from the module at each call, as the module itself does (it may be replaced)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.params = _rms_norm_params(module)
+        self.fused = _is_rms_norm(module)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.params is None:
+        if not self.fused:
             return self.module(x)
-        weight, eps = self.params
-        return fused_ops.rms_norm(x, weight, eps)
+        return fused_ops.rms_norm(x, self.module.weight, self.module.variance_epsilon)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h = residual + x`` and this norm of it, in one launch: (norm(h), h)."""
-        if self.params is None:
+        if not self.fused:
             h = residual + x
             return self.module(h), h
-        weight, eps = self.params
-        return fused_ops.add_rms_norm(x, residual, weight, eps)
+        return fused_ops.add_rms_norm(x, residual, self.module.weight, self.module.variance_epsilon)
 
 
 class _FusedMLP:

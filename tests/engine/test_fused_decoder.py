@@ -108,6 +108,34 @@ def test_an_activation_other_than_silu_runs_the_module():
     assert_same_rollouts(plain, fused, LOGP_ATOL[torch.float32])
 
 
+class NotAnRMSNorm(torch.nn.Module):
+    """A norm the fused path does not recognise: it must run the module itself."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@needs_interpreter
+def test_other_norms_run_as_modules_and_replaced_weights_are_seen():
+    model = tiny("llama", torch.float32)
+    layer = model.model.layers[1]
+    layer.post_attention_layernorm = NotAnRMSNorm(layer.post_attention_layernorm)
+    prompts = [list(p) for p in PROMPTS[:2]]
+    args = dict(max_new_tokens=4, temperature=1.0, seed=3, eos_token_id=[])
+    plain = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=False)
+    fused = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=True)
+    assert not fused.policy.layers[1].ln2.fused and fused.policy.layers[1].ln1.fused
+    assert_same_rollouts(plain.generate(prompts, 1, **args), fused.generate(prompts, 1, **args), 1e-4)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * -3.0)  # replaced, not updated in place
+    replaced_plain, replaced_fused = plain.generate(prompts, 1, **args), fused.generate(prompts, 1, **args)
+    assert_same_rollouts(replaced_plain, replaced_fused, 1e-4)
+
+
 @needs_interpreter
 def test_fused_ops_is_resolved_and_checked_once(monkeypatch):
     model = tiny("llama", torch.float32)
