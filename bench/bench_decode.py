@@ -23,6 +23,7 @@ nothing is downloaded.
     python bench/bench_decode.py --models 0.5b 1.5b   # and the 1.5B shape
     python bench/bench_decode.py --cpu                # the CPU rows -> bench/results/decode-cpu.{json,md}
     python bench/bench_decode.py --smoke              # tiny shapes on the CPU, to check the script runs
+    python bench/bench_decode.py --batch 64 --fused-ops both --no-hf   # the step with and without fused ops
 """
 from __future__ import annotations
 
@@ -145,38 +146,42 @@ def time_hf(model, prompts, new_tokens, device, cache="dynamic"):
     return elapsed
 
 
+FUSED_OPS = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
+
+
 def throughput_rows(shape, model, args, device, bandwidth):
-    rows = []
+    return [throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf=i == 0)
+            for B in args.batch for i, fused in enumerate(FUSED_OPS[args.fused_ops])]
+
+
+def throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = model.config.vocab_size
-    for B in args.batch:
-        dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1)
-        prompts = prompts_of(B, args.prompt_len, vocab, seed=B)
-        time_espo(dec, prompts, args.new_tokens, device)  # warm-up: captures the CUDA graphs
-        t_full, ro = time_espo(dec, prompts, args.new_tokens, device, seed=1)
-        t_half, _ = time_espo(dec, prompts, args.new_tokens // 2, device, seed=2)
-        steps = args.new_tokens - args.new_tokens // 2
-        step_ms = (t_full - t_half) / steps * 1e3
-        row = {
-            "model": shape, "batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "espo_s": t_full, "espo_tok_s": ro.tokens_generated / t_full, "step_ms": step_ms,
-            "attention": dec.attention, "cuda_graphs": dec.cuda_graphs,
-        }
-        if device == "cuda":
-            row["floor_ms"] = weight_bytes / bandwidth * 1e3
-            row["step_x_floor"] = step_ms / row["floor_ms"]
-        if not args.no_hf:
-            t_hf = time_hf(model, prompts, args.new_tokens, device, args.hf_cache)
-            row.update(hf_s=t_hf, hf_tok_s=B * args.new_tokens / t_hf, speedup=t_hf / t_full, hf_cache=args.hf_cache)
-            if args.hf_step:  # the peer's step time by the same difference of two lengths, against the same floor
-                t_hf_half = time_hf(model, prompts, args.new_tokens // 2, device, args.hf_cache)
-                row["hf_step_ms"] = (t_hf - t_hf_half) / steps * 1e3
-                if "floor_ms" in row:
-                    row["hf_step_x_floor"] = row["hf_step_ms"] / row["floor_ms"]
-        rows.append(row)
-        print(row, flush=True)
-        del dec
-    return rows
+    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1, fused_ops=fused)
+    prompts = prompts_of(B, args.prompt_len, vocab, seed=B)
+    time_espo(dec, prompts, args.new_tokens, device)  # warm-up: captures the CUDA graphs
+    t_full, ro = time_espo(dec, prompts, args.new_tokens, device, seed=1)
+    t_half, _ = time_espo(dec, prompts, args.new_tokens // 2, device, seed=2)
+    steps = args.new_tokens - args.new_tokens // 2
+    step_ms = (t_full - t_half) / steps * 1e3
+    row = {
+        "model": shape, "batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "espo_s": t_full, "espo_tok_s": ro.tokens_generated / t_full, "step_ms": step_ms,
+        "attention": dec.attention, "cuda_graphs": dec.cuda_graphs, "fused_ops": dec.fused_ops,
+    }
+    if device == "cuda":
+        row["floor_ms"] = weight_bytes / bandwidth * 1e3
+        row["step_x_floor"] = step_ms / row["floor_ms"]
+    if with_hf and not args.no_hf:  # once per batch: with --fused-ops both, on the first row
+        t_hf = time_hf(model, prompts, args.new_tokens, device, args.hf_cache)
+        row.update(hf_s=t_hf, hf_tok_s=B * args.new_tokens / t_hf, speedup=t_hf / t_full, hf_cache=args.hf_cache)
+        if args.hf_step:  # the peer's step time by the same difference of two lengths, against the same floor
+            t_hf_half = time_hf(model, prompts, args.new_tokens // 2, device, args.hf_cache)
+            row["hf_step_ms"] = (t_hf - t_hf_half) / steps * 1e3
+            if "floor_ms" in row:
+                row["hf_step_x_floor"] = row["hf_step_ms"] / row["floor_ms"]
+    print(row, flush=True)
+    return row
 
 
 def stopping_rows(shape, model, args, device):
@@ -189,7 +194,9 @@ def stopping_rows_at(shape, model, args, device, per_slot):
     B = args.stop_slots
     R = B * per_slot
     T = args.stop_new_tokens or args.new_tokens
-    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch)
+    fused = FUSED_OPS[args.fused_ops][-1]  # "both": the stopping rows run fused
+    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch,
+                  fused_ops=fused)
     dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch)
     prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), B, dec.device)  # never armed: its update still runs
@@ -227,7 +234,7 @@ def stopping_rows_at(shape, model, args, device, per_slot):
             "stop_fraction": frac, "tokens": ro.tokens_generated, "tokens_no_stop": tok0, "s": t, "s_no_stop": t0,
             "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
-            "refill_batch": dec.refill_batch,
+            "refill_batch": dec.refill_batch, "fused_ops": dec.fused_ops,
         }
         rows.append(row)
         print(row, flush=True)
@@ -249,8 +256,8 @@ def markdown(env, tput, stops) -> str:
         "step = one decode step, floor = weights read once at the measured copy bandwidth):",
         "",
         "| model | batch | prompt | new | espo tok/s | HF tok/s | speedup | step ms | floor ms | step / floor | "
-        "HF cache | HF step ms | HF step / floor | attention | graphs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "HF cache | HF step ms | HF step / floor | attention | graphs | fused ops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tput:
         lines.append(
@@ -259,7 +266,7 @@ def markdown(env, tput, stops) -> str:
             f"{fmt(r.get('floor_ms'), '{:.3f}')} | {fmt(r.get('step_x_floor'), '{:.1f}x')} | "
             f"{r.get('hf_cache', '')} | {fmt(r.get('hf_step_ms'), '{:.2f}')} | "
             f"{fmt(r.get('hf_step_x_floor'), '{:.1f}x')} | {r['attention']} | "
-            f"{r['cuda_graphs']} |"
+            f"{r['cuda_graphs']} | {r.get('fused_ops', '')} |"
         )
     lines += [
         "",
@@ -267,15 +274,15 @@ def markdown(env, tput, stops) -> str:
         "ratio = time saved / tokens saved, target >= 0.8):",
         "",
         "| model | slots | refill_batch | rollouts | new | stopped | tokens saved | time saved | ratio | "
-        "steps (no stop -> stop) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "steps (no stop -> stop) | fused ops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stops:
         lines.append(
             f"| {r['model']} | {r['slots']} | {r.get('refill_batch', '')} | {r['rollouts']} | {r['new_tokens']} | "
             f"{r['stop_fraction']:.0%} | "
             f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
-            f"{r['decode_steps_no_stop']} -> {r['decode_steps']} |"
+            f"{r['decode_steps_no_stop']} -> {r['decode_steps']} | {r.get('fused_ops', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -310,6 +317,9 @@ def main(argv=None):
     parser.add_argument("--hf-step", action="store_true", help="also time generate at half length: its step time")
     parser.add_argument("--refill-batch", type=int, default=None,
                         help="the decoder's refill_batch in the early-stopping rows (default: the decoder's)")
+    parser.add_argument("--fused-ops", default="auto", choices=list(FUSED_OPS),
+                        help="the decoder's fused_ops: auto (its default), on, off, or both (a throughput row each, "
+                        "in the same run; the stopping rows run fused)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 

@@ -1,9 +1,10 @@
 """Compile the Triton kernels for a Hopper GPU (sm_90) on a machine without one, and check the PTX.
 
 The interpreter that runs the kernels on the CPU accepts code that the GPU compiler refuses (module
-globals inside @jit code, for one), so CI compiles every kernel variant for real as well. The PTX must
-exponentiate with ex2.approx.ftz (the instruction the CUDA backend uses, for identical tokens) and hold
-no fused multiply-add (the integer sampling rule fixes every rounding).
+globals inside @jit code, for one), so CI compiles every kernel variant for real as well. The sampling
+kernels' PTX must exponentiate with ex2.approx.ftz (the instruction the CUDA backend uses, for identical
+tokens) and hold no fused multiply-add (the integer sampling rule fixes every rounding). The decoder's fused
+ops (espo.kernels.rms_norm with and without its residual, rope, silu_mul) are only compiled, in every dtype.
 
     python scripts/check_triton_compile.py        # exits non-zero on a compile error or a PTX check
 """
@@ -17,7 +18,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("check_triton_compile: unset TRITON_INTERPRET; it needs the real compiler")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import espo.kernels.rms_norm as rms_norm  # noqa: E402
+import espo.kernels.rope as rope  # noqa: E402
 import espo.kernels.sample as K  # noqa: E402
+import espo.kernels.silu_mul as silu_mul  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -71,7 +75,32 @@ def main() -> None:
         flags = dict(CHUNK=4096, C_BLOCK=64, P=K._PIVOTS, BLOCK=256, CAND=K.CANDIDATES["gpu"], ROUND=rnd,
                      TEMP_PER_ROW=per_row, TOPK_PER_ROW=per_row, TOPP_PER_ROW=per_row, TWO_S=TWO_S, INTERPRET=False)
         check(f"pivot stats round {rnd} per-row={per_row}", compile_ptx(K.pivot_stats_kernel, pivot_types, flags))
+    fused_ops()
     print("check_triton_compile: ok")
+
+
+def fused_ops() -> None:
+    """The decoder's fused-op kernels, compiled in each dtype at the 0.5B model's shapes (no PTX checks)."""
+    for dtype in ("fp32", "bf16", "fp16"):
+        rms = dict(x_ptr=f"*{dtype}", res_ptr=f"*{dtype}", sum_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
+                   n_cols_f="fp32", eps="fp32")
+        compiled = [
+            (f"rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, rms, dict(BLOCK=1024, HAS_RESIDUAL=False)),
+            (f"add_rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, rms, dict(BLOCK=1024, HAS_RESIDUAL=True)),
+            (f"rms_norm {dtype} head (Qwen3 q/k norm)", rms_norm.rms_norm_kernel, rms,
+             dict(BLOCK=128, HAS_RESIDUAL=False)),
+            (f"rope {dtype}", rope.rope_kernel, {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr",
+             "q_out_ptr", "k_out_ptr")}, dict(BLOCK_D=64, BLOCK_QH=16, BLOCK_KH=2)),
+            (f"silu_mul {dtype}", silu_mul.silu_mul_kernel, dict(gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}",
+             out_ptr=f"*{dtype}"), dict(BLOCK=silu_mul.BLOCK)),
+        ]
+        for name, fn, types, flags in compiled:
+            ptx = compile_ptx(fn, types, dict(flags, INTERPRET=False))
+            print(f"check_triton_compile: {name}: {len(ptx)} bytes of PTX")
+    rms_bf16_f32_weight = dict(x_ptr="*bf16", res_ptr="*bf16", sum_ptr="*bf16", w_ptr="*fp32", out_ptr="*fp32",
+                               n_cols_f="fp32", eps="fp32")
+    compile_ptx(rms_norm.rms_norm_kernel, rms_bf16_f32_weight, dict(BLOCK=1024, HAS_RESIDUAL=True, INTERPRET=False))
+    print("check_triton_compile: rms_norm bf16 with a float32 weight: compiled")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@
 # stage says so and is skipped.
 #   DEADLINE=470 bash scripts/gpu_suite.sh issue36   # issue 36's run, ~8 min: build meta sample36 callcost optests decode36
 #     meta: tests/ops/test_cuda_ops.py alone under faulthandler (and gdb's backtrace where gdb exists): the rank-1 meta crash;
-#     optests: the op's GPU tests (sample, filters, cuda, integer sampling); sample36: B = 1 and 256, V = 151936, bf16,
+#     optests: the op's GPU tests (sample, filters, cuda, integer sampling) and the decoder's fused ops'; sample36: B = 1 and 256, V = 151936, bf16,
 #     unfiltered, top-k 50, top-p 0.95 beside torch's sorting filter and FlashInfer; callcost: one call at B = 1 from
-#     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, and 25%/50% stops
-#     through a full pool (16 rollouts a slot, the decoder's refill_batch; DECODE36_ARGS adds arguments).
+#     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, the decoder's step
+#     with and without its fused ops (--fused-ops both: the B = 64 row twice, generate once), and 25%/50% stops
+#     through a full pool, fused (16 rollouts a slot, the decoder's refill_batch; DECODE36_ARGS adds arguments).
 # DECODE_ARGS adds arguments to bench_decode.py. Stage limits in seconds: LIMIT_BUILD, LIMIT_SAMPLE, LIMIT_TESTS, LIMIT_DECODE; DEADLINE (seconds from the
 # start) cuts every stage short so that the whole run ends in time and packs what it has. It runs on the image's
 # own python3, torch, triton and nvcc: nothing here assumes the project's pins or a network.
@@ -92,7 +93,8 @@ for what in $stages; do
       TAIL=30 stage optests "${LIMIT_OPTESTS:-90}" env OMP_NUM_THREADS=2 python3 -m pytest -q -rfE -p no:cacheprovider \
         -n 8 --timeout=100 --junitxml="$WORK/optests.xml" tests/ops/test_sample.py tests/ops/test_sample_filters.py \
         tests/ops/test_cuda.py tests/ops/test_torch_backend.py tests/ops/test_cuda_host.py tests/ops/test_cuda_ops.py \
-        tests/ops/test_integer_sampling.py tests/ops/test_triton_compile.py tests/ops/test_sampling_params.py
+        tests/ops/test_integer_sampling.py tests/ops/test_triton_compile.py tests/ops/test_sampling_params.py \
+        tests/engine/test_fused_ops.py tests/engine/test_fused_decoder.py
       ;;
     sample36)
       TAIL=12 stage bench_sample "${LIMIT_SAMPLE:-100}" python3 bench/bench_sample.py --B 1 256 --V 151936 \
@@ -104,7 +106,7 @@ for what in $stages; do
     decode36)
       # shellcheck disable=SC2086
       TAIL=20 stage bench_decode "${LIMIT_DECODE:-200}" python3 bench/bench_decode.py --models 0.5b --batch 64 \
-        --new-tokens 128 --hf-cache static --hf-step --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
+        --new-tokens 128 --hf-cache static --hf-step --fused-ops both --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
         --repeats 2 ${DECODE36_ARGS:-} --out "$WORK"
       ;;
     vllm)

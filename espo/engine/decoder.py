@@ -134,6 +134,12 @@ class Decoder:
             prefill forward of its own (rollouts that end at scattered steps would otherwise cost one per step);
             1 without, where refills ride in the decode step's own forward.
         progress: default of ``generate(progress=...)``: a tqdm bar over finished rollouts.
+        fused_ops: run the RMSNorms (each with the residual add before it), the RoPE of q and k and a silu MLP's
+            activation as one Triton kernel each (``espo.engine.fused_ops``) instead of the modules' eager ops,
+            which launch ~9, ~10 and 2 kernels.
+            None (default): on where the model is on a CUDA device and the Triton backend is available. True
+            where they cannot run (no Triton, or a CPU device without ``TRITON_INTERPRET=1``) is a ValueError.
+            The kernels round where the eager ops do; see ``espo.engine.fused_ops`` for where they can differ.
 
     The model's modules are used as they are (not copied): updating its weights in place, as an
     optimizer does, is seen by the next ``generate``.
@@ -153,6 +159,7 @@ class Decoder:
         prefill_tokens: int = 8192,
         refill_batch: int | None = None,
         progress: bool = False,
+        fused_ops: bool | None = None,
     ):
         sizes = (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens))
         for name, v in sizes + ((("refill_batch", refill_batch),) if refill_batch is not None else ()):
@@ -169,6 +176,7 @@ class Decoder:
             value_source=value_source,
             attention=attention,
             cuda_graphs=cuda_graphs,
+            fused_ops=fused_ops,
         )
         self.scheduler = Scheduler(self.runner, prefill_tokens=int(prefill_tokens), refill_batch=refill_batch)
         self.progress = progress
@@ -179,6 +187,7 @@ class Decoder:
     device = property(lambda self: self.runner.device, doc="where the model runs (its index explicit)")
     dtype = property(lambda self: self.runner.dtype)
     attention = property(lambda self: self.runner.attention, doc='"flash" or "sdpa", as resolved')
+    fused_ops = property(lambda self: self.runner.fused_ops, doc="whether the fused kernels run, as resolved")
     max_batch = property(lambda self: self.runner.max_batch)
     max_seq_len = property(lambda self: self.runner.max_seq_len)
     vocab_size = property(lambda self: self.runner.vocab_size)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fused_ops
 from .kv_cache import KVCache, decode_attention, decode_mask, prefill_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -69,20 +70,70 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _is_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers Llama/Mistral/Qwen2/Qwen3 RMSNorm (a weight [n] and variance_epsilon)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+            and isinstance(weight, torch.Tensor) and weight.dim() == 1)
+
+
+class _FusedNorm:
+    """An RMSNorm module run as one ``fused_ops.rms_norm`` (or ``add_rms_norm``) launch; any other norm module runs
+    as it is. The weight is read from the module at each call, as the module itself does (it may be replaced)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.fused = _is_rms_norm(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.module(x)
+        return fused_ops.rms_norm(x, self.module.weight, self.module.variance_epsilon)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = residual + x`` and this norm of it, in one launch: (norm(h), h)."""
+        if not self.fused:
+            h = residual + x
+            return self.module(h), h
+        return fused_ops.add_rms_norm(x, residual, self.module.weight, self.module.variance_epsilon)
+
+
+class _FusedMLP:
+    """A gated MLP with act "silu" as gate_proj, up_proj, one ``fused_ops.silu_mul`` launch, down_proj."""
+
+    def __init__(self, module: nn.Module, hidden_act: str | None):
+        self.module = module
+        self.fused = hidden_act == "silu" and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if not self.fused:
+            return m(x)
+        return m.down_proj(fused_ops.silu_mul(m.gate_proj(x), m.up_proj(x)))
+
+
 @dataclass
 class _LayerSpec:
-    ln1: nn.Module
+    ln1: nn.Module | _FusedNorm
     attn: nn.Module
-    ln2: nn.Module
-    mlp: nn.Module
+    ln2: nn.Module | _FusedNorm
+    mlp: nn.Module | _FusedMLP
     window: int | None
     qk_norm: bool
+    q_norm: _FusedNorm | None = None  # the fused path's q/k norms (Qwen3); the unfused path calls attn's own
+    k_norm: _FusedNorm | None = None
 
 
 class TransformerForward:
-    """The model's modules (shared, not copied) run over a ``KVCache`` of ``slots`` x ``max_seq_len``."""
+    """The model's modules (shared, not copied) run over a ``KVCache`` of ``slots`` x ``max_seq_len``.
 
-    def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str):
+    ``fused``: run the RMSNorms (each with the residual add before it), the RoPE of q and k and a silu MLP's
+    activation as ``espo.engine.fused_ops``' kernels (one launch each) instead of the modules' eager ops; the
+    caller checks that they can run here.
+    """
+
+    def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str,
+                 fused: bool = False):
         config = model.config
         model_type = check_family(model, what)
         base = model if hasattr(model, "layers") else getattr(model, "model", None)
@@ -100,8 +151,9 @@ class TransformerForward:
             )
         self.config = config
         self.embed = base.embed_tokens
-        self.norm = base.norm
+        self.norm = _FusedNorm(base.norm) if fused else base.norm
         self.lm_head = getattr(model, "lm_head", None) if base is not model else None
+        self.fused = bool(fused)
         self.layers: list[_LayerSpec] = []
         for layer in base.layers:
             attn = layer.self_attn
@@ -111,10 +163,14 @@ class TransformerForward:
                 window = getattr(config, "sliding_window", None)
             else:
                 window = None
-            self.layers.append(
-                _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window,
-                           hasattr(attn, "q_norm"))
-            )
+            spec = _LayerSpec(layer.input_layernorm, attn, layer.post_attention_layernorm, layer.mlp, window,
+                              hasattr(attn, "q_norm"))
+            if self.fused:
+                spec.ln1, spec.ln2 = _FusedNorm(spec.ln1), _FusedNorm(spec.ln2)
+                spec.mlp = _FusedMLP(spec.mlp, getattr(config, "hidden_act", None))
+                if spec.qk_norm:
+                    spec.q_norm, spec.k_norm = _FusedNorm(attn.q_norm), _FusedNorm(attn.k_norm)
+            self.layers.append(spec)
         attn0 = self.layers[0].attn
         self.head_dim = int(attn0.head_dim)
         self.num_heads = attn0.q_proj.out_features // self.head_dim
@@ -140,6 +196,11 @@ class TransformerForward:
         q = attn.q_proj(x).view(N, -1, d)
         k = attn.k_proj(x).view(N, -1, d)
         v = attn.v_proj(x).view(N, -1, d)
+        if self.fused:
+            if spec.qk_norm:
+                q, k = spec.q_norm(q), spec.k_norm(k)
+            q, k = fused_ops.rope(q, k, cos, sin)
+            return q, k, v
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
@@ -167,23 +228,43 @@ class TransformerForward:
         if decode is not None and self.attention == "sdpa":
             for w in self.windows + ([None] if self.has_full else []):
                 masks[w] = decode_mask(decode.seqlens, decode.length, w, decode.arange)
+        if self.fused:
+            return self._fused_layers(h, cos, sin, b, decode, prefill, masks, out_idx)
         for i, spec in enumerate(self.layers):
             q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
-            parts = []
-            if decode is not None:
-                parts.append(decode_attention(
-                    self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, seqlens=decode.seqlens,
-                    seqlens_i32=decode.seqlens_i32, length=decode.length, mask=masks.get(spec.window),
-                    window=spec.window, scale=self.scale,
-                ))
-            if prefill is not None:
-                kp, vp = k[b:], v[b:]
-                self.cache.write(i, prefill.dst_slots, prefill.dst_pos, kp[prefill.src_idx], vp[prefill.src_idx])
-                parts.append(prefill_attention(
-                    q[b:], kp, vp, segments=prefill.segments, cu_seqlens=prefill.cu_seqlens, max_len=prefill.max_len,
-                    window=spec.window, scale=self.scale, use_flash=self.attention == "flash",
-                ))
-            o = parts[0] if len(parts) == 1 else torch.cat(parts)
+            o = self._attend(i, spec, q, k, v, b, decode, prefill, masks)
             h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
             h = h + spec.mlp(spec.ln2(h))
         return self.norm(h if out_idx is None else h[out_idx])
+
+    def _fused_layers(self, h, cos, sin, b, decode, prefill, masks, out_idx):
+        """The layers of the fused path: each residual add runs in the launch of the RMSNorm that follows it."""
+        x = self.layers[0].ln1(h)
+        for i, spec in enumerate(self.layers):
+            q, k, v = self._qkv(spec, x, cos, sin)
+            o = self._attend(i, spec, q, k, v, b, decode, prefill, masks)
+            x, h = spec.ln2.add(spec.attn.o_proj(o.reshape(o.shape[0], -1)), h)
+            m = spec.mlp(x)
+            if i + 1 < len(self.layers):
+                x, h = self.layers[i + 1].ln1.add(m, h)
+        if out_idx is not None:  # (h + m)[out_idx], elementwise the same
+            m, h = m[out_idx], h[out_idx]
+        return self.norm.add(m, h)[0]
+
+    def _attend(self, i, spec, q, k, v, b, decode, prefill, masks) -> torch.Tensor:
+        """Layer i's attention: the decode part over the cache, the prefill part within each prompt; K/V cached."""
+        parts = []
+        if decode is not None:
+            parts.append(decode_attention(
+                self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, seqlens=decode.seqlens,
+                seqlens_i32=decode.seqlens_i32, length=decode.length, mask=masks.get(spec.window),
+                window=spec.window, scale=self.scale,
+            ))
+        if prefill is not None:
+            kp, vp = k[b:], v[b:]
+            self.cache.write(i, prefill.dst_slots, prefill.dst_pos, kp[prefill.src_idx], vp[prefill.src_idx])
+            parts.append(prefill_attention(
+                q[b:], kp, vp, segments=prefill.segments, cu_seqlens=prefill.cu_seqlens, max_len=prefill.max_len,
+                window=spec.window, scale=self.scale, use_flash=self.attention == "flash",
+            ))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -21,6 +21,7 @@ from espo.checks import check_device
 from espo.ops.sample import sample
 
 from .forward import DecodeRows, TransformerForward, check_family
+from .fused_ops import fused_ops_reason
 from .kv_cache import KVCache, resolve_attention
 from .models import load_causal_lm
 from .sequence import CODE_EOS, CODE_INVALID, CODE_STOP, Admission, Request
@@ -65,6 +66,18 @@ def load_model(path, dtype):
     return load_causal_lm(path, dtype=dtype)
 
 
+def resolve_fused_ops(fused_ops: bool | None, device: torch.device) -> bool:
+    """``espo.Decoder``'s fused_ops resolved: None is on where the kernels run on a GPU; True is checked."""
+    if fused_ops is not None and not isinstance(fused_ops, bool):
+        raise TypeError(f"fused_ops must be True, False or None, got {fused_ops!r}")
+    reason = fused_ops_reason(device)
+    if fused_ops is None:
+        return device.type == "cuda" and not reason
+    if fused_ops and reason:
+        raise ValueError(f"fused_ops=True cannot run here: {reason}; pass fused_ops=False or None")
+    return fused_ops
+
+
 class ModelRunner:
     """The model (and value source) of an ``espo.Decoder``, on its device, over ``max_batch`` slots.
 
@@ -84,6 +97,7 @@ class ModelRunner:
         value_source: ValueHead | Critic | None,
         attention: str,
         cuda_graphs: bool,
+        fused_ops: bool | None = None,
     ):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -108,6 +122,7 @@ class ModelRunner:
         self.model = model
         self.max_batch, self.max_seq_len = int(max_batch), int(max_seq_len)
         self.attention = resolve_attention(attention, self.device, self.dtype)
+        self.fused_ops = resolve_fused_ops(fused_ops, self.device)
         if self.device.type == "cuda":
             self._check_memory(model, value_source)
         try:
@@ -119,6 +134,7 @@ class ModelRunner:
                 device=self.device,
                 dtype=self.dtype,
                 attention=self.attention,
+                fused=self.fused_ops,
             )
             if self.policy.lm_head is None:
                 raise ValueError(f"the model ({type(model).__name__}) has no lm_head: pass a *ForCausalLM model")
@@ -138,6 +154,7 @@ class ModelRunner:
                     device=self.device,
                     dtype=self.dtype,
                     attention=self.attention,
+                    fused=self.fused_ops,
                 )
                 if self.critic.vocab_size < self.policy.vocab_size:
                     raise ValueError(

@@ -34,13 +34,7 @@ FAMILIES = {
 EOS = [3, 7, 11]  # a few EOS ids, so that some rollouts end early and slots refill
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on several threads only contend (and run far slower on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(family="qwen3", seed=0, **kw):

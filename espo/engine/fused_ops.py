@@ -1,0 +1,149 @@
+"""The decoder's fused ops (RMSNorm, RoPE of q and k, silu * up): a Triton kernel each, and its reference.
+
+Each op has one name across ``kernels/`` (``espo.kernels.rms_norm``, ``.rope``, ``.silu_mul``), this module and
+the tests; ``add_rms_norm`` is the RMSNorm kernel with the residual stream's add before it. ``rms_norm``,
+``add_rms_norm``, ``rope`` and ``silu_mul`` run the Triton kernel on CUDA tensors (and on CPU tensors under
+``TRITON_INTERPRET=1``, for tests), else their reference. The ``*_reference`` functions are the computation of
+transformers' modules that the unfused forward runs (``Qwen2RMSNorm.forward``, ``q * cos + rotate_half(q) * sin``,
+``act_fn(gate) * up``), op for op, so that the kernels are held to exactly what they replace.
+
+Each fused op is one kernel launch where the eager ops launch several: an RMSNorm ~8 (casts, pow, mean, add,
+rsqrt, mul, cast, mul), the residual add and RMSNorm ~9, the RoPE of q and k ~10, silu * up 2.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_kernel(t: torch.Tensor) -> bool:
+    """Whether the ops run their Triton kernel on tensors like ``t`` (CUDA, or the CPU under the interpreter)."""
+    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
+
+
+def fused_ops_reason(device: torch.device) -> str:
+    """Why the fused ops cannot run their kernels on ``device`` ("" when they can)."""
+    from espo.ops.backends import backends
+
+    triton = backends()["triton"]
+    if not triton.available:
+        return triton.reason
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"the model is on {device}, and the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm / Qwen2RMSNorm / Qwen3RMSNorm forward, op for op."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` [..., n] with ``weight`` [n]: one kernel launch (see the module doc)."""
+    _check_weight("rms_norm", x, weight)
+    if not runs_kernel(x):
+        return rms_norm_reference(x, weight, eps)
+    from espo.kernels.rms_norm import rms_norm_rows
+
+    return rms_norm_rows(_rows_readable(x), weight.contiguous(), eps, torch.promote_types(weight.dtype, x.dtype))
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``h = residual + x`` (the residual stream's add), then ``rms_norm_reference(h)``: returns (normalised, h)."""
+    h = residual + x
+    return rms_norm_reference(h, weight, eps), h
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``h = residual + x`` and its RMSNorm in one kernel launch: returns (rms_norm(h), h)."""
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: residual must have x's shape and dtype {list(x.shape)} {x.dtype}, got "
+                         f"{list(residual.shape)} {residual.dtype}")
+    _check_weight("add_rms_norm", x, weight)
+    if not runs_kernel(x):
+        return add_rms_norm_reference(x, residual, weight, eps)
+    from espo.kernels.rms_norm import rms_norm_rows
+
+    x, residual = _rows_readable(x), _rows_readable(residual)
+    return rms_norm_rows(x, weight.contiguous(), eps, torch.promote_types(weight.dtype, x.dtype), residual)
+
+
+def _check_weight(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: weight must have shape [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
+
+
+def _rows_readable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself where the kernel reads its rows in place (a contiguous last dim; more than 2 dims contiguous)."""
+    return x.contiguous() if x.stride(-1) != 1 or (x.dim() > 2 and not x.is_contiguous()) else x
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``x * cos + rotate_half(x) * sin`` for q [N, H, d] and k [N, Hkv, d]; cos, sin [N, d] or [N, 1, d]."""
+    cos, sin = cos.reshape(cos.shape[0], 1, -1), sin.reshape(sin.shape[0], 1, -1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of q [N, H, d] and k [N, Hkv, d] by each token's cos, sin ([N, d] or [N, 1, d]), one launch.
+
+    Returns new tensors (the inputs are not written). Every tensor must have one dtype.
+    """
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
+        raise ValueError(f"rope: q must be [N, H, d] and k [N, Hkv, d] with an even d, got {list(q.shape)} and "
+                         f"{list(k.shape)}")
+    N, d = q.shape[0], q.shape[2]
+    if cos.numel() != N * d or sin.numel() != N * d:
+        raise ValueError(f"rope: cos and sin must hold one row of {d} per token ([{N}, {d}]), got {list(cos.shape)} "
+                         f"and {list(sin.shape)}")
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+        raise TypeError(f"rope: q, k, cos and sin must have one dtype, got {q.dtype}, {k.dtype}, {cos.dtype}, "
+                        f"{sin.dtype}")
+    if not runs_kernel(q):
+        return rope_reference(q, k, cos, sin)
+    from espo.kernels.rope import rope_qk
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    return rope_qk(q, k, cos.reshape(N, d).contiguous(), sin.reshape(N, d).contiguous())
+
+
+# ------------------------------------------------------------------------------------------------ silu_mul
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``: a transformers gated MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` with act "silu"."""
+    return F.silu(gate) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for two tensors of one shape and dtype, in one launch."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul: gate and up must have one shape and dtype, got {list(gate.shape)} {gate.dtype} "
+                         f"and {list(up.shape)} {up.dtype}")
+    if not runs_kernel(gate):
+        return silu_mul_reference(gate, up)
+    from espo.kernels.silu_mul import silu_mul_flat
+
+    return silu_mul_flat(gate.contiguous(), up.contiguous())

@@ -1,0 +1,163 @@
+"""espo.Decoder with fused_ops=True (espo.engine.fused_ops' kernels; under the Triton interpreter on the CPU)
+against fused_ops=False (the modules' eager ops), on the shipped tiny model, tests/model_folders.py's stand-in
+checkpoint (a Llama) and tiny random Qwen2 and Qwen3 models (q/k norms). Small on purpose: the interpreter is slow.
+On a GPU: the default (fused, in CUDA graphs) against fused_ops=False.
+
+Found: the same tokens everywhere; logprobs bit for bit in bf16 on these models (every difference the kernels
+may make is absorbed by bf16 rounding here), and within ~3e-6 in float32 (the RMSNorm's summation order and
+rsqrt, and silu's exp: a few ulps each, see tests/engine/test_fused_ops.py).
+"""
+import pytest
+import torch
+import transformers as T
+from conftest import requires_gpu
+from model_folders import make_model_folder
+
+from espo.engine import forward as forward_module
+from espo.engine import fused_ops
+from espo.engine.decoder import Decoder
+from espo.engine.fused_ops import runs_kernel
+from espo.engine.models import load_builtin
+
+needs_interpreter = pytest.mark.skipif(not runs_kernel(torch.empty(0)), reason="needs TRITON_INTERPRET=1 (no GPU)")
+
+SMALL = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
+             pad_token_id=0)
+PROMPTS = [[1, 5, 9, 3], [7, 2], [4, 4, 4, 4, 4, 8]]  # three prompts, two slots: one refill inside a decode step
+# the largest logprob difference allowed between the two paths: float32's is a few ulps of each op, compounded
+LOGP_ATOL = {torch.float32: 1e-4, torch.bfloat16: 0.05}  # bf16: equal bit for bit here, but a flip may come
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def tiny(family, dtype, **kw):
+    torch.manual_seed(0)
+    cls = {"qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM), "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
+           "llama": (T.LlamaConfig, T.LlamaForCausalLM)}[family]
+    return cls[1](cls[0](**{**SMALL, **kw})).eval().to(dtype)
+
+
+def both_paths(model, vocab, **kw):
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    args = dict(max_new_tokens=6, temperature=1.0, seed=3, eos_token_id=[])
+    plain = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=False, **kw)
+    fused = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=True, **kw)
+    assert not plain.fused_ops and fused.fused_ops
+    return plain.generate(prompts, 1, **args), fused.generate(prompts, 1, **args), fused
+
+
+def assert_same_rollouts(plain, fused, atol):
+    for a, b in zip(plain, fused):
+        assert a.tokens.tolist() == b.tokens.tolist()
+        assert (a.logprobs - b.logprobs).abs().max().item() <= atol
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_builtin_model_fused_equals_unfused(dtype):
+    model, tokenizer = load_builtin(dtype=dtype)
+    plain, fused, _ = both_paths(model, model.config.vocab_size)
+    assert_same_rollouts(plain, fused, LOGP_ATOL[dtype])
+
+
+@needs_interpreter
+def test_stand_in_checkpoint_fused_equals_unfused(tmp_path):
+    make_model_folder(tmp_path)
+    plain = Decoder(tmp_path, max_batch=2, max_seq_len=16, fused_ops=False)
+    vocab = plain.vocab_size
+    args = dict(max_new_tokens=6, temperature=1.0, seed=3, eos_token_id=[])
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    fused = Decoder(tmp_path, max_batch=2, max_seq_len=16, fused_ops=True).generate(prompts, 1, **args)
+    assert_same_rollouts(plain.generate(prompts, 1, **args), fused, LOGP_ATOL[torch.float32])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("family,dtype", [("qwen2", torch.bfloat16), ("qwen3", torch.float32),
+                                          ("qwen3", torch.bfloat16)])
+def test_qwen_families_fused_equal_unfused(family, dtype):
+    extra = {"qwen2": dict(tie_word_embeddings=True), "qwen3": dict(head_dim=20)}[family]
+    plain, fused, _ = both_paths(tiny(family, dtype, **extra), SMALL["vocab_size"])
+    assert_same_rollouts(plain, fused, LOGP_ATOL[dtype])
+
+
+@needs_interpreter
+def test_each_layer_runs_one_launch_per_norm_rope_and_activation(monkeypatch):
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope": 0, "silu_mul": 0}
+    for name in calls:
+        def counted(*a, _name=name, _op=getattr(fused_ops, name)):
+            calls[_name] += 1
+            return _op(*a)
+        monkeypatch.setattr(fused_ops, name, counted)
+    model = tiny("qwen3", torch.float32, head_dim=20, num_hidden_layers=3)
+    dec = Decoder(model, max_batch=2, max_seq_len=8, fused_ops=True)
+    policy = dec.policy
+    ids, pos = torch.tensor([3, 4]), torch.tensor([0, 1])
+    rows = forward_module.PrefillRows([(0, 2)], None, 2, torch.tensor([0, 0]), pos, torch.arange(2))
+    policy.forward(ids, pos, prefill=rows)
+    # per layer: q and k norms (Qwen3), one RoPE, one silu * up, and two residual adds each in the launch of the
+    # norm after it (post-attention, the next layer's input norm or the final norm); the first input norm alone
+    assert calls == {"rms_norm": 1 + 3 * 2, "add_rms_norm": 3 * 2, "rope": 3, "silu_mul": 3}
+
+
+@needs_interpreter
+def test_an_activation_other_than_silu_runs_the_module():
+    plain, fused, dec = both_paths(tiny("llama", torch.float32, hidden_act="gelu"), SMALL["vocab_size"])
+    assert not any(spec.mlp.fused for spec in dec.policy.layers)
+    assert_same_rollouts(plain, fused, LOGP_ATOL[torch.float32])
+
+
+class NotAnRMSNorm(torch.nn.Module):
+    """A norm the fused path does not recognise: it must run the module itself."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@needs_interpreter
+def test_other_norms_run_as_modules_and_replaced_weights_are_seen():
+    model = tiny("llama", torch.float32)
+    layer = model.model.layers[1]
+    layer.post_attention_layernorm = NotAnRMSNorm(layer.post_attention_layernorm)
+    prompts = [list(p) for p in PROMPTS[:2]]
+    args = dict(max_new_tokens=4, temperature=1.0, seed=3, eos_token_id=[])
+    plain = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=False)
+    fused = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=True)
+    assert not fused.policy.layers[1].ln2.fused and fused.policy.layers[1].ln1.fused
+    assert_same_rollouts(plain.generate(prompts, 1, **args), fused.generate(prompts, 1, **args), 1e-4)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * -3.0)  # replaced, not updated in place
+    replaced_plain, replaced_fused = plain.generate(prompts, 1, **args), fused.generate(prompts, 1, **args)
+    assert_same_rollouts(replaced_plain, replaced_fused, 1e-4)
+
+
+@needs_interpreter
+def test_fused_ops_is_resolved_and_checked_once(monkeypatch):
+    model = tiny("llama", torch.float32)
+    assert Decoder(model, max_batch=1, max_seq_len=8).fused_ops is False  # None: on a CUDA device only
+    with pytest.raises(TypeError, match="fused_ops must be True, False or None"):
+        Decoder(model, max_batch=1, max_seq_len=8, fused_ops="yes")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="fused_ops=True cannot run here: the model is on cpu"):
+        Decoder(model, max_batch=1, max_seq_len=8, fused_ops=True)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_graphs_fused_equal_unfused(dtype):
+    model = tiny("qwen3", dtype, head_dim=32).cuda()
+    prompts = [[t % SMALL["vocab_size"] for t in p] for p in PROMPTS * 4]
+    args = dict(max_new_tokens=24, temperature=1.0, seed=3, eos_token_id=[])
+    plain = Decoder(model, max_batch=8, max_seq_len=40, fused_ops=False).generate(prompts, 1, **args)
+    fused_dec = Decoder(model, max_batch=8, max_seq_len=40)
+    assert fused_dec.fused_ops and fused_dec.cuda_graphs  # the default on a GPU
+    fused = fused_dec.generate(prompts, 1, **args)
+    same = sum(a.tokens.tolist() == b.tokens.tolist() for a, b in zip(plain, fused)) / len(plain)
+    print(f"{dtype}: rollouts with the same tokens fused and unfused: {same:.3f}")
+    assert same >= 0.9  # the GPU's reduction orders differ between the paths; a rare flip may fork a rollout

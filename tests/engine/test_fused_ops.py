@@ -1,0 +1,207 @@
+"""The fused ops' Triton kernels (espo.kernels.rms_norm, .rope, .silu_mul) against their references.
+
+The references (espo.engine.fused_ops.*_reference) are the eager computation the unfused forward runs. On the
+CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); on a
+GPU the same bounds hold the compiled kernels (not yet run on one).
+
+Exactness found, and held here:
+* rope: bit for bit in float32, bf16 and fp16 (each product of two values of the dtype is exact in float32, so
+  rounding it once to the dtype is what the eager op does; the kernel is launched without FMA contraction).
+* rms_norm and add_rms_norm (whose sum x + residual is torch's bit for bit): the mean of squares is summed in
+  another order than torch's, and 1/sqrt is torch's rsqrt only to an ulp, so float32 results differ by up to
+  4 ulps (a fifth of them by one or more); in bf16/fp16 the float32 difference reaches the result only where it
+  crosses a rounding boundary (none seen in bf16, ~1e-4 of the values in fp16), by one ulp of the normalised
+  value, which the weight's product can make two.
+* silu_mul: exp is numpy's under the interpreter (the CUDA math library's expf on a GPU, as torch's there), not
+  torch's CPU exp: float32 differs by up to 4 ulps; bf16/fp16 by up to 2 ulps (one in silu, doubled by the
+  product), and rarely.
+"""
+import pytest
+import torch
+
+from espo.engine.fused_ops import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+    rope,
+    rope_reference,
+    runs_kernel,
+    silu_mul,
+    silu_mul_reference,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the largest difference in ulps of the dtype that each op's docstring above allows
+ULPS = {"rms_norm": {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2},
+        "silu_mul": {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}}
+
+
+@pytest.fixture(autouse=True)
+def kernels_run_here():
+    if not runs_kernel(torch.empty(0, device=DEVICE)):
+        pytest.skip("the Triton kernels run on a GPU or under TRITON_INTERPRET=1 only")
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place between two tensors of one float dtype (NaN = NaN: 0)."""
+    bits = a.element_size() * 8
+    as_int = {32: torch.int32, 16: torch.int16}[bits]
+
+    def line(t):  # sign-magnitude bits onto a monotone integer line
+        i = t.contiguous().view(as_int).long()
+        return torch.where(i < 0, -(i & ((1 << (bits - 1)) - 1)), i)
+
+    d = (line(a) - line(b)).abs()
+    return torch.where(a.isnan() & b.isnan(), 0, d)
+
+
+def assert_close_in_ulps(got, want, op):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    d = ulps(got, want)
+    limit = ULPS[op][got.dtype]
+    assert int(d.max()) <= limit, f"{op} {got.dtype}: {int(d.max())} ulps > {limit}"
+    if got.dtype != torch.float32:  # rounding to bf16/fp16 absorbs the float32 differences almost always
+        assert (d > 0).float().mean() < 0.01
+
+
+def rand(shape, dtype, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+# ------------------------------------------------------------------------------------------------ rms_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 896), (5, 37), (64, 24), (3, 5, 24), (2, 4864), (3, 1)])
+def test_rms_norm_matches_the_reference(dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    row_scales = torch.logspace(-3, 3, shape[0])[(...,) + (None,) * (len(shape) - 1)]
+    x = (torch.randn(shape, generator=g) * row_scales).to(dtype).to(DEVICE)
+    w = rand(shape[-1], dtype, seed=2)
+    assert_close_in_ulps(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_extreme_rows(dtype):
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).tiny
+    rows = torch.tensor([
+        [0.0] * 7,                                 # var 0: x * rsqrt(eps)
+        [big, -big, big, 1.0, 0.0, -1.0, 2.0],     # x**2 overflows float32 only for float32 input: inf, then 0
+        [tiny, -tiny, tiny / 4, 0.0, tiny, 0.0, tiny],  # subnormal squares
+        [float("inf"), 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        [float("nan"), 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    ]).to(dtype).to(DEVICE)
+    w = rand(7, dtype, seed=3)
+    for eps in (1e-6, 1e-5, 0.0):
+        assert_close_in_ulps(rms_norm(rows, w, eps), rms_norm_reference(rows, w, eps), "rms_norm")
+
+
+def test_rms_norm_reads_strided_rows_and_heads_of_a_projection():
+    wide = rand((6, 100), torch.bfloat16, seed=4)
+    x = wide[:, 10:50]  # rows 100 apart
+    w = rand(40, torch.bfloat16, seed=5)
+    assert x.stride(0) == 100
+    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    q = wide.view(6, 5, 20)  # Qwen3's q_norm: over each head of [N, heads, d]
+    w = rand(20, torch.bfloat16, seed=6)
+    assert torch.equal(rms_norm(q, w, 1e-6), rms_norm_reference(q, w, 1e-6))
+    empty = rand((0, 20), torch.bfloat16)
+    assert rms_norm(empty, w, 1e-6).shape == (0, 20)
+
+
+def test_rms_norm_with_a_float32_weight_promotes_as_torch_does():
+    x, w = rand((4, 33), torch.bfloat16, seed=7), rand(33, torch.float32, seed=8)
+    got, want = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close_in_ulps(got, want, "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 896), (7, 37), (64, 24)])
+def test_add_rms_norm_adds_exactly_and_normalises_the_sum(dtype, shape):
+    x, residual, w = rand(shape, dtype, 4.0, seed=1), rand(shape, dtype, 4.0, seed=2), rand(shape[-1], dtype, seed=3)
+    residual[0, :3] = torch.tensor([torch.finfo(dtype).max, 1e-3, -2.0], dtype=dtype)  # an overflowing sum too
+    (normed, total), (normed_ref, total_ref) = add_rms_norm(x, residual, w, 1e-6), add_rms_norm_reference(
+        x, residual, w, 1e-6)
+    assert torch.equal(total, total_ref)  # the residual stream itself: bit for bit
+    assert_close_in_ulps(normed, normed_ref, "rms_norm")
+
+
+def test_add_rms_norm_checks_its_arguments():
+    x = rand((2, 8), torch.float32)
+    with pytest.raises(ValueError, match="residual must have x's shape and dtype"):
+        add_rms_norm(x, x.half(), rand(8, torch.float32), 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        add_rms_norm(x, x, rand(9, torch.float32), 1e-6)
+
+
+def test_rms_norm_rejects_a_weight_of_another_size():
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rms_norm(rand((2, 8), torch.float32), rand(9, torch.float32), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- rope
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,H,Hkv,d", [(1, 14, 2, 64), (7, 5, 3, 24), (3, 4, 4, 6), (2, 9, 3, 128)])
+def test_rope_is_bitwise_the_reference(dtype, N, H, Hkv, d):
+    q, k = rand((N, H, d), dtype, 3.0, seed=1), rand((N, Hkv, d), dtype, 3.0, seed=2)
+    theta = torch.arange(N)[:, None] * torch.logspace(0, -4, d // 2).repeat(2)[None]
+    cos, sin = theta.cos().to(dtype).to(DEVICE), theta.sin().to(dtype).to(DEVICE)
+    (qa, ka), (qb, kb) = rope(q, k, cos[:, None], sin[:, None]), rope_reference(q, k, cos[:, None], sin[:, None])
+    assert torch.equal(qa, qb) and torch.equal(ka, kb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_of_views_of_one_projection_and_extreme_values(dtype):
+    N, H, Hkv, d = 5, 3, 1, 8
+    fi = torch.finfo(dtype)
+    qkv = rand((N, (H + 2 * Hkv) * d), dtype, seed=3)
+    qkv[0, :4] = torch.tensor([fi.max, -fi.max, fi.tiny, float("inf")], dtype=dtype)
+    q = qkv[:, : H * d].view(N, H, d)  # token stride (H + 2 Hkv) d: views, not copies
+    k = qkv[:, H * d: (H + Hkv) * d].view(N, Hkv, d)
+    cs = rand((N, 2 * d), dtype, seed=4)
+    cos, sin = cs[:, :d], cs[:, d:]  # rows 2d apart
+    (qa, ka), (qb, kb) = rope(q, k, cos, sin), rope_reference(q, k, cos, sin)
+    assert torch.equal(qa.isnan(), qb.isnan())
+    assert torch.equal(qa.nan_to_num(), qb.nan_to_num()) and torch.equal(ka, kb)
+
+
+def test_rope_checks_its_arguments():
+    q, k, cs = rand((2, 4, 8), torch.float32), rand((2, 2, 8), torch.float32), rand((2, 8), torch.float32)
+    with pytest.raises(ValueError, match="even d"):
+        rope(q[..., :7], k[..., :7], cs[:, :7], cs[:, :7])
+    with pytest.raises(ValueError, match="one row of 8 per token"):
+        rope(q, k, cs[:1], cs[:1])
+    with pytest.raises(TypeError, match="one dtype"):
+        rope(q, k, cs.half(), cs)
+
+
+# ------------------------------------------------------------------------------------------------ silu_mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 4864), (3, 1000), (64, 17)])
+def test_silu_mul_matches_the_reference(dtype, shape):
+    gate, up = rand(shape, dtype, 6.0, seed=1), rand(shape, dtype, seed=2)
+    assert_close_in_ulps(silu_mul(gate, up), silu_mul_reference(gate, up), "silu_mul")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_extreme_values(dtype):
+    fi = torch.finfo(dtype)
+    gate = torch.tensor([0.0, -0.0, 88.0, -88.0, 100.0, -100.0, fi.max, -fi.max, fi.tiny, float("inf"),
+                         float("-inf"), float("nan")]).to(dtype).to(DEVICE)
+    up = torch.tensor([1.0, -2.0, fi.max, 3.0, -1.0, fi.max, 2.0, 1.0, fi.max, 1.0, 1.0, 1.0]).to(dtype).to(DEVICE)
+    assert_close_in_ulps(silu_mul(gate, up), silu_mul_reference(gate, up), "silu_mul")
+
+
+def test_silu_mul_checks_its_arguments():
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        silu_mul(rand((2, 3), torch.float32), rand((2, 4), torch.float32))
