@@ -317,8 +317,9 @@ def main(argv=None):
     parser.add_argument("--hf-step", action="store_true", help="also time generate at half length: its step time")
     parser.add_argument("--refill-batch", type=int, default=None,
                         help="the decoder's refill_batch in the early-stopping rows (default: the decoder's)")
-    parser.add_argument("--fused-ops", default="auto", choices=list(FUSED_OPS),
-                        help="the decoder's fused_ops: auto (its default), on, off, or both (a throughput row each, "
+    parser.add_argument("--fused-ops", default="off", choices=list(FUSED_OPS),
+                        help="the decoder's fused_ops: auto (None: on a GPU with Triton), on, off (its default), "
+                        "or both (a throughput row each, "
                         "in the same run; the stopping rows run fused)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -137,8 +137,9 @@ class Decoder:
         fused_ops: run the RMSNorms (each with the residual add before it), the RoPE of q and k and a silu MLP's
             activation as one Triton kernel each (``espo.engine.fused_ops``) instead of the modules' eager ops,
             which launch ~9, ~10 and 2 kernels.
-            None (default): on where the model is on a CUDA device and the Triton backend is available. True
-            where they cannot run (no Triton, or a CPU device without ``TRITON_INTERPRET=1``) is a ValueError.
+            False (default, until a GPU run has timed them and held them to the unfused rollouts) or True;
+            None: on where the model is on a CUDA device and the Triton backend is available. True where they cannot
+            run (no Triton, or a CPU device without ``TRITON_INTERPRET=1``) is a ValueError.
             The kernels round where the eager ops do; see ``espo.engine.fused_ops`` for where they can differ.
 
     The model's modules are used as they are (not copied): updating its weights in place, as an
@@ -159,7 +160,7 @@ class Decoder:
         prefill_tokens: int = 8192,
         refill_batch: int | None = None,
         progress: bool = False,
-        fused_ops: bool | None = None,
+        fused_ops: bool | None = False,
     ):
         sizes = (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens))
         for name, v in sizes + ((("refill_batch", refill_batch),) if refill_batch is not None else ()):

@@ -97,7 +97,7 @@ class ModelRunner:
         value_source: ValueHead | Critic | None,
         attention: str,
         cuda_graphs: bool,
-        fused_ops: bool | None = None,
+        fused_ops: bool | None = False,
     ):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")

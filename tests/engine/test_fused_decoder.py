@@ -139,7 +139,8 @@ def test_other_norms_run_as_modules_and_replaced_weights_are_seen():
 @needs_interpreter
 def test_fused_ops_is_resolved_and_checked_once(monkeypatch):
     model = tiny("llama", torch.float32)
-    assert Decoder(model, max_batch=1, max_seq_len=8).fused_ops is False  # None: on a CUDA device only
+    assert Decoder(model, max_batch=1, max_seq_len=8).fused_ops is False  # the default
+    assert Decoder(model, max_batch=1, max_seq_len=8, fused_ops=None).fused_ops is False  # None: on a CUDA device only
     with pytest.raises(TypeError, match="fused_ops must be True, False or None"):
         Decoder(model, max_batch=1, max_seq_len=8, fused_ops="yes")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -155,8 +156,8 @@ def test_gpu_graphs_fused_equal_unfused(dtype):
     prompts = [[t % SMALL["vocab_size"] for t in p] for p in PROMPTS * 4]
     args = dict(max_new_tokens=24, temperature=1.0, seed=3, eos_token_id=[])
     plain = Decoder(model, max_batch=8, max_seq_len=40, fused_ops=False).generate(prompts, 1, **args)
-    fused_dec = Decoder(model, max_batch=8, max_seq_len=40)
-    assert fused_dec.fused_ops and fused_dec.cuda_graphs  # the default on a GPU
+    fused_dec = Decoder(model, max_batch=8, max_seq_len=40, fused_ops=None)
+    assert fused_dec.fused_ops and fused_dec.cuda_graphs  # None: on, on a GPU
     fused = fused_dec.generate(prompts, 1, **args)
     same = sum(a.tokens.tolist() == b.tokens.tolist() for a, b in zip(plain, fused)) / len(plain)
     print(f"{dtype}: rollouts with the same tokens fused and unfused: {same:.3f}")
