@@ -82,9 +82,20 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
 
 
 class ScheduledStops(Scheduler):
-    """A scheduler whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there."""
+    """A scheduler whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there;
+    it counts admissions with a forward of their own and those that rode in a graphed step's refill chunk."""
 
     schedule: np.ndarray | None = None
+    admissions = chunk_refills = 0
+
+    def _admit(self, run):
+        self.admissions += 1
+        return super()._admit(run)
+
+    def _take_pending(self, run, holes, chunk=None):
+        adm = super()._take_pending(run, holes, chunk)
+        self.chunk_refills += chunk is not None and adm is not None
+        return adm
 
     def _endings(self, run, slots, code):
         if self.schedule is not None:
@@ -185,24 +196,26 @@ def throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf):
 
 
 def stopping_rows(shape, model, args, device):
-    return [row for per_slot in args.rollouts_per_slot
-            for row in stopping_rows_at(shape, model, args, device, per_slot)]
+    return [row for per_slot in args.rollouts_per_slot for refill_tokens in args.refill_tokens
+            for row in stopping_rows_at(shape, model, args, device, per_slot, refill_tokens)]
 
 
-def stopping_rows_at(shape, model, args, device, per_slot):
+def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens):
     rows = []
     B = args.stop_slots
     R = B * per_slot
     T = args.stop_new_tokens or args.new_tokens
     fused = FUSED_OPS[args.fused_ops][-1]  # "both": the stopping rows run fused
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch,
-                  fused_ops=fused)
-    dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch)
+                  fused_ops=fused, **({} if refill_tokens is None else {"refill_tokens": refill_tokens}))
+    dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch,
+                                   refill_tokens=dec.refill_tokens)
     prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), B, dec.device)  # never armed: its update still runs
 
     def run(schedule):
-        dec.scheduler.schedule = schedule
+        sched = dec.scheduler
+        sched.schedule, sched.admissions, sched.chunk_refills = schedule, 0, 0
         t, ro = time_espo(dec, prompts, T, device, stopper=stopper)
         stopper.end_batch()
         return t, ro
@@ -235,6 +248,8 @@ def stopping_rows_at(shape, model, args, device, per_slot):
             "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
             "refill_batch": dec.refill_batch, "fused_ops": dec.fused_ops,
+            "refill_tokens": dec.refill_tokens if dec.runner.refill_chunk is not None else 0,
+            "admissions": dec.scheduler.admissions, "chunk_refills": dec.scheduler.chunk_refills,
         }
         rows.append(row)
         print(row, flush=True)
@@ -273,16 +288,17 @@ def markdown(env, tput, stops) -> str:
         "Early stopping (rollouts through a pool of slots; a fraction of them stopped at uniformly random points; "
         "ratio = time saved / tokens saved, target >= 0.8):",
         "",
-        "| model | slots | refill_batch | rollouts | new | stopped | tokens saved | time saved | ratio | "
-        "steps (no stop -> stop) | fused ops |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | slots | refill_batch | refill tokens | rollouts | new | stopped | tokens saved | time saved | "
+        "ratio | steps (no stop -> stop) | own prefills | refills in a step | fused ops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stops:
         lines.append(
-            f"| {r['model']} | {r['slots']} | {r.get('refill_batch', '')} | {r['rollouts']} | {r['new_tokens']} | "
-            f"{r['stop_fraction']:.0%} | "
+            f"| {r['model']} | {r['slots']} | {r.get('refill_batch', '')} | {r.get('refill_tokens', '')} | "
+            f"{r['rollouts']} | {r['new_tokens']} | {r['stop_fraction']:.0%} | "
             f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
-            f"{r['decode_steps_no_stop']} -> {r['decode_steps']} | {r.get('fused_ops', '')} |"
+            f"{r['decode_steps_no_stop']} -> {r['decode_steps']} | {r.get('admissions', '')} | "
+            f"{r.get('chunk_refills', '')} | {r.get('fused_ops', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -317,6 +333,9 @@ def main(argv=None):
     parser.add_argument("--hf-step", action="store_true", help="also time generate at half length: its step time")
     parser.add_argument("--refill-batch", type=int, default=None,
                         help="the decoder's refill_batch in the early-stopping rows (default: the decoder's)")
+    parser.add_argument("--refill-tokens", type=int, nargs="*", default=[None],
+                        help="the decoder's refill_tokens in the early-stopping rows, a set of rows each (default: "
+                        "the decoder's; 0: refills only by a forward of their own)")
     parser.add_argument("--fused-ops", default="off", choices=list(FUSED_OPS),
                         help="the decoder's fused_ops: auto (None: on a GPU with Triton), on, off (its default), "
                         "or both (a throughput row each, "

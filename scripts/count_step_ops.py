@@ -4,9 +4,11 @@ does not cover). On a GPU every op that is not a view is a kernel, so the counts
 from its arithmetic.
 
     python scripts/count_step_ops.py [--model DIR] [--slots 8] [--new-tokens 40] [--top-p 0.95] [--stop] [--ops 15]
+    TRITON_INTERPRET=1 python scripts/count_step_ops.py --fused-ops   # the decoder's fused ops, one launch each
 
 Runs on the CPU (the counts do not depend on the device, except that espo.sample is one op call on a GPU and
-the torch backend's many ops here). Without --model: the built-in tiny model.
+the torch backend's many ops here). Without --model: the built-in tiny model. With --fused-ops each fused op
+(espo.engine.fused_ops) counts as one kernel, listed as triton.<op>, and the interpreter's own work inside it not.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import espo  # noqa: E402
+import espo.engine.fused_ops as fused_ops  # noqa: E402
 import espo.engine.model_runner as model_runner  # noqa: E402
 from espo.engine.models import load_builtin, load_model  # noqa: E402
 
@@ -28,7 +31,7 @@ VIEWS = {"aten.view", "aten.slice", "aten.select", "aten.unsqueeze", "aten.t", "
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops under the label in ``self.where`` ("forward", "sample" or "step")."""
+    """Counts aten ops under the label in ``self.where`` ("forward", "sample" or "step"; None: not counted)."""
 
     def __init__(self):
         super().__init__()
@@ -36,13 +39,28 @@ class OpCounter(TorchDispatchMode):
         self.ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[self.where][str(func.overloadpacket)] += 1
+        if self.where is not None:
+            self.ops[self.where][str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
 
 
 def labelled(counter: OpCounter, where: str, fn):
     def wrapped(*args, **kwargs):
         before, counter.where = counter.where, where
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.where = before
+    return wrapped
+
+
+def one_launch(counter: OpCounter, name: str, fn):
+    """``fn`` (a fused op) counted as the one kernel it launches on a GPU, as ``triton.<name>``."""
+    def wrapped(*args, **kwargs):
+        before = counter.where
+        if before is not None:
+            counter.ops[before][f"triton.{name}"] += 1
+        counter.where = None
         try:
             return fn(*args, **kwargs)
         finally:
@@ -57,11 +75,15 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--stop", action="store_true", help="decode with an espo.EarlyStopper")
+    parser.add_argument("--fused-ops", action="store_true",
+                        help="the decoder's fused ops (needs TRITON_INTERPRET=1 on the CPU)")
     parser.add_argument("--ops", type=int, default=15, help="most frequent ops listed per part")
     args = parser.parse_args(argv)
     model, _ = load_model(args.model) if args.model else load_builtin()
-    dec = espo.Decoder(model, max_batch=args.slots, max_seq_len=args.new_tokens + 16)
+    dec = espo.Decoder(model, max_batch=args.slots, max_seq_len=args.new_tokens + 16, fused_ops=args.fused_ops)
     counter = OpCounter()
+    for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul"):
+        setattr(fused_ops, name, one_launch(counter, name, getattr(fused_ops, name)))
     dec.runner._decode_forward = labelled(counter, "forward", dec.runner._decode_forward)
     model_runner.sample = labelled(counter, "sample", model_runner.sample)
     stopper = espo.EarlyStopper(batch_size=args.slots) if args.stop else None

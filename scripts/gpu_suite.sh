@@ -15,7 +15,8 @@
 #     unfiltered, top-k 50, top-p 0.95 beside torch's sorting filter and FlashInfer; callcost: one call at B = 1 from
 #     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, the decoder's step
 #     with and without its fused ops (--fused-ops both: the B = 64 row twice, generate once), and 25%/50% stops
-#     through a full pool, fused (16 rollouts a slot, the decoder's refill_batch; DECODE36_ARGS adds arguments).
+#     through a full pool, fused (16 rollouts a slot, the decoder's refill_batch and refill_tokens: refills in the
+#     graphed step; DECODE36_ARGS adds arguments, e.g. "--refill-tokens 0 256" for the admissions-only design beside).
 # DECODE_ARGS adds arguments to bench_decode.py. Stage limits in seconds: LIMIT_BUILD, LIMIT_SAMPLE, LIMIT_TESTS, LIMIT_DECODE; DEADLINE (seconds from the
 # start) cuts every stage short so that the whole run ends in time and packs what it has. It runs on the image's
 # own python3, torch, triton and nvcc: nothing here assumes the project's pins or a network.
@@ -94,7 +95,8 @@ for what in $stages; do
         -n 8 --timeout=100 --junitxml="$WORK/optests.xml" tests/ops/test_sample.py tests/ops/test_sample_filters.py \
         tests/ops/test_cuda.py tests/ops/test_torch_backend.py tests/ops/test_cuda_host.py tests/ops/test_cuda_ops.py \
         tests/ops/test_integer_sampling.py tests/ops/test_triton_compile.py tests/ops/test_sampling_params.py \
-        tests/engine/test_fused_ops.py tests/engine/test_fused_decoder.py
+        tests/engine/test_fused_ops.py tests/engine/test_fused_decoder.py \
+        tests/engine/test_decoder.py::test_gpu_graph_refill_chunks_match_eager
       ;;
     sample36)
       TAIL=12 stage bench_sample "${LIMIT_SAMPLE:-100}" python3 bench/bench_sample.py --B 1 256 --V 151936 \

@@ -130,9 +130,14 @@ class Decoder:
         cuda_graphs: capture the decode forward in CUDA graphs (on a GPU only), one per bucket of live slots.
         prefill_tokens: most prompt tokens prefilled in one packed forward (one prompt always fits).
         refill_batch: admit pending rollouts only once this many slots are free (or fewer are pending, or none
-            is live). Default: ``max(1, max_batch // 8)`` with CUDA graphs, where each admission is an eager
-            prefill forward of its own (rollouts that end at scattered steps would otherwise cost one per step);
-            1 without, where refills ride in the decode step's own forward.
+            is live). Default: ``max(1, max_batch // 8)`` with CUDA graphs, where such an admission is an eager
+            prefill forward of its own (rollouts that end at scattered steps would otherwise cost one per step)
+            and fewer free slots are refilled inside the graphed decode step (``refill_tokens``); 1 without, where
+            refills ride in the decode step's own forward.
+        refill_tokens: with CUDA graphs, the graphed decode step also prefills up to this many prompt tokens (a
+            prompt counted once per rollout) of pending rollouts into free slots, fewer than refill_batch of them,
+            so that a rollout that ends (an ESPO stop, EOS) is replaced at the next step without a forward of its
+            own; a fixed-size chunk, so it costs those tokens' compute at every step that refills. 0: off.
         progress: default of ``generate(progress=...)``: a tqdm bar over finished rollouts.
         fused_ops: run the RMSNorms (each with the residual add before it), the RoPE of q and k and a silu MLP's
             activation as one Triton kernel each (``espo.engine.fused_ops``) instead of the modules' eager ops,
@@ -161,11 +166,14 @@ class Decoder:
         refill_batch: int | None = None,
         progress: bool = False,
         fused_ops: bool | None = False,
+        refill_tokens: int = 256,
     ):
         sizes = (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens))
         for name, v in sizes + ((("refill_batch", refill_batch),) if refill_batch is not None else ()):
             if not is_integer(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not is_integer(refill_tokens) or refill_tokens < 0:
+            raise ValueError(f"refill_tokens must be an int >= 0 (0: off), got {refill_tokens!r}")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a generated one), got {max_seq_len}")
         self.runner = ModelRunner(
@@ -179,7 +187,8 @@ class Decoder:
             cuda_graphs=cuda_graphs,
             fused_ops=fused_ops,
         )
-        self.scheduler = Scheduler(self.runner, prefill_tokens=int(prefill_tokens), refill_batch=refill_batch)
+        self.scheduler = Scheduler(self.runner, prefill_tokens=int(prefill_tokens), refill_batch=refill_batch,
+                                   refill_tokens=int(refill_tokens))
         self.progress = progress
 
     # ------------------------------------------------------------------------- the runner's and scheduler's
@@ -198,6 +207,7 @@ class Decoder:
     slots = property(lambda self: self.runner.slots, doc="the per-slot state (espo.engine.slots.Slots)")
     prefill_tokens = property(lambda self: self.scheduler.prefill_tokens)
     refill_batch = property(lambda self: self.scheduler.refill_batch)
+    refill_tokens = property(lambda self: self.scheduler.refill_tokens)
 
     @property
     def cuda_graphs(self) -> bool:

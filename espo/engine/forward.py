@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import fused_ops
-from .kv_cache import KVCache, decode_attention, decode_mask, prefill_attention
+from .kv_cache import KVCache, chunk_mask, decode_attention, decode_mask, prefill_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -55,6 +55,9 @@ class PrefillRows:
     segments: (offset, len) per prompt; cu_seqlens [P+1] int32 (flash-attn) or None; max_len: the longest.
     The K/V of the part's token src_idx[i] go to the cache at (dst_slots[i], dst_pos[i]), so that a prompt
     shared by several rollouts is computed once and written into each of their slots.
+    seg: each token's prompt (int64 [n] on the device), for a part of fixed shape (a CUDA graph's): attention is
+    then one masked SDPA over the part, tokens seeing only earlier tokens of their own prompt, and ``segments``
+    and ``cu_seqlens`` are unused. Padding tokens take a prompt id of their own.
     """
 
     segments: list[tuple[int, int]]
@@ -63,6 +66,18 @@ class PrefillRows:
     dst_slots: torch.Tensor
     dst_pos: torch.Tensor
     src_idx: torch.Tensor
+    seg: torch.Tensor | None = None
+
+
+@dataclass
+class _Shared:
+    """What every layer of one forward shares, computed once: the cache rows that the decode and prefill parts
+    write (``KVCache.rows``) and their additive attention masks by sliding window (None: full attention)."""
+
+    decode_rows: torch.Tensor | None
+    prefill_rows: torch.Tensor | None
+    decode_masks: dict[int | None, torch.Tensor]
+    prefill_masks: dict[int | None, torch.Tensor]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -224,25 +239,30 @@ class TransformerForward:
         b = 0 if decode is None else int(decode.rows.shape[0])
         h = self.embed(ids)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        masks: dict[int | None, torch.Tensor | None] = {}
-        if decode is not None and self.attention == "sdpa":
-            for w in self.windows + ([None] if self.has_full else []):
-                masks[w] = decode_mask(decode.seqlens, decode.length, w, decode.arange)
+        windows = self.windows + ([None] if self.has_full else [])
+        shared = _Shared(
+            None if decode is None or self.cache.layout == "flash" else self.cache.rows(decode.rows, decode.seqlens),
+            None if prefill is None else self.cache.rows(prefill.dst_slots, prefill.dst_pos),
+            {} if decode is None or self.attention != "sdpa" else
+            {w: decode_mask(decode.seqlens, decode.length, w, decode.arange, h.dtype) for w in windows},
+            {} if prefill is None or prefill.seg is None else
+            {w: chunk_mask(prefill.seg, positions[b:], w, h.dtype) for w in windows},
+        )
         if self.fused:
-            return self._fused_layers(h, cos, sin, b, decode, prefill, masks, out_idx)
+            return self._fused_layers(h, cos, sin, b, decode, prefill, shared, out_idx)
         for i, spec in enumerate(self.layers):
             q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
-            o = self._attend(i, spec, q, k, v, b, decode, prefill, masks)
+            o = self._attend(i, spec, q, k, v, b, decode, prefill, shared)
             h = h + spec.attn.o_proj(o.reshape(o.shape[0], -1))
             h = h + spec.mlp(spec.ln2(h))
         return self.norm(h if out_idx is None else h[out_idx])
 
-    def _fused_layers(self, h, cos, sin, b, decode, prefill, masks, out_idx):
+    def _fused_layers(self, h, cos, sin, b, decode, prefill, shared, out_idx):
         """The layers of the fused path: each residual add runs in the launch of the RMSNorm that follows it."""
         x = self.layers[0].ln1(h)
         for i, spec in enumerate(self.layers):
             q, k, v = self._qkv(spec, x, cos, sin)
-            o = self._attend(i, spec, q, k, v, b, decode, prefill, masks)
+            o = self._attend(i, spec, q, k, v, b, decode, prefill, shared)
             x, h = spec.ln2.add(spec.attn.o_proj(o.reshape(o.shape[0], -1)), h)
             m = spec.mlp(x)
             if i + 1 < len(self.layers):
@@ -251,20 +271,21 @@ class TransformerForward:
             m, h = m[out_idx], h[out_idx]
         return self.norm.add(m, h)[0]
 
-    def _attend(self, i, spec, q, k, v, b, decode, prefill, masks) -> torch.Tensor:
+    def _attend(self, i, spec, q, k, v, b, decode, prefill, shared: _Shared) -> torch.Tensor:
         """Layer i's attention: the decode part over the cache, the prefill part within each prompt; K/V cached."""
         parts = []
         if decode is not None:
             parts.append(decode_attention(
-                self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, seqlens=decode.seqlens,
-                seqlens_i32=decode.seqlens_i32, length=decode.length, mask=masks.get(spec.window),
-                window=spec.window, scale=self.scale,
+                self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, cache_rows=shared.decode_rows,
+                seqlens=decode.seqlens, seqlens_i32=decode.seqlens_i32, length=decode.length,
+                mask=shared.decode_masks.get(spec.window), window=spec.window, scale=self.scale,
             ))
         if prefill is not None:
             kp, vp = k[b:], v[b:]
-            self.cache.write(i, prefill.dst_slots, prefill.dst_pos, kp[prefill.src_idx], vp[prefill.src_idx])
+            self.cache.write(i, shared.prefill_rows, kp[prefill.src_idx], vp[prefill.src_idx])
             parts.append(prefill_attention(
                 q[b:], kp, vp, segments=prefill.segments, cu_seqlens=prefill.cu_seqlens, max_len=prefill.max_len,
                 window=spec.window, scale=self.scale, use_flash=self.attention == "flash",
+                mask=shared.prefill_masks.get(spec.window),
             ))
         return parts[0] if len(parts) == 1 else torch.cat(parts)

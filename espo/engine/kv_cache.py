@@ -85,22 +85,24 @@ class KVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * slots * max_seq_len * kv_heads * head_dim * itemsize
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [N, kv_heads, head_dim] at (slots[i], positions[i]) of ``layer`` (distinct pairs).
+    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The rows of a layer's flattened cache that hold (slots[i], positions[i]), for ``write``: the same in
+        every layer, so that a forward computes them once rather than once per layer (five kernels each)."""
+        H, L = self.kv_heads, self.max_seq_len
+        if self.layout == "flash":  # [slots, max_seq_len, kv_heads, head_dim]: a row is one position's heads
+            return slots * L + positions
+        heads = torch.arange(H, device=slots.device)  # [slots, kv_heads, max_seq_len, head_dim]: one head's position
+        return ((slots[:, None] * H + heads) * L + positions[:, None]).reshape(-1)
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [N, kv_heads, head_dim] at ``rows`` = ``self.rows(slots, positions)`` (distinct pairs).
 
         As one ``index_copy_`` of rows of the layer's flattened cache: the same values as
         ``cache[layer][slots, :, positions] = k``, which the CPU runs several times slower (an advanced index split
         by a slice)."""
-        H, L, D = self.kv_heads, self.max_seq_len, self.head_dim
-        if self.layout == "flash":  # [slots, max_seq_len, kv_heads, head_dim]: a row is one position's heads
-            rows = slots * L + positions
-            self.k[layer].view(-1, H * D).index_copy_(0, rows, k.reshape(-1, H * D))
-            self.v[layer].view(-1, H * D).index_copy_(0, rows, v.reshape(-1, H * D))
-        else:  # [slots, kv_heads, max_seq_len, head_dim]: a row is one position of one head
-            heads = torch.arange(H, device=slots.device)
-            rows = ((slots[:, None] * H + heads) * L + positions[:, None]).reshape(-1)
-            self.k[layer].view(-1, D).index_copy_(0, rows, k.reshape(-1, D))
-            self.v[layer].view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
+        width = self.kv_heads * self.head_dim if self.layout == "flash" else self.head_dim
+        self.k[layer].view(-1, width).index_copy_(0, rows, k.reshape(-1, width))
+        self.v[layer].view(-1, width).index_copy_(0, rows, v.reshape(-1, width))
 
     def move(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy the first ``length`` positions of slots ``src`` into slots ``dst`` (every layer)."""
@@ -112,18 +114,32 @@ class KVCache:
             self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
-def decode_mask(seqlens: torch.Tensor, length: int, window: int | None, arange: torch.Tensor) -> torch.Tensor:
-    """bool [B, 1, 1, length]: the keys that the query at position ``seqlens[b]`` sees (itself included).
+def decode_mask(seqlens: torch.Tensor, length: int, window: int | None, arange: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, 1, length] in ``dtype``: 0 for the keys that the query at position ``seqlens[b]`` sees (itself
+    included), -inf for the others.
 
     Causal, and with a sliding ``window`` only keys at positions p with q - p < window (transformers'
-    sliding-window rule). ``arange`` is a preallocated ``torch.arange(>= length)`` on the device.
+    sliding-window rule). ``arange`` is a preallocated ``torch.arange(>= length)`` on the device. SDPA turns a
+    bool mask into exactly this tensor on every call, i.e. in every layer; made here, it is made once a forward.
     """
     pos = arange[:length][None, :]
     q = seqlens[:, None]
-    mask = pos <= q
+    sees = pos <= q
     if window is not None:
-        mask = mask & (pos > q - window)
-    return mask[:, None, None, :]
+        sees = sees & (pos > q - window)
+    blocked = torch.full((), float("-inf"), dtype=dtype, device=seqlens.device)
+    return torch.zeros((), dtype=dtype, device=seqlens.device).where(sees, blocked)[:, None, None, :]
+
+
+def chunk_mask(seg: torch.Tensor, positions: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [1, 1, n, n] in ``dtype`` over n packed prompt tokens: 0 where token i sees token j (the same prompt,
+    ``seg``, and an earlier or equal position, within ``window``), -inf elsewhere; every token sees itself."""
+    sees = (seg[:, None] == seg[None, :]) & (positions[None, :] <= positions[:, None])
+    if window is not None:
+        sees = sees & (positions[:, None] - positions[None, :] < window)
+    blocked = torch.full((), float("-inf"), dtype=dtype, device=seg.device)
+    return torch.zeros((), dtype=dtype, device=seg.device).where(sees, blocked)[None, None]
 
 
 def decode_attention(
@@ -134,6 +150,7 @@ def decode_attention(
     v: torch.Tensor,
     *,
     rows: torch.Tensor,
+    cache_rows: torch.Tensor | None,
     seqlens: torch.Tensor,
     seqlens_i32: torch.Tensor,
     length: int,
@@ -144,7 +161,8 @@ def decode_attention(
     """One new token per row for rows 0..B-1 (= slots 0..B-1): store its k, v and attend over the cache.
 
     q [B, heads, D], k and v [B, kv_heads, D]; ``rows`` is arange(B) on the device; ``seqlens`` [B] (int64)
-    is each row's position, i.e. its cached length before this token (``seqlens_i32`` the same as int32).
+    is each row's position, i.e. its cached length before this token (``seqlens_i32`` the same as int32);
+    ``cache_rows`` is ``cache.rows(rows, seqlens)`` (SDPA layout; flash-attn writes the cache itself).
     ``length`` bounds the positions read (SDPA; > max(seqlens)), and ``mask`` is
     ``decode_mask(seqlens, length, window)``. Returns [B, heads, D].
     """
@@ -164,7 +182,7 @@ def decode_attention(
             window_size=(-1, -1) if window is None else (window - 1, 0),
         )
         return out[:, 0]
-    cache.write(layer, rows, seqlens, k, v)
+    cache.write(layer, cache_rows, k, v)
     kv_heads = cache.kv_heads
     # Grouped-query attention without repeating K/V: the heads sharing a KV head become query rows of it.
     qg = q.view(B, kv_heads, H // kv_heads, D)
@@ -185,12 +203,19 @@ def prefill_attention(
     window: int | None,
     scale: float,
     use_flash: bool,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention within each packed sequence: q [N, heads, D], k and v [N, kv_heads, D].
 
     ``segments`` lists (start, length) of each sequence in the packed tokens (positions 0 .. length-1);
-    ``cu_seqlens`` is the int32 [S+1] prefix sum that flash-attn's varlen kernel takes.
+    ``cu_seqlens`` is the int32 [S+1] prefix sum that flash-attn's varlen kernel takes. With ``mask``
+    (``chunk_mask``: fixed shapes, for a CUDA graph) one SDPA over all N tokens instead, whatever the layout.
     """
+    if mask is not None:
+        rep = q.shape[1] // k.shape[1]
+        ks, vs = (t.transpose(0, 1)[None].repeat_interleave(rep, dim=1) for t in (k, v))
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], ks, vs, attn_mask=mask, scale=scale)
+        return o[0].transpose(0, 1)
     if use_flash:
         from flash_attn import flash_attn_varlen_func
 

@@ -20,11 +20,11 @@ from torch import nn
 from espo.checks import check_device
 from espo.ops.sample import sample
 
-from .forward import DecodeRows, TransformerForward, check_family
+from .forward import DecodeRows, PrefillRows, TransformerForward, check_family
 from .fused_ops import fused_ops_reason
 from .kv_cache import KVCache, resolve_attention
 from .models import load_causal_lm
-from .sequence import CODE_EOS, CODE_INVALID, CODE_STOP, Admission, Request
+from .sequence import CODE_EOS, CODE_INVALID, CODE_STOP, Admission, RefillChunk, Request
 from .slots import Slots
 from .value_head import Critic, ValueHead, check_value_source
 
@@ -177,6 +177,15 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._graph_pool = None
         self._batch_buckets = _batch_buckets(S)
+        self.refill_chunk: RefillChunk | None = None
+        self._chunk_buf: torch.Tensor | None = None
+
+    def use_refill_chunk(self, chunk: RefillChunk | None) -> None:
+        """With CUDA graphs, admissions that fit ``chunk`` ride in the decode step's graph, read from a static
+        buffer of its size (the graph's input); None: admissions always get a forward of their own."""
+        self.refill_chunk = chunk
+        self._graphs = {key: entry for key, entry in self._graphs.items() if not key[2]}  # they read the old buffer
+        self._chunk_buf = None if chunk is None else torch.zeros(chunk.size, dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -239,13 +248,18 @@ class ModelRunner:
 
     def decode(self, b: int, length: int, adm: "Admission | None" = None):
         """Logits [b (+ k), V] and values (or None) of a decode step over the live slots 0..b-1 reading ``length``
-        cached positions; eager, it also prefills the admission ``adm`` (k rollouts) in the same forward."""
+        cached positions; it also prefills the admission ``adm`` (k rollouts, in slots b..b+k-1) in the same
+        forward: eager, or with CUDA graphs from ``adm.chunk`` (a ``RefillChunk``) in the step's graph."""
         slots = self.slots
         if self.cuda_graphs:
             bb = next(s for s in self._batch_buckets if s >= b)
-            logits, values = self._decode_graphed(bb, length)
-            logits = logits[:b]
-            values = None if values is None else values[:b]
+            if adm is not None:
+                self._chunk_buf.copy_(torch.from_numpy(adm.chunk))  # the graph's static input
+            logits, values = self._decode_graphed(bb, length, chunked=adm is not None)
+            k = 0 if adm is None else len(adm.rids)
+            pick = (lambda t: t[:b]) if k == 0 else (lambda t: torch.cat((t[:b], t[bb : bb + k])))
+            logits = pick(logits)
+            values = None if values is None else pick(values)
         elif adm is None:
             logits, values = self._decode_forward(b, length)
         else:  # one forward: the b decode tokens, then the admitted rollouts' packed prompts
@@ -263,39 +277,58 @@ class ModelRunner:
     def _decode_rows(self, b: int, length: int) -> DecodeRows:
         return DecodeRows(self.slots.seqlen[:b], self.slots.seqlen32[:b], self._arange[:b], length, self._arange)
 
-    def _decode_forward(self, b: int, length: int):
-        """Logits [b, V] and values [b] (or None) of slots 0..b-1, eager."""
-        return self.forward(self.slots.tok[:b], self.slots.seqlen[:b], decode=self._decode_rows(b, length))
+    def _decode_forward(self, b: int, length: int, chunked: bool = False):
+        """Logits and values (or None) of slots 0..b-1 ([b, V], [b]), eager; ``chunked``: also the refill chunk in
+        ``_chunk_buf``, whose rows follow ([b + chunk rows, V]). Reads only static tensors (a graph's inputs)."""
+        slots, decode = self.slots, self._decode_rows(b, length)
+        if not chunked:
+            return self.forward(slots.tok[:b], slots.seqlen[:b], decode=decode)
+        c = self.refill_chunk.views(self._chunk_buf)
+        prefill = PrefillRows([], None, self.refill_chunk.tokens, c["dst_slots"], c["dst_pos"], c["src_idx"],
+                              seg=c["seg"])
+        return self.forward(
+            torch.cat((slots.tok[:b], c["ids"])), torch.cat((slots.seqlen[:b], c["positions"])),
+            decode=decode, prefill=prefill, out_idx=torch.cat((self._arange[:b], b + c["out"])),
+        )
 
-    def _decode_graphed(self, b: int, length: int):
-        key = (b, length if self.attention == "sdpa" else 0)
+    def _decode_graphed(self, b: int, length: int, chunked: bool = False):
+        key = (b, length if self.attention == "sdpa" else 0, chunked)
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(b, length)
+                entry = self._capture(lambda: self._decode_forward(b, length, chunked))
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # a capture failure costs speed, never correctness
-                warnings.warn(f"espo.Decoder: CUDA graph capture failed ({err!r}); decoding eagerly", RuntimeWarning)
-                self.cuda_graphs = False
-                return self._decode_forward(b, length)
+                out = self._decode_forward(b, length, chunked)
+                if chunked:
+                    warnings.warn(f"espo.Decoder: CUDA graph capture of a refill step failed ({err!r}); refills "
+                                  "get a forward of their own", RuntimeWarning)
+                    self.use_refill_chunk(None)
+                else:
+                    warnings.warn(f"espo.Decoder: CUDA graph capture failed ({err!r}); decoding eagerly",
+                                  RuntimeWarning)
+                    self.cuda_graphs = False
+                return out
             self._graphs[key] = entry
         graph, outputs = entry
         graph.replay()
         return outputs
 
-    def _capture(self, b: int, length: int):
+    def _capture(self, forward):
+        """A CUDA graph of ``forward()`` (run twice first, rewriting this step's K/V with the same values) and its
+        outputs, which each replay overwrites."""
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: rewrites this step's K/V with the same values
+        with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_forward(b, length)
+                forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            outputs = self._decode_forward(b, length)
+            outputs = forward()
         return graph, outputs
 
     def length_bucket(self, need: int) -> int:

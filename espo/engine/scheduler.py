@@ -2,10 +2,11 @@
 
 ``Scheduler`` drives one ``generate`` call over a ``ModelRunner`` (``espo.engine.model_runner``): it keeps the
 pending rollouts, admits them into free slots (one packed prefill per admission, within prefill_tokens;
-with CUDA graphs only once refill_batch slots are free), steps the live slots, records why each rollout
-ended (EOS, its length limit, an ESPO stop, invalid logits), frees their slots, and gathers the drawn
-tokens into ``Rollouts``. The slot state itself lives in ``espo.engine.slots.Slots``; the model's compute, and
-the draw, in the runner.
+eager, inside the decode step's forward; with CUDA graphs in a forward of their own once refill_batch slots
+are free, and fewer inside the graphed decode step, up to refill_tokens prompt tokens), steps the live slots,
+records why each rollout ended (EOS, its length limit, an ESPO stop, invalid logits), frees their slots, and
+gathers the drawn tokens into ``Rollouts``. The slot state itself lives in ``espo.engine.slots.Slots``; the
+model's compute, and the draw, in the runner.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .sequence import (
     FINISH_REASONS,
     RECORD_COLUMNS,
     Admission,
+    RefillChunk,
     Rollout,
     Rollouts,
     RunState,
@@ -31,16 +33,20 @@ from .sequence import (
 class Scheduler:
     """Runs the rollouts of a ``RunState`` through the runner's ``max_batch`` slots (``runner.slots``).
 
-    prefill_tokens: most prompt tokens prefilled in one packed forward; refill_batch: admit pending
-    rollouts only once this many slots are free (see ``espo.Decoder``; None: its default).
+    prefill_tokens: most prompt tokens prefilled in one packed forward; refill_batch, refill_tokens: see
+    ``espo.Decoder`` (refill_batch None: its default).
     """
 
-    def __init__(self, runner: ModelRunner, *, prefill_tokens: int, refill_batch: int | None = None):
+    def __init__(self, runner: ModelRunner, *, prefill_tokens: int, refill_batch: int | None = None,
+                 refill_tokens: int = 0):
         self.runner, self.slots, self.device = runner, runner.slots, runner.device
         self.max_batch, self.max_seq_len, self.prefill_tokens = runner.max_batch, runner.max_seq_len, prefill_tokens
         S = self.max_batch
         default_refill = max(1, S // 8) if runner.cuda_graphs else 1
         self.refill_batch = min(S, int(refill_batch) if refill_batch is not None else default_refill)
+        self.refill_tokens = int(refill_tokens)
+        if runner.cuda_graphs and self.refill_tokens and self.refill_batch > 1:
+            runner.use_refill_chunk(RefillChunk(self.refill_tokens, rows=self.refill_batch - 1))
 
     def run(self, run: RunState, bar) -> None:
         """Decode until every rollout of ``run`` has ended, from an empty pool; ``bar`` counts finished ones."""
@@ -48,10 +54,11 @@ class Scheduler:
         where, slots, runner = "prefill", self.slots, self.runner
         try:
             while run.pending or slots.live.any():
-                # Eager steps take refills into the decode step's own forward; the graphed step's shapes are
-                # fixed, so with CUDA graphs (and when no rollout is live) refills get a forward of their own.
+                # Eager steps take refills into the decode step's own forward; with CUDA graphs (and when no
+                # rollout is live) refills get a forward of their own once refill_batch slots are free, and fewer
+                # ride in the graphed step's fixed-size refill chunk.
                 if runner.cuda_graphs or not slots.live.any():
-                    while self._may_refill(run):
+                    while self._may_refill(run, alone=True):
                         where = "prefill"
                         self._release(self._admit(run), bar)
                     if not slots.live.any():
@@ -63,24 +70,32 @@ class Scheduler:
             message = oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)
             raise torch.OutOfMemoryError(message) from err
 
-    def _may_refill(self, run: RunState) -> bool:
+    def _may_refill(self, run: RunState, alone: bool = False) -> bool:
         """Whether to admit pending rollouts now: enough slots are free (refill_batch, or all that are pending),
-        or no rollout is live."""
+        or no rollout is live. ``alone``: in a forward of their own, where, with a graphed refill chunk, fewer
+        pending rollouts than refill_batch do not suffice (they ride in the next step's chunk)."""
         live = self.slots.n_live
         free = self.max_batch - live
-        return bool(run.pending) and free > 0 and (live == 0 or free >= min(self.refill_batch, len(run.pending)))
+        chunked = alone and self.runner.cuda_graphs and self.runner.refill_chunk is not None
+        enough = self.refill_batch if chunked else min(self.refill_batch, len(run.pending))
+        return bool(run.pending) and free > 0 and (live == 0 or free >= enough)
 
-    def _take_pending(self, run: RunState, holes: np.ndarray) -> Admission | None:
-        """Give pending rollouts the first of the free slots ``holes`` (one packed prefill, within prefill_tokens).
+    def _take_pending(self, run: RunState, holes: np.ndarray, chunk: RefillChunk | None = None) -> Admission | None:
+        """Give pending rollouts the first of the free slots ``holes`` (one packed prefill, within prefill_tokens;
+        with ``chunk``, also within its tokens and rows, and packed into ``Admission.chunk``).
 
         Sets the slots' state (prompt length, offset 0, seed, stopper row, value) for their first draw.
         """
-        rids, uniq, budget = [], {}, 0
+        rids, uniq, budget, rollout_tokens = [], {}, 0, 0
         for _ in holes:
             if not run.pending:
                 break
             r = run.pending[0]
             p = int(run.prompt_of[r])
+            if chunk is not None:
+                if len(rids) == chunk.rows or rollout_tokens + run.plen[p] > chunk.tokens:
+                    break
+                rollout_tokens += int(run.plen[p])
             if p not in uniq:
                 if uniq and budget + run.plen[p] > self.prefill_tokens:
                     break
@@ -121,7 +136,9 @@ class Scheduler:
             run.request.stopper.reset_rows(mask.to(self.device))
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
         prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
-        return Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t)
+        packed = None if chunk is None else chunk.pack(
+            ids, positions, np.repeat(np.arange(len(lens)), lens), dst_slots, dst_pos, src_idx, last_idx[ui])
+        return Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t, packed)
 
     def _admitted(self, run: RunState, adm: Admission) -> None:
         """The admitted rollouts drew their first tokens."""
@@ -149,6 +166,8 @@ class Scheduler:
         adm = None
         if not runner.cuda_graphs and self._may_refill(run):
             adm = self._take_pending(run, np.arange(b, self.max_batch))
+        elif runner.cuda_graphs and runner.refill_chunk is not None and run.pending and b < self.max_batch:
+            adm = self._take_pending(run, np.arange(b, self.max_batch), runner.refill_chunk)
         logits, values = runner.decode(b, length, adm)
         n = b + (0 if adm is None else len(adm.rids))
         tokens, code = runner.sample(run.request, run.records, logits, values, slice(0, n))

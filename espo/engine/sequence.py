@@ -102,7 +102,8 @@ class Admission:
 
     rids, slots [k]: the rollouts and their slots (host); ids, positions [N]: the packed prompt tokens;
     last_idx [U]: each prompt's last token in them; ui [k]: each rollout's prompt among the U; slots_t [k]:
-    the slots on the device.
+    the slots on the device. chunk: the same admission padded to a fixed size (``RefillChunk``), for a CUDA
+    graph's decode step to prefill it, or None.
     """
 
     rids: np.ndarray
@@ -113,6 +114,49 @@ class Admission:
     last_idx: torch.Tensor
     ui: torch.Tensor
     slots_t: torch.Tensor
+    chunk: np.ndarray | None = None
+
+
+class RefillChunk:
+    """An admission padded to ``tokens`` prompt tokens and ``rows`` rollouts, as one int64 array, so that a CUDA
+    graph's decode step can prefill it from a static buffer: the packed prompts' ids, positions and prompt ids
+    (seg), where each rollout's K/V go (dst_slots, dst_pos, src_idx: one entry per rollout and token) and each
+    rollout's last prompt token (out). Padding tokens are token 0 at position 0 with a prompt id of their own;
+    padding K/V writes and outputs repeat the first real ones (the same value written twice)."""
+
+    FIELDS = ("ids", "positions", "seg", "dst_slots", "dst_pos", "src_idx")
+
+    def __init__(self, tokens: int, rows: int):
+        self.tokens, self.rows = tokens, min(rows, tokens)  # a rollout has at least one prompt token
+
+    @property
+    def size(self) -> int:
+        return len(self.FIELDS) * self.tokens + self.rows
+
+    def pack(self, ids, positions, seg, dst_slots, dst_pos, src_idx, out) -> np.ndarray:
+        """The padded array (host int64); raises ValueError if the admission does not fit."""
+        n, d, k = len(ids), len(dst_slots), len(out)
+        if n > self.tokens or d > self.tokens or k > self.rows or min(n, d, k) == 0:
+            raise ValueError(f"a refill chunk holds 1..{self.tokens} tokens and 1..{self.rows} rollouts, got {n} "
+                             f"prompt tokens, {d} rollout tokens and {k} rollouts")
+        flat = np.zeros(self.size, dtype=np.int64)
+        T = self.tokens
+        flat[0:n], flat[T : T + n] = ids, positions
+        flat[2 * T : 3 * T] = int(seg.max()) + 1
+        flat[2 * T : 2 * T + n] = seg
+        for j, (a, first) in enumerate(((dst_slots, dst_slots[0]), (dst_pos, dst_pos[0]), (src_idx, src_idx[0]))):
+            flat[(3 + j) * T : (4 + j) * T] = first
+            flat[(3 + j) * T : (3 + j) * T + d] = a
+        flat[6 * T :] = out[0]
+        flat[6 * T : 6 * T + k] = out
+        return flat
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fields of a packed buffer (views of it, e.g. a CUDA graph's static input), and "out"."""
+        T = self.tokens
+        named = {name: buf[i * T : (i + 1) * T] for i, name in enumerate(self.FIELDS)}
+        named["out"] = buf[len(self.FIELDS) * T :]
+        return named
 
 
 @dataclass

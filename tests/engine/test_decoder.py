@@ -295,6 +295,8 @@ def test_refill_batch_waits_for_free_slots_and_changes_no_token(monkeypatch):
     assert Decoder(model, max_batch=4, max_seq_len=40, refill_batch=99).refill_batch == 4
     with pytest.raises(ValueError, match="refill_batch"):
         Decoder(model, max_batch=4, max_seq_len=40, refill_batch=0)
+    with pytest.raises(ValueError, match="refill_tokens must be an int >= 0"):
+        Decoder(model, max_batch=4, max_seq_len=40, refill_tokens=-1)
 
 
 def test_padded_graph_buckets_change_nothing(monkeypatch):
@@ -306,7 +308,8 @@ def test_padded_graph_buckets_change_nothing(monkeypatch):
     dec = Decoder(model, max_batch=6, max_seq_len=140)
     shapes = []
 
-    def padded(self, b, length):
+    def padded(self, b, length, chunked=False):
+        assert not chunked  # the scheduler was made without graphs: no refill chunk
         shapes.append((b, length))
         return self._decode_forward(b, length)
 
@@ -317,6 +320,126 @@ def test_padded_graph_buckets_change_nothing(monkeypatch):
     for a, b in zip(eager, bucketed):
         assert a.tokens.tolist() == b.tokens.tolist()
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+class ReplayedForward:
+    """A CUDA graph's stand-in on the CPU: ``replay`` reruns the captured forward and writes its results into the
+    tensors that the capture returned, as a real replay overwrites its outputs; the forward must therefore read
+    all it needs from static tensors (a refill chunk passed any other way would replay the first one)."""
+
+    def __init__(self, forward):
+        self.forward, self.outputs = forward, forward()
+
+    def replay(self):
+        for out, new in zip(self.outputs, self.forward()):
+            if out is not None:
+                out.copy_(new)
+
+
+def graphs_on_cpu(monkeypatch, dec, **scheduler_kw):
+    """``dec`` decoding as with CUDA graphs (buckets, refill chunks), each graph a ``ReplayedForward``."""
+    def capture(self, forward):
+        graph = ReplayedForward(forward)
+        return graph, graph.outputs
+
+    monkeypatch.setattr(ModelRunner, "_capture", capture)
+    dec.cuda_graphs = True
+    dec.scheduler = Scheduler(dec.runner, prefill_tokens=dec.prefill_tokens, **scheduler_kw)
+    return dec
+
+
+def spy_admissions(monkeypatch):
+    """(live slots, admitted rollouts, prompt tokens counted per rollout, in a graphed step?) of each admission."""
+    seen = []
+    take = Scheduler._take_pending
+
+    def spy(self, run, holes, chunk=None):
+        live = self.slots.n_live
+        plen = {r: int(run.plen[run.prompt_of[r]]) for r in run.pending}
+        adm = take(self, run, holes, chunk)
+        if adm is not None:
+            seen.append((live, len(adm.rids), sum(plen[int(r)] for r in adm.rids), chunk is not None))
+        return adm
+
+    monkeypatch.setattr(Scheduler, "_take_pending", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_refills_in_the_graphed_step_change_no_token(family, monkeypatch):
+    """With CUDA graphs, fewer than refill_batch refills ride in the decode step's graph, prefilled from a padded
+    chunk (one masked attention over it, prompts shared by two rollouts written into both slots): the same
+    rollouts as eager decoding, and an admission of its own only for an empty pool or refill_batch free slots."""
+    model = tiny(family, seed=23, **({"sliding_window": 5} if family == "mistral" else {}))
+    prompts = prompts_for(7, seed=23, lo=3, hi=12)
+    kw = dict(max_new_tokens=18, temperature=1.0, seed=6, eos_token_id=EOS)
+    eager = Decoder(model, max_batch=6, max_seq_len=48).generate(prompts, 2, **kw)
+    admissions = spy_admissions(monkeypatch)
+    dec = graphs_on_cpu(monkeypatch, Decoder(model, max_batch=6, max_seq_len=48), refill_batch=4, refill_tokens=20)
+    assert dec.runner.refill_chunk.tokens == 20 and dec.runner.refill_chunk.rows == 3
+    chunked = dec.generate(prompts, 2, **kw)
+    for a, b in zip(eager, chunked):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    in_graph = [a for a in admissions if a[3]]
+    assert len(in_graph) >= 3, "the test must exercise refills inside graphed steps"
+    assert any(k > 1 for _, k, _, _ in in_graph), "and a chunk holding more than one rollout"
+    for live, k, tokens, graphed in admissions:
+        if graphed:
+            assert 1 <= k <= 3 and tokens <= 20 and live >= 1
+        else:
+            assert live == 0 or 6 - live >= 4, (live, k)
+
+
+def test_refill_chunk_too_small_for_a_prompt_leaves_it_to_an_admission_of_its_own(monkeypatch):
+    model = tiny("qwen2", seed=24)
+    prompts = prompts_for(5, seed=24, lo=6, hi=10)
+    kw = dict(max_new_tokens=14, temperature=1.0, seed=2, eos_token_id=EOS)
+    eager = Decoder(model, max_batch=4, max_seq_len=40).generate(prompts, 2, **kw)
+    admissions = spy_admissions(monkeypatch)
+    dec = graphs_on_cpu(monkeypatch, Decoder(model, max_batch=4, max_seq_len=40), refill_batch=2, refill_tokens=5)
+    small = dec.generate(prompts, 2, **kw)
+    assert [a.tokens.tolist() for a in eager] == [b.tokens.tolist() for b in small]
+    assert admissions and not any(graphed for *_, graphed in admissions)
+
+
+def test_a_failed_refill_graph_capture_falls_back_to_admissions_of_their_own(monkeypatch):
+    model = tiny("qwen2", seed=25)
+    prompts = prompts_for(6, seed=25, lo=2, hi=6)
+    kw = dict(max_new_tokens=16, temperature=1.0, seed=3, eos_token_id=EOS)
+    eager = Decoder(model, max_batch=4, max_seq_len=40).generate(prompts, 2, **kw)
+    dec = graphs_on_cpu(monkeypatch, Decoder(model, max_batch=4, max_seq_len=40), refill_batch=3, refill_tokens=16)
+    replayed = ModelRunner._capture
+
+    def capture(self, forward):
+        if self._chunk_buf is not None and any(key[2] is False for key in self._graphs) and len(self._graphs) >= 1:
+            outputs = forward()
+            if outputs[0].shape[0] > 4:  # more rows than the largest bucket: the refill chunk's graph
+                raise RuntimeError("capture refused")
+        return replayed(self, forward)
+
+    monkeypatch.setattr(ModelRunner, "_capture", capture)
+    with pytest.warns(RuntimeWarning, match="refill step failed"):
+        got = dec.generate(prompts, 2, **kw)
+    assert dec.cuda_graphs and dec.runner.refill_chunk is None
+    assert [a.tokens.tolist() for a in eager] == [b.tokens.tolist() for b in got]
+
+
+def test_refill_chunk_pads_to_its_size():
+    from espo.engine.sequence import RefillChunk
+
+    chunk = RefillChunk(6, rows=3)
+    flat = chunk.pack(np.array([5, 6, 7]), np.array([0, 1, 0]), np.array([0, 0, 1]), np.array([2, 2, 3]),
+                      np.array([0, 1, 0]), np.array([0, 1, 2]), np.array([1, 2]))
+    c = {k: v.tolist() for k, v in chunk.views(torch.from_numpy(flat)).items()}
+    assert c["ids"] == [5, 6, 7, 0, 0, 0] and c["positions"] == [0, 1, 0, 0, 0, 0]
+    assert c["seg"] == [0, 0, 1, 2, 2, 2]  # padding: a prompt of its own
+    assert c["dst_slots"] == [2, 2, 3, 2, 2, 2] and c["dst_pos"] == [0, 1, 0, 0, 0, 0]
+    assert c["src_idx"] == [0, 1, 2, 0, 0, 0] and c["out"] == [1, 2, 1]
+    with pytest.raises(ValueError, match="1..6 tokens and 1..3 rollouts"):
+        chunk.pack(*(np.arange(7),) * 6, np.array([0]))
+    with pytest.raises(ValueError, match="1..3 rollouts"):
+        chunk.pack(*(np.arange(2),) * 6, np.arange(4))
 
 
 def _fake_flash_attn():
@@ -589,10 +712,47 @@ def test_kv_cache_write_stores_each_row_at_its_slot_and_position(layout):
     pairs = torch.randperm(5 * 11, generator=g)[:9]
     slots, positions = pairs // 11, pairs % 11
     k, v = torch.randn(9, 2, 4, generator=g), torch.randn(9, 2, 4, generator=g)
-    cache.write(1, slots, positions, k, v)
+    cache.write(1, cache.rows(slots, positions), k, v)
     for i in range(9):
         s, p = int(slots[i]), int(positions[i])
         got_k = cache.k[1, s, p] if layout == "flash" else cache.k[1, s, :, p]
         got_v = cache.v[1, s, p] if layout == "flash" else cache.v[1, s, :, p]
         assert torch.equal(got_k, k[i]) and torch.equal(got_v, v[i])
     assert int((cache.k != 0).sum()) == 9 * 2 * 4 and cache.k[0].eq(0).all() and cache.k[2].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 3])
+def test_decode_mask_attends_exactly_as_sdpas_bool_mask(dtype, window):
+    from espo.engine.kv_cache import decode_mask
+
+    g = torch.Generator().manual_seed(1)
+    seqlens, length, arange = torch.tensor([0, 4, 12, 7, 2]), 13, torch.arange(32)
+    pos = arange[:length][None, :]
+    sees = (pos <= seqlens[:, None]) & (True if window is None else pos > seqlens[:, None] - window)
+    mask = decode_mask(seqlens, length, window, arange, dtype)
+    assert mask.dtype == dtype and mask.shape == (5, 1, 1, length)
+    assert torch.equal(mask[:, 0, 0] == 0, sees) and mask[:, 0, 0][~sees].eq(float("-inf")).all()
+    q, k, v = (torch.randn(5, 2, n, 16, generator=g).to(dtype) for n in (3, length, length))
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None, None, :], scale=0.3)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_graph_refill_chunks_match_eager(monkeypatch):
+    """Refills inside real CUDA graphs (the refill chunk read from the graph's static buffer) draw the rollouts
+    that eager decoding draws, and the graphed run does refill inside its steps."""
+    model = tiny("qwen2", seed=19).cuda()
+    prompts = prompts_for(16, seed=19, lo=3, hi=12)
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=4, eos_token_id=EOS)
+    eager = Decoder(model, max_batch=8, max_seq_len=64, cuda_graphs=False).generate(prompts, 2, **kw)
+    admissions = spy_admissions(monkeypatch)
+    dec = Decoder(model, max_batch=8, max_seq_len=64, refill_batch=4, refill_tokens=32)
+    graphed = dec.generate(prompts, 2, **kw)
+    assert dec.cuda_graphs and dec.runner.refill_chunk is not None, "graph capture failed"
+    assert sum(graphed_step for *_, graphed_step in admissions) >= 3
+    same = np.mean([a.tokens.tolist() == b.tokens.tolist() for a, b in zip(eager, graphed)])
+    print(f"rollouts with the same tokens, refills in graphs vs eager: {same:.3f}")
+    assert same >= 0.9, same  # float32 on the GPU: batch composition may move a logit by rounding
