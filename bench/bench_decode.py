@@ -195,6 +195,18 @@ def throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf):
     return row
 
 
+def stop_schedules(rollouts: int, new_tokens: int, fractions) -> dict[float, np.ndarray | None]:
+    """Fraction -> rollout id -> the length it stops at (0: none), drawn from seed 0; 0.0 -> None (no stops)."""
+    rng = np.random.default_rng(0)
+    schedules = {0.0: None}
+    for frac in fractions:
+        schedule = np.zeros(rollouts, dtype=np.int64)
+        chosen = rng.choice(rollouts, size=int(round(frac * rollouts)), replace=False)
+        schedule[chosen] = rng.integers(1, new_tokens, size=len(chosen))  # stop after 1 .. T-1 tokens
+        schedules[frac] = schedule
+    return schedules
+
+
 def stopping_rows(shape, model, args, device):
     return [row for per_slot in args.rollouts_per_slot for refill_tokens in args.refill_tokens
             for row in stopping_rows_at(shape, model, args, device, per_slot, refill_tokens)]
@@ -220,13 +232,7 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens):
         stopper.end_batch()
         return t, ro
 
-    rng = np.random.default_rng(0)
-    schedules = {0.0: None}
-    for frac in args.stop_fractions:
-        schedule = np.zeros(R, dtype=np.int64)
-        chosen = rng.choice(R, size=int(round(frac * R)), replace=False)
-        schedule[chosen] = rng.integers(1, T, size=len(chosen))  # stop after 1 .. T-1 tokens
-        schedules[frac] = schedule
+    schedules = stop_schedules(R, T, args.stop_fractions)
     run(None)  # warm-up
     # interleaved: each round runs every schedule once, so that a change in the machine's load falls on all
     times: dict[float, list[float]] = {frac: [] for frac in schedules}

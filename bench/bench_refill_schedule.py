@@ -1,0 +1,128 @@
+"""The schedules behind bench_decode.py's early-stopping rows, and the ratio they allow, on the CPU.
+
+For each refill design: how many decode steps, prefill forwards of their own and decode steps carrying a refill
+chunk a pool of --slots slots takes for --rollouts-per-slot x slots rollouts of --new-tokens tokens, without
+stops and with a fraction of them stopped (the same scheduled stops as bench_decode.py). No timing: with no EOS
+and scheduled stops the counts depend neither on the model nor on the device, so the tiny smoke model decodes them
+here, CUDA graphs emulated (each graph's forward run eagerly, so that the scheduler decides as on a GPU).
+
+From the counts, two ratios (time saved / tokens saved, bench_decode.py's target >= 0.8):
+- bound: steps saved / tokens saved, what a decoder whose step costs the same at any batch (a launch-bound GPU
+  step) reaches with free prefills: once the pending rollouts run out the pool drains, and a step that decodes
+  fewer rows costs as much;
+- predicted: with a step, a prefill forward and a refill chunk's extra compute costing --step-ms, --prefill-ms
+  and --chunk-ms (defaults: see --help; an estimate to compare with a GPU run, not a measurement).
+
+    python bench/bench_refill_schedule.py       # -> bench/results/refill-schedule.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from bench_decode import RESULTS, ScheduledStops, build_model, prompts_of, stop_schedules
+from common import environment, write_report
+
+from espo.engine.decoder import Decoder
+
+# (name, CUDA graphs, refill_batch (None: slots // 8), refill_tokens)
+DESIGNS = [
+    ("a prefill forward per freed slot (measured 2026-12-04)", True, 1, 0),
+    ("refill_batch: a prefill forward per slots // 8 freed", True, None, 0),
+    ("refill chunk of 128 tokens in the graphed step", True, None, 128),
+    ("refill chunk of 256 tokens (the default)", True, None, 256),
+    ("eager: refills in every step's forward (no graphs)", False, 1, 0),
+]
+
+
+def schedule_rows(args) -> list[dict]:
+    torch.set_num_threads(1)
+    model = build_model("smoke", "cpu", torch.float32)
+    B, T, R = args.slots, args.new_tokens, args.slots * args.rollouts_per_slot
+    prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
+    schedules = stop_schedules(R, T, args.stop_fractions)
+    rows = []
+    for name, graphs, refill_batch, refill_tokens in DESIGNS:
+        dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, cuda_graphs=False)
+        runner = dec.runner
+        if graphs:
+            runner.cuda_graphs = True
+            runner._decode_graphed = lambda b, length, chunked=False, r=runner: r._decode_forward(b, length, chunked)
+        refill_batch = refill_batch or max(1, B // 8)
+        dec.scheduler = sched = ScheduledStops(runner, prefill_tokens=dec.prefill_tokens, refill_batch=refill_batch,
+                                               refill_tokens=refill_tokens)
+        counts = {}
+        for frac, schedule in schedules.items():
+            sched.schedule, sched.admissions, sched.chunk_refills = schedule, 0, 0
+            ro = dec.generate(prompts, 1, max_new_tokens=T, temperature=1.0, seed=1, eos_token_id=[])
+            counts[frac] = dict(tokens=ro.tokens_generated, steps=ro.decode_steps, prefills=sched.admissions,
+                                chunk_steps=sched.chunk_refills)
+        base = counts[0.0]
+        cost = lambda c: c["steps"] * args.step_ms + c["prefills"] * args.prefill_ms + c["chunk_steps"] * args.chunk_ms  # noqa: E731
+        for frac in args.stop_fractions:
+            c = counts[frac]
+            tokens_saved = 1 - c["tokens"] / base["tokens"]
+            row = dict(design=name, refill_batch=refill_batch, refill_tokens=refill_tokens, stop_fraction=frac,
+                       **c, steps_no_stop=base["steps"], prefills_no_stop=base["prefills"], tokens_saved=tokens_saved,
+                       steps_saved=1 - c["steps"] / base["steps"],
+                       predicted_ratio=(1 - cost(c) / cost(base)) / tokens_saved if graphs else None)
+            row["bound"] = row["steps_saved"] / tokens_saved
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def markdown(env, args, rows) -> str:
+    lines = [
+        f"Refill schedules of bench_decode.py's early-stopping rows, counted on the CPU ({env['date']}, torch "
+        f"{env['torch']}; CUDA graphs emulated). {args.slots} slots, {args.slots * args.rollouts_per_slot} "
+        f"rollouts of {args.prompt_len}-token prompts and {args.new_tokens} new tokens, no EOS, stops scheduled "
+        "at uniformly random points (seed 0). Counts, not times: bound = steps saved / tokens saved (free "
+        f"prefills, a step costing the same at any batch); predicted = with {args.step_ms} ms a step, "
+        f"{args.prefill_ms} ms a prefill forward and {args.chunk_ms} ms more for a step carrying a refill chunk "
+        f"(estimates, not measurements; none for the eager design, whose steps cost more). "
+        f"Command: `{env['command']}`.",
+        "",
+        "| design | stopped | tokens saved | steps (no stop -> stop) | prefill forwards | steps with a chunk | "
+        "steps saved | bound | predicted |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['design']} | {r['stop_fraction']:.0%} | {r['tokens_saved']:.1%} | {r['steps_no_stop']} -> "
+            f"{r['steps']} | {r['prefills_no_stop']} -> {r['prefills']} | {r['chunk_steps']} | "
+            f"{r['steps_saved']:.1%} | {r['bound']:.2f} | "
+            f"{'n/a' if r['predicted_ratio'] is None else format(r['predicted_ratio'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--rollouts-per-slot", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--stop-fractions", type=float, nargs="*", default=[0.25, 0.5])
+    parser.add_argument("--step-ms", type=float, default=3.86,
+                        help="a graphed decode step (bench/results/decode.md: 0.5B shape, B = 64, H200)")
+    parser.add_argument("--prefill-ms", type=float, default=21.0,
+                        help="a prefill forward of its own: 20-23 ms solves decode.md's stop rows (2.5x, 2.4x the "
+                        "time) with these counts")
+    parser.add_argument("--chunk-ms", type=float, default=0.4,
+                        help="what a refill chunk adds to a step (a guess: 256 more rows through the GEMMs)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    env = environment("cpu", float("nan"), dtype="float32")
+    rows = schedule_rows(args)
+    table = markdown(env, args, rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "refill-schedule.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    write_report(args.out / "refill-schedule.md", table)
+
+
+if __name__ == "__main__":
+    main()
