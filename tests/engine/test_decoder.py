@@ -391,6 +391,29 @@ def test_refills_in_the_graphed_step_change_no_token(family, monkeypatch):
             assert live == 0 or 6 - live >= 4, (live, k)
 
 
+def test_refills_in_the_graphed_step_carry_critic_values_and_stops(monkeypatch):
+    """A critic stepped in lockstep prefills the chunk too (its own cache), and an ESPO stopper's rows are reset
+    for rollouts admitted in a graphed step: the values, stops and tokens of eager decoding."""
+    model = tiny("qwen3", seed=26)
+    critic_model = tiny("llama", seed=27, hidden_size=32, intermediate_size=64).model
+    torch.manual_seed(2)
+    critic = Critic(critic_model, ValueHead(32))
+    prompts = prompts_for(8, seed=26, lo=2, hi=7)
+    kw = dict(max_new_tokens=20, temperature=1.0, seed=5, eos_token_id=EOS)
+    eager_dec = Decoder(model, max_batch=6, max_seq_len=40, value_source=critic)
+    stoppers = [stopping_stopper(eager_dec, prompts, kw, 6) for _ in range(2)]
+    eager = eager_dec.generate(prompts, 3, stopper=stoppers[0], **kw)
+    admissions = spy_admissions(monkeypatch)
+    dec = graphs_on_cpu(monkeypatch, Decoder(model, max_batch=6, max_seq_len=40, value_source=critic),
+                        refill_batch=4, refill_tokens=24)
+    chunked = dec.generate(prompts, 3, stopper=stoppers[1], **kw)
+    assert sum(graphed for *_, graphed in admissions) >= 2
+    assert 2 <= eager.finish_counts["stopped"] == chunked.finish_counts["stopped"]
+    for a, b in zip(eager, chunked):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
 def test_refill_chunk_too_small_for_a_prompt_leaves_it_to_an_admission_of_its_own(monkeypatch):
     model = tiny("qwen2", seed=24)
     prompts = prompts_for(5, seed=24, lo=6, hi=10)
