@@ -174,7 +174,7 @@ class ModelRunner:
         self.caches = [m.cache for m in (self.policy, self.critic) if m is not None]  # what compact moves
         self._arange = torch.arange(max(self.max_seq_len, S), device=dev)
         self.cuda_graphs = bool(cuda_graphs) and dev.type == "cuda"
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}  # (bucket, length, chunk)
         self._graph_pool = None
         self._batch_buckets = _batch_buckets(S)
         self.refill_chunk: RefillChunk | None = None
