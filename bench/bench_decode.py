@@ -17,7 +17,9 @@ nothing is downloaded.
    stop and where are drawn in advance) because a random model gives the ESPO rule nothing to act on;
    both runs pass an EarlyStopper, so the stop update runs in the sampling kernel for every row, and a
    scheduled stop frees its slot exactly as an ESPO stop does. Reported: the fraction of tokens saved,
-   of wall-clock saved, and their ratio (target >= 0.8).
+   of wall-clock saved, and their ratio (target >= 0.8). --stop-lengths natural adds rows where each rollout
+   ends at EOS at its own length, as in training, so that the baseline refills scattered slots too
+   (bench_refill_schedule.py counts what each refill design costs in both cases).
 
     python bench/bench_decode.py                      # on a GPU -> bench/results/decode.{json,md}
     python bench/bench_decode.py --models 0.5b 1.5b   # and the 1.5B shape
@@ -39,7 +41,7 @@ from common import environment, write_report  # first: puts this checkout's espo
 import espo  # noqa: E402
 from espo.engine.decoder import Decoder  # noqa: E402
 from espo.engine.scheduler import Scheduler  # noqa: E402
-from espo.engine.sequence import CODE_STOP  # noqa: E402
+from espo.engine.sequence import CODE_EOS, CODE_STOP  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
@@ -82,10 +84,12 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
 
 
 class ScheduledStops(Scheduler):
-    """A scheduler whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there;
-    it counts admissions with a forward of their own and those that rode in a graphed step's refill chunk."""
+    """A scheduler whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there,
+    and, with ``lengths`` (rollout id -> length), end at EOS there; it counts admissions with a forward of their
+    own and those that rode in a graphed step's refill chunk."""
 
     schedule: np.ndarray | None = None
+    lengths: np.ndarray | None = None
     admissions = chunk_refills = 0
 
     def _admit(self, run):
@@ -98,11 +102,13 @@ class ScheduledStops(Scheduler):
         return adm
 
     def _endings(self, run, slots, code):
+        rids = self.slots.rollout[slots]
         if self.schedule is not None:
-            rids = self.slots.rollout[slots]
             stop_at = self.schedule[rids]
             hit = (stop_at > 0) & (run.gen[rids] >= stop_at)
             code = code | np.where(hit, CODE_STOP, 0).astype(code.dtype)
+        if self.lengths is not None:
+            code = code | np.where(run.gen[rids] >= self.lengths[rids], CODE_EOS, 0).astype(code.dtype)
         return super()._endings(run, slots, code)
 
 
@@ -195,24 +201,33 @@ def throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf):
     return row
 
 
-def stop_schedules(rollouts: int, new_tokens: int, fractions) -> dict[float, np.ndarray | None]:
-    """Fraction -> rollout id -> the length it stops at (0: none), drawn from seed 0; 0.0 -> None (no stops)."""
+def stop_schedules(rollouts: int, new_tokens: int, fractions, lengths: np.ndarray | None = None
+                   ) -> dict[float, np.ndarray | None]:
+    """Fraction -> rollout id -> the length it stops at (0: none), drawn from seed 0; 0.0 -> None (no stops).
+    A stop falls after 1 .. T-1 tokens, T = new_tokens or, with ``lengths``, the rollout's own length."""
     rng = np.random.default_rng(0)
     schedules = {0.0: None}
     for frac in fractions:
         schedule = np.zeros(rollouts, dtype=np.int64)
         chosen = rng.choice(rollouts, size=int(round(frac * rollouts)), replace=False)
-        schedule[chosen] = rng.integers(1, new_tokens, size=len(chosen))  # stop after 1 .. T-1 tokens
+        high = new_tokens if lengths is None else np.asarray(lengths)[chosen]
+        schedule[chosen] = rng.integers(1, high, size=len(chosen))
         schedules[frac] = schedule
     return schedules
 
 
+def natural_lengths(rollouts: int, new_tokens: int) -> np.ndarray:
+    """Each rollout's EOS length for "natural" lengths: uniform in [new_tokens // 4, new_tokens], seed 1."""
+    return np.random.default_rng(1).integers(new_tokens // 4, new_tokens + 1, size=rollouts)
+
+
 def stopping_rows(shape, model, args, device):
     return [row for per_slot in args.rollouts_per_slot for refill_tokens in args.refill_tokens
-            for row in stopping_rows_at(shape, model, args, device, per_slot, refill_tokens)]
+            for lengths in args.stop_lengths
+            for row in stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths)]
 
 
-def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens):
+def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths_kind):
     rows = []
     B = args.stop_slots
     R = B * per_slot
@@ -230,9 +245,11 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens):
         sched.schedule, sched.admissions, sched.chunk_refills = schedule, 0, 0
         t, ro = time_espo(dec, prompts, T, device, stopper=stopper)
         stopper.end_batch()
-        return t, ro
+        return t, (ro, {"admissions": sched.admissions, "chunk_refills": sched.chunk_refills})
 
-    schedules = stop_schedules(R, T, args.stop_fractions)
+    lengths = None if lengths_kind == "fixed" else natural_lengths(R, T)
+    dec.scheduler.lengths = lengths
+    schedules = stop_schedules(R, T, args.stop_fractions, lengths)
     run(None)  # warm-up
     # interleaved: each round runs every schedule once, so that a change in the machine's load falls on all
     times: dict[float, list[float]] = {frac: [] for frac in schedules}
@@ -241,21 +258,22 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens):
         for frac, schedule in schedules.items():
             t, outs[frac] = run(schedule)
             times[frac].append(t)
-    base, t0 = outs[0.0], float(np.median(times[0.0]))
+    (base, _), t0 = outs[0.0], float(np.median(times[0.0]))
     tok0 = base.tokens_generated
     for frac in args.stop_fractions:
-        ro, t = outs[frac], float(np.median(times[frac]))
+        (ro, counts), t = outs[frac], float(np.median(times[frac]))
         assert ro.finish_counts["stopped"] == int((schedules[frac] > 0).sum())
         tokens_saved = 1 - ro.tokens_generated / tok0
         time_saved = 1 - t / t0
         row = {
             "model": shape, "slots": B, "rollouts": R, "prompt_len": args.prompt_len, "new_tokens": T,
+            "lengths": lengths_kind,
             "stop_fraction": frac, "tokens": ro.tokens_generated, "tokens_no_stop": tok0, "s": t, "s_no_stop": t0,
             "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
             "refill_batch": dec.refill_batch, "fused_ops": dec.fused_ops,
             "refill_tokens": dec.refill_tokens if dec.runner.refill_chunk is not None else 0,
-            "admissions": dec.scheduler.admissions, "chunk_refills": dec.scheduler.chunk_refills,
+            **counts,
         }
         rows.append(row)
         print(row, flush=True)
@@ -294,14 +312,14 @@ def markdown(env, tput, stops) -> str:
         "Early stopping (rollouts through a pool of slots; a fraction of them stopped at uniformly random points; "
         "ratio = time saved / tokens saved, target >= 0.8):",
         "",
-        "| model | slots | refill_batch | refill tokens | rollouts | new | stopped | tokens saved | time saved | "
-        "ratio | steps (no stop -> stop) | own prefills | refills in a step | fused ops |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | slots | refill_batch | refill tokens | rollouts | new | lengths | stopped | tokens saved | "
+        "time saved | ratio | steps (no stop -> stop) | own prefills | refills in a step | fused ops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stops:
         lines.append(
             f"| {r['model']} | {r['slots']} | {r.get('refill_batch', '')} | {r.get('refill_tokens', '')} | "
-            f"{r['rollouts']} | {r['new_tokens']} | {r['stop_fraction']:.0%} | "
+            f"{r['rollouts']} | {r['new_tokens']} | {r.get('lengths', 'fixed')} | {r['stop_fraction']:.0%} | "
             f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
             f"{r['decode_steps_no_stop']} -> {r['decode_steps']} | {r.get('admissions', '')} | "
             f"{r.get('chunk_refills', '')} | {r.get('fused_ops', '')} |"
@@ -331,6 +349,10 @@ def main(argv=None):
     parser.add_argument("--stop-new-tokens", type=int, default=None,
                         help="new tokens per rollout in the early-stopping rows (default: --new-tokens)")
     parser.add_argument("--stop-fractions", type=float, nargs="*", default=[0.25, 0.5])
+    parser.add_argument("--stop-lengths", nargs="*", default=["fixed"], choices=["fixed", "natural"],
+                        help="fixed: every rollout runs the new tokens (no EOS); natural: each ends at EOS at a "
+                        "length uniform in [new/4, new] (seed 1), as in training, its stop falling before; a set of "
+                        "rows each")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per stopping setting (median)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")

@@ -2,8 +2,11 @@
 
 For each refill design: how many decode steps, prefill forwards of their own and decode steps carrying a refill
 chunk a pool of --slots slots takes for --rollouts-per-slot x slots rollouts of --new-tokens tokens, without
-stops and with a fraction of them stopped (the same scheduled stops as bench_decode.py). No timing: with no EOS
-and scheduled stops the counts depend neither on the model nor on the device, so the tiny smoke model decodes them
+stops and with a fraction of them stopped (the same scheduled stops as bench_decode.py). Two kinds of lengths:
+"fixed", bench_decode.py's rows, where every rollout runs --new-tokens and the baseline's slots refill in
+synchronised waves; "natural", where each rollout ends at EOS at its own length (drawn uniformly from
+[new/4, new]), so the baseline refills scattered slots and drains too, as in training. No timing: the ends are
+scheduled, so the counts depend neither on the model nor on the device, and the tiny smoke model decodes them
 here, CUDA graphs emulated (each graph's forward run eagerly, so that the scheduler decides as on a GPU).
 
 From the counts, two ratios (time saved / tokens saved, bench_decode.py's target >= 0.8):
@@ -22,7 +25,7 @@ import json
 from pathlib import Path
 
 import torch
-from bench_decode import RESULTS, ScheduledStops, build_model, prompts_of, stop_schedules
+from bench_decode import RESULTS, ScheduledStops, build_model, natural_lengths, prompts_of, stop_schedules
 from common import environment, write_report
 
 from espo.engine.decoder import Decoder
@@ -40,10 +43,18 @@ DESIGNS = [
 def schedule_rows(args) -> list[dict]:
     torch.set_num_threads(1)
     model = build_model("smoke", "cpu", torch.float32)
-    B, T, R = args.slots, args.new_tokens, args.slots * args.rollouts_per_slot
+    T, R = args.new_tokens, args.slots * args.rollouts_per_slot
     prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
-    schedules = stop_schedules(R, T, args.stop_fractions)
     rows = []
+    for lengths_name in args.lengths:
+        lengths = None if lengths_name == "fixed" else natural_lengths(R, T)
+        schedules = stop_schedules(R, T, args.stop_fractions, lengths)
+        rows += design_rows(args, model, prompts, schedules, lengths_name, lengths)
+    return rows
+
+
+def design_rows(args, model, prompts, schedules, lengths_name, lengths) -> list[dict]:
+    B, T, rows = args.slots, args.new_tokens, []
     for name, graphs, refill_batch, refill_tokens in DESIGNS:
         dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, cuda_graphs=False)
         runner = dec.runner
@@ -54,6 +65,7 @@ def schedule_rows(args) -> list[dict]:
         dec.scheduler = sched = ScheduledStops(runner, prefill_tokens=dec.prefill_tokens, refill_batch=refill_batch,
                                                refill_tokens=refill_tokens)
         counts = {}
+        sched.lengths = lengths
         for frac, schedule in schedules.items():
             sched.schedule, sched.admissions, sched.chunk_refills = schedule, 0, 0
             ro = dec.generate(prompts, 1, max_new_tokens=T, temperature=1.0, seed=1, eos_token_id=[])
@@ -64,8 +76,11 @@ def schedule_rows(args) -> list[dict]:
         for frac in args.stop_fractions:
             c = counts[frac]
             tokens_saved = 1 - c["tokens"] / base["tokens"]
-            row = dict(design=name, refill_batch=refill_batch, refill_tokens=refill_tokens, stop_fraction=frac,
-                       **c, steps_no_stop=base["steps"], prefills_no_stop=base["prefills"], tokens_saved=tokens_saved,
+            row = dict(lengths=lengths_name, design=name, refill_batch=refill_batch, refill_tokens=refill_tokens,
+                       stop_fraction=frac, **c, steps_no_stop=base["steps"], prefills_no_stop=base["prefills"],
+                       chunk_steps_no_stop=base["chunk_steps"], tokens_saved=tokens_saved,
+                       predicted_s_no_stop=cost(base) / 1e3 if graphs else None,
+                       predicted_s=cost(c) / 1e3 if graphs else None,
                        steps_saved=1 - c["steps"] / base["steps"],
                        predicted_ratio=(1 - cost(c) / cost(base)) / tokens_saved if graphs else None)
             row["bound"] = row["steps_saved"] / tokens_saved
@@ -78,23 +93,25 @@ def markdown(env, args, rows) -> str:
     lines = [
         f"Refill schedules of bench_decode.py's early-stopping rows, counted on the CPU ({env['date']}, torch "
         f"{env['torch']}; CUDA graphs emulated). {args.slots} slots, {args.slots * args.rollouts_per_slot} "
-        f"rollouts of {args.prompt_len}-token prompts and {args.new_tokens} new tokens, no EOS, stops scheduled "
-        "at uniformly random points (seed 0). Counts, not times: bound = steps saved / tokens saved (free "
+        f"rollouts of {args.prompt_len}-token prompts and at most {args.new_tokens} new tokens; lengths fixed (no "
+        "EOS) or natural (EOS at a length uniform in [new/4, new], seed 1); stops scheduled at uniformly random "
+        "points before the end (seed 0). Counts, not times: bound = steps saved / tokens saved (free "
         f"prefills, a step costing the same at any batch); predicted = with {args.step_ms} ms a step, "
         f"{args.prefill_ms} ms a prefill forward and {args.chunk_ms} ms more for a step carrying a refill chunk "
         f"(estimates, not measurements; none for the eager design, whose steps cost more). "
         f"Command: `{env['command']}`.",
         "",
-        "| design | stopped | tokens saved | steps (no stop -> stop) | prefill forwards | steps with a chunk | "
-        "steps saved | bound | predicted |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| lengths | design | stopped | tokens saved | steps (no stop -> stop) | prefill forwards | "
+        "steps with a chunk | steps saved | bound | predicted s (no stop -> stop) | predicted ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['design']} | {r['stop_fraction']:.0%} | {r['tokens_saved']:.1%} | {r['steps_no_stop']} -> "
-            f"{r['steps']} | {r['prefills_no_stop']} -> {r['prefills']} | {r['chunk_steps']} | "
-            f"{r['steps_saved']:.1%} | {r['bound']:.2f} | "
-            f"{'n/a' if r['predicted_ratio'] is None else format(r['predicted_ratio'], '.2f')} |"
+            f"| {r['lengths']} | {r['design']} | {r['stop_fraction']:.0%} | {r['tokens_saved']:.1%} | "
+            f"{r['steps_no_stop']} -> {r['steps']} | {r['prefills_no_stop']} -> {r['prefills']} | "
+            f"{r['chunk_steps_no_stop']} -> {r['chunk_steps']} | {r['steps_saved']:.1%} | {r['bound']:.2f} | "
+            + ("n/a | n/a |" if r["predicted_ratio"] is None else
+               f"{r['predicted_s_no_stop']:.1f} -> {r['predicted_s']:.1f} | {r['predicted_ratio']:.2f} |")
         )
     return "\n".join(lines) + "\n"
 
@@ -106,6 +123,9 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--stop-fractions", type=float, nargs="*", default=[0.25, 0.5])
+    parser.add_argument("--lengths", nargs="*", default=["fixed", "natural"], choices=["fixed", "natural"],
+                        help="fixed: every rollout runs --new-tokens (bench_decode.py's rows); natural: each ends at "
+                        "EOS at a length drawn uniformly from [new/4, new] (seed 1), a stop falling before it")
     parser.add_argument("--step-ms", type=float, default=3.86,
                         help="a graphed decode step (bench/results/decode.md: 0.5B shape, B = 64, H200)")
     parser.add_argument("--prefill-ms", type=float, default=21.0,
