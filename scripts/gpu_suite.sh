@@ -16,7 +16,8 @@
 #     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, the decoder's step
 #     with and without its fused ops (--fused-ops both: the B = 64 row twice, generate once), and 25%/50% stops
 #     through a full pool, fused (16 rollouts a slot, the decoder's refill_batch and refill_tokens: refills in the
-#     graphed step; DECODE36_ARGS adds arguments, e.g. "--refill-tokens 0 256" for the admissions-only design beside).
+#     graphed step), with fixed lengths and with natural ones (EOS at a drawn length; each row is printed to the
+#     stage log as it ends); DECODE36_ARGS adds arguments, e.g. "--refill-tokens 0 256" for the design without chunks.
 # DECODE_ARGS adds arguments to bench_decode.py. Stage limits in seconds: LIMIT_BUILD, LIMIT_SAMPLE, LIMIT_TESTS, LIMIT_DECODE; DEADLINE (seconds from the
 # start) cuts every stage short so that the whole run ends in time and packs what it has. It runs on the image's
 # own python3, torch, triton and nvcc: nothing here assumes the project's pins or a network.
@@ -109,6 +110,7 @@ for what in $stages; do
       # shellcheck disable=SC2086
       TAIL=20 stage bench_decode "${LIMIT_DECODE:-200}" python3 bench/bench_decode.py --models 0.5b --batch 64 \
         --new-tokens 128 --hf-cache static --hf-step --fused-ops both --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
+        --stop-lengths fixed natural \
         --repeats 2 ${DECODE36_ARGS:-} --out "$WORK"
       ;;
     vllm)
