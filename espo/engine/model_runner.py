@@ -346,9 +346,10 @@ class ModelRunner:
 
     # --------------------------------------------------------------------------------------- sampling
 
-    def sample(self, req: "Request", records: list[torch.Tensor], logits, values, idx):
+    def sample(self, req: "Request", records: list[tuple[torch.Tensor, torch.Tensor]], logits, values, idx):
         """Draw for the slots ``idx`` (a slice or an index tensor) under ``req``'s settings; append their rows
-        (``RECORD_COLUMNS``) to ``records``; return the tokens and their finish codes (on the device)."""
+        (``RECORD_IDS``, ``RECORD_VALUES``) to ``records``; return the tokens and their finish codes (on the
+        device)."""
         slots = self.slots
         if values is None and req.prompt_values is not None:
             values = slots.pval[idx]
@@ -362,9 +363,9 @@ class ModelRunner:
             stopper_rows=slots.srow[idx] if stopper is not None else None,
             validate=False,
         )
-        vals = values if values is not None else torch.zeros_like(out.logprobs)
-        columns = (slots.rid[idx], out.tokens, out.logprobs, out.raw_logprobs, out.entropy, out.regret, vals)
-        records.append(torch.stack([c.double() for c in columns], dim=1))  # in RECORD_COLUMNS order
+        vals = values.float() if values is not None else torch.zeros_like(out.logprobs)
+        records.append((torch.stack((slots.rid[idx], out.tokens), dim=1),  # two launches a draw, no casts
+                        torch.stack((out.logprobs, out.raw_logprobs, out.entropy, out.regret, vals), dim=1)))
         code = (~out.valid).to(torch.uint8) * CODE_INVALID
         if req.eos is not None:
             code |= torch.isin(out.tokens, req.eos).to(torch.uint8) * CODE_EOS

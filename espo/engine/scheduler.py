@@ -21,7 +21,8 @@ from .sequence import (
     CODE_INVALID,
     CODE_STOP,
     FINISH_REASONS,
-    RECORD_COLUMNS,
+    RECORD_IDS,
+    RECORD_VALUES,
     Admission,
     RefillChunk,
     Rollout,
@@ -206,17 +207,21 @@ class Scheduler:
 
     def collect(self, run: RunState, elapsed: float) -> Rollouts:
         """The ended run's rollouts, in rollout-id order, with its totals (``elapsed``: its wall time)."""
-        rec = torch.cat(run.records).cpu().numpy() if run.records else np.zeros((0, len(RECORD_COLUMNS)))
-        rid, token, logprob, raw_logprob, entropy, regret, value = range(len(RECORD_COLUMNS))
-        order = np.argsort(rec[:, rid], kind="stable")
-        rec = rec[order]
-        starts = np.searchsorted(rec[:, rid], np.arange(run.R))
+        if run.records:
+            ids, vals = (torch.cat(part).cpu().numpy() for part in zip(*run.records))
+        else:
+            ids, vals = np.zeros((0, len(RECORD_IDS)), np.int64), np.zeros((0, len(RECORD_VALUES)), np.float32)
+        rid, token = range(len(RECORD_IDS))
+        logprob, raw_logprob, entropy, regret, value = range(len(RECORD_VALUES))
+        order = np.argsort(ids[:, rid], kind="stable")
+        ids, vals = ids[order], vals[order]
+        starts = np.searchsorted(ids[:, rid], np.arange(run.R))
         req = run.request
         out, counts = [], {k: 0 for k in FINISH_REASONS}
         for r in range(run.R):
             L = int(run.length[r])
-            block = rec[starts[r] : starts[r] + L]
-            f32 = lambda j: torch.from_numpy(block[:, j].astype(np.float32))  # noqa: E731
+            block = vals[starts[r] : starts[r] + L]
+            f32 = lambda j: torch.from_numpy(block[:, j].copy())  # noqa: E731
             counts[run.reason[r]] += 1
             out.append(
                 Rollout(
@@ -224,7 +229,7 @@ class Scheduler:
                     prompt_index=int(run.prompt_of[r]),
                     sample_index=int(run.sample_of[r]),
                     seed=req.seeds[r],
-                    tokens=torch.from_numpy(block[:, token].astype(np.int64)),
+                    tokens=torch.from_numpy(ids[starts[r] : starts[r] + L, token].copy()),
                     logprobs=f32(logprob),
                     raw_logprobs=f32(raw_logprob),
                     entropy=f32(entropy),

@@ -24,8 +24,9 @@ FINISH_REASONS = ("eos", "length", "stopped", "invalid")
 # Finish codes of a drawn token (bits): it is an EOS, the stopper stopped its row, its logits were not finite.
 CODE_EOS, CODE_STOP, CODE_INVALID = 1, 2, 4
 
-# One row per drawn token, in this column order.
-RECORD_COLUMNS = ("rollout_id", "token", "logprob", "raw_logprob", "entropy", "regret", "value")
+# One row per drawn token, in this column order: the ids (int64) and the values (float32) of a record.
+RECORD_IDS = ("rollout_id", "token")
+RECORD_VALUES = ("logprob", "raw_logprob", "entropy", "regret", "value")
 
 
 @dataclass
@@ -57,7 +58,8 @@ class RunState:
 
     prompt_of, sample_of: each rollout's prompt and its index among that prompt's rollouts; plen: prompt
     lengths [P]; limit: the most tokens each may generate; gen: tokens generated so far; length, reason:
-    set when it ends; pending: rollouts not yet admitted; records: [tokens, len(RECORD_COLUMNS)] blocks.
+    set when it ends; pending: rollouts not yet admitted; records: per draw, the ids [k, len(RECORD_IDS)] (int64)
+    and values [k, len(RECORD_VALUES)] (float32) of its k tokens.
     """
 
     request: Request
@@ -69,7 +71,7 @@ class RunState:
     length: np.ndarray
     reason: list[str]
     pending: deque
-    records: list[torch.Tensor] = field(default_factory=list)
+    records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     decode_steps: int = 0
     prefill_tokens: int = 0
 
