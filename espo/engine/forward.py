@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from . import fused_ops
-from .kv_cache import KVCache, chunk_mask, decode_attention, decode_mask, prefill_attention
+from .kv_cache import (
+    KVCache,
+    PaddedPrompts,
+    chunk_mask,
+    decode_attention,
+    decode_mask,
+    padded_prompts,
+    pads_well,
+    prefill_attention,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -72,12 +81,14 @@ class PrefillRows:
 @dataclass
 class _Shared:
     """What every layer of one forward shares, computed once: the cache rows that the decode and prefill parts
-    write (``KVCache.rows``) and their additive attention masks by sliding window (None: full attention)."""
+    write (``KVCache.rows``), their additive attention masks by sliding window (None: full attention), and the
+    prefill part as a padded batch (``PaddedPrompts``, SDPA with several prompts) or None."""
 
     decode_rows: torch.Tensor | None
     prefill_rows: torch.Tensor | None
     decode_masks: dict[int | None, torch.Tensor]
     prefill_masks: dict[int | None, torch.Tensor]
+    prefill_padded: PaddedPrompts | None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +258,9 @@ class TransformerForward:
             {w: decode_mask(decode.seqlens, decode.length, w, decode.arange, h.dtype) for w in windows},
             {} if prefill is None or prefill.seg is None else
             {w: chunk_mask(prefill.seg, positions[b:], w, h.dtype) for w in windows},
+            padded_prompts(prefill.cu_seqlens, positions[b:], prefill.max_len, windows, h.dtype)
+            if prefill is not None and prefill.seg is None and self.attention == "sdpa"
+            and pads_well(prefill.segments, prefill.max_len) else None,
         )
         if self.fused:
             return self._fused_layers(h, cos, sin, b, decode, prefill, shared, out_idx)
@@ -286,6 +300,6 @@ class TransformerForward:
             parts.append(prefill_attention(
                 q[b:], kp, vp, segments=prefill.segments, cu_seqlens=prefill.cu_seqlens, max_len=prefill.max_len,
                 window=spec.window, scale=self.scale, use_flash=self.attention == "flash",
-                mask=shared.prefill_masks.get(spec.window),
+                mask=shared.prefill_masks.get(spec.window), padded=shared.prefill_padded,
             ))
         return parts[0] if len(parts) == 1 else torch.cat(parts)

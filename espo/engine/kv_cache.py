@@ -13,6 +13,7 @@ importable and the cache is fp16/bf16 on a GPU, PyTorch SDPA otherwise (any devi
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -142,6 +143,42 @@ def chunk_mask(seg: torch.Tensor, positions: torch.Tensor, window: int | None, d
     return torch.zeros((), dtype=dtype, device=seg.device).where(sees, blocked)[None, None]
 
 
+@dataclass
+class PaddedPrompts:
+    """Packed prompts laid out as a padded batch [S, L] (L: the longest), for one SDPA over all of them instead of
+    one per prompt: ``gather`` [S, L] holds each place's packed token (padding: any real one), ``scatter`` [N] each
+    packed token's place in the flattened batch, ``masks`` the additive [1, 1, L, L] masks of sliding windows
+    (full attention is SDPA's own causal mask). Padding sits after each prompt's tokens, where a causal mask
+    already hides it from them; the padded rows' outputs are dropped."""
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    masks: dict[int, torch.Tensor]
+
+
+def padded_prompts(cu_seqlens: torch.Tensor, positions: torch.Tensor, max_len: int, windows, dtype: torch.dtype
+                   ) -> PaddedPrompts:
+    """The ``PaddedPrompts`` of packed prompts with prefix sums ``cu_seqlens`` [S+1] whose tokens sit at
+    ``positions`` [N] (0 .. len-1 within each prompt), built on the device without a host sync."""
+    dev, total = positions.device, positions.shape[0]
+    starts = cu_seqlens[:-1].long()
+    place = torch.arange(max_len, device=dev)
+    gather = (starts[:, None] + place[None, :]).clamp_max(total - 1)
+    prompt = torch.repeat_interleave(torch.arange(len(starts), device=dev), cu_seqlens.diff().long(),
+                                     output_size=total)
+    back = place[:, None] - place[None, :]
+    blocked = torch.full((), float("-inf"), dtype=dtype, device=dev)
+    zero = torch.zeros((), dtype=dtype, device=dev)
+    masks = {w: zero.where((back >= 0) & (back < w), blocked)[None, None] for w in windows if w is not None}
+    return PaddedPrompts(gather, prompt * max_len + positions, masks)
+
+
+def pads_well(segments: list[tuple[int, int]], max_len: int) -> bool:
+    """Whether these prompts are better attended as one padded batch than one by one: more than one, and padding
+    them costs at most 4x their own attention."""
+    return len(segments) > 1 and len(segments) * max_len * max_len <= 4 * sum(n * n for _, n in segments)
+
+
 def decode_attention(
     cache: KVCache,
     layer: int,
@@ -204,15 +241,25 @@ def prefill_attention(
     scale: float,
     use_flash: bool,
     mask: torch.Tensor | None = None,
+    padded: PaddedPrompts | None = None,
 ) -> torch.Tensor:
     """Causal attention within each packed sequence: q [N, heads, D], k and v [N, kv_heads, D].
 
     ``segments`` lists (start, length) of each sequence in the packed tokens (positions 0 .. length-1);
     ``cu_seqlens`` is the int32 [S+1] prefix sum that flash-attn's varlen kernel takes. With ``mask``
-    (``chunk_mask``: fixed shapes, for a CUDA graph) one SDPA over all N tokens instead, whatever the layout.
+    (``chunk_mask``: fixed shapes, for a CUDA graph) one SDPA over all N tokens instead, whatever the layout; with
+    ``padded`` (SDPA) one over the prompts as a padded batch.
     """
+    rep = q.shape[1] // k.shape[1]
+    if padded is not None:
+        S, L = padded.gather.shape
+        qs, ks, vs = (t[padded.gather].permute(0, 2, 1, 3) for t in (q, k, v))  # [S, heads, L, D]
+        if rep > 1:
+            ks, vs = ks.repeat_interleave(rep, dim=1), vs.repeat_interleave(rep, dim=1)
+        mask = padded.masks.get(window)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale)
+        return o.permute(0, 2, 1, 3).reshape(S * L, q.shape[1], q.shape[2])[padded.scatter]
     if mask is not None:
-        rep = q.shape[1] // k.shape[1]
         ks, vs = (t.transpose(0, 1)[None].repeat_interleave(rep, dim=1) for t in (k, v))
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], ks, vs, attn_mask=mask, scale=scale)
         return o[0].transpose(0, 1)
@@ -223,8 +270,6 @@ def prefill_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
             softmax_scale=scale, causal=True, window_size=(-1, -1) if window is None else (window - 1, 0),
         )
-    N, H, D = q.shape
-    rep = H // k.shape[1]
     out = torch.empty_like(q)
     for start, length in segments:
         qs = q[start : start + length].transpose(0, 1)[None]

@@ -779,3 +779,25 @@ def test_gpu_graph_refill_chunks_match_eager(monkeypatch):
     same = np.mean([a.tokens.tolist() == b.tokens.tolist() for a, b in zip(eager, graphed)])
     print(f"rollouts with the same tokens, refills in graphs vs eager: {same:.3f}")
     assert same >= 0.9, same  # float32 on the GPU: batch composition may move a logit by rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 3])
+def test_padded_prompts_attend_as_one_prompt_at_a_time(dtype, window):
+    """Several prefilled prompts in one SDPA over a padded batch: what attending to each prompt alone gives."""
+    from espo.engine.kv_cache import padded_prompts, pads_well, prefill_attention
+
+    lens = [3, 7, 1, 5]
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    segments = [(int(s), n) for s, n in zip(starts, lens)]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(sum(lens), h, 8, generator=g).to(dtype) for h in (4, 2, 2))
+    one_long_many_short = [(0, 64)] + [(64 + i, 1) for i in range(9)]  # padding: 10x the attention of 64 alone
+    assert pads_well(segments, 7) and not pads_well(segments[:1], 3) and not pads_well(one_long_many_short, 64)
+    kw = dict(segments=segments, cu_seqlens=cu, max_len=7, window=window, scale=0.4, use_flash=False)
+    alone = prefill_attention(q, k, v, **kw)
+    padded = prefill_attention(q, k, v, **kw, padded=padded_prompts(cu, positions, 7, [window], dtype))
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(padded, alone, **tol)
