@@ -11,6 +11,8 @@ model's compute, and the draw, in the runner.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -46,6 +48,7 @@ class Scheduler:
         default_refill = max(1, S // 8) if runner.cuda_graphs else 1
         self.refill_batch = min(S, int(refill_batch) if refill_batch is not None else default_refill)
         self.refill_tokens = int(refill_tokens)
+        self._warned_chunk = False  # once per scheduler: prompts longer than the refill chunk
         if runner.cuda_graphs and self.refill_tokens and self.refill_batch > 1:
             runner.use_refill_chunk(RefillChunk(self.refill_tokens, rows=self.refill_batch - 1))
 
@@ -53,6 +56,12 @@ class Scheduler:
         """Decode until every rollout of ``run`` has ended, from an empty pool; ``bar`` counts finished ones."""
         self.slots.reset()
         where, slots, runner = "prefill", self.slots, self.runner
+        chunk = runner.refill_chunk if runner.cuda_graphs else None
+        if chunk is not None and run.plen.size and int(run.plen.max()) > chunk.tokens and not self._warned_chunk:
+            self._warned_chunk = True
+            warnings.warn(f"espo.Decoder: prompts of up to {int(run.plen.max())} tokens are longer than refill_tokens "
+                          f"({chunk.tokens}), so their refills get a prefill forward of their own instead of riding in "
+                          "the graphed decode step; pass a larger refill_tokens", RuntimeWarning, stacklevel=3)
         try:
             while run.pending or slots.live.any():
                 # Eager steps take refills into the decode step's own forward; with CUDA graphs (and when no
