@@ -5,6 +5,7 @@ from its arithmetic.
 
     python scripts/count_step_ops.py [--model DIR] [--slots 8] [--new-tokens 40] [--top-p 0.95] [--stop] [--ops 15]
     TRITON_INTERPRET=1 python scripts/count_step_ops.py --fused-ops   # the decoder's fused ops, one launch each
+    python scripts/count_step_ops.py --admission 64   # also one prefill forward admitting 64 distinct prompts
 
 Runs on the CPU (the counts do not depend on the device, except that espo.sample is one op call on a GPU and
 the torch backend's many ops here). Without --model: the built-in tiny model. With --fused-ops each fused op
@@ -17,6 +18,7 @@ import collections
 import sys
 from pathlib import Path
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,6 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--stop", action="store_true", help="decode with an espo.EarlyStopper")
     parser.add_argument("--fused-ops", action="store_true",
                         help="the decoder's fused ops (needs TRITON_INTERPRET=1 on the CPU)")
+    parser.add_argument("--admission", type=int, default=0,
+                        help="also count one prefill forward of this many distinct prompts (16-24 tokens)")
     parser.add_argument("--ops", type=int, default=15, help="most frequent ops listed per part")
     args = parser.parse_args(argv)
     model, _ = load_model(args.model) if args.model else load_builtin()
@@ -105,6 +109,24 @@ def main(argv=None) -> None:
         top = ", ".join(f"{k.removeprefix('aten.')} {v / steps:.1f}" for k, v in ops.most_common(args.ops)
                         if k not in VIEWS)
         print(f"           {top}")
+    if args.admission:
+        kernels = admission_kernels(model, args.admission, args.fused_ops)
+        print(f"one admission of {args.admission} distinct prompts: {kernels} kernels, "
+              f"{kernels / layers:.0f} per layer")
+
+
+def admission_kernels(model, n: int, fused: bool) -> int:
+    """Kernels of the one prefill forward that admits ``n`` distinct random prompts into an empty pool."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (16 + i % 9,), generator=g).tolist() for i in range(n)]
+    dec = espo.Decoder(model, max_batch=n, max_seq_len=32, fused_ops=fused)
+    counter = OpCounter()
+    counter.where = None
+    dec.runner.forward = labelled(counter, "admission", dec.runner.forward)
+    with counter:
+        dec.generate(prompts, 1, max_new_tokens=1, eos_token_id=[])
+    return sum(v for k, v in counter.ops["admission"].items() if k not in VIEWS)
 
 
 if __name__ == "__main__":
