@@ -254,7 +254,7 @@ class ModelRunner:
         if self.cuda_graphs:
             bb = next(s for s in self._batch_buckets if s >= b)
             if adm is not None:
-                self._chunk_buf.copy_(torch.from_numpy(adm.chunk))  # the graph's static input
+                self._chunk_buf.copy_(adm.chunk)  # the graph's static input
             logits, values = self._decode_graphed(bb, length, chunked=adm is not None)
             k = 0 if adm is None else len(adm.rids)
             pick = (lambda t: t[:b]) if k == 0 else (lambda t: torch.cat((t[:b], t[bb : bb + k])))

@@ -130,12 +130,14 @@ class Scheduler:
         seeds = np.array([run.request.seeds[r] for r in rids], dtype=np.int64)
         rid_arr = np.asarray(rids, dtype=np.int64)
         cu = np.concatenate([[0], np.cumsum(lens)])
-        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, lens[ui], seeds, rid_arr, srows, cu]
+        packed = np.zeros(0, np.int64) if chunk is None else chunk.pack(
+            ids, positions, np.repeat(np.arange(len(lens)), lens), dst_slots, dst_pos, src_idx, last_idx[ui])
+        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, lens[ui], seeds, rid_arr, srows, cu,
+                 packed]
         sizes = [len(a) for a in parts]
         flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)  # one transfer
-        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, len_t, seed_t, rid_t, srow_t, cu_t) = torch.split(
-            flat, sizes
-        )
+        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, len_t, seed_t, rid_t, srow_t, cu_t,
+         packed_t) = torch.split(flat, sizes)
 
         pvals = run.request.prompt_values
         values = None if pvals is None else pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
@@ -146,9 +148,8 @@ class Scheduler:
             run.request.stopper.reset_rows(mask.to(self.device))
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
         prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
-        packed = None if chunk is None else chunk.pack(
-            ids, positions, np.repeat(np.arange(len(lens)), lens), dst_slots, dst_pos, src_idx, last_idx[ui])
-        return Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t, packed)
+        return Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t,
+                         None if chunk is None else packed_t)
 
     def _admitted(self, run: RunState, adm: Admission) -> None:
         """The admitted rollouts drew their first tokens."""

@@ -104,8 +104,8 @@ class Admission:
 
     rids, slots [k]: the rollouts and their slots (host); ids, positions [N]: the packed prompt tokens;
     last_idx [U]: each prompt's last token in them; ui [k]: each rollout's prompt among the U; slots_t [k]:
-    the slots on the device. chunk: the same admission padded to a fixed size (``RefillChunk``), for a CUDA
-    graph's decode step to prefill it, or None.
+    the slots on the device. chunk: the same admission padded to a fixed size (``RefillChunk.pack``, on the
+    device), for a CUDA graph's decode step to prefill it, or None.
     """
 
     rids: np.ndarray
@@ -116,7 +116,7 @@ class Admission:
     last_idx: torch.Tensor
     ui: torch.Tensor
     slots_t: torch.Tensor
-    chunk: np.ndarray | None = None
+    chunk: torch.Tensor | None = None
 
 
 class RefillChunk:
