@@ -115,6 +115,12 @@ class KVCache:
             self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
+def additive(sees: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as SDPA adds it: 0 where ``sees`` (bool) is true, -inf elsewhere, in ``dtype``."""
+    blocked = torch.full((), float("-inf"), dtype=dtype, device=sees.device)
+    return torch.zeros((), dtype=dtype, device=sees.device).where(sees, blocked)
+
+
 def decode_mask(seqlens: torch.Tensor, length: int, window: int | None, arange: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
     """Additive [B, 1, 1, length] in ``dtype``: 0 for the keys that the query at position ``seqlens[b]`` sees (itself
@@ -129,8 +135,7 @@ def decode_mask(seqlens: torch.Tensor, length: int, window: int | None, arange: 
     sees = pos <= q
     if window is not None:
         sees = sees & (pos > q - window)
-    blocked = torch.full((), float("-inf"), dtype=dtype, device=seqlens.device)
-    return torch.zeros((), dtype=dtype, device=seqlens.device).where(sees, blocked)[:, None, None, :]
+    return additive(sees, dtype)[:, None, None, :]
 
 
 def chunk_mask(seg: torch.Tensor, positions: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -139,8 +144,7 @@ def chunk_mask(seg: torch.Tensor, positions: torch.Tensor, window: int | None, d
     sees = (seg[:, None] == seg[None, :]) & (positions[None, :] <= positions[:, None])
     if window is not None:
         sees = sees & (positions[:, None] - positions[None, :] < window)
-    blocked = torch.full((), float("-inf"), dtype=dtype, device=seg.device)
-    return torch.zeros((), dtype=dtype, device=seg.device).where(sees, blocked)[None, None]
+    return additive(sees, dtype)[None, None]
 
 
 @dataclass
@@ -167,9 +171,7 @@ def padded_prompts(cu_seqlens: torch.Tensor, positions: torch.Tensor, max_len: i
     prompt = torch.repeat_interleave(torch.arange(len(starts), device=dev), cu_seqlens.diff().long(),
                                      output_size=total)
     back = place[:, None] - place[None, :]
-    blocked = torch.full((), float("-inf"), dtype=dtype, device=dev)
-    zero = torch.zeros((), dtype=dtype, device=dev)
-    masks = {w: zero.where((back >= 0) & (back < w), blocked)[None, None] for w in windows if w is not None}
+    masks = {w: additive((back >= 0) & (back < w), dtype)[None, None] for w in windows if w is not None}
     return PaddedPrompts(gather, prompt * max_len + positions, masks)
 
 
