@@ -56,7 +56,7 @@ class Scheduler:
         """Decode until every rollout of ``run`` has ended, from an empty pool; ``bar`` counts finished ones."""
         self.slots.reset()
         where, slots, runner = "prefill", self.slots, self.runner
-        chunk = runner.refill_chunk if runner.cuda_graphs else None
+        chunk = self._chunk()
         if chunk is not None and run.plen.size and int(run.plen.max()) > chunk.tokens and not self._warned_chunk:
             self._warned_chunk = True
             warnings.warn(f"espo.Decoder: prompts of up to {int(run.plen.max())} tokens are longer than refill_tokens "
@@ -80,13 +80,17 @@ class Scheduler:
             message = oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)
             raise torch.OutOfMemoryError(message) from err
 
+    def _chunk(self) -> RefillChunk | None:
+        """The refill chunk that graphed decode steps carry, or None (no chunk, or no CUDA graphs now)."""
+        return self.runner.refill_chunk if self.runner.cuda_graphs else None
+
     def _may_refill(self, run: RunState, alone: bool = False) -> bool:
         """Whether to admit pending rollouts now: enough slots are free (refill_batch, or all that are pending),
         or no rollout is live. ``alone``: in a forward of their own, where, with a graphed refill chunk, fewer
         pending rollouts than refill_batch do not suffice (they ride in the next step's chunk)."""
         live = self.slots.n_live
         free = self.max_batch - live
-        chunked = alone and self.runner.cuda_graphs and self.runner.refill_chunk is not None
+        chunked = alone and self._chunk() is not None
         enough = self.refill_batch if chunked else min(self.refill_batch, len(run.pending))
         return bool(run.pending) and free > 0 and (live == 0 or free >= enough)
 
@@ -177,8 +181,8 @@ class Scheduler:
         adm = None
         if not runner.cuda_graphs and self._may_refill(run):
             adm = self._take_pending(run, np.arange(b, self.max_batch))
-        elif runner.cuda_graphs and runner.refill_chunk is not None and run.pending and b < self.max_batch:
-            adm = self._take_pending(run, np.arange(b, self.max_batch), runner.refill_chunk)
+        elif self._chunk() is not None and run.pending and b < self.max_batch:
+            adm = self._take_pending(run, np.arange(b, self.max_batch), self._chunk())
         logits, values = runner.decode(b, length, adm)
         n = b + (0 if adm is None else len(adm.rids))
         tokens, code = runner.sample(run.request, run.records, logits, values, slice(0, n))
