@@ -84,13 +84,15 @@ def fused_ops() -> None:
     for dtype in ("fp32", "bf16", "fp16"):
         rms = dict(x_ptr=f"*{dtype}", res_ptr=f"*{dtype}", sum_ptr=f"*{dtype}", w_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
                    n_cols_f="fp32", eps="fp32")
+        rope_types = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
+                                               "k_out_ptr", "k_cache_ptr", "v_cache_ptr")} | {"rows_ptr": "*i64"}
         compiled = [
             (f"rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, rms, dict(BLOCK=1024, HAS_RESIDUAL=False)),
             (f"add_rms_norm {dtype} hidden", rms_norm.rms_norm_kernel, rms, dict(BLOCK=1024, HAS_RESIDUAL=True)),
             (f"rms_norm {dtype} head (Qwen3 q/k norm)", rms_norm.rms_norm_kernel, rms,
              dict(BLOCK=128, HAS_RESIDUAL=False)),
-            (f"rope {dtype}", rope.rope_kernel, {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr",
-             "q_out_ptr", "k_out_ptr")}, dict(BLOCK_D=64, BLOCK_QH=16, BLOCK_KH=2)),
+            *((f"rope {dtype}{' with its cache write' if cache else ''}", rope.rope_kernel, rope_types,
+               dict(BLOCK_D=64, BLOCK_QH=16, BLOCK_KH=2, CACHE=cache)) for cache in (False, True)),
             (f"silu_mul {dtype}", silu_mul.silu_mul_kernel, dict(gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}",
              out_ptr=f"*{dtype}"), dict(BLOCK=silu_mul.BLOCK)),
         ]

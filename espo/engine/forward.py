@@ -216,7 +216,10 @@ class TransformerForward:
             layout=attention,
         )
 
-    def _qkv(self, spec: _LayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, spec: _LayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             decode_rows: torch.Tensor | None = None, layer: int = 0):
+        """The layer's q, k (rotated) and v [N, heads, d]. Fused, with ``decode_rows`` (``_Shared``'s), the RoPE launch
+        also writes the decode part's k and v into layer ``layer``'s cache."""
         N, d = x.shape[0], self.head_dim
         attn = spec.attn
         q = attn.q_proj(x).view(N, -1, d)
@@ -225,7 +228,8 @@ class TransformerForward:
         if self.fused:
             if spec.qk_norm:
                 q, k = spec.q_norm(q), spec.k_norm(k)
-            q, k = fused_ops.rope(q, k, cos, sin)
+            write = None if decode_rows is None else fused_ops.CacheWrite(v, *self.cache.as_rows(layer), decode_rows)
+            q, k = fused_ops.rope(q, k, cos, sin, write)
             return q, k, v
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -275,7 +279,7 @@ class TransformerForward:
         """The layers of the fused path: each residual add runs in the launch of the RMSNorm that follows it."""
         x = self.layers[0].ln1(h)
         for i, spec in enumerate(self.layers):
-            q, k, v = self._qkv(spec, x, cos, sin)
+            q, k, v = self._qkv(spec, x, cos, sin, shared.decode_rows, i)
             o = self._attend(i, spec, q, k, v, b, decode, prefill, shared)
             x, h = spec.ln2.add(spec.attn.o_proj(o.reshape(o.shape[0], -1)), h)
             m = spec.mlp(x)
@@ -286,11 +290,13 @@ class TransformerForward:
         return self.norm.add(m, h)[0]
 
     def _attend(self, i, spec, q, k, v, b, decode, prefill, shared: _Shared) -> torch.Tensor:
-        """Layer i's attention: the decode part over the cache, the prefill part within each prompt; K/V cached."""
+        """Layer i's attention: the decode part over the cache, the prefill part within each prompt; K/V cached
+        (the decode part's by the fused RoPE where it ran)."""
         parts = []
         if decode is not None:
+            to_write = None if self.fused else shared.decode_rows  # fused, the RoPE launch stored k and v
             parts.append(decode_attention(
-                self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, cache_rows=shared.decode_rows,
+                self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, cache_rows=to_write,
                 seqlens=decode.seqlens, seqlens_i32=decode.seqlens_i32, length=decode.length,
                 mask=shared.decode_masks.get(spec.window), window=spec.window, scale=self.scale,
             ))

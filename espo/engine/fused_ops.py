@@ -8,11 +8,13 @@ transformers' modules that the unfused forward runs (``Qwen2RMSNorm.forward``, `
 ``act_fn(gate) * up``), op for op, so that the kernels are held to exactly what they replace.
 
 Each fused op is one kernel launch where the eager ops launch several: an RMSNorm ~8 (casts, pow, mean, add,
-rsqrt, mul, cast, mul), the residual add and RMSNorm ~9, the RoPE of q and k ~10, silu * up 2.
+rsqrt, mul, cast, mul), the residual add and RMSNorm ~9, the RoPE of q and k ~10 (12 with the KV-cache writes of
+a decode step, which ``rope`` can do in the same launch), silu * up 2.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,16 +101,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """``x * cos + rotate_half(x) * sin`` for q [N, H, d] and k [N, Hkv, d]; cos, sin [N, d] or [N, 1, d]."""
+class CacheWrite(NamedTuple):
+    """Where ``rope`` also stores the first n tokens' rotated k and their v: a layer's KV cache as rows of one head.
+
+    v: [N, Hkv, d], the tokens' values (k's shape and dtype). k_cache, v_cache: [R, d] contiguous, in k's dtype (a
+    ``KVCache`` layer of the SDPA layout, viewed as rows). rows: int64 [n * Hkv], distinct, n <= N: token i's head h
+    goes to row ``rows[i * Hkv + h]`` (``KVCache.rows``).
+    """
+
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    rows: torch.Tensor
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   write: CacheWrite | None = None):
+    """``x * cos + rotate_half(x) * sin`` for q [N, H, d] and k [N, Hkv, d]; cos, sin [N, d] or [N, 1, d]; with
+    ``write``, the cache writes as ``KVCache.write`` does them (one ``index_copy_`` each for k and v)."""
     cos, sin = cos.reshape(cos.shape[0], 1, -1), sin.reshape(sin.shape[0], 1, -1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    if write is not None:
+        n, d = write.rows.numel() // k.shape[1], k.shape[2]
+        write.k_cache.index_copy_(0, write.rows, k[:n].reshape(-1, d))
+        write.v_cache.index_copy_(0, write.rows, write.v[:n].reshape(-1, d))
+    return q, k
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write: CacheWrite | None = None):
     """Rotary embedding of q [N, H, d] and k [N, Hkv, d] by each token's cos, sin ([N, d] or [N, 1, d]), one launch.
 
-    Returns new tensors (the inputs are not written). Every tensor must have one dtype.
+    Returns new tensors (q and k are not written). With ``write`` (a ``CacheWrite``), the same launch stores the
+    first n tokens' rotated k and their v into a layer's KV cache. Every tensor must have one dtype.
     """
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
         raise ValueError(f"rope: q must be [N, H, d] and k [N, Hkv, d] with an even d, got {list(q.shape)} and "
@@ -120,13 +144,35 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
         raise TypeError(f"rope: q, k, cos and sin must have one dtype, got {q.dtype}, {k.dtype}, {cos.dtype}, "
                         f"{sin.dtype}")
+    if write is not None:
+        _check_cache_write(k, write)
     if not runs_kernel(q):
-        return rope_reference(q, k, cos, sin)
+        return rope_reference(q, k, cos, sin, write)
     from espo.kernels.rope import rope_qk
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    return rope_qk(q, k, cos.reshape(N, d).contiguous(), sin.reshape(N, d).contiguous())
+    cos, sin = cos.reshape(N, d).contiguous(), sin.reshape(N, d).contiguous()
+    if write is None:
+        return rope_qk(q, k, cos, sin)
+    v = write.v if write.v.stride(-1) == 1 else write.v.contiguous()
+    return rope_qk(q, k, cos, sin, v, write.k_cache, write.v_cache, write.rows)
+
+
+def _check_cache_write(k: torch.Tensor, write: CacheWrite) -> None:
+    N, Hkv, d = k.shape
+    if write.v.shape != k.shape or write.v.dtype != k.dtype:
+        raise ValueError(f"rope: write.v must have k's shape and dtype {list(k.shape)} {k.dtype}, got "
+                         f"{list(write.v.shape)} {write.v.dtype}")
+    for name in ("k_cache", "v_cache"):
+        cache = getattr(write, name)
+        if cache.dim() != 2 or cache.shape[1] != d or cache.dtype != k.dtype or not cache.is_contiguous():
+            raise ValueError(f"rope: write.{name} must be a contiguous [rows, {d}] {k.dtype} tensor, got "
+                             f"{list(cache.shape)} {cache.dtype}{'' if cache.is_contiguous() else ' (strided)'}")
+    rows = write.rows
+    if rows.dtype != torch.int64 or rows.dim() != 1 or rows.numel() % Hkv or rows.numel() > N * Hkv:
+        raise ValueError(f"rope: write.rows must be int64 [n * {Hkv}] with n <= {N} tokens, got {rows.dtype} "
+                         f"{list(rows.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------ silu_mul

@@ -101,9 +101,15 @@ class KVCache:
         As one ``index_copy_`` of rows of the layer's flattened cache: the same values as
         ``cache[layer][slots, :, positions] = k``, which the CPU runs several times slower (an advanced index split
         by a slice)."""
+        k_rows, v_rows = self.as_rows(layer)
+        k_rows.index_copy_(0, rows, k.reshape(-1, k_rows.shape[1]))
+        v_rows.index_copy_(0, rows, v.reshape(-1, v_rows.shape[1]))
+
+    def as_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V caches as the rows that ``rows`` indexes: views [R, width], width one position's
+        heads (flash layout) or one head's head_dim (SDPA layout)."""
         width = self.kv_heads * self.head_dim if self.layout == "flash" else self.head_dim
-        self.k[layer].view(-1, width).index_copy_(0, rows, k.reshape(-1, width))
-        self.v[layer].view(-1, width).index_copy_(0, rows, v.reshape(-1, width))
+        return self.k[layer].view(-1, width), self.v[layer].view(-1, width)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy the first ``length`` positions of slots ``src`` into slots ``dst`` (every layer)."""
@@ -201,7 +207,8 @@ def decode_attention(
 
     q [B, heads, D], k and v [B, kv_heads, D]; ``rows`` is arange(B) on the device; ``seqlens`` [B] (int64)
     is each row's position, i.e. its cached length before this token (``seqlens_i32`` the same as int32);
-    ``cache_rows`` is ``cache.rows(rows, seqlens)`` (SDPA layout; flash-attn writes the cache itself).
+    ``cache_rows`` is ``cache.rows(rows, seqlens)`` (SDPA layout; flash-attn writes the cache itself), or None
+    where k and v are in the cache already (the fused RoPE's ``CacheWrite``).
     ``length`` bounds the positions read (SDPA; > max(seqlens)), and ``mask`` is
     ``decode_mask(seqlens, length, window)``. Returns [B, heads, D].
     """
@@ -221,7 +228,8 @@ def decode_attention(
             window_size=(-1, -1) if window is None else (window - 1, 0),
         )
         return out[:, 0]
-    cache.write(layer, cache_rows, k, v)
+    if cache_rows is not None:
+        cache.write(layer, cache_rows, k, v)
     kv_heads = cache.kv_heads
     # Grouped-query attention without repeating K/V: the heads sharing a KV head become query rows of it.
     qg = q.view(B, kv_heads, H // kv_heads, D)

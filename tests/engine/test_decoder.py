@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers as T
 from conftest import requires_gpu
+from graphs_on_cpu import graphs_on_cpu, spy_admissions
 
 import espo
 from espo.engine.decoder import Decoder, Rollouts, rollout_seed
@@ -320,49 +321,6 @@ def test_padded_graph_buckets_change_nothing(monkeypatch):
     for a, b in zip(eager, bucketed):
         assert a.tokens.tolist() == b.tokens.tolist()
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
-
-
-class ReplayedForward:
-    """A CUDA graph's stand-in on the CPU: ``replay`` reruns the captured forward and writes its results into the
-    tensors that the capture returned, as a real replay overwrites its outputs; the forward must therefore read
-    all it needs from static tensors (a refill chunk passed any other way would replay the first one)."""
-
-    def __init__(self, forward):
-        self.forward, self.outputs = forward, forward()
-
-    def replay(self):
-        for out, new in zip(self.outputs, self.forward()):
-            if out is not None:
-                out.copy_(new)
-
-
-def graphs_on_cpu(monkeypatch, dec, **scheduler_kw):
-    """``dec`` decoding as with CUDA graphs (buckets, refill chunks), each graph a ``ReplayedForward``."""
-    def capture(self, forward):
-        graph = ReplayedForward(forward)
-        return graph, graph.outputs
-
-    monkeypatch.setattr(ModelRunner, "_capture", capture)
-    dec.cuda_graphs = True
-    dec.scheduler = Scheduler(dec.runner, prefill_tokens=dec.prefill_tokens, **scheduler_kw)
-    return dec
-
-
-def spy_admissions(monkeypatch):
-    """(live slots, admitted rollouts, prompt tokens counted per rollout, in a graphed step?) of each admission."""
-    seen = []
-    take = Scheduler._take_pending
-
-    def spy(self, run, holes, chunk=None):
-        live = self.slots.n_live
-        plen = {r: int(run.plen[run.prompt_of[r]]) for r in run.pending}
-        adm = take(self, run, holes, chunk)
-        if adm is not None:
-            seen.append((live, len(adm.rids), sum(plen[int(r)] for r in adm.rids), chunk is not None))
-        return adm
-
-    monkeypatch.setattr(Scheduler, "_take_pending", spy)
-    return seen
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

@@ -11,12 +11,14 @@ import pytest
 import torch
 import transformers as T
 from conftest import requires_gpu
+from graphs_on_cpu import graphs_on_cpu, spy_admissions
 from model_folders import make_model_folder
 
 from espo.engine import forward as forward_module
 from espo.engine import fused_ops
 from espo.engine.decoder import Decoder
 from espo.engine.fused_ops import runs_kernel
+from espo.engine.kv_cache import KVCache
 from espo.engine.models import load_builtin
 
 needs_interpreter = pytest.mark.skipif(not runs_kernel(torch.empty(0)), reason="needs TRITON_INTERPRET=1 (no GPU)")
@@ -99,6 +101,54 @@ def test_each_layer_runs_one_launch_per_norm_rope_and_activation(monkeypatch):
     # per layer: q and k norms (Qwen3), one RoPE, one silu * up, and two residual adds each in the launch of the
     # norm after it (post-attention, the next layer's input norm or the final norm); the first input norm alone
     assert calls == {"rms_norm": 1 + 3 * 2, "add_rms_norm": 3 * 2, "rope": 3, "silu_mul": 3}
+
+
+@needs_interpreter
+def test_decode_steps_write_the_cache_in_the_rope_launch(monkeypatch):
+    """Fused, a decode step's k and v reach the cache through rope's CacheWrite, not KVCache.write; the prefill's
+    still go through KVCache.write (its tokens may go to several slots)."""
+    writes = {"prefill": 0, "decode": 0}
+    phase = ["prefill"]
+    write = KVCache.write
+
+    def counted(self, *a):
+        writes[phase[0]] += 1
+        return write(self, *a)
+
+    monkeypatch.setattr(KVCache, "write", counted)
+    model = tiny("qwen2", torch.float32)
+    for fused in (False, True):
+        writes.update(prefill=0, decode=0)
+        policy = Decoder(model, max_batch=2, max_seq_len=8, fused_ops=fused).policy
+        ids, pos = torch.tensor([3, 4, 5, 6]), torch.tensor([0, 1, 0, 1])
+        phase[0] = "prefill"
+        policy.forward(ids, pos, prefill=forward_module.PrefillRows(
+            [(0, 2), (2, 2)], torch.tensor([0, 2, 4], dtype=torch.int32), 2, torch.tensor([0, 0, 1, 1]), pos,
+            torch.arange(4)))
+        phase[0] = "decode"
+        seqlens = torch.tensor([2, 2])
+        policy.forward(torch.tensor([7, 8]), seqlens, decode=forward_module.DecodeRows(
+            seqlens, seqlens.int(), torch.arange(2), 3, torch.arange(8)))
+        layers = len(policy.layers)
+        assert writes == {"prefill": layers, "decode": 0 if fused else layers}, (fused, writes)
+
+
+@needs_interpreter
+def test_fused_ops_in_graphed_steps_with_refill_chunks_equal_fused_eager(monkeypatch):
+    """The fused RoPE's cache write in a graphed step that also prefills a refill chunk (its k and v go through
+    KVCache.write): the same rollouts as fused eager decoding."""
+    model = tiny("qwen2", torch.float32)
+    prompts = [[5, 9, 3], [7, 2, 11, 13], [4, 8], [6, 6, 6, 10, 12], [9, 14, 3]]
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=4, eos_token_id=list(range(2, 10)))  # early, staggered ends
+    eager = Decoder(model, max_batch=3, max_seq_len=16, fused_ops=True).generate(prompts, 1, **kw)
+    admissions = spy_admissions(monkeypatch)
+    dec = graphs_on_cpu(monkeypatch, Decoder(model, max_batch=3, max_seq_len=16, fused_ops=True), refill_batch=3,
+                        refill_tokens=8)
+    graphed = dec.generate(prompts, 1, **kw)
+    assert any(in_graph for *_, in_graph in admissions), "the test must refill inside a graphed step"
+    for a, b in zip(eager, graphed):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)  # batches padded to a bucket
 
 
 @needs_interpreter

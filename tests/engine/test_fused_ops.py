@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from espo.engine.fused_ops import (
+    CacheWrite,
     add_rms_norm,
     add_rms_norm_reference,
     rms_norm,
@@ -30,6 +31,7 @@ from espo.engine.fused_ops import (
     silu_mul,
     silu_mul_reference,
 )
+from espo.engine.kv_cache import KVCache
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,6 +183,67 @@ def test_rope_checks_its_arguments():
         rope(q, k, cs[:1], cs[:1])
     with pytest.raises(TypeError, match="one dtype"):
         rope(q, k, cs.half(), cs)
+
+
+def rope_inputs(N, H, Hkv, d, dtype, seed=5):
+    """q, k, v as views of one projection [N, (H + 2 Hkv) d] (as the decoder's), and cos, sin [N, d]."""
+    qkv = rand((N, (H + 2 * Hkv) * d), dtype, 3.0, seed=seed)
+    q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=1)
+    theta = torch.arange(N)[:, None] * torch.logspace(0, -4, d // 2).repeat(2)[None]
+    return q.view(N, H, d), k.view(N, Hkv, d), v.view(N, Hkv, d), theta.cos().to(dtype).to(DEVICE), \
+        theta.sin().to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,n,H,Hkv,d", [(5, 3, 14, 2, 64), (4, 4, 4, 4, 6), (3, 0, 5, 3, 24), (9, 1, 9, 3, 128)])
+def test_rope_writes_the_first_tokens_into_the_cache_as_kv_cache_write_does(dtype, N, n, H, Hkv, d):
+    """The decode part (the first n of N tokens) lands where KVCache.write puts it; no other cache row changes."""
+    q, k, v, cos, sin = rope_inputs(N, H, Hkv, d, dtype)
+    slots, positions = torch.randperm(6)[:n].to(DEVICE), torch.randint(0, 7, (n,)).to(DEVICE)
+    caches = []
+    for fused in (True, False):
+        cache = KVCache(2, 6, 7, Hkv, d, dtype=dtype, device=DEVICE, layout="sdpa")
+        cache.k.copy_(rand(cache.k.shape, dtype, seed=6))
+        cache.v.copy_(rand(cache.v.shape, dtype, seed=7))
+        rows = cache.rows(slots, positions)
+        if fused:
+            qa, ka = rope(q, k, cos, sin, CacheWrite(v, *cache.as_rows(1), rows))
+        else:  # the unfused decode step: rotate, then KVCache.write
+            qb, kb = rope_reference(q, k, cos, sin)
+            cache.write(1, rows, kb[:n], v[:n])
+        caches.append(cache)
+    assert torch.equal(qa, qb) and torch.equal(ka, kb)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(caches[0].k[1, slots, :, positions], ka[:n])  # and it did write: the token's heads are there
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_cache_write_of_the_reference_is_the_kernels(dtype):
+    """rope_reference's write (what runs off the GPU) against the kernel's, rows in a shuffled order."""
+    N, n, H, Hkv, d = 6, 4, 6, 2, 16
+    q, k, v, cos, sin = rope_inputs(N, H, Hkv, d, dtype, seed=8)
+    rows = torch.randperm(40)[: n * Hkv].to(DEVICE)
+    caches = [(rand((40, d), dtype, seed=9), rand((40, d), dtype, seed=10)) for _ in range(2)]
+    out_a = rope(q, k, cos, sin, CacheWrite(v, *caches[0], rows))
+    out_b = rope_reference(q, k, cos, sin, CacheWrite(v, *caches[1], rows))
+    assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert torch.equal(caches[0][1][rows], v[:n].reshape(-1, d))
+
+
+def test_rope_checks_its_cache_write():
+    q, k, v, cos, sin = rope_inputs(3, 4, 2, 8, torch.float32)
+    cache, rows = rand((20, 8), torch.float32), torch.arange(4, device=DEVICE)
+    with pytest.raises(ValueError, match="write.v must have k's shape"):
+        rope(q, k, cos, sin, CacheWrite(v[:2], cache, cache, rows))
+    with pytest.raises(ValueError, match=r"write.k_cache must be a contiguous \[rows, 8\]"):
+        rope(q, k, cos, sin, CacheWrite(v, cache.half(), cache, rows))
+    with pytest.raises(ValueError, match=r"write.v_cache must be .*\(strided\)"):
+        rope(q, k, cos, sin, CacheWrite(v, cache, rand((8, 20), torch.float32).t(), rows))
+    with pytest.raises(ValueError, match=r"write.rows must be int64 \[n \* 2\] with n <= 3"):
+        rope(q, k, cos, sin, CacheWrite(v, cache, cache, torch.arange(3, device=DEVICE)))
+    with pytest.raises(ValueError, match="write.rows must be int64"):
+        rope(q, k, cos, sin, CacheWrite(v, cache, cache, torch.arange(8, device=DEVICE)))
 
 
 # ------------------------------------------------------------------------------------------------ silu_mul
