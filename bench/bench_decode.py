@@ -26,6 +26,7 @@ nothing is downloaded.
     python bench/bench_decode.py --cpu                # the CPU rows -> bench/results/decode-cpu.{json,md}
     python bench/bench_decode.py --smoke              # tiny shapes on the CPU, to check the script runs
     python bench/bench_decode.py --batch 64 --fused-ops both --no-hf   # the step with and without fused ops
+    python bench/bench_decode.py --batch 64 --breakdown   # and the step's kernels by kind (torch.profiler)
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, write_report  # first: puts this checkout's espo ahead of an installed one
+from common import by_kind, device_times, environment, write_report  # first: puts this checkout's espo first
 
 import espo  # noqa: E402
 from espo.engine.decoder import Decoder  # noqa: E402
@@ -197,8 +198,28 @@ def throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf):
             row["hf_step_ms"] = (t_hf - t_hf_half) / steps * 1e3
             if "floor_ms" in row:
                 row["hf_step_x_floor"] = row["hf_step_ms"] / row["floor_ms"]
+    if args.breakdown:
+        try:
+            row["breakdown"] = step_breakdown(dec, prompts, args.new_tokens, device)
+        except Exception as err:  # a profiler that fails here is reported, not fatal to the run
+            row["breakdown_error"] = f"{type(err).__name__}: {err}"[:200]
     print(row, flush=True)
     return row
+
+
+def step_breakdown(dec, prompts, new_tokens, device) -> dict[str, dict[str, float]]:
+    """One decode step's kernels by kind (``bench.common.by_kind``): launches and device ms per step, by the step_ms
+    rule (a generate of new_tokens less one of new_tokens // 2, over the steps between), from torch.profiler. Beside
+    step_ms it tells the GPU's busy time from its idle time (launch gaps, host work) and which kernels fill it."""
+    def kinds(n):
+        return by_kind(device_times(lambda: dec.generate(prompts, 1, max_new_tokens=n, temperature=1.0,
+                                                         eos_token_id=[], seed=3), device, calls=2))
+
+    full, part = kinds(new_tokens), kinds(new_tokens // 2)
+    steps = new_tokens - new_tokens // 2
+    none = {"launches": 0.0, "us": 0.0}
+    return {kind: {"launches": (t["launches"] - part.get(kind, none)["launches"]) / steps,
+                   "ms": (t["us"] - part.get(kind, none)["us"]) / steps / 1e3} for kind, t in full.items()}
 
 
 def stop_schedules(rollouts: int, new_tokens: int, fractions, lengths: np.ndarray | None = None
@@ -307,6 +328,24 @@ def markdown(env, tput, stops) -> str:
             f"{fmt(r.get('hf_step_x_floor'), '{:.1f}x')} | {r['attention']} | "
             f"{r['cuda_graphs']} | {r.get('fused_ops', '')} |"
         )
+    broken = [r for r in tput if "breakdown" in r]
+    if broken:
+        kinds = sorted({k for r in broken for k in r["breakdown"]} - {"all"})
+        lines += [
+            "",
+            "Where a decode step's time goes (torch.profiler, by the step ms rule; busy = the kernels' device time, "
+            "idle = step - busy: launch gaps and host work; each kind: ms (launches) per step; on the CPU the "
+            "launches are aten ops, views and composites included, and busy is their CPU time):",
+            "",
+            "| model | batch | fused ops | step ms | busy ms | idle ms | launches | " + " | ".join(kinds) + " |",
+            "|---|---|---|---|---|---|---|" + "---|" * len(kinds),
+        ]
+        for r in broken:
+            b = r["breakdown"]
+            cells = [f"{b[k]['ms']:.3f} ({b[k]['launches']:.0f})" if k in b else "" for k in kinds]
+            lines.append(f"| {r['model']} | {r['batch']} | {r.get('fused_ops', '')} | {r['step_ms']:.2f} | "
+                         f"{b['all']['ms']:.3f} | {r['step_ms'] - b['all']['ms']:.3f} | {b['all']['launches']:.0f} | "
+                         + " | ".join(cells) + " |")
     lines += [
         "",
         "Early stopping (rollouts through a pool of slots; a fraction of them stopped at uniformly random points; "
@@ -368,6 +407,8 @@ def main(argv=None):
                         help="the decoder's fused_ops: auto (None: on a GPU with Triton), on, off (its default), "
                         "or both (a throughput row each, "
                         "in the same run; the stopping rows run fused)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile each throughput row's decode step: its kernels by kind, busy and idle time")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 

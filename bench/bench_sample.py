@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import torch
-from common import environment, write_report  # first: puts this checkout's espo ahead of an installed one
+from common import device_times, environment, write_report  # first: puts this checkout's espo first
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_B = [1, 8, 64, 256, 1024]
@@ -153,6 +153,8 @@ def bench_row(B, V, dtype, device, bandwidth, l2_bytes, peers, top_k=0, top_p=1.
         row[f"{backend}_us"] = time_us(lambda: step(next_logits()), device)
         if device != "cpu":
             row[f"{backend}_graph_us"] = graph_us(step, next_logits.sets)
+            kernels = device_times(lambda: step(next_logits()), device, calls=20)
+            row[f"{backend}_kernels_us"] = {name[:60]: round(t["us"], 2) for name, t in kernels.items()}
     z = torch.zeros(B, device=device)
     scalars = stopper.scalars
     row["eager_us"] = time_us(lambda: eager_step(next_logits(), 0.8, z, scalars, **filters), device)
@@ -223,6 +225,14 @@ def markdown(rows, env) -> str:
     ]
     for r in rows:
         lines.append("| " + " | ".join(c[2].format(r[c[0]]) if c[0] in r else "" for c in cols) + " |")
+    kernels = [(r, backend) for r in rows for backend in ("triton", "cuda") if f"{backend}_kernels_us" in r]
+    if kernels:
+        lines += ["", "Device time by kernel (torch.profiler over 20 calls; us per call):", ""]
+        for r, backend in kernels:
+            times = ", ".join(f"`{name}` {us:.1f}" for name, us in sorted(r[f"{backend}_kernels_us"].items(),
+                                                                            key=lambda kv: -kv[1]))
+            lines.append(f"- B = {r['B']}, V = {r['V']}, {r['dtype']}, {r.get('filter', 'unfiltered')}, {backend}: "
+                         f"{times}")
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime
 import importlib
 import platform
+import re
 import sys
+from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,3 +61,56 @@ def write_report(path: Path, text: str) -> None:
         notes = notes.rstrip("\n").removesuffix(carried).rstrip("\n")  # carried once, however many reruns
         text = text.rstrip("\n") + "\n\n" + notes + "\n\n" + carried + "\n"
     path.write_text(text)
+
+
+# What a kernel (or, on the CPU, an aten op) is, by its name: the first pattern that matches. GEMMs are cuBLAS's and
+# CUTLASS's names (and aten's on the CPU); espo's own are its Triton kernels and csrc/'s.
+KERNEL_KINDS = (
+    ("attention", r"attention|fmha|flash|attn"),  # first: SDPA's kernels are CUTLASS's too
+    ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitk|aten::(mm|addmm|bmm|linear|matmul)$"),
+    ("espo sample", r"chunk_stats|finish_kernel|pivot_stats|pivot_round|sample_kernel|espo::sample"),
+    ("espo fused", r"rms_norm|rope|silu_mul"),
+    ("copy", r"memcpy|memset|copy|index|gather|scatter"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a kernel by its name (``KERNEL_KINDS``), "other" (torch's elementwise and reductions) if none."""
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "other")
+
+
+def device_times(fn: Callable[[], object], device: str, calls: int = 10) -> dict[str, dict[str, float]]:
+    """Per call of ``fn()``: each kernel's launches and device microseconds, by kernel name, from torch.profiler over
+    ``calls`` calls after one warm-up (on the CPU: each aten op's calls and its own CPU time). Kernels inside a CUDA
+    graph's replay count too (CUPTI traces them), so a graphed step's device time is told apart from its gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    out: dict[str, dict[str, float]] = {}
+    for evt in prof.key_averages():
+        on_device = evt.device_type == torch.autograd.DeviceType.CUDA
+        if cuda != on_device:
+            continue
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        if us > 0 or not cuda:
+            out[evt.key] = {"launches": evt.count / calls, "us": us / calls}
+    return out
+
+
+def by_kind(times: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``device_times``' kernels summed by ``kernel_kind``, and "all"."""
+    out: dict[str, dict[str, float]] = defaultdict(lambda: {"launches": 0.0, "us": 0.0})
+    for name, t in times.items():
+        for kind in (kernel_kind(name), "all"):
+            out[kind]["launches"] += t["launches"]
+            out[kind]["us"] += t["us"]
+    return dict(out)
