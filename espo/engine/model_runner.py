@@ -225,6 +225,13 @@ class ModelRunner:
                 f"{self.device}: lower max_batch (now {self.max_batch}) or max_seq_len (now {self.max_seq_len})"
             )
 
+    def refresh_weights(self) -> None:
+        """Renew the copies of the models' weights that the fused path reads (``TransformerForward.refresh_weights``):
+        run before each generate, so that a model trained between two calls decodes with its new weights."""
+        for forward in (self.policy, self.critic):
+            if forward is not None:
+                forward.refresh_weights()
+
     def reset_graphs(self) -> None:
         """Drop the captured CUDA graphs (e.g. after replacing the model's parameter tensors, not in place)."""
         self._graphs.clear()

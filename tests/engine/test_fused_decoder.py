@@ -152,6 +152,50 @@ def test_fused_ops_in_graphed_steps_with_refill_chunks_equal_fused_eager(monkeyp
 
 
 @needs_interpreter
+def test_merged_qkv_follows_weights_updated_between_generates():
+    """The one q/k/v GEMM reads a copy of the weights, renewed at each generate: an in-place update (an optimizer
+    step) and a replaced weight are both decoded with, as the unfused path does."""
+    model = tiny("qwen2", torch.float32)  # Qwen2: q, k and v have biases
+    fused = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=True)
+    assert all(spec.qkv is not None and spec.qkv.bias is not None for spec in fused.policy.layers)
+    prompts = [list(p) for p in PROMPTS]
+    args = dict(max_new_tokens=6, temperature=1.0, seed=3, eos_token_id=[])
+    before = fused.generate(prompts, 1, **args)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(-2.0)
+            layer.self_attn.q_proj.bias.add_(0.5)
+    v_proj = model.model.layers[0].self_attn.v_proj
+    v_proj.weight = torch.nn.Parameter(v_proj.weight.detach() * 3.0)
+    after = fused.generate(prompts, 1, **args)
+    plain = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=False).generate(prompts, 1, **args)
+    assert_same_rollouts(plain, after, LOGP_ATOL[torch.float32])
+    assert any(a.tokens.tolist() != b.tokens.tolist() for a, b in zip(before, after)), "the update must matter"
+
+
+class OwnLinear(torch.nn.Linear):
+    """A projection of another type (as a LoRA or quantised layer would be): it must run as itself."""
+
+
+@needs_interpreter
+def test_q_k_v_merge_only_when_three_plain_linears_of_one_kind():
+    model = tiny("llama", torch.float32)
+    attn = model.model.layers[1].self_attn
+    own = OwnLinear(attn.k_proj.in_features, attn.k_proj.out_features, bias=False)
+    own.load_state_dict(attn.k_proj.state_dict())
+    attn.k_proj = own
+    dec = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=True)
+    assert dec.policy.layers[0].qkv is not None and dec.policy.layers[1].qkv is None
+    qwen3 = Decoder(tiny("qwen3", torch.float32, head_dim=20), max_batch=2, max_seq_len=16, fused_ops=True)
+    assert all(spec.qkv is None for spec in qwen3.policy.layers)  # its q/k norms read q and k whole
+    assert all(spec.qkv is None for spec in Decoder(model, max_batch=2, max_seq_len=16).policy.layers)  # unfused
+    prompts = [list(p) for p in PROMPTS]
+    args = dict(max_new_tokens=6, temperature=1.0, seed=3, eos_token_id=[])
+    plain = Decoder(model, max_batch=2, max_seq_len=16, fused_ops=False).generate(prompts, 1, **args)
+    assert_same_rollouts(plain, dec.generate(prompts, 1, **args), LOGP_ATOL[torch.float32])
+
+
+@needs_interpreter
 def test_an_activation_other_than_silu_runs_the_module():
     plain, fused, dec = both_paths(tiny("llama", torch.float32, hidden_act="gelu"), SMALL["vocab_size"])
     assert not any(spec.mlp.fused for spec in dec.policy.layers)
