@@ -87,11 +87,11 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
 class ScheduledStops(Scheduler):
     """A scheduler whose rollouts listed in ``schedule`` (rollout id -> length, 0 = none) end "stopped" there,
     and, with ``lengths`` (rollout id -> length), end at EOS there; it counts admissions with a forward of their
-    own and those that rode in a graphed step's refill chunk."""
+    own and those that rode in a graphed step's refill chunk, with the tokens of the chunk sizes they rode in."""
 
     schedule: np.ndarray | None = None
     lengths: np.ndarray | None = None
-    admissions = chunk_refills = 0
+    admissions = chunk_refills = chunk_tokens = 0
 
     def _admit(self, run):
         self.admissions += 1
@@ -99,7 +99,9 @@ class ScheduledStops(Scheduler):
 
     def _take_pending(self, run, holes, chunk=None):
         adm = super()._take_pending(run, holes, chunk)
-        self.chunk_refills += chunk is not None and adm is not None
+        if adm is not None and adm.chunk_layout is not None:
+            self.chunk_refills += 1
+            self.chunk_tokens += adm.chunk_layout.tokens
         return adm
 
     def _endings(self, run, slots, code):
@@ -263,10 +265,11 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
 
     def run(schedule):
         sched = dec.scheduler
-        sched.schedule, sched.admissions, sched.chunk_refills = schedule, 0, 0
+        sched.schedule, sched.admissions, sched.chunk_refills, sched.chunk_tokens = schedule, 0, 0, 0
         t, ro = time_espo(dec, prompts, T, device, stopper=stopper)
         stopper.end_batch()
-        return t, (ro, {"admissions": sched.admissions, "chunk_refills": sched.chunk_refills})
+        return t, (ro, {"admissions": sched.admissions, "chunk_refills": sched.chunk_refills,
+                        "chunk_tokens": sched.chunk_tokens})
 
     lengths = None if lengths_kind == "fixed" else natural_lengths(R, T)
     dec.scheduler.lengths = lengths
@@ -299,6 +302,10 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def mean_chunk_size(row) -> str:
+    return f" ({row['chunk_tokens'] / row['chunk_refills']:.0f})" if row.get("chunk_refills") else ""
 
 
 def fmt(v, f):
@@ -352,7 +359,8 @@ def markdown(env, tput, stops) -> str:
         "ratio = time saved / tokens saved, target >= 0.8):",
         "",
         "| model | slots | refill_batch | refill tokens | rollouts | new | lengths | stopped | tokens saved | "
-        "time saved | ratio | steps (no stop -> stop) | own prefills | refills in a step | fused ops |",
+        "time saved | ratio | steps (no stop -> stop) | own prefills | refills in a step (mean chunk size) | "
+        "fused ops |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stops:
@@ -361,7 +369,7 @@ def markdown(env, tput, stops) -> str:
             f"{r['rollouts']} | {r['new_tokens']} | {r.get('lengths', 'fixed')} | {r['stop_fraction']:.0%} | "
             f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
             f"{r['decode_steps_no_stop']} -> {r['decode_steps']} | {r.get('admissions', '')} | "
-            f"{r.get('chunk_refills', '')} | {r.get('fused_ops', '')} |"
+            f"{r.get('chunk_refills', '')}{mean_chunk_size(r)} | {r.get('fused_ops', '')} |"
         )
     return "\n".join(lines) + "\n"
 

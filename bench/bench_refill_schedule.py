@@ -14,7 +14,8 @@ From the counts, two ratios (time saved / tokens saved, bench_decode.py's target
   step) reaches with free prefills: once the pending rollouts run out the pool drains, and a step that decodes
   fewer rows costs as much;
 - predicted: with a step, a prefill forward and a refill chunk's extra compute costing --step-ms, --prefill-ms
-  and --chunk-ms (defaults: see --help; an estimate to compare with a GPU run, not a measurement).
+  and --chunk-ms (a 256-token chunk; a refill rides in the smallest chunk size that holds it, costed in
+  proportion to its tokens) (defaults: see --help; an estimate to compare with a GPU run, not a measurement).
 
     python bench/bench_refill_schedule.py       # -> bench/results/refill-schedule.{json,md}
 """
@@ -60,25 +61,29 @@ def design_rows(args, model, prompts, schedules, lengths_name, lengths) -> list[
         runner = dec.runner
         if graphs:
             runner.cuda_graphs = True
-            runner._decode_graphed = lambda b, length, chunked=False, r=runner: r._decode_forward(b, length, chunked)
+            runner._decode_graphed = lambda b, length, chunk=None, r=runner: r._decode_forward(b, length, chunk)
         refill_batch = refill_batch or max(1, B // 8)
         dec.scheduler = sched = ScheduledStops(runner, prefill_tokens=dec.prefill_tokens, refill_batch=refill_batch,
                                                refill_tokens=refill_tokens)
         counts = {}
         sched.lengths = lengths
         for frac, schedule in schedules.items():
-            sched.schedule, sched.admissions, sched.chunk_refills = schedule, 0, 0
+            sched.schedule, sched.admissions, sched.chunk_refills, sched.chunk_tokens = schedule, 0, 0, 0
             ro = dec.generate(prompts, 1, max_new_tokens=T, temperature=1.0, seed=1, eos_token_id=[])
             counts[frac] = dict(tokens=ro.tokens_generated, steps=ro.decode_steps, prefills=sched.admissions,
-                                chunk_steps=sched.chunk_refills)
+                                chunk_steps=sched.chunk_refills, chunk_tokens=sched.chunk_tokens)
         base = counts[0.0]
-        cost = lambda c: c["steps"] * args.step_ms + c["prefills"] * args.prefill_ms + c["chunk_steps"] * args.chunk_ms  # noqa: E731
+
+        def cost(c):
+            return c["steps"] * args.step_ms + c["prefills"] * args.prefill_ms + c["chunk_tokens"] / 256 * args.chunk_ms
+
         for frac in args.stop_fractions:
             c = counts[frac]
             tokens_saved = 1 - c["tokens"] / base["tokens"]
             row = dict(lengths=lengths_name, design=name, refill_batch=refill_batch, refill_tokens=refill_tokens,
                        stop_fraction=frac, **c, steps_no_stop=base["steps"], prefills_no_stop=base["prefills"],
-                       chunk_steps_no_stop=base["chunk_steps"], tokens_saved=tokens_saved,
+                       chunk_steps_no_stop=base["chunk_steps"], chunk_tokens_no_stop=base["chunk_tokens"],
+                       tokens_saved=tokens_saved,
                        predicted_s_no_stop=cost(base) / 1e3 if graphs else None,
                        predicted_s=cost(c) / 1e3 if graphs else None,
                        steps_saved=1 - c["steps"] / base["steps"],
@@ -89,6 +94,13 @@ def design_rows(args, model, prompts, schedules, lengths_name, lengths) -> list[
     return rows
 
 
+def mean_chunk(row) -> str:
+    """The mean chunk size a refill rode in, without stops -> with them ("" for designs without a chunk)."""
+    sizes = [t / s for t, s in ((row["chunk_tokens_no_stop"], row["chunk_steps_no_stop"]),
+                                (row["chunk_tokens"], row["chunk_steps"])) if s]
+    return " -> ".join(f"{m:.0f}" for m in sizes)
+
+
 def markdown(env, args, rows) -> str:
     lines = [
         f"Refill schedules of bench_decode.py's early-stopping rows, counted on the CPU ({env['date']}, torch "
@@ -97,19 +109,23 @@ def markdown(env, args, rows) -> str:
         "EOS) or natural (EOS at a length uniform in [new/4, new], seed 1); stops scheduled at uniformly random "
         "points before the end (seed 0). Counts, not times: bound = steps saved / tokens saved (free "
         f"prefills, a step costing the same at any batch); predicted = with {args.step_ms} ms a step, "
-        f"{args.prefill_ms} ms a prefill forward and {args.chunk_ms} ms more for a step carrying a refill chunk "
+        f"{args.prefill_ms} ms a prefill forward and {args.chunk_ms} ms more for a step carrying a 256-token refill "
+        "chunk, a smaller chunk size in proportion (a refill rides in the smallest of the chunk's sizes, halved "
+        "down to 32 tokens, that holds it; mean size: tokens / steps with a chunk) "
         f"(estimates, not measurements; none for the eager design, whose steps cost more). "
         f"Command: `{env['command']}`.",
         "",
         "| lengths | design | stopped | tokens saved | steps (no stop -> stop) | prefill forwards | "
-        "steps with a chunk | steps saved | bound | predicted s (no stop -> stop) | predicted ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "steps with a chunk | mean chunk size | steps saved | bound | predicted s (no stop -> stop) | "
+        "predicted ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['lengths']} | {r['design']} | {r['stop_fraction']:.0%} | {r['tokens_saved']:.1%} | "
             f"{r['steps_no_stop']} -> {r['steps']} | {r['prefills_no_stop']} -> {r['prefills']} | "
-            f"{r['chunk_steps_no_stop']} -> {r['chunk_steps']} | {r['steps_saved']:.1%} | {r['bound']:.2f} | "
+            f"{r['chunk_steps_no_stop']} -> {r['chunk_steps']} | {mean_chunk(r)} | {r['steps_saved']:.1%} | "
+            f"{r['bound']:.2f} | "
             + ("n/a | n/a |" if r["predicted_ratio"] is None else
                f"{r['predicted_s_no_stop']:.1f} -> {r['predicted_s']:.1f} | {r['predicted_ratio']:.2f} |")
         )
@@ -132,7 +148,8 @@ def main(argv=None):
                         help="a prefill forward of its own: 20-23 ms solves decode.md's stop rows (2.5x, 2.4x the "
                         "time) with these counts")
     parser.add_argument("--chunk-ms", type=float, default=0.4,
-                        help="what a refill chunk adds to a step (a guess: 256 more rows through the GEMMs)")
+                        help="what a 256-token refill chunk adds to a step (a guess: 256 more rows through the GEMMs); "
+                        "a smaller chunk size adds in proportion to its tokens")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     env = environment("cpu", float("nan"), dtype="float32")

@@ -137,7 +137,8 @@ class Decoder:
         refill_tokens: with CUDA graphs, the graphed decode step also prefills up to this many prompt tokens (a
             prompt counted once per rollout) of pending rollouts into free slots, fewer than refill_batch of them,
             so that a rollout that ends (an ESPO stop, EOS) is replaced at the next step without a forward of its
-            own; a fixed-size chunk, so it costs those tokens' compute at every step that refills. 0: off.
+            own. The chunk has fixed sizes (refill_tokens halved down to 32 tokens, a CUDA graph each): a refill
+            rides in the smallest that holds it and costs that size's compute, padding included. 0: off.
         progress: default of ``generate(progress=...)``: a tqdm bar over finished rollouts.
         fused_ops: run the RMSNorms (each with the residual add before it), the RoPE of q and k (with a decode
             step's two KV-cache writes) and a silu MLP's activation as one Triton kernel each

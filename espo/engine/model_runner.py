@@ -174,18 +174,26 @@ class ModelRunner:
         self.caches = [m.cache for m in (self.policy, self.critic) if m is not None]  # what compact moves
         self._arange = torch.arange(max(self.max_seq_len, S), device=dev)
         self.cuda_graphs = bool(cuda_graphs) and dev.type == "cuda"
-        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}  # (bucket, length, chunk)
+        # (bucket, length, refill chunk tokens or 0) -> graph and its outputs
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._graph_pool = None
         self._batch_buckets = _batch_buckets(S)
         self.refill_chunk: RefillChunk | None = None
+        self.refill_chunks: list[RefillChunk] = []
         self._chunk_buf: torch.Tensor | None = None
 
     def use_refill_chunk(self, chunk: RefillChunk | None) -> None:
-        """With CUDA graphs, admissions that fit ``chunk`` ride in the decode step's graph, read from a static
-        buffer of its size (the graph's input); None: admissions always get a forward of their own."""
+        """With CUDA graphs, admissions that fit ``chunk`` ride in the decode step's graph, each in the smallest of
+        ``chunk.sizes()`` that fits it (a graph each), read from a static buffer (the graph's input); None:
+        admissions always get a forward of their own."""
         self.refill_chunk = chunk
+        self.refill_chunks = [] if chunk is None else chunk.sizes()
         self._graphs = {key: entry for key, entry in self._graphs.items() if not key[2]}  # they read the old buffer
         self._chunk_buf = None if chunk is None else torch.zeros(chunk.size, dtype=torch.int64, device=self.device)
+
+    def chunk_for(self, tokens: int, rows: int) -> RefillChunk:
+        """The smallest refill chunk size that holds ``tokens`` prompt tokens and ``rows`` rollouts."""
+        return next(c for c in self.refill_chunks if c.fits(tokens, rows))
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -260,9 +268,10 @@ class ModelRunner:
         slots = self.slots
         if self.cuda_graphs:
             bb = next(s for s in self._batch_buckets if s >= b)
-            if adm is not None:
-                self._chunk_buf.copy_(adm.chunk)  # the graph's static input
-            logits, values = self._decode_graphed(bb, length, chunked=adm is not None)
+            chunk = None if adm is None else adm.chunk_layout
+            if chunk is not None:
+                self._chunk_buf[: chunk.size].copy_(adm.chunk)  # the graph's static input
+            logits, values = self._decode_graphed(bb, length, chunk)
             k = 0 if adm is None else len(adm.rids)
             pick = (lambda t: t[:b]) if k == 0 else (lambda t: torch.cat((t[:b], t[bb : bb + k])))
             logits = pick(logits)
@@ -284,31 +293,31 @@ class ModelRunner:
     def _decode_rows(self, b: int, length: int) -> DecodeRows:
         return DecodeRows(self.slots.seqlen[:b], self.slots.seqlen32[:b], self._arange[:b], length, self._arange)
 
-    def _decode_forward(self, b: int, length: int, chunked: bool = False):
-        """Logits and values (or None) of slots 0..b-1 ([b, V], [b]), eager; ``chunked``: also the refill chunk in
-        ``_chunk_buf``, whose rows follow ([b + chunk rows, V]). Reads only static tensors (a graph's inputs)."""
+    def _decode_forward(self, b: int, length: int, chunk: RefillChunk | None = None):
+        """Logits and values (or None) of slots 0..b-1 ([b, V], [b]), eager; with ``chunk`` (a size of the refill
+        chunk), also the refill packed in ``_chunk_buf`` as that size, whose rows follow ([b + chunk rows, V]).
+        Reads only static tensors (a graph's inputs)."""
         slots, decode = self.slots, self._decode_rows(b, length)
-        if not chunked:
+        if chunk is None:
             return self.forward(slots.tok[:b], slots.seqlen[:b], decode=decode)
-        c = self.refill_chunk.views(self._chunk_buf)
-        prefill = PrefillRows([], None, self.refill_chunk.tokens, c["dst_slots"], c["dst_pos"], c["src_idx"],
-                              seg=c["seg"])
+        c = chunk.views(self._chunk_buf[: chunk.size])
+        prefill = PrefillRows([], None, chunk.tokens, c["dst_slots"], c["dst_pos"], c["src_idx"], seg=c["seg"])
         return self.forward(
             torch.cat((slots.tok[:b], c["ids"])), torch.cat((slots.seqlen[:b], c["positions"])),
             decode=decode, prefill=prefill, out_idx=torch.cat((self._arange[:b], b + c["out"])),
         )
 
-    def _decode_graphed(self, b: int, length: int, chunked: bool = False):
-        key = (b, length if self.attention == "sdpa" else 0, chunked)
+    def _decode_graphed(self, b: int, length: int, chunk: RefillChunk | None = None):
+        key = (b, length if self.attention == "sdpa" else 0, 0 if chunk is None else chunk.tokens)
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(lambda: self._decode_forward(b, length, chunked))
+                entry = self._capture(lambda: self._decode_forward(b, length, chunk))
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # a capture failure costs speed, never correctness
-                out = self._decode_forward(b, length, chunked)
-                if chunked:
+                out = self._decode_forward(b, length, chunk)
+                if chunk is not None:
                     warnings.warn(f"espo.Decoder: CUDA graph capture of a refill step failed ({err!r}); refills "
                                   "get a forward of their own", RuntimeWarning)
                     self.use_refill_chunk(None)

@@ -96,7 +96,8 @@ class Scheduler:
 
     def _take_pending(self, run: RunState, holes: np.ndarray, chunk: RefillChunk | None = None) -> Admission | None:
         """Give pending rollouts the first of the free slots ``holes`` (one packed prefill, within prefill_tokens;
-        with ``chunk``, also within its tokens and rows, and packed into ``Admission.chunk``).
+        with ``chunk``, also within its tokens and rows, and packed into ``Admission.chunk`` as the smallest of the
+        runner's chunk sizes that holds them).
 
         Sets the slots' state (prompt length, offset 0, seed, stopper row, value) for their first draw.
         """
@@ -134,7 +135,8 @@ class Scheduler:
         seeds = np.array([run.request.seeds[r] for r in rids], dtype=np.int64)
         rid_arr = np.asarray(rids, dtype=np.int64)
         cu = np.concatenate([[0], np.cumsum(lens)])
-        packed = np.zeros(0, np.int64) if chunk is None else chunk.pack(
+        layout = None if chunk is None else self.runner.chunk_for(rollout_tokens, k)
+        packed = np.zeros(0, np.int64) if layout is None else layout.pack(
             ids, positions, np.repeat(np.arange(len(lens)), lens), dst_slots, dst_pos, src_idx, last_idx[ui])
         parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, lens[ui], seeds, rid_arr, srows, cu,
                  packed]
@@ -153,7 +155,7 @@ class Scheduler:
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
         prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
         return Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t,
-                         None if chunk is None else packed_t)
+                         None if layout is None else packed_t, layout)
 
     def _admitted(self, run: RunState, adm: Admission) -> None:
         """The admitted rollouts drew their first tokens."""

@@ -104,8 +104,8 @@ class Admission:
 
     rids, slots [k]: the rollouts and their slots (host); ids, positions [N]: the packed prompt tokens;
     last_idx [U]: each prompt's last token in them; ui [k]: each rollout's prompt among the U; slots_t [k]:
-    the slots on the device. chunk: the same admission padded to a fixed size (``RefillChunk.pack``, on the
-    device), for a CUDA graph's decode step to prefill it, or None.
+    the slots on the device. chunk: the same admission padded to a fixed size (``RefillChunk.pack`` of
+    ``chunk_layout``, on the device), for a CUDA graph's decode step to prefill it, or None.
     """
 
     rids: np.ndarray
@@ -117,6 +117,7 @@ class Admission:
     ui: torch.Tensor
     slots_t: torch.Tensor
     chunk: torch.Tensor | None = None
+    chunk_layout: "RefillChunk | None" = None
 
 
 class RefillChunk:
@@ -130,6 +131,17 @@ class RefillChunk:
 
     def __init__(self, tokens: int, rows: int):
         self.tokens, self.rows = tokens, min(rows, tokens)  # a rollout has at least one prompt token
+
+    def sizes(self, smallest: int = 32) -> list["RefillChunk"]:
+        """This chunk and its halvings down to ``smallest`` tokens, smallest first: a refill rides in the smallest
+        that fits it, so that one short prompt does not cost the compute of the whole chunk."""
+        tokens = [self.tokens]
+        while tokens[-1] // 2 >= smallest:
+            tokens.append(tokens[-1] // 2)
+        return [RefillChunk(t, self.rows) for t in reversed(tokens)]
+
+    def fits(self, tokens: int, rows: int) -> bool:
+        return tokens <= self.tokens and rows <= self.rows
 
     @property
     def size(self) -> int:

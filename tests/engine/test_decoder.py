@@ -309,8 +309,8 @@ def test_padded_graph_buckets_change_nothing(monkeypatch):
     dec = Decoder(model, max_batch=6, max_seq_len=140)
     shapes = []
 
-    def padded(self, b, length, chunked=False):
-        assert not chunked  # the scheduler was made without graphs: no refill chunk
+    def padded(self, b, length, chunk=None):
+        assert chunk is None  # the scheduler was made without graphs: no refill chunk
         shapes.append((b, length))
         return self._decode_forward(b, length)
 
@@ -404,6 +404,40 @@ def test_a_failed_refill_graph_capture_falls_back_to_admissions_of_their_own(mon
         got = dec.generate(prompts, 2, **kw)
     assert dec.cuda_graphs and dec.runner.refill_chunk is None
     assert [a.tokens.tolist() for a in eager] == [b.tokens.tolist() for b in got]
+
+
+def test_refills_ride_in_the_smallest_chunk_size_that_fits(monkeypatch):
+    """A refill chunk comes in sizes (its tokens halved down to 32, a graph each): each refill rides in the smallest
+    that holds it, so that a short prompt does not pay for the whole chunk; the rollouts are eager decoding's."""
+    model = tiny("qwen2", seed=25)
+    prompts = prompts_for(9, seed=25, lo=12, hi=40)
+    kw = dict(max_new_tokens=16, temperature=1.0, seed=4, eos_token_id=EOS)
+    eager = Decoder(model, max_batch=6, max_seq_len=64).generate(prompts, 3, **kw)
+    dec = graphs_on_cpu(monkeypatch, Decoder(model, max_batch=6, max_seq_len=64), refill_batch=4, refill_tokens=64)
+    assert [(c.tokens, c.rows) for c in dec.runner.refill_chunks] == [(32, 3), (64, 3)]
+    used, chunk_for = [], dec.runner.chunk_for
+
+    def spy(tokens, rows):
+        used.append((tokens, rows, chunk_for(tokens, rows).tokens))
+        return chunk_for(tokens, rows)
+
+    dec.runner.chunk_for = spy
+    got = dec.generate(prompts, 3, **kw)
+    assert {size for *_, size in used} == {32, 64}, used
+    assert all(tokens <= size and (size == 32 or tokens > 32) and rows <= 3 for tokens, rows, size in used)
+    assert {key[2] for key in dec.runner._graphs} == {0, 32, 64}  # a graph per chunk size, and plain steps
+    for a, b in zip(eager, got):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_refill_chunk_sizes_halve_down_to_32_tokens():
+    from espo.engine.sequence import RefillChunk
+
+    assert [(c.tokens, c.rows) for c in RefillChunk(256, rows=7).sizes()] == [(32, 7), (64, 7), (128, 7), (256, 7)]
+    assert [c.tokens for c in RefillChunk(300, rows=7).sizes()] == [37, 75, 150, 300]
+    assert [(c.tokens, c.rows) for c in RefillChunk(20, rows=7).sizes()] == [(20, 7)]
+    assert RefillChunk(64, rows=3).fits(64, 3) and not RefillChunk(64, rows=3).fits(65, 1)
 
 
 def test_refill_chunk_pads_to_its_size():
