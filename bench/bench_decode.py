@@ -40,6 +40,7 @@ import torch
 from common import by_kind, device_times, environment, write_report  # first: puts this checkout's espo first
 
 import espo  # noqa: E402
+from espo.engine import fused_ops  # noqa: E402
 from espo.engine.decoder import Decoder  # noqa: E402
 from espo.engine.scheduler import Scheduler  # noqa: E402
 from espo.engine.sequence import CODE_EOS, CODE_STOP  # noqa: E402
@@ -170,13 +171,19 @@ FUSED_OPS = {"auto": [None], "on": [True], "off": [False], "both": [False, True]
 
 
 def throughput_rows(shape, model, args, device, bandwidth):
-    return [throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf=i == 0)
-            for B in args.batch for i, fused in enumerate(FUSED_OPS[args.fused_ops])]
+    settings = [(fused, gus) for fused in FUSED_OPS[args.fused_ops]
+                for gus in (GATE_UP_SILU[args.gate_up_silu] if fused is not False else [True])]
+    return [throughput_row(shape, model, args, device, bandwidth, B, fused, gus, with_hf=i == 0)
+            for B in args.batch for i, (fused, gus) in enumerate(settings)]
 
 
-def throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf):
+GATE_UP_SILU = {"on": [True], "off": [False], "both": [True, False]}
+
+
+def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu, with_hf):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = model.config.vocab_size
+    fused_ops.GATE_UP_SILU_ROWS = 64 if gate_up_silu else 0  # read at each forward: this row's graphs hold it
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1, fused_ops=fused)
     prompts = prompts_of(B, args.prompt_len, vocab, seed=B)
     time_espo(dec, prompts, args.new_tokens, device)  # warm-up: captures the CUDA graphs
@@ -188,6 +195,7 @@ def throughput_row(shape, model, args, device, bandwidth, B, fused, with_hf):
         "model": shape, "batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "espo_s": t_full, "espo_tok_s": ro.tokens_generated / t_full, "step_ms": step_ms,
         "attention": dec.attention, "cuda_graphs": dec.cuda_graphs, "fused_ops": dec.fused_ops,
+        "gate_up_silu": dec.fused_ops and gate_up_silu,
     }
     if device == "cuda":
         row["floor_ms"] = weight_bytes / bandwidth * 1e3
@@ -256,6 +264,7 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
     R = B * per_slot
     T = args.stop_new_tokens or args.new_tokens
     fused = FUSED_OPS[args.fused_ops][-1]  # "both": the stopping rows run fused
+    fused_ops.GATE_UP_SILU_ROWS = 0 if args.gate_up_silu == "off" else 64
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch,
                   fused_ops=fused, **({} if refill_tokens is None else {"refill_tokens": refill_tokens}))
     dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch,
@@ -304,6 +313,12 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
     return rows
 
 
+def fused_label(row) -> str:
+    """A row's fused ops: False, True, or True without gate_up_silu (cuBLAS's gate and up GEMMs, silu_mul)."""
+    fused = row.get("fused_ops", "")
+    return f"{fused}, no gate_up_silu" if fused and row.get("gate_up_silu") is False else str(fused)
+
+
 def mean_chunk_size(row) -> str:
     return f" ({row['chunk_tokens'] / row['chunk_refills']:.0f})" if row.get("chunk_refills") else ""
 
@@ -333,7 +348,7 @@ def markdown(env, tput, stops) -> str:
             f"{fmt(r.get('floor_ms'), '{:.3f}')} | {fmt(r.get('step_x_floor'), '{:.1f}x')} | "
             f"{r.get('hf_cache', '')} | {fmt(r.get('hf_step_ms'), '{:.2f}')} | "
             f"{fmt(r.get('hf_step_x_floor'), '{:.1f}x')} | {r['attention']} | "
-            f"{r['cuda_graphs']} | {r.get('fused_ops', '')} |"
+            f"{r['cuda_graphs']} | {fused_label(r)} |"
         )
     broken = [r for r in tput if "breakdown" in r]
     if broken:
@@ -350,7 +365,7 @@ def markdown(env, tput, stops) -> str:
         for r in broken:
             b = r["breakdown"]
             cells = [f"{b[k]['ms']:.3f} ({b[k]['launches']:.0f})" if k in b else "" for k in kinds]
-            lines.append(f"| {r['model']} | {r['batch']} | {r.get('fused_ops', '')} | {r['step_ms']:.2f} | "
+            lines.append(f"| {r['model']} | {r['batch']} | {fused_label(r)} | {r['step_ms']:.2f} | "
                          f"{b['all']['ms']:.3f} | {r['step_ms'] - b['all']['ms']:.3f} | {b['all']['launches']:.0f} | "
                          + " | ".join(cells) + " |")
     lines += [
@@ -415,6 +430,9 @@ def main(argv=None):
                         help="the decoder's fused_ops: auto (None: on a GPU with Triton), on, off (its default), "
                         "or both (a throughput row each, "
                         "in the same run; the stopping rows run fused)")
+    parser.add_argument("--gate-up-silu", default="on", choices=list(GATE_UP_SILU),
+                        help="with fused ops, a decode step's gate and up GEMMs and silu * up as one Triton kernel "
+                        "(fused_ops.gate_up_silu), or cuBLAS's GEMMs and silu_mul (off); both: a fused row each")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile each throughput row's decode step: its kernels by kind, busy and idle time")
     parser.add_argument("--out", type=Path, default=RESULTS)

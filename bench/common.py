@@ -69,7 +69,7 @@ KERNEL_KINDS = (
     ("attention", r"attention|fmha|flash|attn"),  # first: SDPA's kernels are CUTLASS's too
     ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitk|aten::(mm|addmm|bmm|linear|matmul)$"),
     ("espo sample", r"chunk_stats|finish_kernel|pivot_stats|pivot_round|sample_kernel|espo::sample"),
-    ("espo fused", r"rms_norm|rope|silu_mul"),
+    ("espo fused", r"rms_norm|rope|silu_mul|gate_up_silu"),
     ("copy", r"memcpy|memset|copy|index|gather|scatter"),
 )
 

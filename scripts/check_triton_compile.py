@@ -4,7 +4,8 @@ The interpreter that runs the kernels on the CPU accepts code that the GPU compi
 globals inside @jit code, for one), so CI compiles every kernel variant for real as well. The sampling
 kernels' PTX must exponentiate with ex2.approx.ftz (the instruction the CUDA backend uses, for identical
 tokens) and hold no fused multiply-add (the integer sampling rule fixes every rounding). The decoder's fused
-ops (espo.kernels.rms_norm with and without its residual, rope, silu_mul) are only compiled, in every dtype.
+ops (espo.kernels.rms_norm with and without its residual, rope, silu_mul, gate_up_silu in each of its autotuner's
+configurations) are only compiled, in every dtype.
 
     python scripts/check_triton_compile.py        # exits non-zero on a compile error or a PTX check
 """
@@ -18,6 +19,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("check_triton_compile: unset TRITON_INTERPRET; it needs the real compiler")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import espo.kernels.gate_up_silu as gate_up_silu  # noqa: E402
 import espo.kernels.rms_norm as rms_norm  # noqa: E402
 import espo.kernels.rope as rope  # noqa: E402
 import espo.kernels.sample as K  # noqa: E402
@@ -30,9 +32,10 @@ TARGET = GPUTarget("cuda", 90, 32)
 TWO_S = float(2**40)
 
 
-def compile_ptx(fn, types: dict, constexprs: dict) -> str:
+def compile_ptx(fn, types: dict, constexprs: dict, **options) -> str:
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=dict(enable_fp_fusion=False))
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=TARGET,
+                            options=dict(enable_fp_fusion=False, **options))
     return kernel.asm["ptx"]
 
 
@@ -99,6 +102,12 @@ def fused_ops() -> None:
         for name, fn, types, flags in compiled:
             ptx = compile_ptx(fn, types, dict(flags, INTERPRET=False))
             print(f"check_triton_compile: {name}: {len(ptx)} bytes of PTX")
+        gus = dict(x_ptr=f"*{dtype}", wg_ptr=f"*{dtype}", wu_ptr=f"*{dtype}", out_ptr=f"*{dtype}")
+        for (n, k, stages, warps), rows in product(gate_up_silu.CONFIGS, (16, 64)):
+            flags = dict(BLOCK_M=rows, BLOCK_N=n, BLOCK_K=k, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                         INTERPRET=False)
+            ptx = compile_ptx(gate_up_silu.gate_up_silu_kernel, gus, flags, num_stages=stages, num_warps=warps)
+            print(f"check_triton_compile: gate_up_silu {dtype} {rows}x{n}x{k}, {stages} stages: {len(ptx)} bytes")
     rms_bf16_f32_weight = dict(x_ptr="*bf16", res_ptr="*bf16", sum_ptr="*bf16", w_ptr="*fp32", out_ptr="*fp32",
                                n_cols_f="fp32", eps="fp32")
     compile_ptx(rms_norm.rms_norm_kernel, rms_bf16_f32_weight, dict(BLOCK=1024, HAS_RESIDUAL=True, INTERPRET=False))

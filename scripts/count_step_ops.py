@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     model, _ = load_model(args.model) if args.model else load_builtin()
     dec = espo.Decoder(model, max_batch=args.slots, max_seq_len=args.new_tokens + 16, fused_ops=args.fused_ops)
     counter = OpCounter()
-    for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul"):
+    for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul", "gate_up_silu"):
         setattr(fused_ops, name, one_launch(counter, name, getattr(fused_ops, name)))
     dec.runner._decode_forward = labelled(counter, "forward", dec.runner._decode_forward)
     model_runner.sample = labelled(counter, "sample", model_runner.sample)

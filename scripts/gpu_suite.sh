@@ -14,7 +14,8 @@
 #     optests: the op's GPU tests (sample, filters, cuda, integer sampling) and the decoder's fused ops'; sample36: B = 1 and 256, V = 151936, bf16,
 #     unfiltered, top-k 50, top-p 0.95 beside torch's sorting filter and FlashInfer, each backend's device time by kernel; callcost: one call at B = 1 from
 #     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, the decoder's step
-#     with and without its fused ops (--fused-ops both: the B = 64 row twice, generate once; --breakdown: each step's
+#     with and without its fused ops (--fused-ops both --gate-up-silu both: the B = 64 row unfused, fused, and fused
+#     with cuBLAS's gate/up GEMMs instead of gate_up_silu; generate once; --breakdown: each step's
 #     kernels by kind from torch.profiler, busy against idle time), and 25%/50% stops
 #     through a full pool, fused (16 rollouts a slot, the decoder's refill_batch and refill_tokens: refills in the
 #     graphed step), with fixed lengths and with natural ones (EOS at a drawn length; each row is printed to the
@@ -110,7 +111,7 @@ for what in $stages; do
     decode36)
       # shellcheck disable=SC2086
       TAIL=20 stage bench_decode "${LIMIT_DECODE:-200}" python3 bench/bench_decode.py --models 0.5b --batch 64 \
-        --new-tokens 128 --hf-cache static --hf-step --fused-ops both --breakdown --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
+        --new-tokens 128 --hf-cache static --hf-step --fused-ops both --gate-up-silu both --breakdown --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
         --stop-lengths fixed natural \
         --repeats 2 ${DECODE36_ARGS:-} --out "$WORK"
       ;;

@@ -26,6 +26,7 @@ NAMES = {
     "rms_norm_kernel": "espo fused",
     "rope_kernel": "espo fused",
     "silu_mul_kernel": "espo fused",
+    "gate_up_silu_kernel": "espo fused",
     "void at::native::index_elementwise_kernel<128, 4, ...>": "copy",
     "Memcpy DtoD (Device -> Device)": "copy",
     "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(...)>": "copy",

@@ -142,10 +142,11 @@ class Decoder:
         progress: default of ``generate(progress=...)``: a tqdm bar over finished rollouts.
         fused_ops: run the RMSNorms (each with the residual add before it), the RoPE of q and k (with a decode
             step's two KV-cache writes) and a silu MLP's activation as one Triton kernel each
-            (``espo.engine.fused_ops``) instead of the modules' eager ops, which launch ~9, ~12 and 2 kernels; and
+            (``espo.engine.fused_ops``) instead of the modules' eager ops, which launch ~9, ~12 and 2 kernels;
             the q, k and v projections as one GEMM, from a copy of their weights (5% more weight memory on
             Qwen2.5-0.5B, 12% on SmolLM2-135M; not for Qwen3, whose q/k norms read q and k whole), renewed at each
-            ``generate``.
+            ``generate``; and, in bf16/fp16, a decode step's gate and up projections with silu * up as one Triton
+            GEMM (``fused_ops.gate_up_silu``, its float32 sums in another order than cuBLAS's).
             False (default, until a GPU run has timed them and held them to the unfused rollouts) or True;
             None: on where the model is on a CUDA device and the Triton backend is available. True where they cannot
             run (no Triton, or a CPU device without ``TRITON_INTERPRET=1``) is a ValueError.

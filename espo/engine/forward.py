@@ -126,16 +126,24 @@ class _FusedNorm:
 
 
 class _FusedMLP:
-    """A gated MLP with act "silu" as gate_proj, up_proj, one ``fused_ops.silu_mul`` launch, down_proj."""
+    """A gated MLP with act "silu" as gate_proj, up_proj, one ``fused_ops.silu_mul`` launch, down_proj; for a decode
+    step's rows (at most ``fused_ops.GATE_UP_SILU_ROWS``), gate_proj, up_proj and silu_mul as one
+    ``fused_ops.gate_up_silu`` launch where both projections are plain bf16 or fp16 ``nn.Linear`` without bias (in
+    float32 the kernel has no tensor cores to run on: cuBLAS's two GEMMs are the faster)."""
 
     def __init__(self, module: nn.Module, hidden_act: str | None):
         self.module = module
         self.fused = hidden_act == "silu" and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+        self.one_launch = self.fused and all(
+            type(p) is nn.Linear and p.bias is None and p.weight.dtype in (torch.bfloat16, torch.float16)
+            for p in (module.gate_proj, module.up_proj))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if not self.fused:
             return m(x)
+        if self.one_launch and x.dim() == 2 and x.shape[0] <= fused_ops.GATE_UP_SILU_ROWS:
+            return m.down_proj(fused_ops.gate_up_silu(x, m.gate_proj.weight, m.up_proj.weight))
         return m.down_proj(fused_ops.silu_mul(m.gate_proj(x), m.up_proj(x)))
 
 
@@ -192,9 +200,10 @@ class TransformerForward:
     """The model's modules (shared, not copied) run over a ``KVCache`` of ``slots`` x ``max_seq_len``.
 
     ``fused``: run the RMSNorms (each with the residual add before it), the RoPE of q and k and a silu MLP's
-    activation as ``espo.engine.fused_ops``' kernels (one launch each) instead of the modules' eager ops, and the
-    q, k and v projections as one GEMM (``_MergedQKV``: a copy of their weights, which ``refresh_weights`` renews);
-    the caller checks that they can run here.
+    activation (with the gate and up GEMMs for a decode step's rows: ``_FusedMLP``) as ``espo.engine.fused_ops``'
+    kernels (one launch each) instead of the modules' eager ops, and the q, k and v projections as one GEMM
+    (``_MergedQKV``: a copy of their weights, which ``refresh_weights`` renews); the caller checks that they can run
+    here.
     """
 
     def __init__(self, model: nn.Module, *, what: str, max_seq_len: int, slots: int, device, dtype, attention: str,

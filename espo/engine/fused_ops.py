@@ -1,15 +1,18 @@
-"""The decoder's fused ops (RMSNorm, RoPE of q and k, silu * up): a Triton kernel each, and its reference.
+"""The decoder's fused ops (RMSNorm, RoPE of q and k, silu * up, a gated MLP's gate and up GEMMs with silu * up): a
+Triton kernel each, and its reference.
 
-Each op has one name across ``kernels/`` (``espo.kernels.rms_norm``, ``.rope``, ``.silu_mul``), this module and
-the tests; ``add_rms_norm`` is the RMSNorm kernel with the residual stream's add before it. ``rms_norm``,
-``add_rms_norm``, ``rope`` and ``silu_mul`` run the Triton kernel on CUDA tensors (and on CPU tensors under
-``TRITON_INTERPRET=1``, for tests), else their reference. The ``*_reference`` functions are the computation of
-transformers' modules that the unfused forward runs (``Qwen2RMSNorm.forward``, ``q * cos + rotate_half(q) * sin``,
-``act_fn(gate) * up``), op for op, so that the kernels are held to exactly what they replace.
+Each op has one name across ``kernels/`` (``espo.kernels.rms_norm``, ``.rope``, ``.silu_mul``, ``.gate_up_silu``),
+this module and the tests; ``add_rms_norm`` is the RMSNorm kernel with the residual stream's add before it. Each op
+runs its Triton kernel on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``, for tests), else its
+reference. The ``*_reference`` functions are the computation of transformers' modules that the unfused forward
+runs (``Qwen2RMSNorm.forward``, ``q * cos + rotate_half(q) * sin``, ``act_fn(gate) * up``, ``nn.Linear``), op for
+op, so that the kernels are held to exactly what they replace (``gate_up_silu`` but for its GEMMs' summation
+order).
 
 Each fused op is one kernel launch where the eager ops launch several: an RMSNorm ~8 (casts, pow, mean, add,
 rsqrt, mul, cast, mul), the residual add and RMSNorm ~9, the RoPE of q and k ~10 (12 with the KV-cache writes of
-a decode step, which ``rope`` can do in the same launch), silu * up 2.
+a decode step, which ``rope`` can do in the same launch), silu * up 2, and a decode step's gate and up GEMMs with
+silu * up 3 (``gate_up_silu``, for at most ``GATE_UP_SILU_ROWS`` rows).
 """
 from __future__ import annotations
 
@@ -173,6 +176,42 @@ def _check_cache_write(k: torch.Tensor, write: CacheWrite) -> None:
     if rows.dtype != torch.int64 or rows.dim() != 1 or rows.numel() % Hkv or rows.numel() > N * Hkv:
         raise ValueError(f"rope: write.rows must be int64 [n * {Hkv}] with n <= {N} tokens, got {rows.dtype} "
                          f"{list(rows.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ gate_up_silu
+
+# x with at most this many rows (a decode step's) runs gate_up_silu; more rows (prefills) run cuBLAS's two GEMMs and
+# silu_mul. 0: never (bench_decode.py --no-gate-up-silu times the fused path without it).
+GATE_UP_SILU_ROWS = 64
+
+
+def gate_up_silu_reference(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """``act_fn(gate_proj(x)) * up_proj(x)`` of a gated MLP with act "silu" and no biases, as the modules run it."""
+    return silu_mul_reference(F.linear(x, gate_weight), F.linear(x, up_weight))
+
+
+def gate_up_silu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ gate_weight^T) * (x @ up_weight^T)`` for x [M, K] (M <= 64) and weights [N, K], in one launch.
+
+    The GEMMs' float32 sums run in another order than cuBLAS's, so a bf16 result can differ from the reference by
+    an ulp or two now and then (tests/engine/test_fused_ops.py); the rest is ``silu_mul``'s arithmetic.
+    """
+    from espo.kernels.gate_up_silu import MAX_ROWS
+
+    if x.dim() != 2 or x.shape[0] > MAX_ROWS:
+        raise ValueError(f"gate_up_silu: x must be [M, K] with M <= {MAX_ROWS} rows, got {list(x.shape)}")
+    if gate_weight.dim() != 2 or gate_weight.shape != up_weight.shape or gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_up_silu: gate_weight and up_weight must both be [N, {x.shape[1]}], got "
+                         f"{list(gate_weight.shape)} and {list(up_weight.shape)}")
+    if len({x.dtype, gate_weight.dtype, up_weight.dtype}) != 1:
+        raise TypeError(f"gate_up_silu: x and the weights must have one dtype, got {x.dtype}, {gate_weight.dtype}, "
+                        f"{up_weight.dtype}")
+    if not runs_kernel(x):
+        return gate_up_silu_reference(x, gate_weight, up_weight)
+    from espo.kernels.gate_up_silu import gate_up_silu_rows
+
+    return gate_up_silu_rows(x if x.stride(-1) == 1 else x.contiguous(), gate_weight.contiguous(),
+                             up_weight.contiguous())
 
 
 # ------------------------------------------------------------------------------------------------ silu_mul

@@ -86,21 +86,28 @@ def test_qwen_families_fused_equal_unfused(family, dtype):
 
 @needs_interpreter
 def test_each_layer_runs_one_launch_per_norm_rope_and_activation(monkeypatch):
-    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope": 0, "silu_mul": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope": 0, "silu_mul": 0, "gate_up_silu": 0}
     for name in calls:
         def counted(*a, _name=name, _op=getattr(fused_ops, name)):
             calls[_name] += 1
             return _op(*a)
         monkeypatch.setattr(fused_ops, name, counted)
-    model = tiny("qwen3", torch.float32, head_dim=20, num_hidden_layers=3)
+    model = tiny("qwen3", torch.bfloat16, head_dim=20, num_hidden_layers=3)
     dec = Decoder(model, max_batch=2, max_seq_len=8, fused_ops=True)
     policy = dec.policy
     ids, pos = torch.tensor([3, 4]), torch.tensor([0, 1])
     rows = forward_module.PrefillRows([(0, 2)], None, 2, torch.tensor([0, 0]), pos, torch.arange(2))
     policy.forward(ids, pos, prefill=rows)
-    # per layer: q and k norms (Qwen3), one RoPE, one silu * up, and two residual adds each in the launch of the
-    # norm after it (post-attention, the next layer's input norm or the final norm); the first input norm alone
-    assert calls == {"rms_norm": 1 + 3 * 2, "add_rms_norm": 3 * 2, "rope": 3, "silu_mul": 3}
+    # per layer: q and k norms (Qwen3), one RoPE, gate, up and silu * up in one launch (2 rows), and two residual
+    # adds each in the launch of the norm after it (post-attention, the next layer's input norm or the final norm);
+    # the first input norm alone
+    assert calls == {"rms_norm": 1 + 3 * 2, "add_rms_norm": 3 * 2, "rope": 3, "silu_mul": 0, "gate_up_silu": 3}
+    calls.update(rms_norm=0, add_rms_norm=0, rope=0)
+    monkeypatch.setattr(fused_ops, "GATE_UP_SILU_ROWS", 1)  # past it (a prefill's rows): cuBLAS's GEMMs, silu_mul
+    policy.forward(ids, pos, prefill=rows)
+    assert calls["silu_mul"] == 3 and calls["gate_up_silu"] == 3
+    float32 = Decoder(tiny("qwen3", torch.float32, head_dim=20), max_batch=2, max_seq_len=8, fused_ops=True)
+    assert not any(spec.mlp.one_launch for spec in float32.policy.layers)  # no tensor cores: cuBLAS's GEMMs
 
 
 @needs_interpreter

@@ -12,6 +12,9 @@ Exactness found, and held here:
   4 ulps (a fifth of them by one or more); in bf16/fp16 the float32 difference reaches the result only where it
   crosses a rounding boundary (none seen in bf16, ~1e-4 of the values in fp16), by one ulp of the normalised
   value, which the weight's product can make two.
+* gate_up_silu: the two GEMMs sum in float32 in another order than torch's: float32 results differ in the last
+  bits (held to a tolerance); a bf16/fp16 result only where a sum rounds to another value, by an ulp or two of it
+  (under 1% of the values here); the rest is silu_mul's arithmetic.
 * silu_mul: exp is numpy's under the interpreter (the CUDA math library's expf on a GPU, as torch's there), not
   torch's CPU exp: float32 differs by up to 4 ulps; bf16/fp16 by up to 2 ulps (one in silu, doubled by the
   product), and rarely.
@@ -23,6 +26,8 @@ from espo.engine.fused_ops import (
     CacheWrite,
     add_rms_norm,
     add_rms_norm_reference,
+    gate_up_silu,
+    gate_up_silu_reference,
     rms_norm,
     rms_norm_reference,
     rope,
@@ -244,6 +249,41 @@ def test_rope_checks_its_cache_write():
         rope(q, k, cos, sin, CacheWrite(v, cache, cache, torch.arange(3, device=DEVICE)))
     with pytest.raises(ValueError, match="write.rows must be int64"):
         rope(q, k, cos, sin, CacheWrite(v, cache, cache, torch.arange(8, device=DEVICE)))
+
+
+# ------------------------------------------------------------------------------------------------ gate_up_silu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 48, 33), (5, 100, 80), (16, 64, 64), (37, 130, 97), (64, 896, 300)])
+def test_gate_up_silu_matches_the_reference(dtype, M, K, N):
+    x = rand((M, K), dtype, seed=11)
+    gate_w, up_w = rand((N, K), dtype, 0.1, seed=12), rand((N, K), dtype, 0.1, seed=13)
+    got, want = gate_up_silu(x, gate_w, up_w), gate_up_silu_reference(x, gate_w, up_w)
+    assert got.dtype == want.dtype and got.shape == (M, N)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    else:
+        assert int(ulps(got, want).max()) <= 2 and (got != want).float().mean() < 0.01
+
+
+def test_gate_up_silu_of_strided_rows_and_extreme_values():
+    x = rand((6, 2 * 40), torch.bfloat16, seed=14)[:, :40]  # rows 80 apart
+    gate_w, up_w = rand((24, 40), torch.bfloat16, 0.1, seed=15), rand((24, 40), torch.bfloat16, 0.1, seed=16)
+    gate_w[0, :] = 30.0  # silu far into both tails
+    gate_w[1, :] = -30.0
+    got, want = gate_up_silu(x, gate_w, up_w), gate_up_silu_reference(x, gate_w, up_w)
+    assert int(ulps(got, want).max()) <= 2 and bool(got.isfinite().all())
+
+
+def test_gate_up_silu_checks_its_arguments():
+    w = rand((8, 16), torch.float32)
+    with pytest.raises(ValueError, match="M <= 64 rows"):
+        gate_up_silu(rand((65, 16), torch.float32), w, w)
+    with pytest.raises(ValueError, match=r"both be \[N, 16\]"):
+        gate_up_silu(rand((2, 16), torch.float32), w, w[:4])
+    with pytest.raises(TypeError, match="one dtype"):
+        gate_up_silu(rand((2, 16), torch.float32), w.half(), w.half())
 
 
 # ------------------------------------------------------------------------------------------------ silu_mul
