@@ -53,7 +53,8 @@ def gate_up_silu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, M, N, K, stride_xm, stri
 
 @functools.lru_cache(maxsize=None)
 def _tuned():
-    """The kernel autotuned over ``CONFIGS`` on a GPU, per row block and weight shape (first call of each: ~1 s)."""
+    """The kernel autotuned over ``CONFIGS`` on a GPU, per row block, weight shape and dtype (the first call of each
+    compiles and times every configuration; a decoder's happens in its warm-up forwards, before graph capture)."""
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w) for n, k, s, w in CONFIGS]
 
     def bench(fn, quantiles=None):
