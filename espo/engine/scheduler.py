@@ -138,16 +138,15 @@ class Scheduler:
         layout = None if chunk is None else self.runner.chunk_for(rollout_tokens, k)
         packed = np.zeros(0, np.int64) if layout is None else layout.pack(
             ids, positions, np.repeat(np.arange(len(lens)), lens), dst_slots, dst_pos, src_idx, last_idx[ui])
-        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, lens[ui], seeds, rid_arr, srows, cu,
-                 packed]
+        admitted = np.stack([lens[ui], np.zeros(k, np.int64), seeds, rid_arr, srows])  # Slots.ADMITTED's rows
+        parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, admitted.ravel(), cu, packed]
         sizes = [len(a) for a in parts]
         flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)  # one transfer
-        (ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, len_t, seed_t, rid_t, srow_t, cu_t,
-         packed_t) = torch.split(flat, sizes)
+        ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, admitted_t, cu_t, packed_t = torch.split(flat, sizes)
 
         pvals = run.request.prompt_values
         values = None if pvals is None else pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
-        self.slots.admit(slots, rid_arr, lens[ui], srows, (slots_t, len_t, seed_t, rid_t, srow_t), values)
+        self.slots.admit(slots, rid_arr, lens[ui], srows, slots_t, admitted_t.view(5, k), values)
         if run.request.stopper is not None:
             mask = torch.zeros(self.max_batch, dtype=torch.bool)
             mask[torch.from_numpy(srows)] = True

@@ -17,21 +17,24 @@ class Slots:
     """Per-slot decode state of ``size`` slots on ``device``.
 
     Device buffers [size] (what the decode step reads): ``tok`` the token to feed next; ``seqlen`` (and its
-    int32 copy ``seqlen32``) the cached tokens, i.e. the next token's position; ``seed`` the rollout's
-    sampling seed; ``gen`` its tokens generated, i.e. the next draw's offset; ``rid`` its rollout id;
-    ``srow`` its ``EarlyStopper`` row; ``pval`` its prompt's constant value.
+    int32 copy ``seqlen32``) the cached tokens, i.e. the next token's position; ``gen`` the rollout's tokens
+    generated, i.e. the next draw's offset; ``seed`` its sampling seed; ``rid`` its rollout id; ``srow`` its
+    ``EarlyStopper`` row; ``pval`` its prompt's constant value. The int64 ones are the rows of one [6, size]
+    tensor (``INT_FIELDS``), so that moving slots or admitting rollouts is one gather and one scatter for all six:
+    host launches between two decode steps, where the GPU waits.
     Host mirrors [size] (what the scheduler reads): ``live``, ``rollout`` (-1 when free), ``length``
     (= ``seqlen``), ``stopper_row`` (-1 when free); ``free_stopper_rows`` the stopper rows no slot holds.
     """
 
+    INT_FIELDS = ("tok", "seqlen", "gen", "seed", "rid", "srow")
+    ADMITTED = INT_FIELDS[1:]  # what ``admit`` sets, in the order of its rows: all but tok (set by the first draw)
+
     def __init__(self, size: int, device: torch.device):
         self.size, self.device = size, device
-        zeros = lambda dtype: torch.zeros(size, dtype=dtype, device=device)  # noqa: E731
-        self.tok, self.seqlen, self.seqlen32 = zeros(torch.int64), zeros(torch.int64), zeros(torch.int32)
-        self.seed, self.gen = zeros(torch.int64), zeros(torch.int64)
-        self.rid, self.srow = zeros(torch.int64), zeros(torch.int64)
-        self.pval = zeros(torch.float32)
-        self._buffers = (self.tok, self.seqlen, self.seqlen32, self.seed, self.gen, self.rid, self.srow, self.pval)
+        self.ints = torch.zeros((len(self.INT_FIELDS), size), dtype=torch.int64, device=device)
+        self.tok, self.seqlen, self.gen, self.seed, self.rid, self.srow = self.ints.unbind(0)  # views of its rows
+        self.seqlen32 = torch.zeros(size, dtype=torch.int32, device=device)
+        self.pval = torch.zeros(size, dtype=torch.float32, device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -52,17 +55,13 @@ class Slots:
         return np.array([self.free_stopper_rows.pop() for _ in range(k)], dtype=np.int64)
 
     def admit(self, slots: np.ndarray, rollouts: np.ndarray, lengths: np.ndarray, stopper_rows: np.ndarray,
-              device_rows: tuple[torch.Tensor, ...], values: torch.Tensor | None = None) -> None:
-        """Give the free ``slots`` the rollouts ``rollouts`` whose prompts (``lengths`` tokens) are being
-        prefilled; ``device_rows`` = (slots, lengths, seeds, rollouts, stopper rows) on the device, set for
-        their first draw (offset 0); ``values`` [k] the prompts' constant values, when there are any."""
-        slots_t, lengths_t, seeds_t, rollouts_t, srows_t = device_rows
-        self.seqlen[slots_t] = lengths_t
-        self.seqlen32[slots_t] = lengths_t.to(torch.int32)
-        self.gen[slots_t] = 0
-        self.seed[slots_t] = seeds_t
-        self.rid[slots_t] = rollouts_t
-        self.srow[slots_t] = srows_t
+              slots_t: torch.Tensor, admitted: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Give the free ``slots`` (``slots_t`` on the device) the rollouts ``rollouts`` whose prompts (``lengths``
+        tokens) are being prefilled; ``admitted`` [5, k] int64 on the device holds their ``ADMITTED`` fields for
+        their first draw (prompt length, offset 0, seed, rollout id, stopper row); ``values`` [k] the prompts'
+        constant values, when there are any."""
+        self.ints[1:, slots_t] = admitted
+        self.seqlen32[slots_t] = admitted[0].to(torch.int32)
         if values is not None:
             self.pval[slots_t] = values
         self.live[slots] = True
@@ -103,8 +102,9 @@ class Slots:
         src_t, dst_t = pair[: len(src)], pair[len(src) :]
         for cache in caches:
             cache.move(src_t, dst_t, length)
-        for buf in self._buffers:
-            buf[dst_t] = buf[src_t]
+        self.ints[:, dst_t] = self.ints[:, src_t]
+        self.seqlen32[dst_t] = self.seqlen32[src_t]
+        self.pval[dst_t] = self.pval[src_t]
         self.seqlen[src_t] = 0
         self.seqlen32[src_t] = 0
         for arr in (self.live, self.rollout, self.length, self.stopper_row):
