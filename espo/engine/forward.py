@@ -47,12 +47,13 @@ def check_family(model: nn.Module, what: str) -> str:
 class DecodeRows:
     """The decode part of a forward: one token for each slot 0..b-1, at position ``seqlens`` (its cached length).
 
-    seqlens [b] int64 and seqlens_i32 [b] int32 on the device; rows = arange(b) on the device; ``length``
-    bounds the cached positions SDPA reads (> max(seqlens)); arange: a device arange of at least max_seq_len.
+    seqlens [b] int64 and seqlens_i32 [b] int32 (flash-attn's; None with SDPA) on the device; rows = arange(b) on
+    the device; ``length`` bounds the cached positions SDPA reads (> max(seqlens)); arange: a device arange of at
+    least max_seq_len.
     """
 
     seqlens: torch.Tensor
-    seqlens_i32: torch.Tensor
+    seqlens_i32: torch.Tensor | None
     rows: torch.Tensor
     length: int
     arange: torch.Tensor

@@ -291,7 +291,9 @@ class ModelRunner:
         return logits, values
 
     def _decode_rows(self, b: int, length: int) -> DecodeRows:
-        return DecodeRows(self.slots.seqlen[:b], self.slots.seqlen32[:b], self._arange[:b], length, self._arange)
+        seqlens = self.slots.seqlen[:b]
+        int32 = seqlens.to(torch.int32) if self.attention == "flash" else None  # in the forward: a graph's kernel
+        return DecodeRows(seqlens, int32, self._arange[:b], length, self._arange)
 
     def _decode_forward(self, b: int, length: int, chunk: RefillChunk | None = None):
         """Logits and values (or None) of slots 0..b-1 ([b, V], [b]), eager; with ``chunk`` (a size of the refill

@@ -16,8 +16,8 @@ from .kv_cache import KVCache
 class Slots:
     """Per-slot decode state of ``size`` slots on ``device``.
 
-    Device buffers [size] (what the decode step reads): ``tok`` the token to feed next; ``seqlen`` (and its
-    int32 copy ``seqlen32``) the cached tokens, i.e. the next token's position; ``gen`` the rollout's tokens
+    Device buffers [size] (what the decode step reads): ``tok`` the token to feed next; ``seqlen`` the cached
+    tokens, i.e. the next token's position; ``gen`` the rollout's tokens
     generated, i.e. the next draw's offset; ``seed`` its sampling seed; ``rid`` its rollout id; ``srow`` its
     ``EarlyStopper`` row; ``pval`` its prompt's constant value. The int64 ones are the rows of one [6, size]
     tensor (``INT_FIELDS``), so that moving slots or admitting rollouts is one gather and one scatter for all six:
@@ -33,7 +33,6 @@ class Slots:
         self.size, self.device = size, device
         self.ints = torch.zeros((len(self.INT_FIELDS), size), dtype=torch.int64, device=device)
         self.tok, self.seqlen, self.gen, self.seed, self.rid, self.srow = self.ints.unbind(0)  # views of its rows
-        self.seqlen32 = torch.zeros(size, dtype=torch.int32, device=device)
         self.pval = torch.zeros(size, dtype=torch.float32, device=device)
         self.reset()
 
@@ -61,7 +60,6 @@ class Slots:
         their first draw (prompt length, offset 0, seed, rollout id, stopper row); ``values`` [k] the prompts'
         constant values, when there are any."""
         self.ints[1:, slots_t] = admitted
-        self.seqlen32[slots_t] = admitted[0].to(torch.int32)
         if values is not None:
             self.pval[slots_t] = values
         self.live[slots] = True
@@ -75,7 +73,6 @@ class Slots:
         self.gen[drawn] += 1
         if decoded:
             self.seqlen[:decoded] += 1
-            self.seqlen32[:decoded] += 1
             self.length[:decoded] += 1
 
     def free(self, slots: np.ndarray) -> None:
@@ -87,7 +84,6 @@ class Slots:
         self.stopper_row[slots] = -1
         idx = torch.from_numpy(slots).to(self.device)
         self.seqlen[idx] = 0  # padded rows of a graphed step then touch position 0 of a free slot only
-        self.seqlen32[idx] = 0
 
     def compact(self, caches: list[KVCache]) -> None:
         """Move the live rollouts above the first hole down (state and the ``caches``' K/V), so that the live
@@ -103,10 +99,8 @@ class Slots:
         for cache in caches:
             cache.move(src_t, dst_t, length)
         self.ints[:, dst_t] = self.ints[:, src_t]
-        self.seqlen32[dst_t] = self.seqlen32[src_t]
         self.pval[dst_t] = self.pval[src_t]
         self.seqlen[src_t] = 0
-        self.seqlen32[src_t] = 0
         for arr in (self.live, self.rollout, self.length, self.stopper_row):
             arr[dst] = arr[src]
         self.live[src] = False
