@@ -179,7 +179,13 @@ class EarlyStopper:
         device = check_device("EarlyStopper device", device)
         self.config = config if config is not None else ESPOConfig()
         self.batch_size = batch_size
-        self.rows = {k: torch.zeros(batch_size, dtype=dt, device=device) for k, dt in _ROW_FIELDS.items()}
+        # The per-row fields are the rows of one tensor per dtype ([3, B] float32, [2, B] int32, [1, B] bool), so that
+        # clearing rows (each admission of a decoder) is one masked fill per dtype, not per field.
+        dtypes = list(dict.fromkeys(_ROW_FIELDS.values()))
+        self._packed = [torch.zeros((list(_ROW_FIELDS.values()).count(dt), batch_size), dtype=dt, device=device)
+                        for dt in dtypes]
+        views = {dt: iter(packed.unbind(0)) for dt, packed in zip(dtypes, self._packed)}
+        self.rows = {k: next(views[dt]) for k, dt in _ROW_FIELDS.items()}
         self.device = self.rows["z"].device  # with its index: "cuda" becomes "cuda:0", as tensors report it
         # mean, var, beta, armed, ready: one device vector so that kernels read it without a host sync. Without the
         # regret rule beta is +inf: the kernels' test z > beta * max(V, floor) then never holds.
@@ -257,20 +263,16 @@ class EarlyStopper:
         return stop | fire
 
     def _fold(self, mask: torch.Tensor) -> None:
-        """Add the masked rows' sequences to this batch's totals and clear those rows."""
+        """Add the masked rows' sequences to this batch's totals (``_BATCH_FIELDS``, summed in float64) and clear those
+        rows: a decoder does this at every admission, between two steps, so it is a few launches, not one a field."""
         r = self.rows
         seq = mask & ((r["count"] > 0) | r["stopped"])
-        self._batch += torch.stack(
-            [
-                (r["count"] * mask).sum().double(),
-                (r["sum_g"] * mask).sum().double(),
-                (r["sum_g2"] * mask).sum().double(),
-                seq.sum().double(),
-                (seq & r["stopped"]).sum().double(),
-            ]
-        )
-        for t in r.values():
-            t.masked_fill_(mask, 0)
+        sequences = torch.stack((seq, seq & r["stopped"])).sum(1, dtype=torch.float64)
+        tokens = (r["count"] * mask).sum(0, keepdim=True, dtype=torch.float64)
+        sums = (self._packed[0][1:] * mask).sum(1, dtype=torch.float64)  # the float32 rows after z: sum_g, sum_g2
+        self._batch += torch.cat((tokens, sums, sequences))
+        for packed in self._packed:
+            packed.masked_fill_(mask, 0)
 
     def reset_rows(self, mask: torch.Tensor) -> None:
         """Start new sequences in the rows where ``mask`` (bool [batch_size]) is True.
