@@ -178,12 +178,13 @@ def throughput_rows(shape, model, args, device, bandwidth):
 
 
 GATE_UP_SILU = {"on": [True], "off": [False], "both": [True, False]}
+GATE_UP_SILU_ROWS = fused_ops.GATE_UP_SILU_ROWS  # the decoder's own, restored after an "off" row
 
 
 def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu, with_hf):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = model.config.vocab_size
-    fused_ops.GATE_UP_SILU_ROWS = 64 if gate_up_silu else 0  # read at each forward: this row's graphs hold it
+    fused_ops.GATE_UP_SILU_ROWS = GATE_UP_SILU_ROWS if gate_up_silu else 0  # read at each forward: graphs hold it
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1, fused_ops=fused)
     prompts = prompts_of(B, args.prompt_len, vocab, seed=B)
     time_espo(dec, prompts, args.new_tokens, device)  # warm-up: captures the CUDA graphs
@@ -264,7 +265,7 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
     R = B * per_slot
     T = args.stop_new_tokens or args.new_tokens
     fused = FUSED_OPS[args.fused_ops][-1]  # "both": the stopping rows run fused
-    fused_ops.GATE_UP_SILU_ROWS = 0 if args.gate_up_silu == "off" else 64
+    fused_ops.GATE_UP_SILU_ROWS = 0 if args.gate_up_silu == "off" else GATE_UP_SILU_ROWS
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch,
                   fused_ops=fused, **({} if refill_tokens is None else {"refill_tokens": refill_tokens}))
     dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch,

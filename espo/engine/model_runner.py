@@ -178,18 +178,21 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._graph_pool = None
         self._batch_buckets = _batch_buckets(S)
-        self.refill_chunk: RefillChunk | None = None
-        self.refill_chunks: list[RefillChunk] = []
+        self.refill_chunks: list[RefillChunk] = []  # the refill chunk's sizes, smallest first; [] without one
         self._chunk_buf: torch.Tensor | None = None
 
     def use_refill_chunk(self, chunk: RefillChunk | None) -> None:
         """With CUDA graphs, admissions that fit ``chunk`` ride in the decode step's graph, each in the smallest of
         ``chunk.sizes()`` that fits it (a graph each), read from a static buffer (the graph's input); None:
         admissions always get a forward of their own."""
-        self.refill_chunk = chunk
         self.refill_chunks = [] if chunk is None else chunk.sizes()
         self._graphs = {key: entry for key, entry in self._graphs.items() if not key[2]}  # they read the old buffer
         self._chunk_buf = None if chunk is None else torch.zeros(chunk.size, dtype=torch.int64, device=self.device)
+
+    @property
+    def refill_chunk(self) -> RefillChunk | None:
+        """The refill chunk (its largest size: the limits of what rides in a graphed step), or None."""
+        return self.refill_chunks[-1] if self.refill_chunks else None
 
     def chunk_for(self, tokens: int, rows: int) -> RefillChunk:
         """The smallest refill chunk size that holds ``tokens`` prompt tokens and ``rows`` rollouts."""

@@ -138,7 +138,7 @@ class Scheduler:
         layout = None if chunk is None else self.runner.chunk_for(rollout_tokens, k)
         packed = np.zeros(0, np.int64) if layout is None else layout.pack(
             ids, positions, np.repeat(np.arange(len(lens)), lens), dst_slots, dst_pos, src_idx, last_idx[ui])
-        admitted = np.stack([lens[ui], np.zeros(k, np.int64), seeds, rid_arr, srows])  # Slots.ADMITTED's rows
+        admitted = np.stack([lens[ui], np.zeros(k, np.int64), seeds, rid_arr, srows])  # Slots.INT_FIELDS[1:]
         parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, admitted.ravel(), cu, packed]
         sizes = [len(a) for a in parts]
         flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)  # one transfer

@@ -26,8 +26,7 @@ class Slots:
     (= ``seqlen``), ``stopper_row`` (-1 when free); ``free_stopper_rows`` the stopper rows no slot holds.
     """
 
-    INT_FIELDS = ("tok", "seqlen", "gen", "seed", "rid", "srow")
-    ADMITTED = INT_FIELDS[1:]  # what ``admit`` sets, in the order of its rows: all but tok (set by the first draw)
+    INT_FIELDS = ("tok", "seqlen", "gen", "seed", "rid", "srow")  # the rows of ``ints``
 
     def __init__(self, size: int, device: torch.device):
         self.size, self.device = size, device
@@ -56,9 +55,9 @@ class Slots:
     def admit(self, slots: np.ndarray, rollouts: np.ndarray, lengths: np.ndarray, stopper_rows: np.ndarray,
               slots_t: torch.Tensor, admitted: torch.Tensor, values: torch.Tensor | None = None) -> None:
         """Give the free ``slots`` (``slots_t`` on the device) the rollouts ``rollouts`` whose prompts (``lengths``
-        tokens) are being prefilled; ``admitted`` [5, k] int64 on the device holds their ``ADMITTED`` fields for
-        their first draw (prompt length, offset 0, seed, rollout id, stopper row); ``values`` [k] the prompts'
-        constant values, when there are any."""
+        tokens) are being prefilled; ``admitted`` [5, k] int64 on the device holds, for their first draw, their
+        fields but tok (set by that draw) in ``INT_FIELDS`` order: prompt length, offset 0, seed, rollout id,
+        stopper row; ``values`` [k] the prompts' constant values, when there are any."""
         self.ints[1:, slots_t] = admitted
         if values is not None:
             self.pval[slots_t] = values
