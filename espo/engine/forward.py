@@ -356,8 +356,8 @@ class TransformerForward:
         if decode is not None:
             to_write = None if self.fused else shared.decode_rows  # fused, the RoPE launch stored k and v
             parts.append(decode_attention(
-                self.cache, i, q[:b], k[:b], v[:b], rows=decode.rows, cache_rows=to_write,
-                seqlens=decode.seqlens, seqlens_i32=decode.seqlens_i32, length=decode.length,
+                self.cache, i, q[:b], k[:b], v[:b], cache_rows=to_write,
+                seqlens_i32=decode.seqlens_i32, length=decode.length,
                 mask=shared.decode_masks.get(spec.window), window=spec.window, scale=self.scale,
             ))
         if prefill is not None:

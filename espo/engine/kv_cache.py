@@ -194,9 +194,7 @@ def decode_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    rows: torch.Tensor,
     cache_rows: torch.Tensor | None,
-    seqlens: torch.Tensor,
     seqlens_i32: torch.Tensor | None,
     length: int,
     mask: torch.Tensor | None,
@@ -205,11 +203,10 @@ def decode_attention(
 ) -> torch.Tensor:
     """One new token per row for rows 0..B-1 (= slots 0..B-1): store its k, v and attend over the cache.
 
-    q [B, heads, D], k and v [B, kv_heads, D]; ``rows`` is arange(B) on the device; ``seqlens`` [B] (int64)
-    is each row's position, i.e. its cached length before this token (``seqlens_i32`` the same as int32, for
-    flash-attn);
-    ``cache_rows`` is ``cache.rows(rows, seqlens)`` (SDPA layout; flash-attn writes the cache itself), or None
-    where k and v are in the cache already (the fused RoPE's ``CacheWrite``).
+    q [B, heads, D], k and v [B, kv_heads, D]; ``seqlens_i32`` [B] (int32, flash-attn's) is each row's position,
+    i.e. its cached length before this token; ``cache_rows`` is ``cache.rows(arange(B), positions)`` (SDPA layout;
+    flash-attn writes the cache itself), or None where k and v are in the cache already (the fused RoPE's
+    ``CacheWrite``).
     ``length`` bounds the positions read (SDPA; > max(seqlens)), and ``mask`` is
     ``decode_mask(seqlens, length, window)``. Returns [B, heads, D].
     """
