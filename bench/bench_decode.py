@@ -27,6 +27,7 @@ nothing is downloaded.
     python bench/bench_decode.py --smoke              # tiny shapes on the CPU, to check the script runs
     python bench/bench_decode.py --batch 64 --fused-ops both --no-hf   # the step with and without fused ops
     python bench/bench_decode.py --batch 64 --breakdown   # and the step's kernels by kind (torch.profiler)
+    python bench/bench_decode.py --overlap-steps both     # steps launched before the last one is read, and not
 """
 from __future__ import annotations
 
@@ -105,15 +106,14 @@ class ScheduledStops(Scheduler):
             self.chunk_tokens += adm.chunk_layout.tokens
         return adm
 
-    def _endings(self, run, slots, code):
-        rids = self.slots.rollout[slots]
+    def _endings(self, run, rids, gen, code):
         if self.schedule is not None:
             stop_at = self.schedule[rids]
-            hit = (stop_at > 0) & (run.gen[rids] >= stop_at)
+            hit = (stop_at > 0) & (gen >= stop_at)
             code = code | np.where(hit, CODE_STOP, 0).astype(code.dtype)
         if self.lengths is not None:
-            code = code | np.where(run.gen[rids] >= self.lengths[rids], CODE_EOS, 0).astype(code.dtype)
-        return super()._endings(run, slots, code)
+            code = code | np.where(gen >= self.lengths[rids], CODE_EOS, 0).astype(code.dtype)
+        return super()._endings(run, rids, gen, code)
 
 
 def sync(device):
@@ -170,22 +170,28 @@ def time_hf(model, prompts, new_tokens, device, cache="dynamic"):
 FUSED_OPS = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
 
 
+OVERLAP_STEPS = {"on": [True], "off": [False], "both": [False, True]}
+
+
 def throughput_rows(shape, model, args, device, bandwidth):
-    settings = [(fused, gus) for fused in FUSED_OPS[args.fused_ops]
+    settings = [(fused, gus, args.overlap_steps == "on") for fused in FUSED_OPS[args.fused_ops]
                 for gus in (GATE_UP_SILU[args.gate_up_silu] if fused is not False else [True])]
-    return [throughput_row(shape, model, args, device, bandwidth, B, fused, gus, with_hf=i == 0)
-            for B in args.batch for i, (fused, gus) in enumerate(settings)]
+    if args.overlap_steps == "both":  # one row more, not twice the rows: the stopping rows' setting, overlapped
+        settings.append((FUSED_OPS[args.fused_ops][-1], args.gate_up_silu != "off", True))
+    return [throughput_row(shape, model, args, device, bandwidth, B, fused, gus, overlap, with_hf=i == 0)
+            for B in args.batch for i, (fused, gus, overlap) in enumerate(settings)]
 
 
 GATE_UP_SILU = {"on": [True], "off": [False], "both": [True, False]}
 GATE_UP_SILU_ROWS = fused_ops.GATE_UP_SILU_ROWS  # the decoder's own, restored after an "off" row
 
 
-def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu, with_hf):
+def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu, overlap, with_hf):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = model.config.vocab_size
     fused_ops.GATE_UP_SILU_ROWS = GATE_UP_SILU_ROWS if gate_up_silu else 0  # read at each forward: graphs hold it
-    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1, fused_ops=fused)
+    dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1, fused_ops=fused,
+                  overlap_steps=overlap)
     prompts = prompts_of(B, args.prompt_len, vocab, seed=B)
     time_espo(dec, prompts, args.new_tokens, device)  # warm-up: captures the CUDA graphs
     t_full, ro = time_espo(dec, prompts, args.new_tokens, device, seed=1)
@@ -196,7 +202,7 @@ def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu
         "model": shape, "batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "espo_s": t_full, "espo_tok_s": ro.tokens_generated / t_full, "step_ms": step_ms,
         "attention": dec.attention, "cuda_graphs": dec.cuda_graphs, "fused_ops": dec.fused_ops,
-        "gate_up_silu": dec.fused_ops and gate_up_silu,
+        "gate_up_silu": dec.fused_ops and gate_up_silu, "overlap_steps": dec.overlap_steps,
     }
     if device == "cuda":
         row["floor_ms"] = weight_bytes / bandwidth * 1e3
@@ -255,11 +261,11 @@ def natural_lengths(rollouts: int, new_tokens: int) -> np.ndarray:
 
 def stopping_rows(shape, model, args, device):
     return [row for per_slot in args.rollouts_per_slot for refill_tokens in args.refill_tokens
-            for lengths in args.stop_lengths
-            for row in stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths)]
+            for lengths in args.stop_lengths for overlap in OVERLAP_STEPS[args.overlap_steps]
+            for row in stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths, overlap)]
 
 
-def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths_kind):
+def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths_kind, overlap):
     rows = []
     B = args.stop_slots
     R = B * per_slot
@@ -269,7 +275,7 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch,
                   fused_ops=fused, **({} if refill_tokens is None else {"refill_tokens": refill_tokens}))
     dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch,
-                                   refill_tokens=dec.refill_tokens)
+                                   refill_tokens=dec.refill_tokens, overlap_steps=overlap)
     prompts = prompts_of(R, args.prompt_len, model.config.vocab_size, seed=7)
     stopper = espo.EarlyStopper(espo.ESPOConfig(), B, dec.device)  # never armed: its update still runs
 
@@ -305,7 +311,7 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
             "stop_fraction": frac, "tokens": ro.tokens_generated, "tokens_no_stop": tok0, "s": t, "s_no_stop": t0,
             "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
-            "refill_batch": dec.refill_batch, "fused_ops": dec.fused_ops,
+            "refill_batch": dec.refill_batch, "fused_ops": dec.fused_ops, "overlap_steps": dec.overlap_steps,
             "refill_tokens": dec.refill_tokens if dec.runner.refill_chunk is not None else 0,
             **counts,
         }
@@ -315,9 +321,11 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
 
 
 def fused_label(row) -> str:
-    """A row's fused ops: False, True, or True without gate_up_silu (cuBLAS's gate and up GEMMs, silu_mul)."""
+    """A row's fused ops: False, True, or True without gate_up_silu (cuBLAS's gate and up GEMMs, silu_mul); and
+    ", overlapped" for a row with overlap_steps."""
     fused = row.get("fused_ops", "")
-    return f"{fused}, no gate_up_silu" if fused and row.get("gate_up_silu") is False else str(fused)
+    label = f"{fused}, no gate_up_silu" if fused and row.get("gate_up_silu") is False else str(fused)
+    return label + (", overlapped" if row.get("overlap_steps") else "")
 
 
 def mean_chunk_size(row) -> str:
@@ -385,7 +393,7 @@ def markdown(env, tput, stops) -> str:
             f"{r['rollouts']} | {r['new_tokens']} | {r.get('lengths', 'fixed')} | {r['stop_fraction']:.0%} | "
             f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
             f"{r['decode_steps_no_stop']} -> {r['decode_steps']} | {r.get('admissions', '')} | "
-            f"{r.get('chunk_refills', '')}{mean_chunk_size(r)} | {r.get('fused_ops', '')} |"
+            f"{r.get('chunk_refills', '')}{mean_chunk_size(r)} | {fused_label(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -434,6 +442,10 @@ def main(argv=None):
     parser.add_argument("--gate-up-silu", default="on", choices=list(GATE_UP_SILU),
                         help="with fused ops, a decode step's gate and up GEMMs and silu * up as one Triton kernel "
                         "(fused_ops.gate_up_silu), or cuBLAS's GEMMs and silu_mul (off); both: a fused row each")
+    parser.add_argument("--overlap-steps", default="off", choices=list(OVERLAP_STEPS),
+                        help="the decoder's overlap_steps (launch a step before reading the last one's finish codes); "
+                        "both: the stopping rows in each setting, and one throughput row more: the stopping rows' "
+                        "fused ops, overlapped")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile each throughput row's decode step: its kernels by kind, busy and idle time")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -79,12 +79,15 @@ def main(argv=None) -> None:
     parser.add_argument("--stop", action="store_true", help="decode with an espo.EarlyStopper")
     parser.add_argument("--fused-ops", action="store_true",
                         help="the decoder's fused ops (needs TRITON_INTERPRET=1 on the CPU)")
+    parser.add_argument("--overlap-steps", action="store_true",
+                        help="the decoder's overlap_steps (each step launched before the last one's codes are read)")
     parser.add_argument("--admission", type=int, default=0,
                         help="also count one prefill forward of this many distinct prompts (16-24 tokens)")
     parser.add_argument("--ops", type=int, default=15, help="most frequent ops listed per part")
     args = parser.parse_args(argv)
     model, _ = load_model(args.model) if args.model else load_builtin()
-    dec = espo.Decoder(model, max_batch=args.slots, max_seq_len=args.new_tokens + 16, fused_ops=args.fused_ops)
+    dec = espo.Decoder(model, max_batch=args.slots, max_seq_len=args.new_tokens + 16, fused_ops=args.fused_ops,
+                       overlap_steps=args.overlap_steps)
     counter = OpCounter()
     for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul", "gate_up_silu"):
         setattr(fused_ops, name, one_launch(counter, name, getattr(fused_ops, name)))

@@ -16,10 +16,11 @@
 #     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, the decoder's step
 #     with and without its fused ops (--fused-ops both --gate-up-silu both: the B = 64 row unfused, fused, and fused
 #     with cuBLAS's gate/up GEMMs instead of gate_up_silu; generate once; --breakdown: each step's
-#     kernels by kind from torch.profiler, busy against idle time), and 25%/50% stops
-#     through a full pool, fused (16 rollouts a slot, the decoder's refill_batch and refill_tokens: refills in the
-#     graphed step), with fixed lengths and with natural ones (EOS at a drawn length; each row is printed to the
-#     stage log as it ends); DECODE36_ARGS adds arguments, e.g. "--refill-tokens 0 256" for the design without chunks.
+#     kernels by kind from torch.profiler, busy against idle time; --overlap-steps both: the fused row once more
+#     with overlapped steps), and 25%/50% stops through a full pool, fused (16 rollouts a slot, the decoder's
+#     refill_batch and refill_tokens: refills in the graphed step), with fixed lengths and with natural ones (EOS
+#     at a drawn length), each with steps in turn and overlapped (each row is printed to the stage log as it ends);
+#     DECODE36_ARGS adds arguments, e.g. "--refill-tokens 0 256" for the design without chunks.
 # DECODE_ARGS adds arguments to bench_decode.py. Stage limits in seconds: LIMIT_BUILD, LIMIT_SAMPLE, LIMIT_TESTS, LIMIT_DECODE; DEADLINE (seconds from the
 # start) cuts every stage short so that the whole run ends in time and packs what it has. It runs on the image's
 # own python3, torch, triton and nvcc: nothing here assumes the project's pins or a network.
@@ -99,7 +100,9 @@ for what in $stages; do
         tests/ops/test_cuda.py tests/ops/test_torch_backend.py tests/ops/test_cuda_host.py tests/ops/test_cuda_ops.py \
         tests/ops/test_integer_sampling.py tests/ops/test_triton_compile.py tests/ops/test_sampling_params.py \
         tests/engine/test_fused_ops.py tests/engine/test_fused_decoder.py \
-        tests/engine/test_decoder.py::test_gpu_graph_refill_chunks_match_eager
+        tests/engine/test_decoder.py::test_gpu_graph_refill_chunks_match_eager \
+        tests/engine/test_decoder.py::test_gpu_overlapped_steps_match_steps_in_turn \
+        tests/engine/test_decoder.py::test_gpu_overlapped_steps_never_wait_for_the_device
       ;;
     sample36)
       TAIL=12 stage bench_sample "${LIMIT_SAMPLE:-100}" python3 bench/bench_sample.py --B 1 256 --V 151936 \
@@ -111,7 +114,7 @@ for what in $stages; do
     decode36)
       # shellcheck disable=SC2086
       TAIL=20 stage bench_decode "${LIMIT_DECODE:-200}" python3 bench/bench_decode.py --models 0.5b --batch 64 \
-        --new-tokens 128 --hf-cache static --hf-step --fused-ops both --gate-up-silu both --breakdown --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
+        --new-tokens 128 --hf-cache static --hf-step --fused-ops both --gate-up-silu both --overlap-steps both --breakdown --stop-slots 64 --rollouts-per-slot 16 --stop-new-tokens 128 \
         --stop-lengths fixed natural \
         --repeats 2 ${DECODE36_ARGS:-} --out "$WORK"
       ;;

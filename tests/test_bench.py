@@ -60,9 +60,13 @@ def test_device_times_counts_each_op_per_call_on_the_cpu():
 
 def test_bench_decode_breaks_a_step_down_by_kernel_kind():
     out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_decode.py"), "--smoke", "--breakdown", "--no-hf",
-                          "--stop-fractions", "0.5", "--batch", "4"], capture_output=True, text=True, timeout=300,
-                         cwd=REPO)
+                          "--stop-fractions", "0.5", "--batch", "4", "--overlap-steps", "both"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
+    stops = out.stdout.split("Early stopping", 1)[1]
+    assert stops.count("| False |") == 1 and stops.count("| False, overlapped |") == 1  # a stop row each
+    throughput = out.stdout.split("Throughput", 1)[1].split("Where a decode step's time goes", 1)[0]
+    assert throughput.count("| False |\n") == throughput.count("| False, overlapped |\n") == 2  # --smoke: batch 1, 4
     table = out.stdout.split("Where a decode step's time goes", 1)[1].split("Early stopping", 1)[0]
     header, _, row = [line for line in table.splitlines() if line.startswith("|")][:3]
     assert "| gemm |" in header + " " and "| attention |" in header

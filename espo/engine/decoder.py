@@ -11,8 +11,9 @@ forward (``espo.engine.forward``) over its own slotted KV cache (``espo.engine.k
   offset, so a rollout's tokens do not depend on which others share its batch: a run with a stopper
   draws the tokens of the same run without one, up to the stop;
 * the ESPO stop rule runs inside the sampling op, one ``EarlyStopper`` row per slot;
-* one host sync per decode step (the finished mask); on a GPU the decode forward is captured in CUDA
-  graphs, one per bucket of live slots (and of cached length, with SDPA).
+* one host sync per decode step (the finished mask), which ``overlap_steps`` moves behind the next step's launch;
+  on a GPU the decode forward is captured in CUDA graphs, one per bucket of live slots (and of cached length,
+  with SDPA).
 
 Supported model families: Llama, Mistral, Qwen2, Qwen3 (standard attention with RoPE).
 
@@ -151,6 +152,13 @@ class Decoder:
             None: on where the model is on a CUDA device and the Triton backend is available. True where they cannot
             run (no Triton, or a CPU device without ``TRITON_INTERPRET=1``) is a ValueError.
             The kernels round where the eager ops do; see ``espo.engine.fused_ops`` for where they can differ.
+        overlap_steps: launch each decode step before reading the previous step's finish codes (which rollouts
+            ended), so that the host's work between two steps (reading the codes, freeing and compacting slots,
+            packing refills) runs while the device computes, not while it waits. A rollout that ended is then drawn
+            once more by the step already launched; that draw is undone (its stopper row restored, its token never
+            recorded), so the rollouts, their records and the stopper's state are those of ``overlap_steps=False``,
+            and a freed slot is refilled one step later. False (default, until a GPU run has timed it) or True;
+            None: on where the model runs on a CUDA device (elsewhere the device does not run ahead of the host).
 
     The model's modules are used as they are (not copied, but for the fused q/k/v weights, renewed at each
     ``generate``): updating its weights in place, as an optimizer does, is seen by the next ``generate``.
@@ -172,6 +180,7 @@ class Decoder:
         progress: bool = False,
         fused_ops: bool | None = False,
         refill_tokens: int = 256,
+        overlap_steps: bool | None = False,
     ):
         sizes = (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("prefill_tokens", prefill_tokens))
         for name, v in sizes + ((("refill_batch", refill_batch),) if refill_batch is not None else ()):
@@ -179,6 +188,8 @@ class Decoder:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not is_integer(refill_tokens) or refill_tokens < 0:
             raise ValueError(f"refill_tokens must be an int >= 0 (0: off), got {refill_tokens!r}")
+        if overlap_steps is not None and not isinstance(overlap_steps, bool):
+            raise TypeError(f"overlap_steps must be True, False or None, got {overlap_steps!r}")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a generated one), got {max_seq_len}")
         self.runner = ModelRunner(
@@ -192,8 +203,10 @@ class Decoder:
             cuda_graphs=cuda_graphs,
             fused_ops=fused_ops,
         )
+        if overlap_steps is None:
+            overlap_steps = self.runner.device.type == "cuda"
         self.scheduler = Scheduler(self.runner, prefill_tokens=int(prefill_tokens), refill_batch=refill_batch,
-                                   refill_tokens=int(refill_tokens))
+                                   refill_tokens=int(refill_tokens), overlap_steps=overlap_steps)
         self.progress = progress
 
     # ------------------------------------------------------------------------- the runner's and scheduler's
@@ -213,6 +226,7 @@ class Decoder:
     prefill_tokens = property(lambda self: self.scheduler.prefill_tokens)
     refill_batch = property(lambda self: self.scheduler.refill_batch)
     refill_tokens = property(lambda self: self.scheduler.refill_tokens)
+    overlap_steps = property(lambda self: self.scheduler.overlap_steps, doc="whether steps overlap, as resolved")
 
     @property
     def cuda_graphs(self) -> bool:

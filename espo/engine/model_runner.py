@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Union
+from typing import Callable, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +44,35 @@ def _batch_buckets(max_batch: int) -> list[int]:
         sizes.update({p, p + p // 2})
         p *= 2
     return sorted(s for s in sizes if s <= max_batch)
+
+
+class FinishCodes:
+    """A step's finish codes (uint8 [n], on the device) sent to the host without waiting for them: on a GPU copied
+    into one of two pinned buffers in turn, behind an event, so that the host can launch the next step before it
+    reads this one's codes (at most two sent and unread at once); elsewhere read at once."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        turns = 2 if self.cuda else 0
+        self._buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(turns)]
+        self._events = [torch.cuda.Event() for _ in range(turns)]
+        self._turn = 0
+
+    def send(self, code: torch.Tensor) -> Callable[[], np.ndarray]:
+        """Start copying ``code`` to the host; the returned function waits for the copy and gives it."""
+        if not self.cuda:
+            host = code.numpy()
+            return lambda: host
+        buffer, event = self._buffers[self._turn][: code.shape[0]], self._events[self._turn]
+        self._turn ^= 1
+        buffer.copy_(code, non_blocking=True)
+        event.record()
+
+        def read() -> np.ndarray:
+            event.synchronize()
+            return buffer.numpy().copy()
+
+        return read
 
 
 def oom_message(where: str, max_batch: int, max_seq_len: int, prefill_tokens: int | None = None) -> str:
@@ -173,6 +203,7 @@ class ModelRunner:
         self.slots = Slots(S, dev)
         self.caches = [m.cache for m in (self.policy, self.critic) if m is not None]  # what compact moves
         self._arange = torch.arange(max(self.max_seq_len, S), device=dev)
+        self.codes = FinishCodes(S, dev)  # a step draws at most S rows
         self.cuda_graphs = bool(cuda_graphs) and dev.type == "cuda"
         # (bucket, length, refill chunk tokens or 0) -> graph and its outputs
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}

@@ -5,8 +5,9 @@ pending rollouts, admits them into free slots (one packed prefill per admission,
 eager, inside the decode step's forward; with CUDA graphs in a forward of their own once refill_batch slots
 are free, and fewer inside the graphed decode step, up to refill_tokens prompt tokens), steps the live slots,
 records why each rollout ended (EOS, its length limit, an ESPO stop, invalid logits), frees their slots, and
-gathers the drawn tokens into ``Rollouts``. The slot state itself lives in ``espo.engine.slots.Slots``; the
-model's compute, and the draw, in the runner.
+gathers the drawn tokens into ``Rollouts``. With overlap_steps it launches each decode step before it reads the
+previous one's finish codes, and undoes the one extra draw of rollouts that had ended (``_read``). The slot state
+itself lives in ``espo.engine.slots.Slots``; the model's compute, and the draw, in the runner.
 """
 
 from __future__ import annotations
@@ -26,22 +27,25 @@ from .sequence import (
     RECORD_IDS,
     RECORD_VALUES,
     Admission,
+    Drawn,
     RefillChunk,
     Rollout,
     Rollouts,
     RunState,
 )
+from .slots import to_device
 
 
 class Scheduler:
     """Runs the rollouts of a ``RunState`` through the runner's ``max_batch`` slots (``runner.slots``).
 
-    prefill_tokens: most prompt tokens prefilled in one packed forward; refill_batch, refill_tokens: see
-    ``espo.Decoder`` (refill_batch None: its default).
+    prefill_tokens: most prompt tokens prefilled in one packed forward; refill_batch, refill_tokens, overlap_steps:
+    see ``espo.Decoder`` (refill_batch None: its default).
     """
 
     def __init__(self, runner: ModelRunner, *, prefill_tokens: int, refill_batch: int | None = None,
-                 refill_tokens: int = 0):
+                 refill_tokens: int = 0, overlap_steps: bool = False):
+        self.overlap_steps = bool(overlap_steps)
         self.runner, self.slots, self.device = runner, runner.slots, runner.device
         self.max_batch, self.max_seq_len, self.prefill_tokens = runner.max_batch, runner.max_seq_len, prefill_tokens
         S = self.max_batch
@@ -62,20 +66,29 @@ class Scheduler:
             warnings.warn(f"espo.Decoder: prompts of up to {int(run.plen.max())} tokens are longer than refill_tokens "
                           f"({chunk.tokens}), so their refills get a prefill forward of their own instead of riding in "
                           "the graphed decode step; pass a larger refill_tokens", RuntimeWarning, stacklevel=3)
+        ahead: Drawn | None = None  # with overlap_steps: the last decode step, launched and not read yet
         try:
-            while run.pending or slots.live.any():
+            while run.pending or slots.live.any() or ahead is not None:
                 # Eager steps take refills into the decode step's own forward; with CUDA graphs (and when no
                 # rollout is live) refills get a forward of their own once refill_batch slots are free, and fewer
                 # ride in the graphed step's fixed-size refill chunk.
-                if runner.cuda_graphs or not slots.live.any():
-                    while self._may_refill(run, alone=True):
-                        where = "prefill"
-                        self._release(self._admit(run), bar)
-                    if not slots.live.any():
-                        continue
-                slots.compact(runner.caches)
-                where = "decode"
-                self._release(self._step(run), bar)
+                alone = (runner.cuda_graphs or not slots.live.any()) and self._may_refill(run, alone=True)
+                if ahead is not None and (alone or not slots.live.any()):  # read it first: its endings free slots
+                    self._release(self._read(run, ahead), bar)
+                    ahead = None
+                elif alone:
+                    where = "prefill"
+                    self._release(self._admit(run), bar)
+                elif slots.live.any():
+                    slots.compact(runner.caches)
+                    where = "decode"
+                    step = self._launch(run, save_stopper=ahead is not None)
+                    if ahead is not None:  # read while this step runs; its rollouts that ended there ran once more
+                        self._release(self._read(run, ahead, stepped_on=True), bar)
+                    if self.overlap_steps:
+                        ahead = step
+                    else:
+                        self._release(self._read(run, step), bar)
         except torch.OutOfMemoryError as err:
             message = oom_message(where, self.max_batch, self.max_seq_len, self.prefill_tokens)
             raise torch.OutOfMemoryError(message) from err
@@ -141,16 +154,16 @@ class Scheduler:
         admitted = np.stack([lens[ui], np.zeros(k, np.int64), seeds, rid_arr, srows])  # Slots.INT_FIELDS[1:]
         parts = [ids, positions, dst_slots, dst_pos, src_idx, last_idx, ui, slots, admitted.ravel(), cu, packed]
         sizes = [len(a) for a in parts]
-        flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)  # one transfer
+        flat = to_device(np.concatenate(parts), self.device)  # one transfer
         ids_t, pos_t, dsl_t, dpo_t, src_t, last_t, ui_t, slots_t, admitted_t, cu_t, packed_t = torch.split(flat, sizes)
 
         pvals = run.request.prompt_values
-        values = None if pvals is None else pvals[torch.from_numpy(run.prompt_of[rids])].to(self.device)
+        values = None if pvals is None else to_device(pvals.numpy()[run.prompt_of[rids]], self.device)
         self.slots.admit(slots, rid_arr, lens[ui], srows, slots_t, admitted_t.view(5, k), values)
         if run.request.stopper is not None:
-            mask = torch.zeros(self.max_batch, dtype=torch.bool)
-            mask[torch.from_numpy(srows)] = True
-            run.request.stopper.reset_rows(mask.to(self.device))
+            mask = np.zeros(self.max_batch, dtype=bool)
+            mask[srows] = True
+            run.request.stopper.reset_rows(to_device(mask, self.device))
         segments = [(int(o), int(L)) for o, L in zip(offs, lens)]
         prefill = PrefillRows(segments, cu_t.to(torch.int32), int(lens.max()), dsl_t, dpo_t, src_t)
         return Admission(rid_arr, slots, ids_t, pos_t, prefill, last_t, ui_t, slots_t,
@@ -162,19 +175,21 @@ class Scheduler:
         run.gen[adm.rids] += 1
 
     def _admit(self, run: RunState) -> np.ndarray:
-        """Prefill pending rollouts into the lowest free slots in a forward of their own; draw their first tokens."""
+        """Prefill pending rollouts into the lowest free slots in a forward of their own; draw their first tokens.
+        Returns the slots of those that ended at once."""
         adm = self._take_pending(run, np.flatnonzero(~self.slots.live))
         logits, values = self.runner.forward(
             adm.ids, adm.positions, prefill=adm.prefill, out_idx=adm.last_idx, select=adm.ui
         )
         tokens, code = self.runner.sample(run.request, run.records, logits, values, adm.slots_t)
         self.slots.advance(adm.slots_t, tokens, decoded=0)
-        code = code.cpu().numpy()  # the one host sync of this prefill
         self._admitted(run, adm)
-        return self._endings(run, adm.slots, code)
+        return self._read(run, Drawn(adm.rids, run.gen[adm.rids].copy(), self.runner.codes.send(code)))
 
-    def _step(self, run: RunState) -> np.ndarray:
-        """One decode step over the live slots 0..b-1; eager, it also prefills pending rollouts into slots b..b+k-1."""
+    def _launch(self, run: RunState, save_stopper: bool = False) -> Drawn:
+        """Launch one decode step over the live slots 0..b-1 (eager, it also prefills pending rollouts into slots
+        b..b+k-1): its forward, its draw and the slots' advance, without waiting for the device. ``save_stopper``:
+        keep the stopper's rows as they are before the draw (``EarlyStopper.save_rows``), for ``_read(stepped_on)``."""
         slots, runner = self.slots, self.runner
         b = slots.n_live
         need = int(slots.length[:b].max()) + 1
@@ -186,31 +201,47 @@ class Scheduler:
             adm = self._take_pending(run, np.arange(b, self.max_batch), self._chunk())
         logits, values = runner.decode(b, length, adm)
         n = b + (0 if adm is None else len(adm.rids))
+        if save_stopper and run.request.stopper is not None:
+            run.request.stopper.save_rows()
         tokens, code = runner.sample(run.request, run.records, logits, values, slice(0, n))
         slots.advance(slice(0, n), tokens, decoded=b)
-        code = code.cpu().numpy()  # the one host sync of this step
         run.decode_steps += 1
         run.gen[slots.rollout[:b]] += 1
         if adm is not None:
             self._admitted(run, adm)
-        return self._endings(run, np.arange(n), code)
+        rids = slots.rollout[:n].copy()
+        return Drawn(rids, run.gen[rids].copy(), runner.codes.send(code))
 
-    def _endings(self, run: RunState, slots: np.ndarray, code: np.ndarray) -> np.ndarray:
-        """Record why the rollouts in ``slots`` ended, for those that did; return their slots."""
-        rids = self.slots.rollout[slots]
-        at_limit = run.gen[rids] >= run.limit[rids]
-        ended = (code != 0) | at_limit
-        for r, c in zip(rids[ended], code[ended]):
+    def _read(self, run: RunState, drawn: Drawn, stepped_on: bool = False) -> np.ndarray:
+        """Read the finish codes of ``drawn`` (waiting for them) and record the endings; return the slots of the
+        rollouts that ended there. ``stepped_on``: a later step, launched before this read (overlap_steps), drew once
+        more for them: that draw is undone where it changed state, their stopper rows restored (its records lie past
+        their length and are never collected)."""
+        ended = self._endings(run, drawn.rids, drawn.gen, drawn.codes())
+        slots = np.flatnonzero(np.isin(self.slots.rollout, ended))
+        stopper = run.request.stopper
+        if stepped_on and stopper is not None and len(slots):
+            stopper.restore_rows(to_device(self.slots.stopper_row[slots], self.device))
+        return slots
+
+    def _endings(self, run: RunState, rids: np.ndarray, gen: np.ndarray, code: np.ndarray) -> np.ndarray:
+        """Record why the rollouts ``rids``, with ``gen`` tokens generated and finish codes ``code`` [n], ended, for
+        those that did; return those. A rollout that had ended already (drawn once more by an overlapping step) is
+        left as it was."""
+        ended = ~run.done[rids] & ((code != 0) | (gen >= run.limit[rids]))
+        for r, g, c in zip(rids[ended], gen[ended], code[ended]):
             if c & CODE_STOP:
-                reason, length = "stopped", run.gen[r]
+                reason, length = "stopped", g
             elif c & CODE_INVALID:
-                reason, length = "invalid", run.gen[r] - 1
+                reason, length = "invalid", g - 1
             elif c & CODE_EOS:
-                reason, length = "eos", run.gen[r]
+                reason, length = "eos", g
             else:
-                reason, length = "length", run.gen[r]
+                reason, length = "length", g
             run.reason[r], run.length[r] = reason, length
-        return slots[ended]
+        run.done[rids[ended]] = True
+        run.gen[rids[ended]] = gen[ended]
+        return rids[ended]
 
     def _release(self, slots: np.ndarray, bar) -> None:
         """Free the slots of rollouts that ended."""

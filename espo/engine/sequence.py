@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ class RunState:
     gen: np.ndarray
     length: np.ndarray
     reason: list[str]
+    done: np.ndarray
     pending: deque
     records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     decode_steps: int = 0
@@ -94,8 +95,22 @@ class RunState:
             gen=np.zeros(R, dtype=np.int64),
             length=np.zeros(R, dtype=np.int64),
             reason=[""] * R,
+            done=np.zeros(R, dtype=bool),
             pending=deque(range(R)),
         )
+
+
+@dataclass
+class Drawn:
+    """Rows whose tokens a step has drawn on the device, before the host has read their finish codes.
+
+    rids, gen [n]: each row's rollout and its tokens generated, this draw included; codes(): the rows' finish codes
+    (uint8 [n], ``CODE_*`` bits), waiting for the device's copy where it has not arrived yet.
+    """
+
+    rids: np.ndarray
+    gen: np.ndarray
+    codes: Callable[[], np.ndarray]
 
 
 @dataclass

@@ -13,6 +13,16 @@ import torch
 from .kv_cache import KVCache
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without waiting for the work queued there: on a GPU copied from pinned memory (torch
+    keeps that buffer until the copy is done), as a copy from pageable memory with non_blocking=False would first wait
+    for the stream, i.e. for a decode step launched ahead (``overlap_steps``). Elsewhere the array's own tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Slots:
     """Per-slot decode state of ``size`` slots on ``device``.
 
@@ -81,8 +91,8 @@ class Slots:
         self.length[slots] = 0
         self.free_stopper_rows.extend(int(x) for x in self.stopper_row[slots])
         self.stopper_row[slots] = -1
-        idx = torch.from_numpy(slots).to(self.device)
-        self.seqlen[idx] = 0  # padded rows of a graphed step then touch position 0 of a free slot only
+        # padded rows of a graphed step then touch position 0 of a free slot only
+        self.seqlen[to_device(slots, self.device)] = 0
 
     def compact(self, caches: list[KVCache]) -> None:
         """Move the live rollouts above the first hole down (state and the ``caches``' K/V), so that the live
@@ -93,7 +103,7 @@ class Slots:
             return
         dst = np.flatnonzero(~self.live[:n])
         length = int(self.length[src].max())
-        pair = torch.from_numpy(np.concatenate([src, dst])).to(self.device)
+        pair = to_device(np.concatenate([src, dst]), self.device)
         src_t, dst_t = pair[: len(src)], pair[len(src) :]
         for cache in caches:
             cache.move(src_t, dst_t, length)

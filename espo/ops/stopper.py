@@ -186,6 +186,7 @@ class EarlyStopper:
                         for dt in dtypes]
         views = {dt: iter(packed.unbind(0)) for dt, packed in zip(dtypes, self._packed)}
         self.rows = {k: next(views[dt]) for k, dt in _ROW_FIELDS.items()}
+        self._saved: list[torch.Tensor] | None = None  # save_rows' copy of _packed
         self.device = self.rows["z"].device  # with its index: "cuda" becomes "cuda:0", as tensors report it
         # mean, var, beta, armed, ready: one device vector so that kernels read it without a host sync. Without the
         # regret rule beta is +inf: the kernels' test z > beta * max(V, floor) then never holds.
@@ -282,6 +283,23 @@ class EarlyStopper:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (self.batch_size,):
             raise ValueError(f"reset_rows expects a bool tensor of shape ({self.batch_size},), got {mask!r}")
         self._fold(mask.to(self.device))
+
+    def save_rows(self) -> None:
+        """Keep a copy of every row's state, for ``restore_rows`` (no host sync).
+
+        For a caller that updates rows before it knows whether they should have been: a decoder that launches a
+        step before reading the previous step's finish codes saves the rows first, then restores those whose
+        rollouts turn out to have ended already."""
+        if self._saved is None:
+            self._saved = [torch.empty_like(packed) for packed in self._packed]
+        torch._foreach_copy_(self._saved, self._packed)  # one launch on a GPU (what optimizers use), not one a dtype
+
+    def restore_rows(self, rows: torch.Tensor) -> None:
+        """Put the rows ``rows`` (int64 indices on the stopper's device) back as the last ``save_rows`` kept them."""
+        if self._saved is None:
+            raise RuntimeError("EarlyStopper.restore_rows needs a save_rows() first")
+        for saved, packed in zip(self._saved, self._packed):
+            packed[:, rows] = saved[:, rows]
 
     def end_batch(self, all_reduce: Callable[[torch.Tensor], Any] | None = None) -> dict[str, float]:
         """Apply the batch-boundary update from every sequence of the batch, then reset all rows.

@@ -5,6 +5,7 @@ generate token for token and its logits; sampling must not depend on batch compo
 an ESPO stopper is a prefix of the same run without one.
 """
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import espo
 from espo.engine.decoder import Decoder, Rollouts, rollout_seed
 from espo.engine.model_runner import ModelRunner
 from espo.engine.scheduler import Scheduler
+from espo.engine.slots import Slots
 from espo.engine.value_head import Critic, ValueHead
 from espo.ops.stopper import EarlyStopper, ESPOConfig
 
@@ -231,14 +233,14 @@ def test_slots_refill_and_the_pool_drains(monkeypatch):
     prompts = prompts_for(6, seed=8)
     dec = Decoder(model, max_batch=4, max_seq_len=40)
     live_rows = []
-    step = Scheduler._step
+    launch = Scheduler._launch
 
-    def spy(self, run):
+    def spy(self, run, **kw):
         live_rows.append(int(self.slots.live.sum()))
         assert self.slots.live[: live_rows[-1]].all(), "live rollouts occupy the leading slots"
-        return step(self, run)
+        return launch(self, run, **kw)
 
-    monkeypatch.setattr(Scheduler, "_step", spy)
+    monkeypatch.setattr(Scheduler, "_launch", spy)
     ro = dec.generate(prompts, 2, max_new_tokens=20, seed=2, eos_token_id=EOS)
     assert isinstance(ro, Rollouts) and len(ro) == 12
     assert all(r.finish_reason in ("eos", "length") for r in ro)
@@ -370,6 +372,115 @@ def test_refills_in_the_graphed_step_carry_critic_values_and_stops(monkeypatch):
     for a, b in zip(eager, chunked):
         assert a.tokens.tolist() == b.tokens.tolist() and a.finish_reason == b.finish_reason
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+def copy_stopper(stopper):
+    twin = EarlyStopper(stopper.config, stopper.batch_size, stopper.device)
+    twin.load_state_dict(stopper.state_dict())
+    return twin
+
+
+def assert_same_run(a, b, stoppers=None, atol=1e-5):
+    """Two runs of the same request: the same rollouts (tokens and endings exact, statistics within float32 rounding
+    of a batch of another composition), and with ``stoppers``, the same stopper state and batch report."""
+    assert a.finish_counts == b.finish_counts and a.tokens_generated == b.tokens_generated
+    for x, y in zip(a, b):
+        assert x.tokens.tolist() == y.tokens.tolist(), f"rollout {x.rollout_id}"
+        assert (x.finish_reason, x.length) == (y.finish_reason, y.length), f"rollout {x.rollout_id}"
+        for field in ("logprobs", "raw_logprobs", "entropy", "regret", "values"):
+            if getattr(x, field) is not None or getattr(y, field) is not None:
+                torch.testing.assert_close(getattr(x, field), getattr(y, field), atol=atol, rtol=atol)
+    if stoppers is not None:
+        s, t = stoppers
+        rows = [torch.stack([v.double() for v in st.rows.values()], dim=1) for st in (s, t)]  # [B, fields]
+        rows = [r[torch.from_numpy(np.lexsort(r.T.numpy()[::-1]))] for r in rows]  # which row a rollout gets may differ
+        torch.testing.assert_close(rows[0], rows[1], atol=atol, rtol=atol, msg="the stopper rows' states")
+        torch.testing.assert_close(s._batch, t._batch, atol=10 * atol, rtol=atol)
+        ra, rb = s.end_batch(), t.end_batch()
+        assert ra.keys() == rb.keys() and all(ra[k] == pytest.approx(rb[k], rel=atol, abs=atol) for k in ra)
+
+
+def spy_stepped_on(monkeypatch):
+    """The rollouts that ended at a step which a later step had already drawn for (overlap_steps), per read."""
+    seen = []
+    read = Scheduler._read
+
+    def spy(self, run, drawn, stepped_on=False):
+        slots = read(self, run, drawn, stepped_on)
+        if stepped_on:
+            seen.append(len(slots))
+        return slots
+
+    monkeypatch.setattr(Scheduler, "_read", spy)
+    return seen
+
+
+OVERLAP_CASES = {
+    # eager: refills ride in the decode step's forward; max_seq_len 30 ends the longer prompts' rollouts early
+    "eager": dict(graphs=None, decoder={}),
+    # emulated CUDA graphs with the refill chunk, and a critic stepped in lockstep
+    "graphs, refill chunk, critic": dict(graphs=dict(refill_batch=3, refill_tokens=24), decoder={"critic": True}),
+    # emulated CUDA graphs without a chunk: every refill a forward of its own, read after the step ahead
+    "graphs, admissions of their own": dict(graphs=dict(refill_batch=2, refill_tokens=0), decoder={}),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAP_CASES))
+def test_overlapped_steps_change_no_rollout_and_no_stopper_state(case, monkeypatch):
+    """overlap_steps=True launches each decode step before reading the last one's finish codes: rollouts that ended
+    there are drawn once more, and that draw is undone (records past their length, stopper rows restored). The
+    rollouts, EOS, length limits, ESPO stops, values and the stopper's state and batch report are those of steps
+    in turn."""
+    spec = OVERLAP_CASES[case]
+    model = tiny("qwen3", seed=31)
+    value_source = None
+    if spec["decoder"].get("critic"):
+        torch.manual_seed(3)
+        value_source = Critic(tiny("llama", seed=32, hidden_size=32, intermediate_size=64).model, ValueHead(32))
+    prompts = prompts_for(7, seed=31, lo=2, hi=9)
+    kw = dict(max_new_tokens=22, temperature=1.0, seed=8, eos_token_id=EOS)
+    if value_source is None:  # half the prompts get a value too high to stop: their rollouts run on beside stops
+        kw["prompt_values"] = [0.2, 100.0] * 3 + [0.2]
+
+    def decoder(overlap):
+        dec = Decoder(model, max_batch=5, max_seq_len=30, value_source=value_source, overlap_steps=overlap)
+        if spec["graphs"] is not None:
+            dec = graphs_on_cpu(monkeypatch, dec, overlap_steps=overlap, **spec["graphs"])
+        return dec
+
+    stopper = stopping_stopper(decoder(False), prompts, kw, 5)
+    stoppers = stopper, copy_stopper(stopper)
+    in_turn = decoder(False).generate(prompts, 3, stopper=stoppers[0], **kw)
+    stepped_on = spy_stepped_on(monkeypatch)
+    overlapped = decoder(True).generate(prompts, 3, stopper=stoppers[1], **kw)
+    assert_same_run(in_turn, overlapped, stoppers)
+    assert sum(stepped_on) >= 4, "the test must exercise rollouts drawn once more after they ended"
+    reasons = in_turn.finish_counts
+    assert reasons["stopped"] >= 2 and reasons["eos"] >= 2 and reasons["length"] >= 2, reasons
+    assert overlapped.decode_steps >= in_turn.decode_steps
+
+
+def test_overlapped_steps_need_the_stopper_rows_restored(monkeypatch):
+    """The planted break behind the test above: without restoring the stopper rows of rollouts drawn once more
+    after they ended, the stopper counts tokens that no rollout holds."""
+    model = tiny("qwen3", seed=31)
+    prompts = prompts_for(7, seed=31, lo=2, hi=9)
+    kw = dict(max_new_tokens=22, temperature=1.0, seed=8, eos_token_id=EOS, prompt_values=[0.2] * 7)
+    stopper = stopping_stopper(Decoder(model, max_batch=5, max_seq_len=30), prompts, kw, 5)
+    twin = copy_stopper(stopper)
+    Decoder(model, max_batch=5, max_seq_len=30).generate(prompts, 3, stopper=stopper, **kw)
+    monkeypatch.setattr(EarlyStopper, "restore_rows", lambda self, rows: None)
+    Decoder(model, max_batch=5, max_seq_len=30, overlap_steps=True).generate(prompts, 3, stopper=twin, **kw)
+    assert twin.end_batch()["tokens"] > stopper.end_batch()["tokens"]
+
+
+def test_overlap_steps_resolves_and_refuses_bad_values():
+    model = tiny("qwen3", seed=31)
+    assert Decoder(model, max_batch=2, max_seq_len=16).overlap_steps is False
+    assert Decoder(model, max_batch=2, max_seq_len=16, overlap_steps=None).overlap_steps is False  # a CPU
+    assert Decoder(model, max_batch=2, max_seq_len=16, overlap_steps=True).overlap_steps is True
+    with pytest.raises(TypeError, match="overlap_steps must be True, False or None"):
+        Decoder(model, max_batch=2, max_seq_len=16, overlap_steps="yes")
 
 
 def test_refill_chunk_too_small_for_a_prompt_leaves_it_to_an_admission_of_its_own(monkeypatch):
@@ -771,6 +882,69 @@ def test_gpu_graph_refill_chunks_match_eager(monkeypatch):
     same = np.mean([a.tokens.tolist() == b.tokens.tolist() for a, b in zip(eager, graphed)])
     print(f"rollouts with the same tokens, refills in graphs vs eager: {same:.3f}")
     assert same >= 0.9, same  # float32 on the GPU: batch composition may move a logit by rounding
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_overlapped_steps_match_steps_in_turn(monkeypatch):
+    """overlap_steps in real CUDA graphs with refill chunks and an ESPO stopper (finish codes read from pinned
+    buffers behind events, the stopper rows of rollouts drawn once more restored): the rollouts and stopper report
+    of steps in turn."""
+    model = tiny("qwen2", seed=19).cuda()
+    prompts = prompts_for(16, seed=19, lo=3, hi=12)
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=4, eos_token_id=EOS, prompt_values=[0.2, 100.0] * 8)
+
+    def decoder(overlap):
+        return Decoder(model, max_batch=8, max_seq_len=64, refill_batch=4, refill_tokens=32, overlap_steps=overlap)
+
+    stopper = stopping_stopper(decoder(False), prompts, kw, 8)
+    twin = copy_stopper(stopper)
+    in_turn = decoder(False).generate(prompts, 2, stopper=stopper, **kw)
+    stepped_on = spy_stepped_on(monkeypatch)
+    dec = decoder(True)
+    overlapped = dec.generate(prompts, 2, stopper=twin, **kw)
+    assert dec.cuda_graphs and dec.overlap_steps and sum(stepped_on) >= 3
+    same = np.mean([a.tokens.tolist() == b.tokens.tolist() for a, b in zip(in_turn, overlapped)])
+    print(f"rollouts with the same tokens, overlapped vs in turn: {same:.3f}")
+    assert same >= 0.9, same  # float32 on the GPU: batch composition may move a logit by rounding
+    if same == 1.0:  # then the stopper saw the same tokens too
+        assert_same_run(in_turn, overlapped, (stopper, twin), atol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_overlapped_steps_never_wait_for_the_device(monkeypatch):
+    """Between two graphed decode steps (launching one, reading the last one's codes, freeing and compacting slots,
+    refills in the chunk, stopper rows reset and restored) nothing waits for the device's queue but the codes' own
+    event: a copy from pageable memory, ``.item()`` or the like there would make overlap_steps wait for the step
+    launched ahead. torch's sync debug mode names each such call."""
+    model = tiny("qwen2", seed=19).cuda()
+    prompts = prompts_for(16, seed=19, lo=3, hi=12)
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=4, eos_token_id=EOS, prompt_values=[0.2, 100.0] * 8)
+    dec = Decoder(model, max_batch=8, max_seq_len=64, refill_batch=4, refill_tokens=32, overlap_steps=True)
+    stopper = stopping_stopper(dec, prompts, kw, 8)
+    dec.generate(prompts, 2, stopper=stopper, **kw)  # captures the graphs: capturing syncs
+    syncs = []
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs.extend(f"{fn.__name__}: {w.filename}:{w.lineno}" for w in caught
+                             if "synchroniz" in str(w.message))
+        return call
+
+    for name in ("_launch", "_read", "_release"):
+        monkeypatch.setattr(Scheduler, name, watched(getattr(Scheduler, name)))
+    monkeypatch.setattr(Slots, "compact", watched(Slots.compact))
+    ro = dec.generate(prompts, 2, stopper=stopper, **kw)
+    assert ro.finish_counts["stopped"] >= 1 and len(ro) == 32
+    assert not syncs, sorted(set(syncs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

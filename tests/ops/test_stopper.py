@@ -318,3 +318,24 @@ def test_a_rule_needs_one_rule_and_a_stopper_saved_before_the_value_rule_loads()
     espo.EarlyStopper(CFG, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="saved config differs"):
         espo.EarlyStopper(dataclasses.replace(CFG, value_rule=True), 2).load_state_dict(state)
+
+
+def test_restore_rows_puts_back_the_named_rows_as_saved():
+    stopper = espo.EarlyStopper(CFG, 5)
+    with pytest.raises(RuntimeError, match="save_rows"):
+        stopper.restore_rows(torch.tensor([0]))
+    g = torch.Generator().manual_seed(3)
+    stopper.set_statistics(0.5, 1.0)
+    stopper.arm()
+    for step in range(3):
+        espo.sample(torch.randn(5, 40, generator=g) * 3, seed=1, offset=step, stopper=stopper, backend="torch")
+    saved = {k: v.clone() for k, v in stopper.rows.items()}
+    stopper.save_rows()
+    for step in range(3, 5):
+        espo.sample(torch.randn(5, 40, generator=g) * 3, seed=1, offset=step, stopper=stopper, backend="torch")
+    moved = {k: v.clone() for k, v in stopper.rows.items()}
+    stopper.restore_rows(torch.tensor([1, 4]))
+    for k, now in stopper.rows.items():
+        assert torch.equal(now[[1, 4]], saved[k][[1, 4]]), k
+        assert torch.equal(now[[0, 2, 3]], moved[k][[0, 2, 3]]), k
+    assert not torch.equal(moved["position"], saved["position"]), "the rows must have moved since the save"
