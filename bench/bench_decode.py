@@ -178,8 +178,9 @@ def throughput_rows(shape, model, args, device, bandwidth):
                 for gus in (GATE_UP_SILU[args.gate_up_silu] if fused is not False else [True])]
     if args.overlap_steps == "both":  # one row more, not twice the rows: the stopping rows' setting, overlapped
         settings.append((FUSED_OPS[args.fused_ops][-1], args.gate_up_silu != "off", True))
-    return [throughput_row(shape, model, args, device, bandwidth, B, fused, gus, overlap, with_hf=i == 0)
-            for B in args.batch for i, (fused, gus, overlap) in enumerate(settings)]
+    for B in args.batch:
+        for i, (fused, gus, overlap) in enumerate(settings):
+            yield throughput_row(shape, model, args, device, bandwidth, B, fused, gus, overlap, with_hf=i == 0)
 
 
 GATE_UP_SILU = {"on": [True], "off": [False], "both": [True, False]}
@@ -260,9 +261,11 @@ def natural_lengths(rollouts: int, new_tokens: int) -> np.ndarray:
 
 
 def stopping_rows(shape, model, args, device):
-    return [row for per_slot in args.rollouts_per_slot for refill_tokens in args.refill_tokens
-            for lengths in args.stop_lengths for overlap in OVERLAP_STEPS[args.overlap_steps]
-            for row in stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths, overlap)]
+    for per_slot in args.rollouts_per_slot:
+        for refill_tokens in args.refill_tokens:
+            for lengths in args.stop_lengths:
+                for overlap in OVERLAP_STEPS[args.overlap_steps]:
+                    yield from stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths, overlap)
 
 
 def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths_kind, overlap):
@@ -463,24 +466,35 @@ def main(argv=None):
     bandwidth = copy_bandwidth(device)
     env = environment(device, bandwidth, dtype=args.dtype)
     tput, stops = [], []
+
+    def save(complete: bool) -> str:
+        """The results so far, written after every row (complete False until the last), so that a run cut short by
+        a time limit keeps the rows it finished."""
+        table = markdown(env, tput, stops)
+        if not args.smoke:
+            args.out.mkdir(parents=True, exist_ok=True)
+            stem = "decode-cpu" if args.cpu else "decode"
+            results = {"environment": env, "complete": complete, "throughput": tput, "stopping": stops}
+            (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+            cut = "\n(Incomplete: the run was cut short before its last row.)\n"
+            write_report(args.out / f"{stem}.md", table if complete else table + cut)
+        return table
+
     for shape in args.models:
         model = build_model(shape, device, getattr(torch, args.dtype))
         with torch.no_grad():
             if args.throughput_models is None or shape in args.throughput_models:
-                tput += throughput_rows(shape, model, args, device, bandwidth)
+                for row in throughput_rows(shape, model, args, device, bandwidth):
+                    tput.append(row)
+                    save(complete=False)
             if args.stop_models is None or shape in args.stop_models:
-                stops += stopping_rows(shape, model, args, device)
+                for row in stopping_rows(shape, model, args, device):
+                    stops.append(row)
+                    save(complete=False)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-    table = markdown(env, tput, stops)
-    print(table)
-    if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = "decode-cpu" if args.cpu else "decode"
-        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "throughput": tput, "stopping": stops},
-                                                          indent=2))
-        write_report(args.out / f"{stem}.md", table)
+    print(save(complete=True))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ From the counts, two ratios (time saved / tokens saved, bench_decode.py's target
 - predicted: with a step, a prefill forward and a refill chunk's extra compute costing --step-ms, --prefill-ms
   and --chunk-ms (a 256-token chunk; a refill rides in the smallest chunk size that holds it, costed in
   proportion to its tokens) (defaults: see --help; an estimate to compare with a GPU run, not a measurement).
+  With overlapped steps (Decoder(overlap_steps=True)) a rollout that ends is drawn once more and its slot refilled
+  a step later: the counts say what that costs in steps; the host time it hides between steps is not in the model.
 
     python bench/bench_refill_schedule.py       # -> bench/results/refill-schedule.{json,md}
 """
@@ -31,13 +33,14 @@ from common import environment, write_report
 
 from espo.engine.decoder import Decoder
 
-# (name, CUDA graphs, refill_batch (None: slots // 8), refill_tokens)
+# (name, CUDA graphs, refill_batch (None: slots // 8), refill_tokens, overlap_steps)
 DESIGNS = [
-    ("a prefill forward per freed slot (measured 2026-12-04)", True, 1, 0),
-    ("refill_batch: a prefill forward per slots // 8 freed", True, None, 0),
-    ("refill chunk of 128 tokens in the graphed step", True, None, 128),
-    ("refill chunk of 256 tokens (the default)", True, None, 256),
-    ("eager: refills in every step's forward (no graphs)", False, 1, 0),
+    ("a prefill forward per freed slot (measured 2026-12-04)", True, 1, 0, False),
+    ("refill_batch: a prefill forward per slots // 8 freed", True, None, 0, False),
+    ("refill chunk of 128 tokens in the graphed step", True, None, 128, False),
+    ("refill chunk of 256 tokens (the default)", True, None, 256, False),
+    ("refill chunk of 256 tokens, overlapped steps", True, None, 256, True),
+    ("eager: refills in every step's forward (no graphs)", False, 1, 0, False),
 ]
 
 
@@ -56,7 +59,7 @@ def schedule_rows(args) -> list[dict]:
 
 def design_rows(args, model, prompts, schedules, lengths_name, lengths) -> list[dict]:
     B, T, rows = args.slots, args.new_tokens, []
-    for name, graphs, refill_batch, refill_tokens in DESIGNS:
+    for name, graphs, refill_batch, refill_tokens, overlap in DESIGNS:
         dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, cuda_graphs=False)
         runner = dec.runner
         if graphs:
@@ -64,7 +67,7 @@ def design_rows(args, model, prompts, schedules, lengths_name, lengths) -> list[
             runner._decode_graphed = lambda b, length, chunk=None, r=runner: r._decode_forward(b, length, chunk)
         refill_batch = refill_batch or max(1, B // 8)
         dec.scheduler = sched = ScheduledStops(runner, prefill_tokens=dec.prefill_tokens, refill_batch=refill_batch,
-                                               refill_tokens=refill_tokens)
+                                               refill_tokens=refill_tokens, overlap_steps=overlap)
         counts = {}
         sched.lengths = lengths
         for frac, schedule in schedules.items():
