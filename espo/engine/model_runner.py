@@ -66,7 +66,7 @@ class FinishCodes:
         buffer, event = self._buffers[self._turn][: code.shape[0]], self._events[self._turn]
         self._turn ^= 1
         buffer.copy_(code, non_blocking=True)
-        event.record()
+        event.record(torch.cuda.current_stream(code.device))  # the copy's stream (the code's device, not the current)
 
         def read() -> np.ndarray:
             event.synchronize()
