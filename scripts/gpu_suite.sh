@@ -13,7 +13,7 @@
 #     meta: tests/ops/test_cuda_ops.py alone under faulthandler (and gdb's backtrace where gdb exists): the rank-1 meta crash;
 #     optests: the op's GPU tests (sample, filters, cuda, integer sampling) and the decoder's fused ops'; sample36: B = 1 and 256, V = 151936, bf16,
 #     unfiltered, top-k 50, top-p 0.95 beside torch's sorting filter and FlashInfer, each backend's device time by kernel; callcost: one call at B = 1 from
-#     Python (medians); decode36: the 0.5B shape at B = 64 beside generate with a static cache, the decoder's step
+#     Python (medians; each backend also alone, with its arguments prepared, beside 8 allocations and one small launch); decode36: the 0.5B shape at B = 64 beside generate with a static cache, the decoder's step
 #     with and without its fused ops (--fused-ops both --gate-up-silu both: the B = 64 row unfused, fused, and fused
 #     with cuBLAS's gate/up GEMMs instead of gate_up_silu; generate once; --breakdown: each step's
 #     kernels by kind from torch.profiler, busy against idle time; --overlap-steps both: the fused row once more
@@ -109,7 +109,7 @@ for what in $stages; do
         --dtypes bfloat16 --filtered-B 256 --no-compile --out "$WORK"
       ;;
     callcost)
-      TAIL=10 stage callcost 40 python3 bench/bench_call_cost.py --out "$WORK"
+      TAIL=12 stage callcost 40 python3 bench/bench_call_cost.py --calls 1000 --out "$WORK"
       ;;
     decode36)
       # shellcheck disable=SC2086
