@@ -155,8 +155,8 @@ class Decoder:
         overlap_steps: launch each decode step before reading the previous step's finish codes (which rollouts
             ended), so that the host's work between two steps (reading the codes, freeing and compacting slots,
             packing refills) runs while the device computes, not while it waits. A rollout that ended is then drawn
-            once more by the step already launched; that draw is undone (its stopper row restored, its token never
-            recorded), so the rollouts, their records and the stopper's state are those of ``overlap_steps=False``,
+            once more by the step already launched; that draw is undone (its stopper row restored, its record never
+            collected), so the rollouts, their records and the stopper's state are those of ``overlap_steps=False``,
             and a freed slot is refilled one step later. False (default, until a GPU run has timed it) or True;
             None: on where the model runs on a CUDA device (elsewhere the device does not run ahead of the host).
 
