@@ -28,6 +28,7 @@ nothing is downloaded.
     python bench/bench_decode.py --batch 64 --fused-ops both --no-hf   # the step with and without fused ops
     python bench/bench_decode.py --batch 64 --breakdown   # and the step's kernels by kind (torch.profiler)
     python bench/bench_decode.py --overlap-steps both     # steps launched before the last one is read, and not
+    python bench/bench_decode.py --fused-ops on --rope-decode-attention both   # RoPE + attention in one launch, or not
 """
 from __future__ import annotations
 
@@ -174,23 +175,31 @@ OVERLAP_STEPS = {"on": [True], "off": [False], "both": [False, True]}
 
 
 def throughput_rows(shape, model, args, device, bandwidth):
-    settings = [(fused, gus, args.overlap_steps == "on") for fused in FUSED_OPS[args.fused_ops]
+    """(fused, gate_up_silu, overlap_steps, rope_decode_attention) per row: each --fused-ops and --gate-up-silu
+    setting, and for "both" of --overlap-steps and --rope-decode-attention one row more each, in the stopping rows'
+    fused setting (not twice the rows)."""
+    overlap, rda = args.overlap_steps == "on", args.rope_decode_attention == "on"
+    settings = [(fused, gus, overlap, rda) for fused in FUSED_OPS[args.fused_ops]
                 for gus in (GATE_UP_SILU[args.gate_up_silu] if fused is not False else [True])]
-    if args.overlap_steps == "both":  # one row more, not twice the rows: the stopping rows' setting, overlapped
-        settings.append((FUSED_OPS[args.fused_ops][-1], args.gate_up_silu != "off", True))
+    stopping = (FUSED_OPS[args.fused_ops][-1], args.gate_up_silu != "off")
+    if args.overlap_steps == "both":
+        settings.append((*stopping, True, rda))
+    if args.rope_decode_attention == "both":
+        settings.append((*stopping, overlap, True))
     for B in args.batch:
-        for i, (fused, gus, overlap) in enumerate(settings):
-            yield throughput_row(shape, model, args, device, bandwidth, B, fused, gus, overlap, with_hf=i == 0)
+        for i, setting in enumerate(settings):
+            yield throughput_row(shape, model, args, device, bandwidth, B, *setting, with_hf=i == 0)
 
 
 GATE_UP_SILU = {"on": [True], "off": [False], "both": [True, False]}
 GATE_UP_SILU_ROWS = fused_ops.GATE_UP_SILU_ROWS  # the decoder's own, restored after an "off" row
 
 
-def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu, overlap, with_hf):
+def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu, overlap, rope_attend, with_hf):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = model.config.vocab_size
     fused_ops.GATE_UP_SILU_ROWS = GATE_UP_SILU_ROWS if gate_up_silu else 0  # read at each forward: graphs hold it
+    fused_ops.ROPE_DECODE_ATTENTION = rope_attend
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens + 1, fused_ops=fused,
                   overlap_steps=overlap)
     prompts = prompts_of(B, args.prompt_len, vocab, seed=B)
@@ -204,6 +213,7 @@ def throughput_row(shape, model, args, device, bandwidth, B, fused, gate_up_silu
         "espo_s": t_full, "espo_tok_s": ro.tokens_generated / t_full, "step_ms": step_ms,
         "attention": dec.attention, "cuda_graphs": dec.cuda_graphs, "fused_ops": dec.fused_ops,
         "gate_up_silu": dec.fused_ops and gate_up_silu, "overlap_steps": dec.overlap_steps,
+        "rope_decode_attention": dec.fused_ops and rope_attend,
     }
     if device == "cuda":
         row["floor_ms"] = weight_bytes / bandwidth * 1e3
@@ -275,6 +285,7 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
     T = args.stop_new_tokens or args.new_tokens
     fused = FUSED_OPS[args.fused_ops][-1]  # "both": the stopping rows run fused
     fused_ops.GATE_UP_SILU_ROWS = 0 if args.gate_up_silu == "off" else GATE_UP_SILU_ROWS
+    fused_ops.ROPE_DECODE_ATTENTION = args.rope_decode_attention == "on"
     dec = Decoder(model, max_batch=B, max_seq_len=args.prompt_len + T + 1, refill_batch=args.refill_batch,
                   fused_ops=fused, **({} if refill_tokens is None else {"refill_tokens": refill_tokens}))
     dec.scheduler = ScheduledStops(dec.runner, prefill_tokens=dec.prefill_tokens, refill_batch=dec.refill_batch,
@@ -315,6 +326,7 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
             "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
             "refill_batch": dec.refill_batch, "fused_ops": dec.fused_ops, "overlap_steps": dec.overlap_steps,
+            "rope_decode_attention": dec.fused_ops and fused_ops.ROPE_DECODE_ATTENTION,
             "refill_tokens": dec.refill_tokens if dec.runner.refill_chunk is not None else 0,
             **counts,
         }
@@ -324,10 +336,11 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
 
 
 def fused_label(row) -> str:
-    """A row's fused ops: False, True, or True without gate_up_silu (cuBLAS's gate and up GEMMs, silu_mul); and
-    ", overlapped" for a row with overlap_steps."""
+    """A row's fused ops: False, True, or True without gate_up_silu (cuBLAS's gate and up GEMMs, silu_mul); with
+    rope_decode_attention, and ", overlapped" for a row with overlap_steps."""
     fused = row.get("fused_ops", "")
     label = f"{fused}, no gate_up_silu" if fused and row.get("gate_up_silu") is False else str(fused)
+    label += ", rope_decode_attention" if row.get("rope_decode_attention") else ""
     return label + (", overlapped" if row.get("overlap_steps") else "")
 
 
@@ -449,6 +462,10 @@ def main(argv=None):
                         help="the decoder's overlap_steps (launch a step before reading the last one's finish codes); "
                         "both: the stopping rows in each setting, and one throughput row more: the stopping rows' "
                         "fused ops, overlapped")
+    parser.add_argument("--rope-decode-attention", default="off", choices=list(OVERLAP_STEPS),
+                        help="with fused ops, fused_ops.ROPE_DECODE_ATTENTION (a decode step's RoPE, cache write and "
+                        "attention in one launch a layer): on for every fused row, or both: one throughput row more, "
+                        "the stopping rows' fused ops with it")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile each throughput row's decode step: its kernels by kind, busy and idle time")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -16,7 +16,7 @@ from .fused_math import round_to, widen
 
 
 @triton.jit
-def _rotate_heads(x_ptr, x_tok_stride, x_head_stride, n_heads, c, s, cols, partner, sign, token, head_dim,
+def rotate_heads(x_ptr, x_tok_stride, x_head_stride, n_heads, c, s, cols, partner, sign, token, head_dim,
                   BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     """The token's heads of x, rotated and rounded to x's dtype: ([BLOCK_H, BLOCK_D] values, their head indices,
     the mask of the real ones)."""
@@ -46,10 +46,10 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, k_c
     in_row = cols < head_dim
     c = widen(tl.load(cos_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
     s = widen(tl.load(sin_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
-    q, q_heads, q_mask = _rotate_heads(q_ptr, q_tok_stride, q_head_stride, n_q_heads, c, s, cols, partner, sign,
+    q, q_heads, q_mask = rotate_heads(q_ptr, q_tok_stride, q_head_stride, n_q_heads, c, s, cols, partner, sign,
                                        token, head_dim, BLOCK_QH, INTERPRET)
     tl.store(q_out_ptr + (token * n_q_heads + q_heads) * head_dim + cols[None, :], q, mask=q_mask)
-    k, k_heads, k_mask = _rotate_heads(k_ptr, k_tok_stride, k_head_stride, n_k_heads, c, s, cols, partner, sign,
+    k, k_heads, k_mask = rotate_heads(k_ptr, k_tok_stride, k_head_stride, n_k_heads, c, s, cols, partner, sign,
                                        token, head_dim, BLOCK_KH, INTERPRET)
     tl.store(k_out_ptr + (token * n_k_heads + k_heads) * head_dim + cols[None, :], k, mask=k_mask)
     if CACHE:

@@ -5,7 +5,7 @@ globals inside @jit code, for one), so CI compiles every kernel variant for real
 kernels' PTX must exponentiate with ex2.approx.ftz (the instruction the CUDA backend uses, for identical
 tokens) and hold no fused multiply-add (the integer sampling rule fixes every rounding). The decoder's fused
 ops (espo.kernels.rms_norm with and without its residual, rope, silu_mul, gate_up_silu in each of its autotuner's
-configurations) are only compiled, in every dtype.
+configurations, rope_decode_attention with and without a window) are only compiled, in every dtype.
 
     python scripts/check_triton_compile.py        # exits non-zero on a compile error or a PTX check
 """
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import espo.kernels.gate_up_silu as gate_up_silu  # noqa: E402
 import espo.kernels.rms_norm as rms_norm  # noqa: E402
 import espo.kernels.rope as rope  # noqa: E402
+import espo.kernels.rope_decode_attention as rope_decode_attention  # noqa: E402
 import espo.kernels.sample as K  # noqa: E402
 import espo.kernels.silu_mul as silu_mul  # noqa: E402
 import triton  # noqa: E402
@@ -98,6 +99,11 @@ def fused_ops() -> None:
                dict(BLOCK_D=64, BLOCK_QH=16, BLOCK_KH=2, CACHE=cache)) for cache in (False, True)),
             (f"silu_mul {dtype}", silu_mul.silu_mul_kernel, dict(gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}",
              out_ptr=f"*{dtype}"), dict(BLOCK=silu_mul.BLOCK)),
+            *((f"rope_decode_attention {dtype}{' with a window' if window else ''}",
+               rope_decode_attention.rope_decode_attention_kernel,
+               {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr", "v_cache_ptr",
+                                         "out_ptr")} | {"seqlens_ptr": "*i64", "scale_log2": "fp32"},
+               dict(GROUP=7, BLOCK_G=16, BLOCK_D=64, BLOCK_N=32, HAS_WINDOW=window)) for window in (False, True)),
         ]
         for name, fn, types, flags in compiled:
             ptx = compile_ptx(fn, types, dict(flags, INTERPRET=False))

@@ -5,6 +5,7 @@ from its arithmetic.
 
     python scripts/count_step_ops.py [--model DIR] [--slots 8] [--new-tokens 40] [--top-p 0.95] [--stop] [--ops 15]
     TRITON_INTERPRET=1 python scripts/count_step_ops.py --fused-ops   # the decoder's fused ops, one launch each
+    TRITON_INTERPRET=1 python scripts/count_step_ops.py --fused-ops --rope-decode-attention   # and RoPE + attention
     python scripts/count_step_ops.py --admission 64   # also one prefill forward admitting 64 distinct prompts
 
 Runs on the CPU (the counts do not depend on the device, except that espo.sample is one op call on a GPU and
@@ -79,6 +80,9 @@ def main(argv=None) -> None:
     parser.add_argument("--stop", action="store_true", help="decode with an espo.EarlyStopper")
     parser.add_argument("--fused-ops", action="store_true",
                         help="the decoder's fused ops (needs TRITON_INTERPRET=1 on the CPU)")
+    parser.add_argument("--rope-decode-attention", action="store_true",
+                        help="with --fused-ops, fused_ops.ROPE_DECODE_ATTENTION: a decode step's RoPE, cache write and "
+                        "attention in one launch a layer")
     parser.add_argument("--overlap-steps", action="store_true",
                         help="the decoder's overlap_steps (each step launched before the last one's codes are read)")
     parser.add_argument("--admission", type=int, default=0,
@@ -89,7 +93,8 @@ def main(argv=None) -> None:
     dec = espo.Decoder(model, max_batch=args.slots, max_seq_len=args.new_tokens + 16, fused_ops=args.fused_ops,
                        overlap_steps=args.overlap_steps)
     counter = OpCounter()
-    for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul", "gate_up_silu"):
+    fused_ops.ROPE_DECODE_ATTENTION = args.rope_decode_attention
+    for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul", "gate_up_silu", "rope_decode_attention"):
         setattr(fused_ops, name, one_launch(counter, name, getattr(fused_ops, name)))
     dec.runner._decode_forward = labelled(counter, "forward", dec.runner._decode_forward)
     model_runner.sample = labelled(counter, "sample", model_runner.sample)

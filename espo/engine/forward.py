@@ -273,10 +273,8 @@ class TransformerForward:
             if spec.qkv is not None:
                 spec.qkv.refresh()
 
-    def _qkv(self, spec: _LayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             decode_rows: torch.Tensor | None = None, layer: int = 0):
-        """The layer's q, k (rotated) and v [N, heads, d]. Fused, with ``decode_rows`` (``_Shared``'s), the RoPE launch
-        also writes the decode part's k and v into layer ``layer``'s cache."""
+    def _projections(self, spec: _LayerSpec, x: torch.Tensor):
+        """The layer's q, k and v [N, heads, d] before RoPE (after Qwen3's q/k norms)."""
         N, d = x.shape[0], self.head_dim
         attn = spec.attn
         if spec.qkv is not None:
@@ -285,17 +283,33 @@ class TransformerForward:
             q = attn.q_proj(x).view(N, -1, d)
             k = attn.k_proj(x).view(N, -1, d)
             v = attn.v_proj(x).view(N, -1, d)
+        if spec.qk_norm:
+            q, k = (spec.q_norm(q), spec.k_norm(k)) if self.fused else (attn.q_norm(q), attn.k_norm(k))
+        return q, k, v
+
+    def _qkv(self, spec: _LayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             decode_rows: torch.Tensor | None = None, layer: int = 0):
+        """The layer's q, k (rotated) and v [N, heads, d]. Fused, with ``decode_rows`` (``_Shared``'s), the RoPE launch
+        also writes the decode part's k and v into layer ``layer``'s cache."""
+        q, k, v = self._projections(spec, x)
         if self.fused:
-            if spec.qk_norm:
-                q, k = spec.q_norm(q), spec.k_norm(k)
             write = None if decode_rows is None else fused_ops.CacheWrite(v, *self.cache.as_rows(layer), decode_rows)
             q, k = fused_ops.rope(q, k, cos, sin, write)
             return q, k, v
-        if spec.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
+
+    def _rope_attend(self, i, spec, x, cos, sin, b, decode, prefill, shared: _Shared) -> torch.Tensor:
+        """Fused, with ``fused_ops.ROPE_DECODE_ATTENTION``: layer i's attention with the decode part's RoPE, cache write
+        and attention in one launch (``fused_ops.rope_decode_attention``); a prefill part as ``_attend`` runs it."""
+        q, k, v = self._projections(spec, x)
+        o = fused_ops.rope_decode_attention(q[:b], k[:b], v[:b], cos[:b], sin[:b], self.cache.k[i], self.cache.v[i],
+                                            decode.seqlens, spec.window, self.scale)
+        if prefill is None:
+            return o
+        qp, kp = fused_ops.rope(q[b:], k[b:], cos[b:], sin[b:])
+        return torch.cat((o, self._attend(i, spec, qp, kp, v[b:], 0, None, prefill, shared)))
 
     def forward(
         self,
@@ -315,10 +329,13 @@ class TransformerForward:
         h = self.embed(ids)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         windows = self.windows + ([None] if self.has_full else [])
+        rope_attend = (decode is not None and self.fused and fused_ops.ROPE_DECODE_ATTENTION
+                       and self.cache.layout == "sdpa")  # then the decode part needs neither cache rows nor masks
         shared = _Shared(
-            None if decode is None or self.cache.layout == "flash" else self.cache.rows(decode.rows, decode.seqlens),
+            None if decode is None or self.cache.layout == "flash" or rope_attend else
+            self.cache.rows(decode.rows, decode.seqlens),
             None if prefill is None else self.cache.rows(prefill.dst_slots, prefill.dst_pos),
-            {} if decode is None or self.attention != "sdpa" else
+            {} if decode is None or self.attention != "sdpa" or rope_attend else
             {w: decode_mask(decode.seqlens, decode.length, w, decode.arange, h.dtype) for w in windows},
             {} if prefill is None or prefill.seg is None else
             {w: chunk_mask(prefill.seg, positions[b:], w, h.dtype) for w in windows},
@@ -327,7 +344,7 @@ class TransformerForward:
             and pads_well(prefill.segments, prefill.max_len) else None,
         )
         if self.fused:
-            return self._fused_layers(h, cos, sin, b, decode, prefill, shared, out_idx)
+            return self._fused_layers(h, cos, sin, b, decode, prefill, shared, out_idx, rope_attend)
         for i, spec in enumerate(self.layers):
             q, k, v = self._qkv(spec, spec.ln1(h), cos, sin)
             o = self._attend(i, spec, q, k, v, b, decode, prefill, shared)
@@ -335,12 +352,15 @@ class TransformerForward:
             h = h + spec.mlp(spec.ln2(h))
         return self.norm(h if out_idx is None else h[out_idx])
 
-    def _fused_layers(self, h, cos, sin, b, decode, prefill, shared, out_idx):
+    def _fused_layers(self, h, cos, sin, b, decode, prefill, shared, out_idx, rope_attend):
         """The layers of the fused path: each residual add runs in the launch of the RMSNorm that follows it."""
         x = self.layers[0].ln1(h)
         for i, spec in enumerate(self.layers):
-            q, k, v = self._qkv(spec, x, cos, sin, shared.decode_rows, i)
-            o = self._attend(i, spec, q, k, v, b, decode, prefill, shared)
+            if rope_attend:
+                o = self._rope_attend(i, spec, x, cos, sin, b, decode, prefill, shared)
+            else:
+                q, k, v = self._qkv(spec, x, cos, sin, shared.decode_rows, i)
+                o = self._attend(i, spec, q, k, v, b, decode, prefill, shared)
             x, h = spec.ln2.add(spec.attn.o_proj(o.reshape(o.shape[0], -1)), h)
             m = spec.mlp(x)
             if i + 1 < len(self.layers):

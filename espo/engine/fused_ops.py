@@ -178,6 +178,67 @@ def _check_cache_write(k: torch.Tensor, write: CacheWrite) -> None:
                          f"{list(rows.shape)}")
 
 
+# --------------------------------------------------------------------------------------- rope_decode_attention
+
+# Whether the fused path's decode steps run rope_decode_attention (SDPA cache layout): one launch a layer for RoPE, the
+# cache write and the attention, instead of rope's and SDPA's (and the decode masks and cache rows of each forward).
+# Off until a GPU run has timed it against SDPA; bench_decode.py --rope-decode-attention turns it on.
+ROPE_DECODE_ATTENTION = False
+
+
+def rope_decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    seqlens: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
+    """``rope_reference``, the cache write as ``KVCache.write`` does it, then SDPA over the cache with the decode
+    mask (``espo.engine.kv_cache.decode_mask``'s rule), the heads sharing a KV head as its query rows."""
+    B, H, d = q.shape
+    Hkv = k.shape[1]
+    q, k = rope_reference(q, k, cos, sin)
+    rows = torch.arange(B, device=q.device)
+    k_cache[rows, :, seqlens] = k
+    v_cache[rows, :, seqlens] = v
+    length = int(seqlens.max()) + 1 if B else 1
+    p = torch.arange(length, device=q.device)[None, :]
+    sees = p <= seqlens[:, None]
+    if window is not None:
+        sees = sees & (p > seqlens[:, None] - window)
+    out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, d), k_cache[:B, :, :length],
+                                         v_cache[:B, :, :length], attn_mask=sees[:, None, None, :], scale=scale)
+    return out.reshape(B, H, d)
+
+
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, window: int | None,
+                          scale: float) -> torch.Tensor:
+    """One decode step's attention in one launch: RoPE of q [B, H, d] and k [B, Hkv, d] by cos, sin ([B, d] or
+    [B, 1, d]); the rotated k and v [B, Hkv, d] stored in a layer's caches ([slots >= B, Hkv, max_len, d], the SDPA
+    layout of ``KVCache``: row i is slot i) at position ``seqlens[i]`` (int64 [B]); and each row's attention over its
+    slot's positions up to and including that one (within ``window``, if any), as SDPA computes it with the decode
+    mask. Returns [B, H, d]. The cached k and v are rope's and ``KVCache.write``'s bits; the output is within an ulp
+    of SDPA's (summed in another order)."""
+    B, H, d = q.shape
+    if k.dim() != 3 or v.shape != k.shape or k.shape[0] != B or k.shape[2] != d or H % k.shape[1] or d % 2:
+        raise ValueError(f"rope_decode_attention: q must be [B, H, d], k and v [B, Hkv, d] with H a multiple of Hkv "
+                         f"and d even, got {list(q.shape)}, {list(k.shape)} and {list(v.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (cache.dim() != 4 or cache.shape[0] < B or cache.shape[1] != k.shape[1] or cache.shape[3] != d
+                or not cache.is_contiguous()):
+            raise ValueError(f"rope_decode_attention: {name} must be a contiguous [slots >= {B}, {k.shape[1]}, "
+                             f"max_len, {d}] tensor, got {list(cache.shape)}")
+    if len({q.dtype, k.dtype, v.dtype, cos.dtype, sin.dtype, k_cache.dtype, v_cache.dtype}) != 1:
+        raise TypeError("rope_decode_attention: q, k, v, cos, sin and the caches must have one dtype")
+    if seqlens.dtype != torch.int64 or seqlens.shape != (B,):
+        raise ValueError(f"rope_decode_attention: seqlens must be int64 [{B}], got {seqlens.dtype} "
+                         f"{list(seqlens.shape)}")
+    if not runs_kernel(q):
+        return rope_decode_attention_reference(q, k, v, cos, sin, k_cache, v_cache, seqlens, window, scale)
+    from espo.kernels.rope_decode_attention import rope_decode_attention as kernel
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cos, sin = cos.reshape(B, d).contiguous(), sin.reshape(B, d).contiguous()
+    return kernel(q, k, v, cos, sin, k_cache, v_cache, seqlens, window, scale)
+
+
 # ------------------------------------------------------------------------------------------------ gate_up_silu
 
 # x with at most this many rows (a decode step's) runs gate_up_silu; more rows (prefills) run cuBLAS's two GEMMs and

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def tiny(family, dtype, **kw):
     torch.manual_seed(0)
     cls = {"qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM), "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
-           "llama": (T.LlamaConfig, T.LlamaForCausalLM)}[family]
+           "llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM)}[family]
     return cls[1](cls[0](**{**SMALL, **kw})).eval().to(dtype)
 
 
@@ -159,6 +159,39 @@ def test_fused_ops_in_graphed_steps_with_refill_chunks_equal_fused_eager(monkeyp
 
 
 @needs_interpreter
+@pytest.mark.parametrize("family,dtype", [("qwen2", torch.float32), ("qwen3", torch.bfloat16),
+                                          ("mistral", torch.float32)])
+def test_rope_decode_attention_decodes_as_rope_and_sdpa(family, dtype, monkeypatch):
+    """fused_ops.ROPE_DECODE_ATTENTION: a decode step's RoPE, cache write and attention in one launch a layer, eager
+    (refills in the step's own forward) and in emulated graphed steps carrying a refill chunk (the chunk through rope
+    and the prefill attention): the rollouts of the fused path without it (Qwen3's q/k norms, Mistral's window)."""
+    extra = {"qwen2": dict(tie_word_embeddings=True), "qwen3": dict(head_dim=20),
+             "mistral": dict(sliding_window=3)}[family]
+    model = tiny(family, dtype, **extra)
+    prompts = [[5, 9, 3], [7, 2, 11, 13], [4, 8], [6, 6, 6, 10, 12], [9, 14, 3]]
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=4, eos_token_id=list(range(2, 10)))  # early, staggered ends
+    without = Decoder(model, max_batch=3, max_seq_len=16, fused_ops=True).generate(prompts, 1, **kw)
+    calls = [0]
+    op = fused_ops.rope_decode_attention
+
+    def counted(*a):
+        calls[0] += 1
+        return op(*a)
+
+    monkeypatch.setattr(fused_ops, "rope_decode_attention", counted)
+    monkeypatch.setattr(fused_ops, "ROPE_DECODE_ATTENTION", True)
+    eager = Decoder(model, max_batch=3, max_seq_len=16, fused_ops=True).generate(prompts, 1, **kw)
+    assert calls[0] == eager.decode_steps * model.config.num_hidden_layers
+    admissions = spy_admissions(monkeypatch)
+    dec = graphs_on_cpu(monkeypatch, Decoder(model, max_batch=3, max_seq_len=16, fused_ops=True), refill_batch=3,
+                        refill_tokens=8)
+    graphed = dec.generate(prompts, 1, **kw)
+    assert any(in_graph for *_, in_graph in admissions), "the test must refill inside a graphed step"
+    assert_same_rollouts(without, eager, LOGP_ATOL[dtype])
+    assert_same_rollouts(without, graphed, LOGP_ATOL[dtype])
+
+
+@needs_interpreter
 def test_merged_qkv_follows_weights_updated_between_generates():
     """The one q/k/v GEMM reads a copy of the weights, renewed at each generate: an in-place update (an optimizer
     step) and a replaced weight are both decoded with, as the unfused path does."""
@@ -263,3 +296,23 @@ def test_gpu_graphs_fused_equal_unfused(dtype):
     same = sum(a.tokens.tolist() == b.tokens.tolist() for a, b in zip(plain, fused)) / len(plain)
     print(f"{dtype}: rollouts with the same tokens fused and unfused: {same:.3f}")
     assert same >= 0.9  # the GPU's reduction orders differ between the paths; a rare flip may fork a rollout
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("family,dtype", [("qwen3", torch.bfloat16), ("mistral", torch.float32)])
+def test_gpu_graphs_with_rope_decode_attention_equal_without(family, dtype, monkeypatch):
+    """The compiled rope_decode_attention in CUDA graphs (with refill chunks, Mistral's window, Qwen3's q/k norms)
+    against the fused path's rope and SDPA."""
+    model = tiny(family, dtype, **({"head_dim": 32} if family == "qwen3" else {"sliding_window": 5})).cuda()
+    prompts = [[t % SMALL["vocab_size"] for t in p] for p in PROMPTS * 4]
+    args = dict(max_new_tokens=24, temperature=1.0, seed=3, eos_token_id=list(range(2, 6)))
+    kw = dict(max_batch=8, max_seq_len=40, fused_ops=True, refill_batch=4, refill_tokens=32)
+    without = Decoder(model, **kw).generate(prompts, 1, **args)
+    monkeypatch.setattr(fused_ops, "ROPE_DECODE_ATTENTION", True)
+    dec = Decoder(model, **kw)
+    with_it = dec.generate(prompts, 1, **args)
+    assert dec.cuda_graphs and dec.runner.refill_chunk is not None
+    same = sum(a.tokens.tolist() == b.tokens.tolist() for a, b in zip(without, with_it)) / len(without)
+    print(f"{family} {dtype}: rollouts with the same tokens with and without rope_decode_attention: {same:.3f}")
+    assert same >= 0.9  # another summation order in the attention; a rare flip may fork a rollout

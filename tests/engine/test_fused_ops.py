@@ -1,4 +1,5 @@
-"""The fused ops' Triton kernels (espo.kernels.rms_norm, .rope, .silu_mul) against their references.
+"""The fused ops' Triton kernels (espo.kernels.rms_norm, .rope, .silu_mul, .gate_up_silu, .rope_decode_attention)
+against their references.
 
 The references (espo.engine.fused_ops.*_reference) are the eager computation the unfused forward runs. On the
 CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); on a
@@ -15,6 +16,8 @@ Exactness found, and held here:
 * gate_up_silu: the two GEMMs sum in float32 in another order than torch's: float32 results differ in the last
   bits (held to a tolerance); a bf16/fp16 result only where a sum rounds to another value, by an ulp or two of it
   (under 1% of the values here); the rest is silu_mul's arithmetic.
+* rope_decode_attention: the cache writes bit for bit (rope's rounding); the attention output against SDPA's over the
+  cache, to a few ulps in float32 and an ulp or so in bf16/fp16 (its float32 sums in another order).
 * silu_mul: exp is numpy's under the interpreter (the CUDA math library's expf on a GPU, as torch's there), not
   torch's CPU exp: float32 differs by up to 4 ulps; bf16/fp16 by up to 2 ulps (one in silu, doubled by the
   product), and rarely.
@@ -31,12 +34,14 @@ from espo.engine.fused_ops import (
     rms_norm,
     rms_norm_reference,
     rope,
+    rope_decode_attention,
+    rope_decode_attention_reference,
     rope_reference,
     runs_kernel,
     silu_mul,
     silu_mul_reference,
 )
-from espo.engine.kv_cache import KVCache
+from espo.engine.kv_cache import KVCache, decode_attention, decode_mask
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -249,6 +254,80 @@ def test_rope_checks_its_cache_write():
         rope(q, k, cos, sin, CacheWrite(v, cache, cache, torch.arange(3, device=DEVICE)))
     with pytest.raises(ValueError, match="write.rows must be int64"):
         rope(q, k, cos, sin, CacheWrite(v, cache, cache, torch.arange(8, device=DEVICE)))
+
+
+# ----------------------------------------------------------------------------------- rope_decode_attention
+
+
+def decode_inputs(B, H, Hkv, d, L, dtype, seed=11):
+    """q, k, v of B decode rows as views of one projection, cos, sin [B, 1, d] at each row's position, a 2-layer
+    SDPA cache of B + 3 slots (random contents: what the rows attend to) and the positions, the first 0 and the last
+    L - 1."""
+    q, k, v, _, _ = rope_inputs(B, H, Hkv, d, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    seqlens = torch.randint(0, L, (B,), generator=g)
+    seqlens[0], seqlens[-1] = 0, L - 1
+    theta = seqlens[:, None] * torch.logspace(0, -4, d // 2).repeat(2)[None]
+    cos, sin = theta.cos().to(dtype).to(DEVICE)[:, None], theta.sin().to(dtype).to(DEVICE)[:, None]
+    cache = KVCache(2, B + 3, L, Hkv, d, dtype=dtype, device=DEVICE, layout="sdpa")
+    cache.k.copy_(rand(cache.k.shape, dtype, 2.0, seed=seed + 1))
+    cache.v.copy_(rand(cache.v.shape, dtype, seed=seed + 2))
+    return q, k, v, cos, sin, cache, seqlens.to(DEVICE)
+
+
+# the attention output against SDPA's: summed in another order, so float32 to a few ulps, bf16/fp16 to an ulp or so
+DECODE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,Hkv,d,L,window", [(1, 14, 2, 64, 40, None), (5, 9, 3, 24, 37, None),
+                                                  (4, 4, 4, 6, 19, 5), (3, 7, 1, 128, 70, 16), (6, 6, 2, 64, 3, 1)])
+def test_rope_decode_attention_is_rope_the_cache_write_and_sdpa(dtype, B, H, Hkv, d, L, window):
+    """RoPE, the cache write and the attention of a decode step in one launch: the cache holds the bits that rope and
+    KVCache.write store (and no other position changes), the output is SDPA's over the cache with the decode mask
+    (GQA groups of 1 to 7 heads, head_dim not a power of two, a sliding window of 1 to 16, positions 0 and L - 1)."""
+    q, k, v, cos, sin, cache, seqlens = decode_inputs(B, H, Hkv, d, L, dtype)
+    twin = KVCache(2, B + 3, L, Hkv, d, dtype=dtype, device=DEVICE, layout="sdpa")
+    twin.k.copy_(cache.k), twin.v.copy_(cache.v)
+    scale = d ** -0.5
+    out = rope_decode_attention(q, k, v, cos, sin, cache.k[1], cache.v[1], seqlens, window, scale)
+    qr, kr = rope_reference(q, k, cos, sin)  # the unfused decode step: rotate, write, attend (kv_cache's SDPA path)
+    twin.write(1, twin.rows(torch.arange(B, device=DEVICE), seqlens), kr, v)
+    mask = decode_mask(seqlens, L, window, torch.arange(L, device=DEVICE), dtype)
+    want = decode_attention(twin, 1, qr, kr, v, cache_rows=None, seqlens_i32=None, length=L, mask=mask,
+                            window=window, scale=scale)
+    assert torch.equal(cache.k, twin.k) and torch.equal(cache.v, twin.v)
+    torch.testing.assert_close(out, want, atol=DECODE_ATOL[dtype], rtol=DECODE_ATOL[dtype])
+    ref = rope_decode_attention_reference(q, k, v, cos, sin, twin.k[1].clone(), twin.v[1].clone(), seqlens, window,
+                                          scale)
+    torch.testing.assert_close(ref, want, atol=DECODE_ATOL[dtype], rtol=DECODE_ATOL[dtype])
+
+
+def test_rope_decode_attention_of_extreme_scores():
+    """Scores far apart (a key that takes all the weight, others of -1e4 below it) and a row that only sees itself."""
+    q, k, v, cos, sin, cache, seqlens = decode_inputs(3, 4, 2, 16, 12, torch.float32, seed=21)
+    cache.k[1, :3, :, 5] = 60.0 * q[:3].reshape(3, 2, 2, 16)[:, :, 0]  # position 5 dominates head 0 of each group
+    seqlens[:] = torch.tensor([0, 6, 11])
+    ref = rope_decode_attention_reference(q, k, v, cos, sin, cache.k[1].clone(), cache.v[1].clone(), seqlens, None,
+                                          0.25)
+    out = rope_decode_attention(q, k, v, cos, sin, cache.k[1], cache.v[1], seqlens, None, 0.25)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], v[0].repeat_interleave(2, dim=0), atol=0, rtol=0)  # position 0: itself only
+
+
+def test_rope_decode_attention_checks_its_arguments():
+    q, k, v, cos, sin, cache, seqlens = decode_inputs(3, 4, 2, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="H a multiple of Hkv"):
+        rope_decode_attention(q[:, :3], k, v, cos, sin, cache.k[1], cache.v[1], seqlens, None, 1.0)
+    with pytest.raises(ValueError, match=r"k_cache must be a contiguous \[slots >= 3, 2, max_len, 8\]"):
+        rope_decode_attention(q, k, v, cos, sin, cache.k[1, :2], cache.v[1], seqlens, None, 1.0)
+    with pytest.raises(ValueError, match="v_cache must be a contiguous"):
+        rope_decode_attention(q, k, v, cos, sin, cache.k[1], cache.v[1].transpose(2, 3), seqlens, None, 1.0)
+    with pytest.raises(TypeError, match="one dtype"):
+        rope_decode_attention(q, k, v, cos.double(), sin, cache.k[1], cache.v[1], seqlens, None, 1.0)
+    with pytest.raises(ValueError, match=r"seqlens must be int64 \[3\]"):
+        rope_decode_attention(q, k, v, cos, sin, cache.k[1], cache.v[1], seqlens.int(), None, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ gate_up_silu
