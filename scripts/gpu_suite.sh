@@ -10,6 +10,7 @@
 # caller installs it first (e.g. wheels carried in and installed with --target, PYTHONPATH set); without one the
 # stage says so and is skipped.
 #   DEADLINE=470 bash scripts/gpu_suite.sh issue36   # issue 36's run, ~8 min: build meta sample36 callcost optests decode36
+#     rda36 (if time is left before DEADLINE)
 #     meta: tests/ops/test_cuda_ops.py alone under faulthandler (and gdb's backtrace where gdb exists): the rank-1 meta crash;
 #     optests: the op's GPU tests (sample, filters, cuda, integer sampling) and the decoder's fused ops'; sample36: B = 1 and 256, V = 151936, bf16,
 #     unfiltered, top-k 50, top-p 0.95 beside torch's sorting filter and FlashInfer, each backend's device time by kernel; callcost: one call at B = 1 from
@@ -20,7 +21,8 @@
 #     with overlapped steps), and 25%/50% stops through a full pool, fused (16 rollouts a slot, the decoder's
 #     refill_batch and refill_tokens: refills in the graphed step), with fixed lengths and with natural ones (EOS
 #     at a drawn length), each with steps in turn and overlapped (each row is printed to the stage log as it ends);
-#     DECODE36_ARGS adds arguments, e.g. "--refill-tokens 0 256" for the design without chunks.
+#     DECODE36_ARGS adds arguments, e.g. "--refill-tokens 0 256" for the design without chunks; rda36: the fused B = 64
+#     step with and without fused_ops.ROPE_DECODE_ATTENTION (RoPE, cache write and attention in one launch), -> rda/.
 # DECODE_ARGS adds arguments to bench_decode.py. Stage limits in seconds: LIMIT_BUILD, LIMIT_SAMPLE, LIMIT_TESTS, LIMIT_DECODE; DEADLINE (seconds from the
 # start) cuts every stage short so that the whole run ends in time and packs what it has. It runs on the image's
 # own python3, torch, triton and nvcc: nothing here assumes the project's pins or a network.
@@ -30,7 +32,7 @@ OUT=${OUT:-$PWD/gpu-out}
 WORK=/tmp/gpu-out
 rm -rf "$WORK"; mkdir -p "$OUT" "$WORK"
 stages=${*:-build sample tests decode vllm}
-stages=${stages/issue36/build meta sample36 callcost optests decode36}
+stages=${stages/issue36/build meta sample36 callcost optests decode36 rda36}
 export PYTHONUNBUFFERED=1
 begin=$(date +%s)
 
@@ -118,6 +120,13 @@ for what in $stages; do
         --stop-lengths fixed natural \
         --repeats 2 ${DECODE36_ARGS:-} --out "$WORK"
       ;;
+    rda36)
+      # last, in a process of its own (a fault in the new kernel cannot cost decode36's rows): the B = 64 fused step
+      # with and without rope_decode_attention, each with its breakdown
+      TAIL=12 stage bench_rda "${LIMIT_RDA:-90}" python3 bench/bench_decode.py --models 0.5b --batch 64 \
+        --new-tokens 128 --fused-ops on --rope-decode-attention both --breakdown --no-hf --stop-models \
+        --out "$WORK/rda"
+      ;;
     vllm)
       if python3 -c "import vllm" >/dev/null 2>&1; then
         python3 -c "import vllm; print('vllm', vllm.__version__)" >>"$WORK/env.txt" 2>&1
@@ -128,7 +137,7 @@ for what in $stages; do
       fi
       ;;
     *) echo "gpu_suite: unknown stage '$what' (build, sample, tests, decode, vllm, meta, optests, sample36," \
-         "callcost, decode36, issue36)" >&2; exit 2 ;;
+         "callcost, decode36, rda36, issue36)" >&2; exit 2 ;;
   esac
 done
 cat "$WORK/stages.txt"

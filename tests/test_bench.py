@@ -27,6 +27,7 @@ NAMES = {
     "rope_kernel": "espo fused",
     "silu_mul_kernel": "espo fused",
     "gate_up_silu_kernel": "espo fused",
+    "rope_decode_attention_kernel": "attention",  # RoPE and the cache write too: beside SDPA's kernel
     "void at::native::index_elementwise_kernel<128, 4, ...>": "copy",
     "Memcpy DtoD (Device -> Device)": "copy",
     "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(...)>": "copy",
