@@ -16,6 +16,21 @@ from .fused_math import round_to, widen
 
 
 @triton.jit
+def rope_angles(cos_ptr, sin_ptr, token, cs_stride, head_dim, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """What rotating a token's heads takes: the columns [BLOCK_D], each one's partner in rotate_half and its sign, the
+    mask of the real columns, and the token's cos and sin in float32."""
+    cols = tl.arange(0, BLOCK_D)
+    half = head_dim // 2
+    first = cols < half
+    partner = tl.where(first, cols + half, cols - half)
+    sign = tl.where(first, -1.0, 1.0)
+    in_row = cols < head_dim
+    c = widen(tl.load(cos_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
+    s = widen(tl.load(sin_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
+    return cols, partner, sign, in_row, c, s
+
+
+@triton.jit
 def rotate_heads(x_ptr, x_tok_stride, x_head_stride, n_heads, c, s, cols, partner, sign, token, head_dim,
                   BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     """The token's heads of x, rotated and rounded to x's dtype: ([BLOCK_H, BLOCK_D] values, their head indices,
@@ -38,14 +53,7 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, k_c
                 BLOCK_D: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, CACHE: tl.constexpr,
                 INTERPRET: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    half = head_dim // 2
-    first = cols < half
-    partner = tl.where(first, cols + half, cols - half)
-    sign = tl.where(first, -1.0, 1.0)
-    in_row = cols < head_dim
-    c = widen(tl.load(cos_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
-    s = widen(tl.load(sin_ptr + token * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
+    cols, partner, sign, in_row, c, s = rope_angles(cos_ptr, sin_ptr, token, cs_stride, head_dim, BLOCK_D, INTERPRET)
     q, q_heads, q_mask = rotate_heads(q_ptr, q_tok_stride, q_head_stride, n_q_heads, c, s, cols, partner, sign,
                                        token, head_dim, BLOCK_QH, INTERPRET)
     tl.store(q_out_ptr + (token * n_q_heads + q_heads) * head_dim + cols[None, :], q, mask=q_mask)

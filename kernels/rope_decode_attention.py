@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .fused_math import round_to, widen
-from .rope import rotate_heads
+from .rope import rope_angles, rotate_heads
 
 LOG2E = 1.4426950408889634
 
@@ -28,14 +28,7 @@ def rope_decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_
                                  BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    half = head_dim // 2
-    first = cols < half
-    partner = tl.where(first, cols + half, cols - half)
-    sign = tl.where(first, -1.0, 1.0)
-    in_row = cols < head_dim
-    c = widen(tl.load(cos_ptr + row * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
-    s = widen(tl.load(sin_ptr + row * cs_stride + cols, mask=in_row, other=0.0), INTERPRET)
+    cols, partner, sign, in_row, c, s = rope_angles(cos_ptr, sin_ptr, row, cs_stride, head_dim, BLOCK_D, INTERPRET)
     # the group's q heads [BLOCK_G, BLOCK_D] and the KV head's k [BLOCK_G, BLOCK_D] (row 0 real), rotated and rounded
     q, _, q_mask = rotate_heads(q_ptr + kv_head * GROUP * q_head_stride, q_tok_stride, q_head_stride, GROUP, c, s,
                                  cols, partner, sign, row, head_dim, BLOCK_G, INTERPRET)
