@@ -275,8 +275,10 @@ def decode_inputs(B, H, Hkv, d, L, dtype, seed=11):
     return q, k, v, cos, sin, cache, seqlens.to(DEVICE)
 
 
-# the attention output against SDPA's: summed in another order, so float32 to a few ulps, bf16/fp16 to an ulp or so
-DECODE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# the attention output against SDPA's: summed in another order, so float32 to a few ulps, bf16/fp16 to an ulp or so;
+# on a GPU SDPA's flash and memory-efficient kernels also round the softmax weights to the dtype before P.V
+DECODE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2 if DEVICE == "cpu" else 3.2e-2,
+               torch.float16: 2e-3 if DEVICE == "cpu" else 4e-3}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
