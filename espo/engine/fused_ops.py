@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import decode_mask
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -189,8 +191,8 @@ ROPE_DECODE_ATTENTION = False
 def rope_decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                     seqlens: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
-    """``rope_reference``, the cache write as ``KVCache.write`` does it, then SDPA over the cache with the decode
-    mask (``espo.engine.kv_cache.decode_mask``'s rule), the heads sharing a KV head as its query rows."""
+    """``rope_reference``, the cache write as ``KVCache.write`` does it, then SDPA over the cache with
+    ``kv_cache.decode_mask``, the heads sharing a KV head as its query rows."""
     B, H, d = q.shape
     Hkv = k.shape[1]
     q, k = rope_reference(q, k, cos, sin)
@@ -198,12 +200,9 @@ def rope_decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.T
     k_cache[rows, :, seqlens] = k
     v_cache[rows, :, seqlens] = v
     length = int(seqlens.max()) + 1 if B else 1
-    p = torch.arange(length, device=q.device)[None, :]
-    sees = p <= seqlens[:, None]
-    if window is not None:
-        sees = sees & (p > seqlens[:, None] - window)
+    mask = decode_mask(seqlens, length, window, torch.arange(length, device=q.device), q.dtype)
     out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, d), k_cache[:B, :, :length],
-                                         v_cache[:B, :, :length], attn_mask=sees[:, None, None, :], scale=scale)
+                                         v_cache[:B, :, :length], attn_mask=mask, scale=scale)
     return out.reshape(B, H, d)
 
 
