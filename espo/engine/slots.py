@@ -91,8 +91,9 @@ class Slots:
         self.length[slots] = 0
         self.free_stopper_rows.extend(int(x) for x in self.stopper_row[slots])
         self.stopper_row[slots] = -1
-        # padded rows of a graphed step then touch position 0 of a free slot only
-        self.seqlen[to_device(slots, self.device)] = 0
+        # padded rows of a graphed step then touch position 0 of a free slot only; index_fill_ takes 0 as a kernel
+        # argument (setting an index to a Python 0 may copy it to the device first, which waits for the stream)
+        self.seqlen.index_fill_(0, to_device(slots, self.device), 0)
 
     def compact(self, caches: list[KVCache]) -> None:
         """Move the live rollouts above the first hole down (state and the ``caches``' K/V), so that the live
@@ -109,7 +110,7 @@ class Slots:
             cache.move(src_t, dst_t, length)
         self.ints[:, dst_t] = self.ints[:, src_t]
         self.pval[dst_t] = self.pval[src_t]
-        self.seqlen[src_t] = 0
+        self.seqlen.index_fill_(0, src_t, 0)
         for arr in (self.live, self.rollout, self.length, self.stopper_row):
             arr[dst] = arr[src]
         self.live[src] = False
