@@ -171,7 +171,8 @@ def time_hf(model, prompts, new_tokens, device, cache="dynamic"):
 FUSED_OPS = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
 
 
-OVERLAP_STEPS = {"on": [True], "off": [False], "both": [False, True]}
+# the settings of --overlap-steps and --rope-decode-attention
+SWITCH = {"on": [True], "off": [False], "both": [False, True]}
 
 
 def throughput_rows(shape, model, args, device, bandwidth):
@@ -274,7 +275,7 @@ def stopping_rows(shape, model, args, device):
     for per_slot in args.rollouts_per_slot:
         for refill_tokens in args.refill_tokens:
             for lengths in args.stop_lengths:
-                for overlap in OVERLAP_STEPS[args.overlap_steps]:
+                for overlap in SWITCH[args.overlap_steps]:
                     yield from stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, lengths, overlap)
 
 
@@ -458,11 +459,11 @@ def main(argv=None):
     parser.add_argument("--gate-up-silu", default="on", choices=list(GATE_UP_SILU),
                         help="with fused ops, a decode step's gate and up GEMMs and silu * up as one Triton kernel "
                         "(fused_ops.gate_up_silu), or cuBLAS's GEMMs and silu_mul (off); both: a fused row each")
-    parser.add_argument("--overlap-steps", default="off", choices=list(OVERLAP_STEPS),
+    parser.add_argument("--overlap-steps", default="off", choices=list(SWITCH),
                         help="the decoder's overlap_steps (launch a step before reading the last one's finish codes); "
                         "both: the stopping rows in each setting, and one throughput row more: the stopping rows' "
                         "fused ops, overlapped")
-    parser.add_argument("--rope-decode-attention", default="off", choices=list(OVERLAP_STEPS),
+    parser.add_argument("--rope-decode-attention", default="off", choices=list(SWITCH),
                         help="with fused ops, fused_ops.ROPE_DECODE_ATTENTION (a decode step's RoPE, cache write and "
                         "attention in one launch a layer): on for every fused row, or both: one throughput row more, "
                         "the stopping rows' fused ops with it")
