@@ -33,8 +33,9 @@ freeze() {  # venv python -> its packages, without espo itself; torch's local la
 
 compare() {  # name, freeze file: the key versions, beside what constraints/<name>.txt holds
     echo "test_newest: $1, newest vs constraints/$1.txt:"
-    join -t= -a1 -e '(none)' -o 1.1,1.2,2.2 <(grep -iE "$KEY" "$2" | sort) \
-        <(grep -iE "$KEY" "$ROOT/constraints/$1.txt" | sort) | awk -F= '{printf "    %-16s %-14s %s\n", $1, $2, $3}'
+    pairs() { grep -iE "$KEY" "$1" | sed 's/==/ /' | sort; }   # "name version", joined on the name
+    join -a1 -e '(none)' -o 1.1,1.2,2.2 <(pairs "$2") <(pairs "$ROOT/constraints/$1.txt") \
+        | awk '{printf "    %-16s %-14s %s%s\n", $1, $2, $3, ($2 == $3 ? "" : "   <- differs")}'
 }
 
 mkdir -p "$DIR"

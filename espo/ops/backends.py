@@ -88,7 +88,8 @@ def backends() -> dict[str, BackendInfo]:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend to run for tensors on ``device``: ``backend`` itself, checked, or the fastest for "auto"."""
-    return _resolve(backend, device.type, _interpreting())
+    device_type = device.type  # TRITON_INTERPRET matters only to the triton backend off a GPU: read only then
+    return _resolve(backend, device_type, backend == "triton" and device_type != "cuda" and _interpreting())
 
 
 @lru_cache(maxsize=64)  # on every call of espo.sample: what runs where does not change within a process

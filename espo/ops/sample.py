@@ -146,12 +146,12 @@ def sample(
                          f"with shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.device.type == "meta":
+    device = logits.device
+    if device.type == "meta":
         raise ValueError("logits are on the meta device (shapes without data): pass real logits, on the CPU or a GPU")
     B, V = logits.shape
     if V == 0:
         raise ValueError("logits has an empty vocabulary (V == 0): there is no token to sample")
-    device = logits.device
     params = _params_of(temperature, top_k, top_p, seed, params, validate).on_rows(B, device)
     offset = rows_of("offset", number_or_rows("offset", offset, integer=True), B, device)
     check_values("offset", offset, lambda o: o >= 0, ">= 0 (the token's position)", validate)

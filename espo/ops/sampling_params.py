@@ -9,6 +9,7 @@ other per-row argument, ``offset``, so that every per-row argument follows one r
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -19,6 +20,7 @@ from espo.checks import is_integer, is_real
 RowArg = Union[int, float, torch.Tensor]
 MIN_TEMPERATURE = 2.0**-126  # the smallest normal float32: below it 1 / T overflows
 _INT64_MIN, _INT64_END, _UINT64_END = -(2**63), 2**63, 2**64
+_FLOAT_MAX = sys.float_info.max
 _FIELDS = ("temperature", "top_k", "top_p", "seed")
 
 
@@ -119,6 +121,12 @@ def _seed(value: RowArg) -> RowArg:
     return number_or_rows("seed", value, integer=True, unsigned=True)
 
 
+def _checked(temperature: RowArg, top_k: RowArg, top_p: RowArg, seed: RowArg, validate: bool) -> dict:
+    """The four settings checked (ValueError or TypeError naming a wrong one), as ``SamplingParams`` holds them."""
+    return dict(temperature=_temperature(temperature, validate), top_k=_top_k(top_k, validate),
+                top_p=_top_p(top_p, validate), seed=_seed(seed))
+
+
 @dataclass(frozen=True, init=False, eq=False)
 class SamplingParams:
     """How ``espo.sample`` draws each row, checked when built (ValueError or TypeError naming the setting).
@@ -148,9 +156,15 @@ class SamplingParams:
     def __init__(self, temperature: RowArg = 1.0, top_k: RowArg = 0, top_p: RowArg = 1.0, seed: RowArg = 0,
                  validate: bool = True) -> None:
         # espo.sample builds one per call from its keywords, so this runs on every draw: written out, without the
-        # generated __init__'s frozen setattr per field and a __post_init__ that would set each one again
-        self.__dict__.update(temperature=_temperature(temperature, validate), top_k=_top_k(top_k, validate),
-                             top_p=_top_p(top_p, validate), seed=_seed(seed))
+        # generated __init__'s frozen setattr per field and a __post_init__ that would set each one again. Plain
+        # Python numbers that every check passes unchanged are told apart first, in one test; anything else (a
+        # tensor, an int temperature, a value to refuse) goes through the checks, which say what is wrong.
+        if (type(temperature) is float and type(top_k) is int and type(top_p) is float and type(seed) is int
+                and (temperature == 0.0 or MIN_TEMPERATURE <= temperature <= _FLOAT_MAX) and 0 <= top_k < _INT64_END
+                and 0.0 < top_p <= 1.0 and _INT64_MIN <= seed < _UINT64_END):
+            self.__dict__.update(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        else:
+            self.__dict__.update(_checked(temperature, top_k, top_p, seed, validate))
 
     @classmethod
     def shared(cls, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> "SamplingParams":

@@ -3,6 +3,8 @@
 backend that runs here (Triton interpreted on the CPU)."""
 import dataclasses
 import inspect
+import math
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +82,36 @@ def test_numbers_are_always_checked_tensor_values_only_when_validating():
     out = espo.sample(logits_of(2, 7), temperature=torch.tensor([0.5, 0.7]), top_k=torch.tensor([-3, 2]),
                       validate=False)
     assert out.valid.all()
+
+
+# Plain numbers at and beyond the edges of each rule, for the quick test of plain Python numbers in SamplingParams
+EDGES = dict(
+    temperature=[0.0, -0.0, 2.0**-126, math.nextafter(2.0**-126, 0.0), 1e-300, -1e-30, 0.7, 1.0, 1e300,
+                 sys.float_info.max, math.inf, -math.inf, math.nan, 1, 0, True, np.float64(0.5)],
+    top_k=[0, 1, 50, 2**63 - 1, 2**63, -1, 0.0, 5.0, True, False, np.int64(3)],
+    top_p=[1.0, 0.95, 5e-324, 0.0, -0.0, math.nextafter(1.0, 2.0), 1, math.nan, math.inf, np.float32(0.5)],
+    seed=[0, -1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 1.0, True, np.uint64(7)],
+)
+
+
+@pytest.mark.parametrize("name", list(EDGES))
+def test_plain_numbers_are_held_as_the_checks_hold_them(name):
+    """SamplingParams tells plain numbers that pass every check apart in one test; whatever it decides, a value is
+    held or refused exactly as the checks themselves hold or refuse it."""
+    from espo.ops.sampling_params import _checked
+
+    defaults = dict(temperature=0.7, top_k=0, top_p=1.0, seed=0)
+    for value in EDGES[name]:
+        kwargs = {**defaults, name: value}
+        try:
+            expected = _checked(**kwargs, validate=True)
+        except (ValueError, TypeError) as err:
+            assert error_of(lambda: SamplingParams(**kwargs)) == (type(err), str(err)), value
+            continue
+        held = SamplingParams(**kwargs)
+        for field, want in expected.items():
+            got = getattr(held, field)
+            assert type(got) is type(want) and repr(got) == repr(want), (name, value, field)
 
 
 def test_frozen_and_compared_by_value():
