@@ -21,7 +21,7 @@ import torch
 from cuda_cpu.build import ROOT, SANITIZE_ENV, BuildUnavailable, asan_runtime, compiler, load_sample_library, sanitized
 from cuda_cpu.sample_op import sample_on_cpu_emulation, sample_with, vector_loads
 from test_sample import FLOAT_FIELDS, assert_matches, poison_rows, random_logits  # noqa: E402  (one "matches")
-from test_sample_filters import CONFIGS, EXACT_GOALS, HARD, exact_goal_row, repeated, rows
+from test_sample_filters import CONFIGS, EXACT_GOALS, HARD, repeated, rows
 from test_stopper import assert_same_stop_history
 
 import espo
@@ -136,11 +136,10 @@ def test_emulated_thresholds_match_reference_on_hard_rows(kind, dtype):
     assert_reference(logits[:2], temperature=torch.tensor([0.0, 1.0]), seed=1, offset=3)  # greedy: the first max
 
 
-def test_emulated_top_p_goal_reached_exactly_keeps_the_smallest_set():
-    B = 64 * len(EXACT_GOALS)
-    top_p = torch.tensor([p for p, _ in EXACT_GOALS]).repeat_interleave(64)
-    assert_reference(repeated(exact_goal_row(), B, "cpu"), temperature=1.0, top_p=top_p,
-                     seed=torch.arange(B) * 7919 + 1, offset=3)
+@pytest.mark.parametrize("make_row, top_p, kept", EXACT_GOALS, ids=["first", "second", "among-candidates"])
+def test_emulated_top_p_goal_reached_exactly_keeps_the_smallest_set(make_row, top_p, kept):
+    assert_reference(repeated(make_row(), 64, "cpu"), temperature=1.0, top_p=top_p, seed=torch.arange(64) * 7919 + 1,
+                     offset=3)
 
 
 def test_emulated_threshold_inside_more_ties_than_a_gather_holds():
