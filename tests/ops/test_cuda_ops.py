@@ -66,23 +66,34 @@ def test_meta_rejects_bad_logits(shape, dtype, words):
         torch.ops.espo.sample(*row_args(torch.empty(shape, dtype=dtype, device="meta")))
 
 
-def test_meta_rank_errors_raise_in_a_fresh_process():
+# What a fresh process passes first: the bad ranks alone, or a bad dtype before them (if that one crashes too, the
+# cause is the first error thrown from espo._C in a process, not the rank)
+FIRST_ERRORS = {
+    "ranks": [((3,), torch.float32, "shape [B, V]"), ((), torch.float32, "shape [B, V]"),
+              ((2, 3, 4), torch.float32, "shape [B, V]")],
+    "dtype-then-ranks": [((3, 4), torch.int32, "float32, bfloat16 or float16"), ((3,), torch.float32, "shape [B, V]")],
+}
+
+
+@pytest.mark.parametrize("first", list(FIRST_ERRORS))
+def test_meta_rank_errors_raise_in_a_fresh_process(first):
     """Issue 36: on the first GPU run a rank-1 meta tensor killed its pytest worker (a segfault, not an error).
-    Run the bad ranks in a child process under faulthandler, so that a crash fails this test with its native
-    stack instead of killing the run; with or without CUDA, each rank must raise the documented RuntimeError."""
+    Run the bad inputs in a child process under faulthandler, so that a crash fails this test with its native
+    stack instead of killing the run; with or without CUDA, each must raise the documented RuntimeError."""
     import subprocess
     import sys
 
+    cases = [(shape, str(dtype)[len("torch."):], words) for shape, dtype, words in FIRST_ERRORS[first]]
     code = (
         "import torch, espo._C\n"
-        "for shape in [(3,), (), (2, 3, 4)]:\n"
-        "    x = torch.empty(shape, device='meta')\n"
+        f"for shape, dtype, words in {cases}:\n"
+        "    x = torch.empty(shape, dtype=getattr(torch, dtype), device='meta')\n"
         "    try:\n"
         "        torch.ops.espo.sample(x, None, 0.7, None, 0, None, 1.0, None, 0, None, 0)\n"
         "    except RuntimeError as e:\n"
-        "        assert 'shape [B, V]' in str(e), e\n"
+        "        assert words in str(e), e\n"
         "    else:\n"
-        "        raise SystemExit(f'rank {len(shape)} meta logits were accepted')\n"
+        "        raise SystemExit(f'meta logits of shape {shape} and dtype {dtype} were accepted')\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
