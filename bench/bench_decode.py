@@ -326,6 +326,8 @@ def stopping_rows_at(shape, model, args, device, per_slot, refill_tokens, length
             "stop_fraction": frac, "tokens": ro.tokens_generated, "tokens_no_stop": tok0, "s": t, "s_no_stop": t0,
             "decode_steps": ro.decode_steps, "decode_steps_no_stop": base.decode_steps,
             "tokens_saved": tokens_saved, "time_saved": time_saved, "ratio": time_saved / tokens_saved,
+            # each round's own pair (the schedule against the no-stop run of the same round): the spread
+            "time_saved_rounds": [1 - t_stop / t_none for t_stop, t_none in zip(times[frac], times[0.0])],
             "refill_batch": dec.refill_batch, "fused_ops": dec.fused_ops, "overlap_steps": dec.overlap_steps,
             "rope_decode_attention": dec.fused_ops and fused_ops.ROPE_DECODE_ATTENTION,
             "refill_tokens": dec.refill_tokens if dec.runner.refill_chunk is not None else 0,
@@ -351,6 +353,12 @@ def mean_chunk_size(row) -> str:
 
 def fmt(v, f):
     return "" if v is None else f.format(v)
+
+
+def saved_range(row) -> str:
+    """" [min, max]" of a stopping row's time saved per round (empty for one round, or a row without them)."""
+    rounds = row.get("time_saved_rounds") or []
+    return f" [{min(rounds):.1%}, {max(rounds):.1%}]" if len(rounds) > 1 else ""
 
 
 def markdown(env, tput, stops) -> str:
@@ -397,6 +405,7 @@ def markdown(env, tput, stops) -> str:
     lines += [
         "",
         "Early stopping (rollouts through a pool of slots; a fraction of them stopped at uniformly random points; "
+        "time saved: from the median times, with the range of each round's own pair in brackets; "
         "ratio = time saved / tokens saved, target >= 0.8):",
         "",
         "| model | slots | refill_batch | refill tokens | rollouts | new | lengths | stopped | tokens saved | "
@@ -408,7 +417,7 @@ def markdown(env, tput, stops) -> str:
         lines.append(
             f"| {r['model']} | {r['slots']} | {r.get('refill_batch', '')} | {r.get('refill_tokens', '')} | "
             f"{r['rollouts']} | {r['new_tokens']} | {r.get('lengths', 'fixed')} | {r['stop_fraction']:.0%} | "
-            f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%} | {r['ratio']:.2f} | "
+            f"{r['tokens_saved']:.1%} | {r['time_saved']:.1%}{saved_range(r)} | {r['ratio']:.2f} | "
             f"{r['decode_steps_no_stop']} -> {r['decode_steps']} | {r.get('admissions', '')} | "
             f"{r.get('chunk_refills', '')}{mean_chunk_size(r)} | {fused_label(r)} |"
         )
